@@ -1,0 +1,92 @@
+"""Rebuild the embedded demo's assets in assets/tiny/ from nothing (about 10 minutes on 2 CPU cores):
+
+    python3 assets/build_tiny.py
+
+1. the synthetic Alpaca-format data set  -> assets/tiny/alpaca_tiny.jsonl   (assets/generate_tiny_data.py)
+2. a byte-level BPE tokenizer trained on that data with `tokenizers`
+3. a small GPT-2-architecture teacher, trained on the data's train split by distill.py itself with ClassicLoss
+   (configs/tiny_teacher.yaml), whose best checkpoint becomes assets/tiny/teacher/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "assets"))
+
+import generate_tiny_data  # noqa: E402
+
+TINY = REPO / "assets" / "tiny"
+DATA_FILE = TINY / "alpaca_tiny.jsonl"
+TEACHER_DIR = TINY / "teacher"
+TEACHER_CONFIG = REPO / "configs" / "tiny_teacher.yaml"
+VOCAB_SIZE = 2048
+# What a user needs to load the teacher; the training state of the checkpoint is left out of the shipped copy.
+SHIPPED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def teacher_architecture(tokenizer):
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=VOCAB_SIZE,
+        n_positions=256,
+        n_embd=128,
+        n_layer=4,
+        n_head=4,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+    )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=3000, help="rows of synthetic data")
+    parser.add_argument("--seed", type=int, default=0)
+    arguments = parser.parse_args(argv)
+
+    import dataset
+    import distill
+    import models
+
+    os.chdir(REPO)  # the configs name their files relative to the repository root
+
+    TINY.mkdir(parents=True, exist_ok=True)
+    generate_tiny_data.main(["--out", str(DATA_FILE), "--n", str(arguments.samples), "--seed", str(arguments.seed)])
+    rows = generate_tiny_data.generate(arguments.samples, arguments.seed)
+    texts = [dataset.alpaca_prompt(row["instruction"], row["input"]) + row["output"] for row in rows]
+    tokenizer = models.train_byte_level_tokenizer(texts, VOCAB_SIZE)
+
+    with tempfile.TemporaryDirectory() as work:
+        architecture = Path(work) / "architecture"
+        teacher_architecture(tokenizer).save_pretrained(architecture)
+        tokenizer.save_pretrained(architecture)
+        checkpoints = Path(work) / "checkpoints"
+        status = distill.main([
+            "--config", str(TEACHER_CONFIG),
+            "--run-name", "teacher",
+            "--set", f"teacher.name={architecture}",
+            "--set", f"paths.checkpoints={checkpoints}",
+        ])
+        if status != 0:
+            return status
+        best = checkpoints / "teacher" / "best"
+        shutil.rmtree(TEACHER_DIR, ignore_errors=True)
+        TEACHER_DIR.mkdir(parents=True)
+        for name in SHIPPED_FILES:
+            shutil.copy2(best / name, TEACHER_DIR / name)
+        shutil.copy2(checkpoints / "teacher" / "summary.json", TEACHER_DIR / "training_summary.json")
+    print(f"wrote {DATA_FILE} and {TEACHER_DIR}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

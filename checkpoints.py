@@ -1,0 +1,219 @@
+"""Run directories and checkpoints: nothing a user trained is ever overwritten, and a stopped run can continue.
+
+A run lives in `<paths.checkpoints>/<run name>/`. Inside it, the last and the best checkpoints are Hugging Face model
+directories (config.json, model.safetensors, tokenizer files) that `AutoModelForCausalLM.from_pretrained` loads,
+plus what resuming needs: `trainer_state.json` (plain JSON: epoch, position in the epoch, step, best validation loss)
+and `training_state.pt` (optimizer, scheduler and RNG states, read back with `torch.load(weights_only=True)`, which
+runs no code from the file). A checkpoint is written to a hidden staging folder and renamed into place, so a crash
+during a write leaves the previous checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import safetensors.torch
+import torch
+
+from config import check_simple_name
+
+TRAINER_STATE_FILE = "trainer_state.json"
+TRAINING_STATE_FILE = "training_state.pt"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or run directory that cannot be used as asked; the message is shown to the user as it is."""
+
+
+@dataclass
+class TrainerState:
+    """Where training stands. `batches_done_in_epoch` counts micro-batches, the data position to resume from."""
+
+    epoch: int = 0
+    batches_done_in_epoch: int = 0
+    global_step: int = 0
+    samples_seen: int = 0
+    tokens_seen: int = 0
+    best_validation_loss: Optional[float] = None
+    best_step: Optional[int] = None
+    last_evaluated_step: Optional[int] = None
+    finished: bool = False
+
+
+@dataclass(frozen=True)
+class RunLocation:
+    name: str
+    directory: Path
+    resume: bool
+
+
+def locate_run(checkpoints_root: str, config_name: str, run_name: Optional[str], resume: bool,
+               last_name: str) -> RunLocation:
+    """Decide which run directory to use, without creating anything.
+
+    A new run gets `<config name>-<timestamp>` unless named; an existing directory is only continued by a resume.
+    A resume without a name continues the most recent run of this config that has a last checkpoint.
+    """
+    root = Path(checkpoints_root)
+    if run_name is not None:
+        check_simple_name(run_name, "--run-name")
+    if resume:
+        if run_name is not None:
+            directory = root / run_name
+            if not (directory / last_name / TRAINER_STATE_FILE).is_file():
+                raise CheckpointError(
+                    f"there is no checkpoint to resume in {directory / last_name}; "
+                    f"check --run-name, or start a new run without --resume."
+                )
+            return RunLocation(run_name, directory, True)
+        candidates = sorted(
+            (path for path in root.glob(f"{config_name}-*") if (path / last_name / TRAINER_STATE_FILE).is_file()),
+            key=lambda path: (path / last_name / TRAINER_STATE_FILE).stat().st_mtime,
+        )
+        if not candidates:
+            raise CheckpointError(
+                f"there is no run of {config_name!r} with a checkpoint to resume in {root}; "
+                f"start a new run without --resume, or name the run with --run-name."
+            )
+        return RunLocation(candidates[-1].name, candidates[-1], True)
+    if run_name is not None:
+        directory = root / run_name
+        if directory.exists():
+            raise CheckpointError(
+                f"the run directory {directory} already exists; pass --resume to continue it, "
+                f"or choose another --run-name."
+            )
+        return RunLocation(run_name, directory, False)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = f"{config_name}-{stamp}"
+    suffix = 2
+    while (root / name).exists():  # two runs started in the same second
+        name = f"{config_name}-{stamp}-{suffix}"
+        suffix += 1
+    return RunLocation(name, root / name, False)
+
+
+def save_checkpoint(directory: Path, model, tokenizer, optimizer, scheduler, state: TrainerState) -> None:
+    """Write a complete checkpoint to a staging folder, then swap it in: the old one stays until the new is whole."""
+    staging = directory.with_name(f".{directory.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_states()},
+        staging / TRAINING_STATE_FILE,
+    )
+    (staging / TRAINER_STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=2))
+    _fsync_tree(staging)
+    previous = directory.with_name(f".{directory.name}.previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, previous)
+    os.replace(staging, directory)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def load_trainer_state(directory: Path) -> TrainerState:
+    try:
+        values = json.loads((directory / TRAINER_STATE_FILE).read_text())
+        return TrainerState(**values)
+    except (OSError, ValueError, TypeError) as error:
+        raise CheckpointError(
+            f"the training state in {directory / TRAINER_STATE_FILE} is unreadable ({error}); "
+            f"the checkpoint is damaged, start a new run."
+        ) from None
+
+
+def load_model_weights(directory: Path, model: torch.nn.Module) -> None:
+    """Load the checkpoint's weights into the configured model, refusing a checkpoint of another shape."""
+    try:
+        weights = safetensors.torch.load_file(str(directory / WEIGHTS_FILE))
+    except (OSError, safetensors.SafetensorError) as error:
+        raise CheckpointError(
+            f"the weights in {directory / WEIGHTS_FILE} are unreadable ({error}); the checkpoint is damaged."
+        ) from None
+    expected = model.state_dict()
+    mismatched = [
+        f"{key} {tuple(weights[key].shape)} vs {tuple(tensor.shape)}"
+        for key, tensor in expected.items()
+        if key in weights and weights[key].shape != tensor.shape
+    ]
+    tied = {key for key in expected if key not in weights and _is_tied(model, key)}
+    missing = [key for key in expected if key not in weights and key not in tied]
+    unexpected = [key for key in weights if key not in expected]
+    if mismatched or missing or unexpected:
+        details = (mismatched + [f"missing {key}" for key in missing] + [f"unexpected {key}" for key in unexpected])[:3]
+        raise CheckpointError(
+            f"the checkpoint in {directory} does not match the configured student ({'; '.join(details)}); "
+            f"resume with the config that started this run."
+        )
+    model.load_state_dict(weights, strict=False)
+
+
+def load_training_state(directory: Path, optimizer, scheduler) -> None:
+    try:
+        saved = torch.load(directory / TRAINING_STATE_FILE, weights_only=True, map_location="cpu")
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+    except Exception as error:  # an unpickling refusal, a truncated file or a mismatched optimizer
+        raise CheckpointError(
+            f"the optimizer state in {directory / TRAINING_STATE_FILE} cannot be used ({str(error).splitlines()[0]}); "
+            f"the checkpoint is damaged or comes from another configuration."
+        ) from None
+    _restore_rng_states(saved.get("rng", {}))
+
+
+def _is_tied(model: torch.nn.Module, key: str) -> bool:
+    # save_pretrained stores a tied output head once, under the input embedding's name.
+    output = getattr(model, "get_output_embeddings", lambda: None)()
+    inputs = getattr(model, "get_input_embeddings", lambda: None)()
+    return output is not None and inputs is not None and output.weight is inputs.weight and key.endswith("lm_head.weight")
+
+
+def _rng_states() -> dict:
+    numpy_state = np.random.get_state()
+    states = {
+        "python": random.getstate(),
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _restore_rng_states(states: dict) -> None:
+    if "python" in states:
+        version, internal, gauss = states["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in states:
+        kind, keys, position, has_gauss, cached = states["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    if "torch" in states:
+        torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+

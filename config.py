@@ -1,0 +1,387 @@
+"""Load, override and validate the run configuration, once, at start-up.
+
+The YAML file is read with configue (so its `()` syntax picks the loss class, as in the seed project), command-line
+`--set key.path=value` overrides are applied, and every value is checked against the schema below: unknown keys,
+wrong types and out-of-range values each raise `ConfigError` with one sentence naming the key and the fix. The result
+is a tree of frozen dataclasses that the rest of the program only reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+import loss as loss_module
+
+
+class ConfigError(ValueError):
+    """A mistake in the configuration or the command line; its message is shown to the user as it is."""
+
+
+def _range(low: float | None = None, high: float | None = None, *, low_open: bool = False) -> dict:
+    return {"low": low, "high": high, "low_open": low_open}
+
+
+@dataclass(frozen=True)
+class Paths:
+    data_folder: str = "data"
+    token_dataset: str = "tokenized"
+    checkpoints: str = "checkpoints"
+
+
+@dataclass(frozen=True)
+class Teacher:
+    # A Hugging Face Hub name or a local directory (config.json, weights, tokenizer files).
+    name: str = "gpt2"
+
+
+@dataclass(frozen=True)
+class Student:
+    # None: the untrained truncated teacher (teacher config, `distilled_model.nb_layers` layers, random weights).
+    # Otherwise a Hub name or local directory of a pretrained causal LM, e.g. "distilgpt2".
+    pretrained: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class DistilledModel:
+    nb_layers: int = field(default=6, metadata=_range(1))
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: float = field(default=0.6, metadata=_range(0.0, 1.0, low_open=True))
+    validation: float = field(default=0.2, metadata=_range(0.0, 1.0, low_open=True))
+    test: float = field(default=0.2, metadata=_range(0.0, 1.0, low_open=True))
+
+
+@dataclass(frozen=True)
+class Data:
+    # A Hub data set name, or a local .json/.jsonl/.csv/.parquet/.txt file or a folder of them.
+    dataset: str = "vicgalle/alpaca-gpt4"
+    # None: build each sample from the Alpaca fields instruction/input/output; else take this column as the text.
+    text_column: Optional[str] = None
+    max_length: int = field(default=512, metadata=_range(2))
+    split: Splits = field(default_factory=Splits)
+    # Score only the response: the instruction part of an Alpaca sample is not a target for either loss term.
+    mask_instruction: bool = False
+    # Keep only the first N rows of the data set (before splitting), for quick experiments.
+    max_samples: Optional[int] = field(default=None, metadata=_range(1))
+    num_proc: int = field(default=1, metadata=_range(1))
+
+
+@dataclass(frozen=True)
+class TrainingParameters:
+    learning_rate: float = field(default=1e-3, metadata=_range(0.0, low_open=True))
+    nb_epochs: int = field(default=1, metadata=_range(1))
+    batch_size: int = field(default=2, metadata=_range(1))
+    gradient_accumulation_steps: int = field(default=1, metadata=_range(1))
+    # Stop after this many optimizer steps in all (None: run all epochs).
+    max_steps: Optional[int] = field(default=None, metadata=_range(1))
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = field(default=0.0, metadata=_range(0.0))
+    momentum: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = field(default=0, metadata=_range(0))
+    # None disables clipping.
+    max_grad_norm: Optional[float] = field(default=1.0, metadata=_range(0.0, low_open=True))
+    log_every_steps: int = field(default=10, metadata=_range(1))
+    # Validation runs at the end of every epoch, and also every N optimizer steps when set.
+    eval_every_steps: Optional[int] = field(default=None, metadata=_range(1))
+    # The last checkpoint is written at the end of every epoch, and also every N optimizer steps when set.
+    checkpoint_every_steps: Optional[int] = field(default=None, metadata=_range(1))
+    checkpoints_name_last: str = "last"
+    checkpoints_name_best: str = "best"
+    resume: bool = False
+    loss: Any = None  # a loss.Criterion, built from the `()` entry
+
+
+@dataclass(frozen=True)
+class Hardware:
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+
+
+@dataclass(frozen=True)
+class Config:
+    # Prefix of the run names; defaults to the config file's stem.
+    name: Optional[str] = None
+    seed: int = 42
+    paths: Paths = field(default_factory=Paths)
+    teacher: Teacher = field(default_factory=Teacher)
+    student: Student = field(default_factory=Student)
+    distilled_model: DistilledModel = field(default_factory=DistilledModel)
+    data: Data = field(default_factory=Data)
+    training_parameters: TrainingParameters = field(default_factory=TrainingParameters)
+    hardware: Hardware = field(default_factory=Hardware)
+
+
+DEFAULT_LOSS = {"()": "loss.DistillationLoss", "alpha": 1.0, "beta": 0.1, "temperature": 1.0}
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read `path` with configue, apply `key.path=value` overrides, validate, and return the frozen Config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file with --config.")
+    raw = _read_with_configue(path)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (paths, training_parameters, ...) at top level.")
+    tree = _to_plain_tree(raw)
+    for override in overrides:
+        _apply_override(tree, override)
+    tree.setdefault("name", path.stem)
+    config = _build(Config, tree, str(path), "")
+    _check_cross_field(config, str(path))
+    return config
+
+
+def to_plain_dict(config: Config) -> dict:
+    """The resolved config as plain YAML-ready values, the loss back in configue's `()` form."""
+    plain = dataclasses.asdict(config)
+    plain["training_parameters"]["loss"] = config.training_parameters.loss.spec()
+    return plain
+
+
+def dump_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_plain_dict(config), sort_keys=False), encoding="utf-8")
+
+
+def _read_with_configue(path: Path) -> Any:
+    import configue
+    from configue.exceptions import ConfigueError
+
+    try:
+        return configue.load(str(path))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{path} is not valid YAML{where} ({problem}); fix the syntax there.") from None
+    except ConfigueError as error:
+        raise ConfigError(
+            f"{path}: {str(error).splitlines()[0]}; the `()` entry must name an existing class such as "
+            f"loss.DistillationLoss or loss.ClassicLoss."
+        ) from None
+    except (TypeError, ValueError) as error:
+        # Raised by a class constructor that configue called, e.g. the loss with a misspelt or invalid argument.
+        raise ConfigError(f"{path}: training_parameters.loss: {error}.") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text; save it as UTF-8.") from None
+
+
+def _to_plain_tree(value: Any) -> Any:
+    """Turn the configue result into plain dicts and lists: an instantiated loss goes back to its `()` spec."""
+    if isinstance(value, loss_module.Criterion):
+        return value.spec()
+    if isinstance(value, dict):
+        return {key: _to_plain_tree(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_to_plain_tree(item) for item in value]
+    return value
+
+
+def _apply_override(tree: dict, override: str) -> None:
+    key_path, separator, text = override.partition("=")
+    if not separator or not key_path:
+        raise ConfigError(f"--set {override!r} must look like key.path=value, e.g. training_parameters.batch_size=8.")
+    keys = key_path.split(".")
+    _check_override_path(keys, key_path)
+    node = tree
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key_path}: {key} is a single value, not a section.")
+        node = child
+    node[keys[-1]] = yaml.safe_load(text) if text else None
+
+
+def _check_override_path(keys: list[str], key_path: str) -> None:
+    """Refuse unknown keys in --set, before they reach the tree (the loss accepts its own arguments)."""
+    schema: Any = Config
+    for depth, key in enumerate(keys):
+        if schema is _LOSS_SECTION:
+            if depth != len(keys) - 1:
+                break
+            return
+        names = {item.name: item for item in dataclasses.fields(schema)}
+        if key not in names:
+            raise ConfigError(
+                f"--set {key_path}: unknown key {'.'.join(keys[:depth + 1])}; valid keys here are {', '.join(names)}."
+            )
+        schema = _field_schema(schema, names[key])
+        if not dataclasses.is_dataclass(schema) and schema is not _LOSS_SECTION and depth != len(keys) - 1:
+            raise ConfigError(f"--set {key_path}: {'.'.join(keys[:depth + 1])} is a single value, not a section.")
+    if dataclasses.is_dataclass(schema):
+        raise ConfigError(f"--set {key_path}: this is a section; set one of its keys instead.")
+
+
+_LOSS_SECTION = object()
+
+
+def _field_schema(owner: type, item: dataclasses.Field) -> Any:
+    if owner is TrainingParameters and item.name == "loss":
+        return _LOSS_SECTION
+    return typing.get_type_hints(owner)[item.name]
+
+
+def _build(schema: type, values: Any, source: str, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'the top level'} must be a section of keys, not {values!r}.")
+    known = {item.name: item for item in dataclasses.fields(schema)}
+    for key in values:
+        if key not in known:
+            hint = _closest(str(key), known)
+            raise ConfigError(
+                f"{source}: unknown key {prefix}{key}{hint}; valid keys here are {', '.join(known)}."
+            )
+    kwargs = {}
+    for name, item in known.items():
+        if name not in values:
+            continue
+        key = f"{prefix}{name}"
+        kind = _field_schema(schema, item)
+        if kind is _LOSS_SECTION:
+            kwargs[name] = _build_loss(values[name], source, key)
+        elif dataclasses.is_dataclass(kind):
+            kwargs[name] = _build(kind, values[name] if values[name] is not None else {}, source, f"{key}.")
+        else:
+            kwargs[name] = _check_value(values[name], kind, item.metadata, source, key)
+    if schema is TrainingParameters and "loss" not in kwargs:
+        kwargs["loss"] = _build_loss(dict(DEFAULT_LOSS), source, f"{prefix}loss")
+    return schema(**kwargs)
+
+
+def _closest(key: str, known: dict) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def _build_loss(spec: Any, source: str, key: str) -> loss_module.Criterion:
+    if isinstance(spec, loss_module.Criterion):
+        return spec
+    if not isinstance(spec, dict) or "()" not in spec:
+        raise ConfigError(
+            f"{source}: {key} must be a section with a `()` entry naming the loss class, e.g. "
+            f"`(): loss.DistillationLoss` with alpha, beta and temperature, or `(): loss.ClassicLoss`."
+        )
+    arguments = dict(spec)
+    class_path = arguments.pop("()")
+    module_name, _, class_name = str(class_path).rpartition(".")
+    try:
+        loss_class = getattr(importlib.import_module(module_name or "loss"), class_name)
+    except (ImportError, AttributeError, ValueError):
+        loss_class = None
+    if not (isinstance(loss_class, type) and issubclass(loss_class, loss_module.Criterion)):
+        raise ConfigError(
+            f"{source}: {key}: {class_path!r} is not a loss class; use loss.DistillationLoss or loss.ClassicLoss."
+        )
+    try:
+        return loss_class(**arguments)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{source}: {key}: {error}.") from None
+
+
+def _check_value(value: Any, kind: Any, metadata: typing.Mapping, source: str, key: str) -> Any:
+    origin = typing.get_origin(kind)
+    arguments = typing.get_args(kind)
+    if origin is typing.Union and type(None) in arguments:
+        if value is None:
+            return None
+        kind = next(argument for argument in arguments if argument is not type(None))
+        origin, arguments = typing.get_origin(kind), typing.get_args(kind)
+    if origin is Literal:
+        if value not in arguments:
+            choices = ", ".join(repr(choice) for choice in arguments)
+            raise ConfigError(f"{source}: {key} is {value!r}; it must be one of {choices}.")
+        return value
+    converted = _convert(value, kind)
+    if converted is None:
+        raise ConfigError(f"{source}: {key} is {value!r}; it must be {_describe(kind)}.")
+    low, high = metadata.get("low"), metadata.get("high")
+    if low is not None and (converted < low or (metadata.get("low_open") and converted == low)):
+        relation = "above" if metadata.get("low_open") else "at least"
+        raise ConfigError(f"{source}: {key} is {value!r}; it must be {relation} {low}.")
+    if high is not None and converted > high:
+        raise ConfigError(f"{source}: {key} is {value!r}; it must be at most {high}.")
+    return converted
+
+
+def _convert(value: Any, kind: type) -> Any:
+    """The value as `kind`, or None when it is not one. YAML 1.1 reads `3e-4` as a string: accept it as a float."""
+    if kind is bool:
+        return value if isinstance(value, bool) else None
+    if kind is int:
+        if isinstance(value, bool):
+            return None
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return None
+    if kind is float:
+        if isinstance(value, bool):
+            return None
+        if isinstance(value, (int, float)):
+            number = float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                return None
+        else:
+            return None
+        return number if math.isfinite(number) else None
+    if kind is str:
+        return value if isinstance(value, str) and value.strip() else None
+    return value
+
+
+def _describe(kind: type) -> str:
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "a non-empty text"}.get(
+        kind, kind.__name__
+    )
+
+
+def _check_cross_field(config: Config, source: str) -> None:
+    split = config.data.split
+    total = split.train + split.validation + split.test
+    if abs(total - 1.0) > 1e-6:
+        raise ConfigError(
+            f"{source}: data.split fractions sum to {total:g}; make train + validation + test equal 1."
+        )
+    training = config.training_parameters
+    if training.checkpoints_name_last == training.checkpoints_name_best:
+        raise ConfigError(
+            f"{source}: training_parameters.checkpoints_name_last and checkpoints_name_best are both "
+            f"{training.checkpoints_name_last!r}; give them different names."
+        )
+    for key, value in (
+        ("name", config.name),
+        ("training_parameters.checkpoints_name_last", training.checkpoints_name_last),
+        ("training_parameters.checkpoints_name_best", training.checkpoints_name_best),
+    ):
+        check_simple_name(value, f"{source}: {key}")
+    if config.data.mask_instruction and config.data.text_column is not None:
+        raise ConfigError(
+            f"{source}: data.mask_instruction needs the Alpaca fields to find the response; "
+            f"set data.text_column to null or mask_instruction to false."
+        )
+
+
+def check_simple_name(value: str, what: str) -> None:
+    """Names become directories under paths.checkpoints: refuse anything that could point elsewhere."""
+    if not value or value in {".", ".."} or "/" in value or "\\" in value or value.startswith("."):
+        raise ConfigError(f"{what} is {value!r}; use a plain name without '/', '\\' or a leading '.'.")

@@ -1,0 +1,334 @@
+"""Data: load (Hub or local files) -> format (Alpaca) -> split (seed) -> tokenize (cached Arrow) -> padded batches.
+
+The tokenized splits are saved with `datasets` (Arrow, memory-mapped) under `paths.token_dataset`, in a folder
+keyed by everything that produced them: the data itself, the tokenizer, the max length, the formatting and the
+split. Change any of these and the cache is rebuilt; change none and it is reused without touching the raw data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+from loss import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
+
+# Bump when the formatting or tokenization below changes, so that old caches are not reused.
+CACHE_FORMAT_VERSION = 1
+SPLIT_NAMES = ("train", "validation", "test")
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+ALPACA_FIELDS = ("instruction", "input", "output")
+
+
+class DataError(ValueError):
+    """Data that cannot be used as configured; the message is shown to the user as it is."""
+
+
+def alpaca_prompt(instruction: str, context: str) -> str:
+    """The prompt part of an Alpaca sample; the response follows it directly."""
+    if context.strip():
+        return f"### Instruction:\n{instruction.strip()}\n\n### Input:\n{context.strip()}\n\n### Response:\n"
+    return f"### Instruction:\n{instruction.strip()}\n\n### Response:\n"
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What defines the tokenized data; every field is part of the cache key."""
+
+    dataset: str
+    text_column: Optional[str]
+    max_length: int
+    split: tuple[float, float, float]
+    mask_instruction: bool
+    max_samples: Optional[int]
+    seed: int
+
+
+def spec_from_config(config) -> DataSpec:
+    data = config.data
+    return DataSpec(
+        dataset=data.dataset,
+        text_column=data.text_column,
+        max_length=data.max_length,
+        split=(data.split.train, data.split.validation, data.split.test),
+        mask_instruction=data.mask_instruction,
+        max_samples=data.max_samples,
+        seed=config.seed,
+    )
+
+
+def prepare_splits(spec: DataSpec, tokenizer, data_folder: str, token_dataset: str, num_proc: int = 1) -> DatasetDict:
+    """The tokenized train/validation/test splits, from the cache when it holds exactly this data and tokenizer."""
+    local_files = resolve_local_files(spec.dataset, data_folder)
+    raw = None
+    if local_files is not None:
+        data_fingerprint = _hash_files(local_files)
+    else:
+        raw = _load_hub_dataset(spec.dataset, data_folder)
+        data_fingerprint = f"hub:{spec.dataset}:{raw._fingerprint}"
+    key = _cache_key(spec, data_fingerprint, tokenizer)
+    cache_dir = _cache_root(data_folder, token_dataset) / key
+    if (cache_dir / "dataset_dict.json").is_file():
+        logger.info("Using the tokenized data cached in %s", cache_dir)
+        return load_from_disk(str(cache_dir))
+
+    if raw is None:
+        raw = _load_local_dataset(local_files, data_folder)
+    texts = format_rows(raw, spec, num_proc)
+    splits = split_rows(texts, spec.split, spec.seed)
+    tokenized = DatasetDict(
+        {name: tokenize(rows, tokenizer, spec, num_proc) for name, rows in splits.items()}
+    )
+    for name in SPLIT_NAMES:
+        if len(tokenized[name]) == 0:
+            raise DataError(
+                f"the {name} split of {spec.dataset!r} is empty after tokenization; "
+                f"use more data or a larger data.split.{name} fraction."
+            )
+    _save_atomically(tokenized, cache_dir, spec, data_fingerprint)
+    logger.info(
+        "Tokenized %s: %s samples, cached in %s",
+        spec.dataset,
+        ", ".join(f"{name} {len(tokenized[name])}" for name in SPLIT_NAMES),
+        cache_dir,
+    )
+    return load_from_disk(str(cache_dir))
+
+
+def resolve_local_files(dataset: str, data_folder: str) -> Optional[list[Path]]:
+    """The local data files that `dataset` names (as given, or inside `data_folder`), or None for a Hub name."""
+    for candidate in (Path(dataset), Path(data_folder) / dataset):
+        if candidate.is_file():
+            _local_format([candidate])
+            return [candidate]
+        if candidate.is_dir():
+            files = sorted(path for path in candidate.iterdir() if path.suffix in LOCAL_FORMATS)
+            if not files:
+                raise DataError(
+                    f"the folder {candidate} holds no data file; put .json, .jsonl, .csv, .parquet or .txt files there."
+                )
+            _local_format(files)
+            return files
+    if dataset.startswith((".", "/", "~")) or Path(dataset).suffix in LOCAL_FORMATS:
+        raise DataError(f"the data file {dataset} does not exist; fix data.dataset or paths.data_folder.")
+    return None
+
+
+def format_rows(raw: Dataset, spec: DataSpec, num_proc: int = 1) -> Dataset:
+    """Rows -> `prompt` and `response` texts; empty or all-whitespace samples are dropped and counted."""
+    if spec.max_samples is not None:
+        raw = raw.select(range(min(spec.max_samples, len(raw))))
+    columns = set(raw.column_names)
+    if spec.text_column is not None:
+        if spec.text_column not in columns:
+            raise DataError(
+                f"the data set has no column {spec.text_column!r} (it has {', '.join(sorted(columns))}); "
+                f"fix data.text_column."
+            )
+    elif not {"instruction", "output"} <= columns:
+        hint = "set data.text_column: text" if "text" in columns else "set data.text_column to the column with the text"
+        raise DataError(
+            f"the data set has no Alpaca columns instruction/output (it has {', '.join(sorted(columns))}); {hint}."
+        )
+
+    def to_texts(batch: dict) -> dict:
+        if spec.text_column is not None:
+            return {"prompt": [""] * len(batch[spec.text_column]), "response": [_text(t) for t in batch[spec.text_column]]}
+        contexts = batch["input"] if "input" in batch else [""] * len(batch["instruction"])
+        return {
+            "prompt": [alpaca_prompt(_text(i), _text(c)) for i, c in zip(batch["instruction"], contexts)],
+            "response": [_text(o).strip() for o in batch["output"]],
+        }
+
+    texts = raw.map(to_texts, batched=True, remove_columns=raw.column_names, num_proc=_procs(num_proc, raw))
+    kept = texts.filter(lambda batch: [bool(r.strip()) for r in batch["response"]], batched=True)
+    dropped = len(texts) - len(kept)
+    if dropped:
+        logger.info("Dropped %d empty or all-whitespace samples out of %d", dropped, len(texts))
+    if len(kept) == 0:
+        raise DataError(f"the data set {spec.dataset!r} has no non-empty sample; check data.dataset and its columns.")
+    return kept
+
+
+def split_rows(rows: Dataset, fractions: tuple[float, float, float], seed: int) -> dict[str, Dataset]:
+    """A deterministic shuffle from `seed`, then consecutive train/validation/test slices of the given fractions."""
+    total = len(rows)
+    order = np.random.default_rng(seed).permutation(total)
+    train_count = int(round(fractions[0] * total))
+    validation_count = int(round(fractions[1] * total))
+    bounds = (0, train_count, train_count + validation_count, total)
+    splits = {name: rows.select(order[bounds[i]:bounds[i + 1]]) for i, name in enumerate(SPLIT_NAMES)}
+    for name, split in splits.items():
+        if len(split) == 0:
+            raise DataError(
+                f"the data set has {total} samples, too few for a non-empty {name} split; "
+                f"use more data or change data.split."
+            )
+    return splits
+
+
+def tokenize(rows: Dataset, tokenizer, spec: DataSpec, num_proc: int = 1) -> Dataset:
+    """Texts -> `input_ids` (prompt, response, EOS; cut at max_length) and `prompt_length`.
+
+    Prompt and response are tokenized apart and joined, so the boundary between them is exact for masking.
+    Samples left with no target (a single token, or only prompt tokens when the prompt is masked) are dropped.
+    """
+    eos = tokenizer.eos_token_id
+
+    def encode(batch: dict) -> dict:
+        prompts = tokenizer(batch["prompt"], add_special_tokens=False)["input_ids"]
+        responses = tokenizer(batch["response"], add_special_tokens=False)["input_ids"]
+        input_ids = [(p + r + [eos])[: spec.max_length] for p, r in zip(prompts, responses)]
+        return {"input_ids": input_ids, "prompt_length": [min(len(p), spec.max_length) for p in prompts]}
+
+    encoded = rows.map(encode, batched=True, remove_columns=rows.column_names, num_proc=_procs(num_proc, rows))
+
+    def has_target(batch: dict) -> list[bool]:
+        first_target = [max(1, p) if spec.mask_instruction else 1 for p in batch["prompt_length"]]
+        return [len(ids) > first for ids, first in zip(batch["input_ids"], first_target)]
+
+    kept = encoded.filter(has_target, batched=True)
+    if len(kept) < len(encoded):
+        logger.info("Dropped %d samples left with no target token after truncation", len(encoded) - len(kept))
+    return kept
+
+
+class PaddingCollator:
+    """Pads a list of samples to the longest one of the batch (never to a fixed length).
+
+    Returns `input_ids (B, T)`, `attention_mask (B, T)` and `labels (B, T)`: the input ids with IGNORE_INDEX on
+    padding and, with `mask_instruction`, on the prompt; and `real_tokens`, the number of non-padding tokens as a
+    Python int, counted here on the CPU so that the training loop needs no device sync to count throughput. Padding is found from the attention mask, never from the
+    token id, because GPT-2 pads with its EOS and the EOS that ends a sample must stay a target.
+    """
+
+    def __init__(self, pad_token_id: int, mask_instruction: bool = False) -> None:
+        self.pad_token_id = pad_token_id
+        self.mask_instruction = mask_instruction
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(sample["input_ids"]) for sample in samples)
+        input_ids = torch.full((len(samples), longest), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(samples), longest), dtype=torch.long)
+        labels = torch.full((len(samples), longest), IGNORE_INDEX, dtype=torch.long)
+        for row, sample in enumerate(samples):
+            ids = torch.as_tensor(sample["input_ids"], dtype=torch.long)
+            input_ids[row, : len(ids)] = ids
+            attention_mask[row, : len(ids)] = 1
+            first_target = sample["prompt_length"] if self.mask_instruction else 0
+            labels[row, first_target : len(ids)] = ids[first_target:]
+        real_tokens = sum(len(sample["input_ids"]) for sample in samples)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "real_tokens": real_tokens}
+
+
+def _text(value) -> str:
+    return "" if value is None else str(value)
+
+
+def _procs(num_proc: int, rows: Dataset) -> Optional[int]:
+    # Worker processes only pay off on large data; below that they cost more to start than they save.
+    return num_proc if num_proc > 1 and len(rows) >= 10_000 else None
+
+
+def _local_format(files: list[Path]) -> str:
+    kinds = {LOCAL_FORMATS.get(path.suffix) for path in files}
+    if None in kinds:
+        raise DataError(
+            f"{files[0]} is not a supported data file; use .json, .jsonl, .csv, .parquet or .txt (one sample a line)."
+        )
+    if len(kinds) > 1:
+        raise DataError(f"the data files {', '.join(map(str, files))} mix formats; keep one format per data set.")
+    return kinds.pop()
+
+
+def _load_local_dataset(files: list[Path], data_folder: str) -> Dataset:
+    kind = _local_format(files)
+    try:
+        return load_dataset(
+            kind,
+            data_files=[str(path) for path in files],
+            split="train",
+            cache_dir=str(Path(data_folder) / "hf_cache"),
+        )
+    except UnicodeDecodeError:
+        raise DataError(f"{files[0]} is not UTF-8 text; convert it to UTF-8.") from None
+    except Exception as error:  # datasets wraps parser errors in several exception types
+        cause = error.__cause__ or error
+        if isinstance(cause, UnicodeDecodeError) or "utf-8" in str(cause).lower():
+            raise DataError(f"{files[0]} is not UTF-8 text; convert it to UTF-8.") from None
+        raise DataError(f"could not read {', '.join(map(str, files))} as {kind} ({_first_line(cause)}); fix the file.") from None
+
+
+def _load_hub_dataset(name: str, data_folder: str) -> Dataset:
+    try:
+        return load_dataset(name, split="train", cache_dir=str(Path(data_folder) / "hf_cache"))
+    except Exception as error:  # network, missing data set and offline mode surface as different types
+        raise DataError(
+            f"could not load the data set {name!r} from the Hugging Face Hub ({_first_line(error)}); "
+            f"set data.dataset to a local .json/.jsonl/.csv/.parquet/.txt file, "
+            f"or run the embedded demo with --config configs/tiny.yaml."
+        ) from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _hash_files(files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    description = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{description}|{tokenizer.eos_token_id}".encode()).hexdigest()
+
+
+def _cache_key(spec: DataSpec, data_fingerprint: str, tokenizer) -> str:
+    description = {
+        "version": CACHE_FORMAT_VERSION,
+        "spec": spec.__dict__,
+        "data": data_fingerprint,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+    }
+    return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _cache_root(data_folder: str, token_dataset: str) -> Path:
+    root = Path(token_dataset)
+    return root if root.is_absolute() else Path(data_folder) / root
+
+
+def _save_atomically(tokenized: DatasetDict, cache_dir: Path, spec: DataSpec, data_fingerprint: str) -> None:
+    """Write to a temporary folder and rename it, so that an interrupted write never looks like a valid cache."""
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}-", dir=cache_dir.parent))
+    try:
+        tokenized.save_to_disk(str(staging / "data"))
+        (staging / "data" / "produced_by.json").write_text(
+            json.dumps({"spec": spec.__dict__, "data": data_fingerprint}, indent=2, default=str)
+        )
+        if cache_dir.exists():  # another process finished the same cache first
+            return
+        os.replace(staging / "data", cache_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,511 @@
+"""Distil a causal-LM teacher into a smaller student, or train the student alone, as config.yaml says.
+
+    python3 distill.py                                   # ./config.yaml, a new run
+    python3 distill.py --config configs/tiny.yaml        # the embedded offline demo
+    python3 distill.py --resume --run-name NAME          # continue a stopped run
+    python3 distill.py --set training_parameters.batch_size=8 --set training_parameters.loss.temperature=2
+
+Every run writes `<paths.checkpoints>/<run name>/`: config.yaml (resolved), train.log, metrics.jsonl, summary.json,
+and the last and best checkpoints. A configuration or data mistake stops the program with one sentence and exit
+code 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import logging.handlers
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+import dataset
+import models
+from checkpoints import (
+    CheckpointError,
+    RunLocation,
+    TrainerState,
+    load_model_weights,
+    load_trainer_state,
+    load_training_state,
+    locate_run,
+    save_checkpoint,
+)
+from config import Config, ConfigError, dump_config, load_config
+from dataset import DataError
+from loss import IGNORE_INDEX
+from models import ModelError
+
+logger = logging.getLogger("distill")
+
+# Mistakes a user can fix: shown as one sentence, exit code 2.
+USER_ERRORS = (ConfigError, ModelError, DataError, CheckpointError)
+EXIT_USER_ERROR = 2
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    arguments = parse_arguments(argv)
+    early_records = setup_console_logging()
+    try:
+        config = load_config(arguments.config, arguments.set)
+        run = locate_run(
+            config.paths.checkpoints,
+            config.name,
+            arguments.run_name,
+            arguments.resume or config.training_parameters.resume,
+            config.training_parameters.checkpoints_name_last,
+        )
+        accelerator = build_accelerator(config)
+        tokenizer, teacher, student = build_models(config)
+        splits = dataset.prepare_splits(
+            dataset.spec_from_config(config), tokenizer, config.paths.data_folder, config.paths.token_dataset,
+            config.data.num_proc,
+        )
+        trainer = Trainer(config, run, accelerator, tokenizer, teacher, student, splits)
+        start_run_directory(run, config, early_records, accelerator)
+        trainer.restore_or_start()
+        trainer.fit()
+        trainer.test_best()
+    except USER_ERRORS as error:
+        logger.error("error: %s", error)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        logger.error("interrupted; the last checkpoint written is kept, continue with --resume")
+        return 130
+    return 0
+
+
+def parse_arguments(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="config.yaml", help="YAML configuration file (default: ./config.yaml)")
+    parser.add_argument("--run-name", help="name of the run directory (default: <config name>-<timestamp>)")
+    parser.add_argument("--resume", action="store_true", help="continue the named run, or the latest of this config")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override one config value (repeatable)"
+    )
+    return parser.parse_args(argv)
+
+
+def setup_console_logging() -> logging.handlers.MemoryHandler:
+    """Log to the console now; records are also kept until the run directory exists, then written to train.log."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_distill", False):
+            root.removeHandler(handler)
+            handler.close()
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(formatter)
+    early_records = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
+    early_records.setFormatter(formatter)
+    for handler in (console, early_records):
+        handler._distill = True
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    _quiet_libraries()
+    return early_records
+
+
+def _quiet_libraries() -> None:
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_warning()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def build_accelerator(config: Config):
+    """Device, precision and gradient accumulation, decided here once for the whole program."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+
+    hardware = config.hardware
+    if hardware.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("hardware.device is 'cuda' but no CUDA GPU is available; set hardware.device to auto or cpu.")
+    if hardware.device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("hardware.device is 'mps' but this machine has no MPS device; set hardware.device to auto or cpu.")
+    uses_cuda = hardware.device == "cuda" or (hardware.device == "auto" and torch.cuda.is_available())
+    if hardware.mixed_precision == "fp16" and not uses_cuda:
+        raise ConfigError("hardware.mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this machine.")
+    accelerator = Accelerator(
+        cpu=hardware.device == "cpu",
+        mixed_precision=hardware.mixed_precision,
+        gradient_accumulation_steps=config.training_parameters.gradient_accumulation_steps,
+        # Shuffles from the seed and the epoch number, so a resumed run sees the batches it would have seen.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(config.seed)
+    return accelerator
+
+
+def build_models(config: Config):
+    """Tokenizer, teacher (frozen; None for plain training) and student, checked against each other."""
+    criterion = config.training_parameters.loss
+    pretrained_student = config.student.pretrained
+    tokenizer_source = pretrained_student if (pretrained_student and not criterion.requires_teacher) else config.teacher.name
+    tokenizer = models.load_tokenizer(tokenizer_source)
+    teacher = models.load_teacher(config.teacher.name) if criterion.requires_teacher else None
+    if teacher is not None:
+        teacher_config = teacher.config
+    elif pretrained_student is None:
+        teacher_config = models.load_model_config(config.teacher.name)  # its shape only, no weights
+    else:
+        teacher_config = None
+    student = models.build_student(teacher_config, config.distilled_model.nb_layers, pretrained_student)
+    student_tokenizer = models.load_tokenizer(pretrained_student) if pretrained_student and teacher else None
+    models.check_compatible(tokenizer, student.config, teacher.config if teacher else None, student_tokenizer)
+    for role, model in (("student", student), ("teacher", teacher)):
+        positions = models.max_positions(model.config) if model is not None else None
+        if positions is not None and config.data.max_length > positions:
+            raise ModelError(
+                f"data.max_length is {config.data.max_length} but the {role} has {positions} positions; "
+                f"set data.max_length to at most {positions}."
+            )
+    return tokenizer, teacher, student
+
+
+def start_run_directory(run: RunLocation, config: Config, early_records, accelerator) -> None:
+    """Create the run directory (all checks passed), save the resolved config and send the log to train.log."""
+    if accelerator.is_main_process:
+        run.directory.mkdir(parents=True, exist_ok=run.resume)
+        config_file = run.directory / ("config.resumed.yaml" if run.resume else "config.yaml")
+        dump_config(config, config_file)
+        log_file = logging.FileHandler(run.directory / "train.log", encoding="utf-8")
+        log_file.setFormatter(early_records.formatter)
+        log_file._distill = True
+        logging.getLogger().addHandler(log_file)
+        early_records.setTarget(log_file)
+        early_records.flush()
+    logging.getLogger().removeHandler(early_records)
+    early_records.close()
+    logger.info("%s run %s in %s", "Resuming" if run.resume else "Starting", run.name, run.directory)
+
+
+@dataclass
+class RunningSums:
+    """Loss terms summed over micro-batches as tensors, so that no value leaves the device until a log step."""
+
+    loss: torch.Tensor
+    kd: torch.Tensor
+    ce: torch.Tensor
+    batches: int = 0
+
+    @classmethod
+    def zeros(cls, device) -> "RunningSums":
+        return cls(*(torch.zeros((), device=device) for _ in range(3)))
+
+
+class Trainer:
+    """Holds what the loop needs: models, data, optimizer, schedule, state; writes checkpoints and metrics."""
+
+    def __init__(self, config: Config, run: RunLocation, accelerator, tokenizer, teacher, student, splits) -> None:
+        self.config = config
+        self.run = run
+        self.accelerator = accelerator
+        self.tokenizer = tokenizer
+        self.training = config.training_parameters
+        self.criterion = self.training.loss
+        collator = dataset.PaddingCollator(tokenizer.pad_token_id, config.data.mask_instruction)
+        loaders = {
+            name: DataLoader(
+                splits[name], batch_size=self.training.batch_size, shuffle=name == "train", collate_fn=collator
+            )
+            for name in dataset.SPLIT_NAMES
+        }
+        optimizer = build_optimizer(student, self.training)
+        self.steps_per_epoch = math.ceil(len(loaders["train"]) / self.training.gradient_accumulation_steps)
+        self.total_steps = self.steps_per_epoch * self.training.nb_epochs
+        if self.training.max_steps is not None:
+            self.total_steps = min(self.total_steps, self.training.max_steps)
+        self.scheduler = build_scheduler(optimizer, self.training, self.total_steps)
+        self.student, self.optimizer, self.train_loader, self.validation_loader, self.test_loader = accelerator.prepare(
+            student, optimizer, loaders["train"], loaders["validation"], loaders["test"]
+        )
+        self.teacher = accelerator.prepare_model(teacher, evaluation_mode=True) if teacher is not None else None
+        self.state = TrainerState()
+        self.metrics_file = run.directory / "metrics.jsonl"
+        self.started_at = time.time()
+        logger.info(
+            "Student: %s parameters, %d layers; teacher: %s; loss: %r",
+            f"{models.count_parameters(student):,}",
+            student.config.num_hidden_layers,
+            f"{models.count_parameters(teacher):,} parameters" if teacher is not None else "not loaded",
+            self.criterion,
+        )
+        logger.info(
+            "Data: %s; %d optimizer steps of %d samples per device",
+            ", ".join(f"{name} {len(splits[name])}" for name in dataset.SPLIT_NAMES),
+            self.total_steps,
+            self.training.batch_size * self.training.gradient_accumulation_steps,
+        )
+
+    # --- state ---------------------------------------------------------------------------------------------------
+
+    @property
+    def last_directory(self) -> Path:
+        return self.run.directory / self.training.checkpoints_name_last
+
+    @property
+    def best_directory(self) -> Path:
+        return self.run.directory / self.training.checkpoints_name_best
+
+    def restore_or_start(self) -> None:
+        if not self.run.resume:
+            return
+        self.state = load_trainer_state(self.last_directory)
+        load_model_weights(self.last_directory, self.accelerator.unwrap_model(self.student))
+        load_training_state(self.last_directory, self.optimizer, self.scheduler)
+        self._drop_metrics_after(self.state.global_step)
+        logger.info(
+            "Resumed from %s: epoch %d, step %d, %d batches into the epoch",
+            self.last_directory, self.state.epoch + 1, self.state.global_step, self.state.batches_done_in_epoch,
+        )
+
+    # --- training ------------------------------------------------------------------------------------------------
+
+    def fit(self) -> None:
+        state = self.state
+        if not state.finished:
+            for epoch in range(state.epoch, self.training.nb_epochs):
+                if self._train_one_epoch(epoch):
+                    break
+            if state.last_evaluated_step != state.global_step:
+                self.validate()
+            state.finished = True
+            self.save_last()
+        logger.info(
+            "Training done: %d steps; best validation loss %.4f at step %s",
+            state.global_step, state.best_validation_loss, state.best_step,
+        )
+
+    def _train_one_epoch(self, epoch: int) -> bool:
+        """One pass over the training split (from the saved position when resuming); True when max_steps is hit."""
+        accelerator, state, training = self.accelerator, self.state, self.training
+        self.train_loader.set_epoch(epoch)
+        batches = self.train_loader
+        if state.batches_done_in_epoch:
+            batches = accelerator.skip_first_batches(self.train_loader, state.batches_done_in_epoch)
+        sums = RunningSums.zeros(accelerator.device)
+        interval_start, interval_tokens = time.perf_counter(), 0
+        progress = _progress_bar(accelerator, len(self.train_loader), state.batches_done_in_epoch, epoch, training)
+        self.student.train()
+        for batch in batches:
+            with accelerator.accumulate(self.student):
+                output = self.compute_loss(batch)
+                accelerator.backward(output.loss)
+                if accelerator.sync_gradients:
+                    if training.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(self.student.parameters(), training.max_grad_norm)
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+            sums.loss += output.loss.detach()
+            sums.ce += output.ce.detach()
+            if output.kd is not None:
+                sums.kd += output.kd.detach()
+            sums.batches += 1
+            interval_tokens += batch["real_tokens"]
+            state.tokens_seen += batch["real_tokens"]
+            state.samples_seen += batch["input_ids"].size(0)
+            state.batches_done_in_epoch += 1
+            progress.update(1)
+            if not accelerator.sync_gradients:
+                continue
+            state.global_step += 1
+            if state.global_step % training.log_every_steps == 0:
+                record = self._log_training(sums, epoch, interval_tokens / (time.perf_counter() - interval_start))
+                progress.set_postfix({key: f"{record[key]:.3f}" for key in ("loss", "kd", "ce") if record[key] is not None})
+                sums = RunningSums.zeros(accelerator.device)
+                interval_start, interval_tokens = time.perf_counter(), 0
+            if training.eval_every_steps and state.global_step % training.eval_every_steps == 0:
+                self.validate()
+                self.student.train()
+            if training.checkpoint_every_steps and state.global_step % training.checkpoint_every_steps == 0:
+                self.save_last()
+            if training.max_steps is not None and state.global_step >= training.max_steps:
+                progress.close()
+                return True
+        progress.close()
+        state.epoch = epoch + 1
+        state.batches_done_in_epoch = 0
+        self.validate()
+        self.save_last()
+        return False
+
+    def compute_loss(self, batch: dict):
+        with self.accelerator.autocast():
+            teacher_logits = None
+            if self.teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                    ).logits
+            student_logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return self.criterion(student_logits, batch["labels"], teacher_logits)
+
+    # --- evaluation ----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, loader) -> dict:
+        """Loss terms averaged over every real target token of the split (not over batches), and perplexity."""
+        self.student.eval()
+        totals = torch.zeros(4, device=self.accelerator.device)  # loss, kd and ce summed over targets; targets
+        for batch in loader:
+            output = self.compute_loss(batch)
+            targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+            kd = output.kd if output.kd is not None else torch.zeros_like(output.ce)
+            totals[:3] += torch.stack([output.loss, kd, output.ce]).float() * targets
+            totals[3] += targets
+        totals = self.accelerator.reduce(totals, reduction="sum")
+        loss, kd, ce, targets = (totals / totals[3]).tolist()
+        return {
+            "loss": loss,
+            "kd": kd if self.teacher is not None else None,
+            "ce": ce,
+            "perplexity": math.exp(min(ce, 50.0)),
+            "target_tokens": int(totals[3].item()),
+        }
+
+    def validate(self) -> None:
+        state = self.state
+        result = self.evaluate(self.validation_loader)
+        state.last_evaluated_step = state.global_step
+        improved = state.best_validation_loss is None or result["loss"] < state.best_validation_loss
+        if improved:
+            state.best_validation_loss, state.best_step = result["loss"], state.global_step
+        self._write_record("validation", result)
+        logger.info(
+            "Validation at step %d: loss %.4f, kd %s, ce %.4f, perplexity %.2f%s",
+            state.global_step, result["loss"], _format(result["kd"]), result["ce"], result["perplexity"],
+            " (best so far)" if improved else "",
+        )
+        if improved:
+            self._save(self.best_directory)
+
+    def test_best(self) -> None:
+        """Evaluate the best checkpoint on the test split and write summary.json."""
+        load_model_weights(self.best_directory, self.accelerator.unwrap_model(self.student))
+        result = self.evaluate(self.test_loader)
+        self._write_record("test", result)
+        logger.info(
+            "Test (best checkpoint, step %s): loss %.4f, kd %s, ce %.4f, perplexity %.2f",
+            self.state.best_step, result["loss"], _format(result["kd"]), result["ce"], result["perplexity"],
+        )
+        summary = {
+            "run": self.run.name,
+            "steps": self.state.global_step,
+            "samples_seen": self.state.samples_seen,
+            "tokens_seen": self.state.tokens_seen,
+            "best_step": self.state.best_step,
+            "best_validation_loss": self.state.best_validation_loss,
+            "test": result,
+            "wall_time_s": round(time.time() - self.started_at, 2),
+        }
+        if self.accelerator.is_main_process:
+            (self.run.directory / "summary.json").write_text(json.dumps(summary, indent=2))
+        logger.info("Run directory: %s (best checkpoint in %s)", self.run.directory, self.best_directory)
+
+    # --- records and checkpoints ---------------------------------------------------------------------------------
+
+    def save_last(self) -> None:
+        self._save(self.last_directory)
+
+    def _save(self, directory: Path) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            save_checkpoint(
+                directory, self.accelerator.unwrap_model(self.student), self.tokenizer,
+                self.optimizer, self.scheduler, self.state,
+            )
+
+    def _log_training(self, sums: RunningSums, epoch: int, tokens_per_second: float) -> dict:
+        count = max(sums.batches, 1)
+        # The one device sync of the interval: every term leaves the device together.
+        loss, kd, ce = (torch.stack([sums.loss, sums.kd, sums.ce]) / count).tolist()
+        record = {
+            "loss": loss,
+            "kd": kd if self.teacher is not None else None,
+            "ce": ce,
+            "perplexity": math.exp(min(ce, 50.0)),
+            "learning_rate": self.scheduler.get_last_lr()[0],
+            "tokens_per_s": round(tokens_per_second, 1),
+        }
+        self._write_record("train", record, epoch=epoch)
+        return record
+
+    def _write_record(self, split: str, values: dict, epoch: Optional[int] = None) -> None:
+        state = self.state
+        record = {
+            "split": split,
+            "step": state.global_step,
+            "epoch": state.epoch if epoch is None else epoch,
+            "samples_seen": state.samples_seen,
+            "tokens_seen": state.tokens_seen,
+            **values,
+            "wall_time_s": round(time.time() - self.started_at, 3),
+        }
+        if self.accelerator.is_main_process:
+            with self.metrics_file.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """A resumed run replays the steps after its last checkpoint: forget their records, so none is doubled."""
+        if not (self.accelerator.is_main_process and self.metrics_file.is_file()):
+            return
+        kept = [
+            line for line in self.metrics_file.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] <= step and json.loads(line)["split"] != "test"
+        ]
+        self.metrics_file.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def build_optimizer(student: torch.nn.Module, training) -> torch.optim.Optimizer:
+    # Weight decay on matrices only: decaying biases and LayerNorm gains hurts and is not what AdamW papers do.
+    decayed = [p for p in student.parameters() if p.requires_grad and p.dim() >= 2]
+    others = [p for p in student.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [
+        {"params": decayed, "weight_decay": training.weight_decay},
+        {"params": others, "weight_decay": 0.0},
+    ]
+    if training.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=training.learning_rate, momentum=training.momentum)
+    return torch.optim.AdamW(groups, lr=training.learning_rate)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, training, total_steps: int):
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[training.lr_scheduler]
+    return get_scheduler(
+        name, optimizer, num_warmup_steps=min(training.warmup_steps, total_steps), num_training_steps=total_steps
+    )
+
+
+def _progress_bar(accelerator, total: int, done: int, epoch: int, training):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        initial=done,
+        desc=f"epoch {epoch + 1}/{training.nb_epochs}",
+        disable=not accelerator.is_local_main_process,
+        dynamic_ncols=True,
+        leave=False,
+    )
+
+
+def _format(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
