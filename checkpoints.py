@@ -47,7 +47,6 @@ class TrainerState:
     best_validation_loss: Optional[float] = None
     best_step: Optional[int] = None
     last_evaluated_step: Optional[int] = None
-    finished: bool = False
 
 
 @dataclass(frozen=True)

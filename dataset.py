@@ -7,6 +7,7 @@ split. Change any of these and the cache is rebuilt; change none and it is reuse
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
@@ -85,7 +86,7 @@ def prepare_splits(spec: DataSpec, tokenizer, data_folder: str, token_dataset: s
         return load_from_disk(str(cache_dir))
 
     if raw is None:
-        raw = _load_local_dataset(local_files, data_folder)
+        raw = _load_local_dataset(local_files, data_folder, data_fingerprint)
     texts = format_rows(raw, spec, num_proc)
     splits = split_rows(texts, spec.split, spec.seed)
     tokenized = DatasetDict(
@@ -253,14 +254,18 @@ def _local_format(files: list[Path]) -> str:
     return kinds.pop()
 
 
-def _load_local_dataset(files: list[Path], data_folder: str) -> Dataset:
+def _load_local_dataset(files: list[Path], data_folder: str, content_hash: str) -> Dataset:
     kind = _local_format(files)
+    if kind != "parquet":
+        _check_utf8(files)
     try:
         return load_dataset(
             kind,
             data_files=[str(path) for path in files],
             split="train",
-            cache_dir=str(Path(data_folder) / "hf_cache"),
+            # `datasets` knows a local file by path and modification time only: a cache folder per content hash
+            # keeps it from serving old rows for a file rewritten within the same clock tick or copied with `cp -p`.
+            cache_dir=str(Path(data_folder) / "hf_cache" / content_hash[:16]),
         )
     except UnicodeDecodeError:
         raise DataError(f"{files[0]} is not UTF-8 text; convert it to UTF-8.") from None
@@ -269,6 +274,19 @@ def _load_local_dataset(files: list[Path], data_folder: str) -> Dataset:
         if isinstance(cause, UnicodeDecodeError) or "utf-8" in str(cause).lower():
             raise DataError(f"{files[0]} is not UTF-8 text; convert it to UTF-8.") from None
         raise DataError(f"could not read {', '.join(map(str, files))} as {kind} ({_first_line(cause)}); fix the file.") from None
+
+
+def _check_utf8(files: list[Path]) -> None:
+    # The JSON reader under `datasets` does not validate UTF-8; bad bytes would only fail later, deep in a map.
+    for path in files:
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        with path.open("rb") as handle:
+            try:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    decoder.decode(block)
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError:
+                raise DataError(f"{path} is not UTF-8 text; convert it to UTF-8.") from None
 
 
 def _load_hub_dataset(name: str, data_folder: str) -> Dataset:

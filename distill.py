@@ -141,7 +141,7 @@ def build_accelerator(config: Config):
         mixed_precision=hardware.mixed_precision,
         gradient_accumulation_steps=config.training_parameters.gradient_accumulation_steps,
         # Shuffles from the seed and the epoch number, so a resumed run sees the batches it would have seen.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
     )
     set_seed(config.seed)
     return accelerator
@@ -217,7 +217,13 @@ class Trainer:
         collator = dataset.PaddingCollator(tokenizer.pad_token_id, config.data.mask_instruction)
         loaders = {
             name: DataLoader(
-                splits[name], batch_size=self.training.batch_size, shuffle=name == "train", collate_fn=collator
+                splits[name],
+                batch_size=self.training.batch_size,
+                shuffle=name == "train",
+                collate_fn=collator,
+                # A generator of its own: starting an epoch then draws nothing from the global RNG, whose state
+                # (dropout) a checkpoint restores, so a resumed run continues exactly as an uninterrupted one.
+                generator=torch.Generator().manual_seed(config.seed),
             )
             for name in dataset.SPLIT_NAMES
         }
@@ -232,6 +238,7 @@ class Trainer:
         )
         self.teacher = accelerator.prepare_model(teacher, evaluation_mode=True) if teacher is not None else None
         self.state = TrainerState()
+        self.last_saved_step: Optional[int] = None
         self.metrics_file = run.directory / "metrics.jsonl"
         self.started_at = time.time()
         logger.info(
@@ -262,6 +269,7 @@ class Trainer:
         if not self.run.resume:
             return
         self.state = load_trainer_state(self.last_directory)
+        self.last_saved_step = self.state.global_step
         load_model_weights(self.last_directory, self.accelerator.unwrap_model(self.student))
         load_training_state(self.last_directory, self.optimizer, self.scheduler)
         self._drop_metrics_after(self.state.global_step)
@@ -274,13 +282,13 @@ class Trainer:
 
     def fit(self) -> None:
         state = self.state
-        if not state.finished:
+        if state.global_step < self.total_steps:  # a resumed run may already be complete
             for epoch in range(state.epoch, self.training.nb_epochs):
                 if self._train_one_epoch(epoch):
                     break
-            if state.last_evaluated_step != state.global_step:
-                self.validate()
-            state.finished = True
+        if state.last_evaluated_step != state.global_step:
+            self.validate()
+        if self.last_saved_step != state.global_step:
             self.save_last()
         logger.info(
             "Training done: %d steps; best validation loss %.4f at step %s",
@@ -418,6 +426,7 @@ class Trainer:
 
     def save_last(self) -> None:
         self._save(self.last_directory)
+        self.last_saved_step = self.state.global_step
 
     def _save(self, directory: Path) -> None:
         self.accelerator.wait_for_everyone()

@@ -1,0 +1,176 @@
+"""Configuration: loaded with configue, validated once, read-only; every mistake is one sentence and exit code 2."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+import distill
+from config import ConfigError, load_config, to_plain_dict
+from conftest import REPO, write_config
+from loss import ClassicLoss, DistillationLoss
+
+
+def test_shipped_configs_are_valid():
+    main = load_config(REPO / "config.yaml")
+    assert main.teacher.name == "gpt2" and main.distilled_model.nb_layers == 6
+    assert main.data.dataset == "vicgalle/alpaca-gpt4"
+    assert isinstance(main.training_parameters.loss, DistillationLoss)
+    tiny = load_config(REPO / "configs" / "tiny.yaml")
+    assert tiny.name == "tiny" and tiny.teacher.name == "assets/tiny/teacher"
+    assert isinstance(load_config(REPO / "configs" / "tiny_teacher.yaml").training_parameters.loss, ClassicLoss)
+
+
+def test_seed_keys_keep_their_meaning(config_file):
+    config = load_config(config_file)
+    training = config.training_parameters
+    assert (training.checkpoints_name_last, training.checkpoints_name_best, training.resume) == ("last", "best", False)
+    assert config.paths.token_dataset == "tokenized" and config.seed == 3
+    assert training.loss.spec() == {"()": "loss.DistillationLoss", "alpha": 1.0, "beta": 0.5, "temperature": 2.0}
+
+
+def test_yaml_1_1_exponent_strings_become_floats(tmp_path, config_values):
+    text = write_config(tmp_path / "c.yaml", config_values).read_text()
+    text = text.replace("learning_rate: 0.003", "learning_rate: 3e-4")
+    assert "3e-4" in text
+    (tmp_path / "c.yaml").write_text(text)
+    assert load_config(tmp_path / "c.yaml").training_parameters.learning_rate == pytest.approx(3e-4)
+
+
+def test_config_is_read_only(config_file):
+    config = load_config(config_file)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.training_parameters.learning_rate = 1.0
+
+
+def test_name_defaults_to_the_file_stem(tmp_path, config_values):
+    del config_values["name"]
+    assert load_config(write_config(tmp_path / "my-experiment.yaml", config_values)).name == "my-experiment"
+
+
+def test_overrides_are_typed_and_reach_the_loss(config_file):
+    config = load_config(
+        config_file,
+        [
+            "training_parameters.batch_size=4",
+            "training_parameters.learning_rate=1e-4",
+            "training_parameters.loss.temperature=3",
+            "data.split.train=0.5",
+            "data.split.validation=0.3",
+        ],
+    )
+    assert config.training_parameters.batch_size == 4
+    assert config.training_parameters.learning_rate == pytest.approx(1e-4)
+    assert config.training_parameters.loss.temperature == 3.0
+    assert config.data.split.train == 0.5
+
+
+def test_override_can_switch_to_plain_training(config_file):
+    config = load_config(config_file, ["training_parameters.loss={'()': loss.ClassicLoss}"])
+    assert isinstance(config.training_parameters.loss, ClassicLoss)
+
+
+def test_resolved_config_round_trips(tmp_path, config_file):
+    config = load_config(config_file, ["training_parameters.loss.alpha=0.25"])
+    again = load_config(write_config(tmp_path / "resolved.yaml", to_plain_dict(config)))
+    assert to_plain_dict(again) == to_plain_dict(config)
+
+
+def _set(values: dict, dotted: str, value) -> dict:
+    values = copy.deepcopy(values)
+    *parents, last = dotted.split(".")
+    node = values
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[last] = value
+    return values
+
+
+BAD_VALUES = [
+    ("training_parameters.lerning_rate", 0.1, "did you mean learning_rate"),
+    ("training_parameters.learning_rate", "fast", "learning_rate"),
+    ("training_parameters.learning_rate", 0, "learning_rate"),
+    ("training_parameters.learning_rate", -1e-3, "learning_rate"),
+    ("training_parameters.batch_size", 0, "batch_size"),
+    ("training_parameters.batch_size", 2.5, "batch_size"),
+    ("training_parameters.nb_epochs", -1, "nb_epochs"),
+    ("training_parameters.resume", "yes", "resume"),
+    ("training_parameters.optimizer", "adam", "optimizer"),
+    ("training_parameters.loss", {"()": "loss.DistillationLoss", "temperature": 0}, "temperature"),
+    ("training_parameters.loss", {"()": "loss.DistillationLoss", "alpha": 0, "beta": 0}, "both 0"),
+    ("training_parameters.loss", {"()": "loss.DistillationLoss", "alpah": 1}, "alpah"),
+    ("training_parameters.loss", {"()": "loss.NoSuchLoss"}, "NoSuchLoss"),
+    ("training_parameters.loss", "kd", "loss"),
+    ("training_parameters.checkpoints_name_best", "last", "different names"),
+    ("training_parameters.checkpoints_name_last", "../elsewhere", "checkpoints_name_last"),
+    ("distilled_model.nb_layers", 0, "nb_layers"),
+    ("data.split.train", 0.7, "sum to"),
+    ("data.max_length", 1, "max_length"),
+    ("hardware.device", "tpu", "device"),
+    ("hardware.mixed_precision", "fp8", "mixed_precision"),
+    ("paths", "here", "paths"),
+    ("name", "a/b", "name"),
+]
+
+
+@pytest.mark.parametrize("key, value, fragment", BAD_VALUES, ids=[f"{key}={value}" for key, value, _ in BAD_VALUES])
+def test_bad_values_are_one_sentence_and_exit_2(tmp_path, config_values, capsys, key, value, fragment):
+    path = write_config(tmp_path / "bad.yaml", _set(config_values, key, value))
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(path)
+    assert distill.main(["--config", str(path)]) == 2
+    printed = capsys.readouterr().err
+    assert len([line for line in printed.splitlines() if "error:" in line]) == 1
+    assert "Traceback" not in printed
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("seed: 1\ntraining_parameters:\n  batch_size: [4\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(path)
+
+
+def test_missing_config_file(tmp_path):
+    assert distill.main(["--config", str(tmp_path / "nowhere.yaml")]) == 2
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("training_parameters.batchsize=4", "unknown key training_parameters.batchsize"),
+        ("nosection.key=1", "unknown key nosection"),
+        ("training_parameters=1", "section"),
+        ("seed.value=1", "single value"),
+        ("training_parameters.batch_size", "key.path=value"),
+        ("training_parameters.batch_size=many", "batch_size"),
+    ],
+)
+def test_bad_overrides(config_file, override, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(config_file, [override])
+
+
+def test_nb_layers_above_the_teacher_is_refused_before_anything_is_written(tmp_path, config_values):
+    path = write_config(tmp_path / "deep.yaml", _set(config_values, "distilled_model.nb_layers", 3))
+    assert distill.main(["--config", str(path)]) == 2
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_unavailable_cuda_is_refused(tmp_path, config_values):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    path = write_config(tmp_path / "cuda.yaml", _set(config_values, "hardware.device", "cuda"))
+    assert distill.main(["--config", str(path)]) == 2
+
+
+def test_max_length_above_the_model_positions_is_refused(tmp_path, config_values):
+    path = write_config(tmp_path / "long.yaml", _set(config_values, "data.max_length", 4096))
+    assert distill.main(["--config", str(path)]) == 2
+    assert not Path(config_values["paths"]["checkpoints"]).exists()

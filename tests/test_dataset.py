@@ -1,0 +1,366 @@
+"""Data pipeline: padding collator, tokenization, splits, cache, local formats and user-facing errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from datasets import Dataset
+
+import dataset
+from loss import IGNORE_INDEX
+
+TOKEN_DATASET = "tokenized"
+
+
+def make_spec(path, **overrides) -> dataset.DataSpec:
+    values = dict(
+        dataset=str(path),
+        text_column=None,
+        max_length=512,
+        split=(0.6, 0.2, 0.2),
+        mask_instruction=False,
+        max_samples=None,
+        seed=0,
+    )
+    values.update(overrides)
+    return dataset.DataSpec(**values)
+
+
+def prepare(spec, tokenizer, data_folder: Path):
+    return dataset.prepare_splits(spec, tokenizer, str(data_folder), TOKEN_DATASET)
+
+
+def cache_folders(data_folder: Path) -> set[str]:
+    """The finished cache folders (staging folders start with a dot)."""
+    root = data_folder / TOKEN_DATASET
+    return {path.name for path in root.iterdir() if not path.name.startswith(".")} if root.exists() else set()
+
+
+def sequences(split) -> list[tuple[int, ...]]:
+    return [tuple(ids) for ids in split["input_ids"]]
+
+
+def split_sizes(splits) -> tuple[int, int, int]:
+    return tuple(len(splits[name]) for name in dataset.SPLIT_NAMES)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def tagged(rows: list[dict], count: int | None = None) -> list[dict]:
+    """Rows made unique by an index at the start of the instruction, so that no two tokenize alike."""
+    chosen = rows if count is None else rows[:count]
+    return [{**row, "instruction": f"[{index}] {row['instruction']}"} for index, row in enumerate(chosen)]
+
+
+def expected_ids(tokenizer, prompt: str, response: str, max_length: int) -> list[int]:
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    return (prompt_ids + response_ids + [tokenizer.eos_token_id])[:max_length]
+
+
+# ---------------------------------------------------------------- PaddingCollator
+
+
+@pytest.fixture
+def eos(tokenizer) -> int:
+    return tokenizer.eos_token_id
+
+
+@pytest.fixture
+def two_samples(eos) -> list[dict]:
+    """A 5-token sample and a 3-token sample, each ending with the EOS (which is also the pad id)."""
+    return [
+        {"input_ids": [11, 12, 13, 14, eos], "prompt_length": 2},
+        {"input_ids": [21, 22, eos], "prompt_length": 1},
+    ]
+
+
+def test_collator_pads_to_longest_sample_of_the_batch(eos, two_samples):
+    collate = dataset.PaddingCollator(pad_token_id=eos)
+    assert collate(two_samples)["input_ids"].shape == (2, 5)
+    assert collate(two_samples[1:])["input_ids"].shape == (1, 3)
+
+
+def test_collator_ids_mask_and_labels(eos, two_samples):
+    batch = dataset.PaddingCollator(pad_token_id=eos)(two_samples)
+    assert batch["input_ids"].tolist() == [[11, 12, 13, 14, eos], [21, 22, eos, eos, eos]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    assert batch["labels"].tolist() == [[11, 12, 13, 14, eos], [21, 22, eos, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch["input_ids"].dtype == batch["labels"].dtype == torch.long
+
+
+def test_collator_keeps_final_eos_as_target_although_pad_equals_eos(eos, two_samples):
+    batch = dataset.PaddingCollator(pad_token_id=eos)(two_samples)
+    labels, mask = batch["labels"], batch["attention_mask"]
+    # Labels are ignored exactly where the attention mask marks padding, not wherever the id is the EOS.
+    assert torch.equal(labels == IGNORE_INDEX, mask == 0)
+    assert labels[0, 4].item() == eos and labels[1, 2].item() == eos
+
+
+def test_collator_counts_real_tokens(eos, two_samples):
+    batch = dataset.PaddingCollator(pad_token_id=eos)(two_samples)
+    assert batch["real_tokens"] == 8
+    assert batch["real_tokens"] == int(batch["attention_mask"].sum())
+
+
+def test_collator_masks_prompt_with_mask_instruction(eos, two_samples):
+    batch = dataset.PaddingCollator(pad_token_id=eos, mask_instruction=True)(two_samples)
+    assert batch["labels"].tolist() == [
+        [IGNORE_INDEX, IGNORE_INDEX, 13, 14, eos],
+        [IGNORE_INDEX, 22, eos, IGNORE_INDEX, IGNORE_INDEX],
+    ]
+    assert batch["real_tokens"] == 8  # masking the prompt does not change the token count
+
+
+# ---------------------------------------------------------------- tokenize()
+
+
+def test_tokenize_joins_prompt_response_eos_and_truncates(tokenizer):
+    prompts = ["### Instruction:\nName a fruit.\n\n### Response:\n", ""]
+    responses = ["An apple is a fruit.", "A river flows to the sea."]
+    rows = Dataset.from_dict({"prompt": prompts, "response": responses})
+    for max_length in (512, 12):
+        spec = make_spec("unused", max_length=max_length)
+        tokenized = dataset.tokenize(rows, tokenizer, spec)
+        assert len(tokenized) == 2
+        for sample, prompt, response in zip(tokenized, prompts, responses):
+            assert sample["input_ids"] == expected_ids(tokenizer, prompt, response, max_length)
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            assert sample["prompt_length"] == min(len(prompt_ids), max_length)
+            assert len(sample["input_ids"]) <= max_length
+    full = dataset.tokenize(rows, tokenizer, make_spec("unused", max_length=512))
+    assert all(sample["input_ids"][-1] == tokenizer.eos_token_id for sample in full)
+
+
+def test_tokenize_drops_samples_without_target(tokenizer):
+    long_prompt = "### Instruction:\n" + "apple river garden window " * 10 + "\n\n### Response:\n"
+    rows = Dataset.from_dict({"prompt": [long_prompt, "Q: ", ""], "response": ["short answer", "yes", ""]})
+    assert len(tokenizer(long_prompt, add_special_tokens=False)["input_ids"]) > 16
+
+    masked = dataset.tokenize(rows, tokenizer, make_spec("unused", max_length=16, mask_instruction=True))
+    # The long prompt fills max_length (no response token left) and the empty sample is a lone EOS.
+    assert [sample["input_ids"] for sample in masked] == [expected_ids(tokenizer, "Q: ", "yes", 16)]
+
+    unmasked = dataset.tokenize(rows, tokenizer, make_spec("unused", max_length=16, mask_instruction=False))
+    # Without masking, the truncated prompt is itself the target; only the lone EOS is dropped.
+    assert len(unmasked) == 2
+    assert unmasked[0]["input_ids"] == expected_ids(tokenizer, long_prompt, "short answer", 16)
+
+
+# ---------------------------------------------------------------- prepare_splits(): splits
+
+
+def test_split_sizes_follow_fractions(tmp_path, tokenizer, data_file, rows):
+    splits = prepare(make_spec(data_file), tokenizer, tmp_path)
+    total = len(rows)
+    train, validation = round(0.6 * total), round(0.2 * total)
+    assert split_sizes(splits) == (train, validation, total - train - validation)
+    assert set(splits["train"].column_names) == {"input_ids", "prompt_length"}
+
+
+def test_splits_are_disjoint_and_cover_all_rows(tmp_path, tokenizer, rows):
+    unique_rows = tagged(rows)
+    path = write_jsonl(tmp_path / "unique.jsonl", unique_rows)
+    splits = prepare(make_spec(path), tokenizer, tmp_path / "data")
+    produced = Counter(seq for name in dataset.SPLIT_NAMES for seq in sequences(splits[name]))
+    expected = Counter(
+        tuple(expected_ids(tokenizer, dataset.alpaca_prompt(row["instruction"], row["input"]), row["output"], 512))
+        for row in unique_rows
+    )
+    assert len(expected) == len(unique_rows)  # the rows really are distinct after tokenization
+    assert produced == expected
+
+
+def test_split_depends_on_seed_only(tmp_path, tokenizer, data_file):
+    first = prepare(make_spec(data_file, seed=7), tokenizer, tmp_path / "a")
+    again = prepare(make_spec(data_file, seed=7), tokenizer, tmp_path / "b")
+    other = prepare(make_spec(data_file, seed=8), tokenizer, tmp_path / "a")
+    for name in dataset.SPLIT_NAMES:
+        assert sequences(first[name]) == sequences(again[name])
+    assert set(sequences(first["train"])) != set(sequences(other["train"]))
+    assert split_sizes(first) == split_sizes(other)
+
+
+def test_empty_and_whitespace_outputs_are_dropped(tmp_path, tokenizer, rows):
+    kept = rows[:20]
+    blanks = [{"instruction": "Say nothing.", "input": "", "output": output} for output in ("", "   ", "\n\t ", None)]
+    path = write_jsonl(tmp_path / "blanks.jsonl", blanks[:2] + kept[:10] + blanks[2:] + kept[10:])
+    splits = prepare(make_spec(path), tokenizer, tmp_path / "data")
+    assert sum(split_sizes(splits)) == len(kept)
+    assert split_sizes(splits) == (12, 4, 4)
+
+
+def test_max_samples_limits_rows(tmp_path, tokenizer, data_file):
+    splits = prepare(make_spec(data_file, max_samples=30), tokenizer, tmp_path)
+    assert split_sizes(splits) == (18, 6, 6)
+
+
+# ---------------------------------------------------------------- prepare_splits(): cache
+
+
+def test_cache_is_reused_without_reading_the_data(tmp_path, tokenizer, data_file, monkeypatch):
+    spec = make_spec(data_file)
+    first = prepare(spec, tokenizer, tmp_path)
+    assert len(cache_folders(tmp_path)) == 1
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the raw data was read although the cache holds it")
+
+    monkeypatch.setattr(dataset, "_load_local_dataset", must_not_load)
+    second = prepare(spec, tokenizer, tmp_path)
+    for name in dataset.SPLIT_NAMES:
+        assert sequences(second[name]) == sequences(first[name])
+    assert len(cache_folders(tmp_path)) == 1
+
+
+def test_cache_rebuilt_when_max_length_changes(tmp_path, tokenizer, data_file):
+    long = prepare(make_spec(data_file, max_length=512), tokenizer, tmp_path)
+    folders_before = cache_folders(tmp_path)
+    short = prepare(make_spec(data_file, max_length=16), tokenizer, tmp_path)
+    folders_after = cache_folders(tmp_path)
+    assert len(folders_after) == 2 and folders_before < folders_after
+    assert max(len(ids) for ids in short["train"]["input_ids"]) == 16
+    assert max(len(ids) for ids in long["train"]["input_ids"]) > 16
+
+
+def test_cache_rebuilt_when_data_content_changes(tmp_path, tokenizer, rows, monkeypatch):
+    path = write_jsonl(tmp_path / "alpaca.jsonl", rows[:40])
+    data_folder = tmp_path / "data"
+    assert split_sizes(prepare(make_spec(path), tokenizer, data_folder)) == (24, 8, 8)
+    folders_before = cache_folders(data_folder)
+
+    write_jsonl(path, rows[:60])  # same name and path, new content
+    loads = []
+    real_load = dataset._load_local_dataset
+    monkeypatch.setattr(dataset, "_load_local_dataset", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    assert split_sizes(prepare(make_spec(path), tokenizer, data_folder)) == (36, 12, 12)
+    assert len(loads) == 1
+    folders_after = cache_folders(data_folder)
+    assert len(folders_after) == 2 and folders_before < folders_after
+
+
+def test_new_content_with_unchanged_mtime_is_not_read_stale(tmp_path, tokenizer, rows):
+    path = write_jsonl(tmp_path / "alpaca.jsonl", tagged(rows, 40))
+    data_folder = tmp_path / "data"
+    prepare(make_spec(path), tokenizer, data_folder)
+    stat = path.stat()
+
+    write_jsonl(path, tagged(rows, 60))  # e.g. a copy that preserves timestamps, or a rewrite within one clock tick
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert split_sizes(prepare(make_spec(path), tokenizer, data_folder)) == (36, 12, 12)
+
+
+# ---------------------------------------------------------------- local formats
+
+
+def write_in_format(path: Path, rows: list[dict]) -> Path:
+    frame = pd.DataFrame(rows)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(rows), encoding="utf-8")
+    elif path.suffix == ".jsonl":
+        write_jsonl(path, rows)
+    elif path.suffix == ".csv":
+        frame.to_csv(path, index=False)
+    elif path.suffix == ".parquet":
+        frame.to_parquet(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv", ".parquet"])
+def test_alpaca_formats_load(tmp_path, tokenizer, rows, suffix):
+    sample_rows = tagged(rows, 20)
+    sample_rows[3]["input"] = ""  # csv reads an empty input back as a missing value
+    path = write_in_format(tmp_path / f"alpaca{suffix}", sample_rows)
+    splits = prepare(make_spec(path), tokenizer, tmp_path / "data")
+    assert split_sizes(splits) == (12, 4, 4)
+    produced = {seq for name in dataset.SPLIT_NAMES for seq in sequences(splits[name])}
+    expected = {
+        tuple(expected_ids(tokenizer, dataset.alpaca_prompt(row["instruction"], row["input"]), row["output"], 512))
+        for row in sample_rows
+    }
+    assert produced == expected
+
+
+def test_text_file_loads_one_sample_a_line(tmp_path, tokenizer, rows):
+    lines = [f"{index} {' '.join(row['output'].split())}" for index, row in enumerate(rows[:20])]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(lines[:10]) + "\n\n   \n" + "\n".join(lines[10:]) + "\n", encoding="utf-8")
+    splits = prepare(make_spec(path, text_column="text"), tokenizer, tmp_path / "data")
+    assert split_sizes(splits) == (12, 4, 4)
+    produced = {seq for name in dataset.SPLIT_NAMES for seq in sequences(splits[name])}
+    assert produced == {tuple(expected_ids(tokenizer, "", line, 512)) for line in lines}
+    assert all(length == 0 for name in dataset.SPLIT_NAMES for length in splits[name]["prompt_length"])
+
+
+def test_folder_of_data_files_loads(tmp_path, tokenizer, rows):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    write_jsonl(folder / "part-0.jsonl", rows[:10])
+    write_jsonl(folder / "part-1.jsonl", rows[10:20])
+    splits = prepare(make_spec(folder), tokenizer, tmp_path / "data")
+    assert sum(split_sizes(splits)) == 20
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_missing_file_is_a_data_error(tmp_path, tokenizer):
+    with pytest.raises(dataset.DataError, match=r"missing\.jsonl.*does not exist"):
+        prepare(make_spec(tmp_path / "missing.jsonl"), tokenizer, tmp_path)
+    with pytest.raises(dataset.DataError, match=r"missing\.jsonl"):
+        prepare(make_spec("missing.jsonl"), tokenizer, tmp_path)
+
+
+def test_missing_alpaca_columns_is_a_data_error(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": f"q{i}", "answer": f"a{i}"} for i in range(10)])
+    with pytest.raises(dataset.DataError, match=r"instruction/output.*answer, question"):
+        prepare(make_spec(path), tokenizer, tmp_path / "data")
+
+
+def test_text_only_data_without_text_column_suggests_it(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "plain.jsonl", [{"text": f"sample {i}"} for i in range(10)])
+    with pytest.raises(dataset.DataError, match=r"text_column: text"):
+        prepare(make_spec(path), tokenizer, tmp_path / "data")
+
+
+def test_unknown_text_column_is_a_data_error(tmp_path, tokenizer, data_file):
+    with pytest.raises(dataset.DataError, match=r"no column 'body'.*instruction"):
+        prepare(make_spec(data_file, text_column="body"), tokenizer, tmp_path)
+
+
+def test_too_small_data_set_is_a_data_error(tmp_path, tokenizer, rows):
+    path = write_jsonl(tmp_path / "two.jsonl", rows[:2])
+    with pytest.raises(dataset.DataError, match=r"has 2 samples, too few.*validation"):
+        prepare(make_spec(path), tokenizer, tmp_path / "data")
+
+
+def test_unsupported_extension_is_a_data_error(tmp_path, tokenizer):
+    path = tmp_path / "alpaca.xml"
+    path.write_text("<rows/>", encoding="utf-8")
+    with pytest.raises(dataset.DataError, match=r"alpaca\.xml is not a supported data file"):
+        prepare(make_spec(path), tokenizer, tmp_path / "data")
+
+
+def test_non_utf8_text_file_is_a_data_error(tmp_path, tokenizer):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("".join(f"café numéro {i}\n" for i in range(10)).encode("latin-1"))
+    with pytest.raises(dataset.DataError, match=r"latin1\.txt is not UTF-8"):
+        prepare(make_spec(path, text_column="text"), tokenizer, tmp_path / "data")
+
+
+def test_non_utf8_jsonl_file_is_a_data_error(tmp_path, tokenizer):
+    path = tmp_path / "latin1.jsonl"
+    text = "".join(json.dumps({"instruction": f"Café {i}", "input": "", "output": "Très bien"}, ensure_ascii=False) + "\n"
+                   for i in range(10))
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(dataset.DataError, match=r"latin1\.jsonl is not UTF-8"):
+        prepare(make_spec(path), tokenizer, tmp_path / "data")

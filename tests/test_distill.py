@@ -1,0 +1,171 @@
+"""End to end on a tiny teacher and data: run directories, checkpoints, resume, plain training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from transformers import AutoModelForCausalLM
+
+import distill
+import models
+from conftest import write_config
+
+
+def run_directories(checkpoints: Path) -> list[Path]:
+    return sorted(path for path in checkpoints.iterdir() if path.is_dir()) if checkpoints.exists() else []
+
+
+def read_metrics(run_directory: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_directory / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(str(directory / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, teacher_dir, data_file):
+    """One complete distillation run shared by the read-only tests below."""
+    from conftest import base_config
+
+    root = tmp_path_factory.mktemp("run")
+    config_file = write_config(root / "config.yaml", base_config(root, teacher_dir, data_file))
+    assert distill.main(["--config", str(config_file), "--run-name", "complete"]) == 0
+    return root / "checkpoints" / "complete"
+
+
+def test_run_directory_holds_config_log_metrics_summary_and_checkpoints(finished_run):
+    for name in ("config.yaml", "train.log", "metrics.jsonl", "summary.json", "last", "best"):
+        assert (finished_run / name).exists(), name
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert summary["steps"] == 2 * 12  # 96 training samples in batches of 8, two epochs
+    assert summary["test"]["kd"] is not None and summary["test"]["perplexity"] > 1.0
+    assert "Validation at step" in (finished_run / "train.log").read_text()
+
+
+def test_best_and_last_checkpoints_load_with_from_pretrained(finished_run, tokenizer):
+    for name in ("best", "last"):
+        model = AutoModelForCausalLM.from_pretrained(finished_run / name)
+        assert model.config.num_hidden_layers == 1
+        assert models.load_tokenizer(str(finished_run / name)).get_vocab() == tokenizer.get_vocab()
+        assert (finished_run / name / "trainer_state.json").is_file()
+
+
+def test_best_checkpoint_is_the_lowest_validation_loss(finished_run):
+    validations = [record for record in read_metrics(finished_run) if record["split"] == "validation"]
+    best = min(validations, key=lambda record: record["loss"])
+    state = json.loads((finished_run / "best" / "trainer_state.json").read_text())
+    assert state["global_step"] == best["step"]
+    assert state["best_validation_loss"] == pytest.approx(best["loss"])
+
+
+def test_training_lowers_the_loss(finished_run):
+    train = [record for record in read_metrics(finished_run) if record["split"] == "train"]
+    assert len(train) == 12  # one record every 2 of the 24 steps
+    assert train[-1]["loss"] < train[0]["loss"] - 0.2
+    assert all(record["kd"] is not None and record["tokens_per_s"] > 0 for record in train)
+
+
+def test_resolved_config_is_saved(finished_run):
+    import yaml
+
+    saved = yaml.safe_load((finished_run / "config.yaml").read_text())
+    assert saved["training_parameters"]["loss"] == {
+        "()": "loss.DistillationLoss", "alpha": 1.0, "beta": 0.5, "temperature": 2.0,
+    }
+    assert saved["training_parameters"]["optimizer"] == "adamw"
+
+
+def test_runs_never_overwrite_each_other(tmp_path, config_file, monkeypatch):
+    arguments = ["--config", str(config_file), "--set", "training_parameters.max_steps=2"]
+    assert distill.main(arguments) == 0
+    assert distill.main(arguments) == 0
+    first, second = run_directories(tmp_path / "checkpoints")
+    assert first.name.startswith("test-") and second.name.startswith("test-")
+    before = weights(first / "last")
+    assert distill.main(arguments + ["--run-name", first.name]) == 2
+    after = weights(first / "last")
+    assert all(torch.equal(before[key], after[key]) for key in before)
+
+
+def test_plain_training_does_not_load_the_teacher(tmp_path, config_file, monkeypatch):
+    def refuse(*_arguments, **_options):
+        raise AssertionError("the teacher must not be loaded for ClassicLoss")
+
+    monkeypatch.setattr(models, "load_teacher", refuse)
+    status = distill.main([
+        "--config", str(config_file), "--run-name", "plain",
+        "--set", "training_parameters.loss={'()': loss.ClassicLoss}",
+        "--set", "training_parameters.nb_epochs=1",
+    ])
+    assert status == 0
+    summary = json.loads((tmp_path / "checkpoints" / "plain" / "summary.json").read_text())
+    assert summary["test"]["kd"] is None
+    assert summary["test"]["loss"] == pytest.approx(summary["test"]["ce"])
+
+
+class Interrupt(KeyboardInterrupt):
+    pass
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, config_file, monkeypatch):
+    common = ["--config", str(config_file), "--set", "training_parameters.checkpoint_every_steps=5"]
+    assert distill.main(common + ["--run-name", "straight"]) == 0
+
+    original = distill.Trainer.compute_loss
+    calls = {"count": 0}
+
+    def stop_mid_epoch_two(self, batch):
+        calls["count"] += 1
+        if self.student.training and self.state.global_step == 17:
+            raise Interrupt()
+        return original(self, batch)
+
+    monkeypatch.setattr(distill.Trainer, "compute_loss", stop_mid_epoch_two)
+    assert distill.main(common + ["--run-name", "stopped"]) == 130
+    stopped = tmp_path / "checkpoints" / "stopped"
+    assert json.loads((stopped / "last" / "trainer_state.json").read_text())["global_step"] == 15
+    assert not (stopped / "summary.json").exists()
+
+    monkeypatch.setattr(distill.Trainer, "compute_loss", original)
+    assert distill.main(common + ["--resume", "--run-name", "stopped"]) == 0
+
+    straight = tmp_path / "checkpoints" / "straight"
+    expected, resumed = weights(straight / "last"), weights(stopped / "last")
+    for key in expected:
+        assert torch.equal(expected[key], resumed[key]), key  # bitwise
+    steps = [record["step"] for record in read_metrics(stopped) if record["split"] == "train"]
+    assert steps == [record["step"] for record in read_metrics(straight) if record["split"] == "train"]
+    assert (stopped / "config.resumed.yaml").is_file()
+
+
+def test_resume_without_a_name_takes_the_latest_run_of_the_config(tmp_path, config_file):
+    assert distill.main(["--config", str(config_file), "--set", "training_parameters.max_steps=3"]) == 0
+    (run,) = run_directories(tmp_path / "checkpoints")
+    status = distill.main([
+        "--config", str(config_file), "--resume", "--set", "training_parameters.max_steps=6",
+    ])
+    assert status == 0
+    assert run_directories(tmp_path / "checkpoints") == [run]
+    assert json.loads((run / "last" / "trainer_state.json").read_text())["global_step"] == 6
+
+
+def test_resume_with_nothing_to_resume_is_a_clear_error(tmp_path, config_file):
+    assert distill.main(["--config", str(config_file), "--resume"]) == 2
+    assert distill.main(["--config", str(config_file), "--resume", "--run-name", "never"]) == 2
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_resume_with_another_model_shape_is_refused(tmp_path, config_file, teacher_dir):
+    assert distill.main(["--config", str(config_file), "--run-name", "one", "--set", "training_parameters.max_steps=2"]) == 0
+    before = weights(tmp_path / "checkpoints" / "one" / "last")
+    status = distill.main([
+        "--config", str(config_file), "--run-name", "one", "--resume", "--set", "distilled_model.nb_layers=2",
+    ])
+    assert status == 2
+    after = weights(tmp_path / "checkpoints" / "one" / "last")
+    assert all(torch.equal(before[key], after[key]) for key in before)
