@@ -69,8 +69,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             config.data.num_proc,
         )
         trainer = Trainer(config, run, accelerator, tokenizer, teacher, student, splits)
-        start_run_directory(run, config, early_records, accelerator)
         trainer.restore_or_start()
+        start_run_directory(run, config, early_records, accelerator)
         trainer.fit()
         trainer.test_best()
     except USER_ERRORS as error:
@@ -79,6 +79,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         logger.error("interrupted; the last checkpoint written is kept, continue with --resume")
         return 130
+    finally:
+        close_log_handlers()
     return 0
 
 
@@ -95,11 +97,8 @@ def parse_arguments(argv: Optional[list[str]]) -> argparse.Namespace:
 
 def setup_console_logging() -> logging.handlers.MemoryHandler:
     """Log to the console now; records are also kept until the run directory exists, then written to train.log."""
+    close_log_handlers()
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_distill", False):
-            root.removeHandler(handler)
-            handler.close()
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(formatter)
@@ -111,6 +110,17 @@ def setup_console_logging() -> logging.handlers.MemoryHandler:
     root.setLevel(logging.INFO)
     _quiet_libraries()
     return early_records
+
+
+def close_log_handlers() -> None:
+    """Detach this run's handlers, so that a later run in the same process (tests, notebooks) logs only its own."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_distill", False):
+            if isinstance(handler, logging.handlers.MemoryHandler):
+                handler.setTarget(None)  # records kept before a run directory existed are not written anywhere
+            root.removeHandler(handler)
+            handler.close()
 
 
 def _quiet_libraries() -> None:
@@ -272,7 +282,6 @@ class Trainer:
         self.last_saved_step = self.state.global_step
         load_model_weights(self.last_directory, self.accelerator.unwrap_model(self.student))
         load_training_state(self.last_directory, self.optimizer, self.scheduler)
-        self._drop_metrics_after(self.state.global_step)
         logger.info(
             "Resumed from %s: epoch %d, step %d, %d batches into the epoch",
             self.last_directory, self.state.epoch + 1, self.state.global_step, self.state.batches_done_in_epoch,
@@ -282,6 +291,8 @@ class Trainer:
 
     def fit(self) -> None:
         state = self.state
+        if self.run.resume:
+            self._drop_metrics_after(state.global_step)
         if state.global_step < self.total_steps:  # a resumed run may already be complete
             for epoch in range(state.epoch, self.training.nb_epochs):
                 if self._train_one_epoch(epoch):

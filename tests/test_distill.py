@@ -167,5 +167,6 @@ def test_resume_with_another_model_shape_is_refused(tmp_path, config_file, teach
         "--config", str(config_file), "--run-name", "one", "--resume", "--set", "distilled_model.nb_layers=2",
     ])
     assert status == 2
+    assert not (tmp_path / "checkpoints" / "one" / "config.resumed.yaml").exists()
     after = weights(tmp_path / "checkpoints" / "one" / "last")
     assert all(torch.equal(before[key], after[key]) for key in before)
