@@ -217,7 +217,8 @@ def _check_override_path(keys: list[str], key_path: str) -> None:
         names = {item.name: item for item in dataclasses.fields(schema)}
         if key not in names:
             raise ConfigError(
-                f"--set {key_path}: unknown key {'.'.join(keys[:depth + 1])}; valid keys here are {', '.join(names)}."
+                f"--set {key_path}: unknown key {'.'.join(keys[:depth + 1])}{_closest(key, names)}; "
+                f"valid keys here are {', '.join(names)}."
             )
         schema = _field_schema(schema, names[key])
         if not dataclasses.is_dataclass(schema) and schema is not _LOSS_SECTION and depth != len(keys) - 1:

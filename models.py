@@ -15,8 +15,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 logger = logging.getLogger(__name__)
 
 OFFLINE_HINT = (
-    "if the Hugging Face Hub cannot be reached, point it to a local directory "
-    "(for example assets/tiny/teacher) or run the embedded demo with --config configs/tiny.yaml"
+    "if the Hugging Face Hub cannot be reached, set teacher.name (and student.pretrained) to a local directory "
+    "such as assets/tiny/teacher, or run the embedded demo with --config configs/tiny.yaml"
 )
 
 
