@@ -481,11 +481,9 @@ class Trainer:
         """A resumed run replays the steps after its last checkpoint: forget their records, so none is doubled."""
         if not (self.accelerator.is_main_process and self.metrics_file.is_file()):
             return
-        kept = [
-            line for line in self.metrics_file.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] <= step and json.loads(line)["split"] != "test"
-        ]
-        self.metrics_file.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        records = [json.loads(line) for line in self.metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        kept = [record for record in records if record["step"] <= step and record["split"] != "test"]
+        self.metrics_file.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
 
 
 def build_optimizer(student: torch.nn.Module, training) -> torch.optim.Optimizer:
