@@ -11,6 +11,7 @@ during a write leaves the previous checkpoint whole.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import random
@@ -47,6 +48,9 @@ class TrainerState:
     best_validation_loss: Optional[float] = None
     best_step: Optional[int] = None
     last_evaluated_step: Optional[int] = None
+    skipped_batches: int = 0
+    # Loss, kd and ce summed over the micro-batches since the last log step, and their count.
+    interval_sums: Optional[list] = None
 
 
 @dataclass(frozen=True)
@@ -69,14 +73,14 @@ def locate_run(checkpoints_root: str, config_name: str, run_name: Optional[str],
     if resume:
         if run_name is not None:
             directory = root / run_name
-            if not (directory / last_name / TRAINER_STATE_FILE).is_file():
+            if not has_checkpoint(directory / last_name):
                 raise CheckpointError(
                     f"there is no checkpoint to resume in {directory / last_name}; "
                     f"check --run-name, or start a new run without --resume."
                 )
             return RunLocation(run_name, directory, True)
         candidates = sorted(
-            (path for path in root.glob(f"{config_name}-*") if (path / last_name / TRAINER_STATE_FILE).is_file()),
+            (path for path in root.glob(f"{config_name}-*") if has_checkpoint(path / last_name)),
             key=lambda path: (path / last_name / TRAINER_STATE_FILE).stat().st_mtime,
         )
         if not candidates:
@@ -102,35 +106,103 @@ def locate_run(checkpoints_root: str, config_name: str, run_name: Optional[str],
     return RunLocation(name, root / name, False)
 
 
-def save_checkpoint(directory: Path, model, tokenizer, optimizer, scheduler, state: TrainerState) -> None:
-    """Write a complete checkpoint to a staging folder, then swap it in: the old one stays until the new is whole."""
+def save_checkpoint(
+    directory: Path, model, tokenizer, optimizer, scheduler, state: TrainerState, identity: dict, scaler=None
+) -> None:
+    """Write a complete checkpoint to a staging folder, then swap it in: the old one stays until the new is whole.
+
+    `identity` describes what was trained (model shape, tokenizer, loss); a resume checks it against the config.
+    """
+    recover_interrupted_write(directory)
     staging = directory.with_name(f".{directory.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_states()},
-        staging / TRAINING_STATE_FILE,
-    )
-    (staging / TRAINER_STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=2))
-    _fsync_tree(staging)
+    try:
+        staging.mkdir(parents=True)
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_states()}
+        if scaler is not None:
+            training_state["scaler"] = scaler.state_dict()
+        torch.save(training_state, staging / TRAINING_STATE_FILE)
+        record = {**dataclasses.asdict(state), "identity": identity}
+        (staging / TRAINER_STATE_FILE).write_text(json.dumps(record, indent=2))
+        _fsync_tree(staging)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(
+                f"the disk is full: the checkpoint {directory} could not be written, and the previous one there is "
+                f"intact; free some space and continue with --resume."
+            ) from None
+        raise
+    _swap_into_place(staging, directory)
+
+
+def _swap_into_place(staging: Path, directory: Path) -> None:
+    # A directory cannot be renamed over a non-empty one, so the swap takes two renames; a crash between them
+    # leaves the old checkpoint under its hidden name, which recover_interrupted_write puts back.
     previous = directory.with_name(f".{directory.name}.previous")
-    shutil.rmtree(previous, ignore_errors=True)
     if directory.exists():
+        shutil.rmtree(previous, ignore_errors=True)
         os.replace(directory, previous)
     os.replace(staging, directory)
+    _fsync_directory(directory.parent)
     shutil.rmtree(previous, ignore_errors=True)
+
+
+def recover_interrupted_write(directory: Path) -> None:
+    """Put back the previous checkpoint if a crash came between the two renames of a swap."""
+    previous = directory.with_name(f".{directory.name}.previous")
+    if not directory.exists() and (previous / TRAINER_STATE_FILE).is_file():
+        os.replace(previous, directory)
+
+
+def has_checkpoint(directory: Path) -> bool:
+    recover_interrupted_write(directory)
+    return (directory / TRAINER_STATE_FILE).is_file()
+
+
+def keep_step_snapshot(last: Path, step: int, keep: int) -> None:
+    """Copy the last checkpoint to `step-<N>` (hard links: no extra disk) and delete all but the newest `keep`."""
+    snapshot = last.with_name(f"step-{step:08d}")
+    if not snapshot.exists():
+        try:
+            shutil.copytree(last, snapshot, copy_function=os.link)
+        except OSError:  # a file system without hard links
+            shutil.rmtree(snapshot, ignore_errors=True)
+            shutil.copytree(last, snapshot)
+    snapshots = sorted(last.parent.glob("step-*"))
+    for old in snapshots[: max(len(snapshots) - keep, 0)]:
+        shutil.rmtree(old)
+
+
+def check_identity(directory: Path, identity: dict) -> None:
+    """Refuse to resume a checkpoint of another model shape, tokenizer or loss than the config describes."""
+    saved = json.loads((directory / TRAINER_STATE_FILE).read_text()).get("identity", {})
+    for part, what in (("model", "model shape"), ("tokenizer", "tokenizer"), ("loss", "loss")):
+        if part in saved and saved[part] != identity[part]:
+            raise CheckpointError(
+                f"the checkpoint in {directory} was trained with another {what} ({_describe(saved[part])}) than the "
+                f"config gives ({_describe(identity[part])}); resume with the config that started this run "
+                f"(saved as config.yaml in the run directory)."
+            )
+
+
+def _describe(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{key}={item}" for key, item in value.items())
+    return str(value)[:16]
 
 
 def load_trainer_state(directory: Path) -> TrainerState:
     try:
         values = json.loads((directory / TRAINER_STATE_FILE).read_text())
+        values.pop("identity", None)
         return TrainerState(**values)
     except (OSError, ValueError, TypeError) as error:
         raise CheckpointError(
-            f"the training state in {directory / TRAINER_STATE_FILE} is unreadable ({error}); "
-            f"the checkpoint is damaged, start a new run."
+            f"the training state in {directory / TRAINER_STATE_FILE} is unreadable ({error}); the checkpoint is "
+            f"damaged, so start a new run or copy one of the run's step-* checkpoints over it."
         ) from None
 
 
@@ -140,7 +212,8 @@ def load_model_weights(directory: Path, model: torch.nn.Module) -> None:
         weights = safetensors.torch.load_file(str(directory / WEIGHTS_FILE))
     except (OSError, safetensors.SafetensorError) as error:
         raise CheckpointError(
-            f"the weights in {directory / WEIGHTS_FILE} are unreadable ({error}); the checkpoint is damaged."
+            f"the weights in {directory / WEIGHTS_FILE} are unreadable ({error}); the checkpoint is damaged, "
+            f"so start a new run or copy one of the run's step-* checkpoints over it."
         ) from None
     expected = model.state_dict()
     mismatched = [
@@ -160,11 +233,14 @@ def load_model_weights(directory: Path, model: torch.nn.Module) -> None:
     model.load_state_dict(weights, strict=False)
 
 
-def load_training_state(directory: Path, optimizer, scheduler) -> None:
+def load_training_state(directory: Path, optimizer, scheduler, scaler=None) -> None:
     try:
+        # weights_only: tensors and plain containers only; a pickle that would run code is refused.
         saved = torch.load(directory / TRAINING_STATE_FILE, weights_only=True, map_location="cpu")
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        if scaler is not None and "scaler" in saved:
+            scaler.load_state_dict(saved["scaler"])
     except Exception as error:  # an unpickling refusal, a truncated file or a mismatched optimizer
         raise CheckpointError(
             f"the optimizer state in {directory / TRAINING_STATE_FILE} cannot be used ({str(error).splitlines()[0]}); "
@@ -210,6 +286,10 @@ def _fsync_tree(directory: Path) -> None:
         if path.is_file():
             with path.open("rb") as handle:
                 os.fsync(handle.fileno())
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: Path) -> None:
     descriptor = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(descriptor)

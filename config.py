@@ -96,6 +96,10 @@ class TrainingParameters:
     eval_every_steps: Optional[int] = field(default=None, metadata=_range(1))
     # The last checkpoint is written at the end of every epoch, and also every N optimizer steps when set.
     checkpoint_every_steps: Optional[int] = field(default=None, metadata=_range(1))
+    # Also keep the checkpoints of the last N `checkpoint_every_steps` steps as step-<N> (0: only last and best).
+    keep_step_checkpoints: int = field(default=0, metadata=_range(0))
+    # A NaN or inf loss: `stop` (naming the last good checkpoint) or `skip` the batch (costs a sync per batch).
+    on_nonfinite_loss: Literal["stop", "skip"] = "stop"
     checkpoints_name_last: str = "last"
     checkpoints_name_best: str = "best"
     resume: bool = False
@@ -173,9 +177,19 @@ def _read_with_configue(path: Path) -> Any:
         ) from None
     except (TypeError, ValueError) as error:
         # Raised by a class constructor that configue called, e.g. the loss with a misspelt or invalid argument.
-        raise ConfigError(f"{path}: training_parameters.loss: {error}.") from None
+        raise ConfigError(
+            f"{path}: training_parameters.loss: {_loss_problem(error)}; fix it under training_parameters.loss."
+        ) from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path} is not UTF-8 text; save it as UTF-8.") from None
+
+
+def _loss_problem(error: Exception) -> str:
+    # "DistillationLoss.__init__() got an unexpected keyword argument 'alpah'" -> name the argument plainly.
+    text = str(error)
+    if "unexpected keyword argument" in text:
+        return f"unknown argument {text.rsplit(' ', 1)[-1]}"
+    return text
 
 
 def _to_plain_tree(value: Any) -> Any:
@@ -292,7 +306,7 @@ def _build_loss(spec: Any, source: str, key: str) -> loss_module.Criterion:
     try:
         return loss_class(**arguments)
     except (TypeError, ValueError) as error:
-        raise ConfigError(f"{source}: {key}: {error}.") from None
+        raise ConfigError(f"{source}: {key}: {_loss_problem(error)}; fix it under {key}.") from None
 
 
 def _check_value(value: Any, kind: Any, metadata: typing.Mapping, source: str, key: str) -> Any:

@@ -17,6 +17,7 @@ import json
 import logging
 import logging.handlers
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from checkpoints import (
     CheckpointError,
     RunLocation,
     TrainerState,
+    check_identity,
+    keep_step_snapshot,
     load_model_weights,
     load_trainer_state,
     load_training_state,
@@ -48,6 +51,64 @@ logger = logging.getLogger("distill")
 # Mistakes a user can fix: shown as one sentence, exit code 2.
 USER_ERRORS = (ConfigError, ModelError, DataError, CheckpointError)
 EXIT_USER_ERROR = 2
+EXIT_NON_FINITE_LOSS = 3
+
+
+class StoppedBySignal(Exception):
+    def __init__(self, signal_number: int, step: int, checkpoint: Path) -> None:
+        self.signal_number = signal_number
+        super().__init__(
+            f"stopped by {signal.Signals(signal_number).name} after step {step}; the checkpoint {checkpoint} holds it, "
+            f"continue with --resume --run-name {checkpoint.parent.name}"
+        )
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, step: int, checkpoint: Path, checkpoint_step: Optional[int]) -> None:
+        last_good = f"the last good checkpoint is {checkpoint} (step {checkpoint_step})" if checkpoint_step is not None \
+            else "no checkpoint was written yet"
+        super().__init__(
+            f"the loss became NaN or inf by step {step}, so training stopped without saving those weights; "
+            f"{last_good}. Lower the learning rate or check the data, or set "
+            f"training_parameters.on_nonfinite_loss: skip to skip such batches."
+        )
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM only ask the loop to stop after the current optimizer step and checkpoint.
+
+    A second signal stops at once (the last checkpoint written stays valid).
+    """
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        for number in (signal.SIGINT, signal.SIGTERM):
+            self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *_exception) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
+
+    def _handle(self, number: int, _frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = number
+        logger.warning("Received %s: finishing this step, then writing a checkpoint", signal.Signals(number).name)
+
+
+def run_identity(model_config, tokenizer, criterion) -> dict:
+    """What a checkpoint must share with the config to be resumed: the model shape, the tokenizer, the loss."""
+    shape_keys = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
+    return {
+        "model": {key: getattr(model_config, key, None) for key in shape_keys},
+        "tokenizer": dataset.tokenizer_fingerprint(tokenizer),
+        "loss": criterion.spec(),
+    }
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -76,6 +137,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except USER_ERRORS as error:
         logger.error("error: %s", error)
         return EXIT_USER_ERROR
+    except StoppedBySignal as stop:
+        logger.error("%s", stop)
+        return 128 + stop.signal_number
+    except NonFiniteLoss as error:
+        logger.error("error: %s", error)
+        return EXIT_NON_FINITE_LOSS
     except KeyboardInterrupt:
         logger.error("interrupted; the last checkpoint written is kept, continue with --resume")
         return 130
@@ -202,7 +269,8 @@ def start_run_directory(run: RunLocation, config: Config, early_records, acceler
 
 @dataclass
 class RunningSums:
-    """Loss terms summed over micro-batches as tensors, so that no value leaves the device until a log step."""
+    """Loss terms summed over the micro-batches since the last log step, as tensors on the device: no value
+    leaves the device until a log step (or a checkpoint, which saves them)."""
 
     loss: torch.Tensor
     kd: torch.Tensor
@@ -212,6 +280,21 @@ class RunningSums:
     @classmethod
     def zeros(cls, device) -> "RunningSums":
         return cls(*(torch.zeros((), device=device) for _ in range(3)))
+
+    def to_list(self) -> list[float]:
+        return [*torch.stack([self.loss, self.kd, self.ce]).tolist(), self.batches]
+
+    @classmethod
+    def from_list(cls, values: list[float], device) -> "RunningSums":
+        # float32 -> Python float -> float32 is exact, so the restored sums are bitwise the saved ones.
+        return cls(*(torch.tensor(value, dtype=torch.float32, device=device) for value in values[:3]), int(values[3]))
+
+    def add(self, output) -> None:
+        self.loss += output.loss.detach()
+        self.ce += output.ce.detach()
+        if output.kd is not None:
+            self.kd += output.kd.detach()
+        self.batches += 1
 
 
 class Trainer:
@@ -248,7 +331,10 @@ class Trainer:
         )
         self.teacher = accelerator.prepare_model(teacher, evaluation_mode=True) if teacher is not None else None
         self.state = TrainerState()
+        self.sums = RunningSums.zeros(accelerator.device)
         self.last_saved_step: Optional[int] = None
+        self.stop_signals = StopSignals()
+        self.identity = run_identity(student.config, tokenizer, self.criterion)
         self.metrics_file = run.directory / "metrics.jsonl"
         self.started_at = time.time()
         logger.info(
@@ -280,8 +366,11 @@ class Trainer:
             return
         self.state = load_trainer_state(self.last_directory)
         self.last_saved_step = self.state.global_step
+        check_identity(self.last_directory, self.identity)
+        if self.state.interval_sums is not None:
+            self.sums = RunningSums.from_list(self.state.interval_sums, self.accelerator.device)
         load_model_weights(self.last_directory, self.accelerator.unwrap_model(self.student))
-        load_training_state(self.last_directory, self.optimizer, self.scheduler)
+        load_training_state(self.last_directory, self.optimizer, self.scheduler, self.accelerator.scaler)
         logger.info(
             "Resumed from %s: epoch %d, step %d, %d batches into the epoch",
             self.last_directory, self.state.epoch + 1, self.state.global_step, self.state.batches_done_in_epoch,
@@ -294,9 +383,10 @@ class Trainer:
         if self.run.resume:
             self._drop_metrics_after(state.global_step)
         if state.global_step < self.total_steps:  # a resumed run may already be complete
-            for epoch in range(state.epoch, self.training.nb_epochs):
-                if self._train_one_epoch(epoch):
-                    break
+            with self.stop_signals:
+                for epoch in range(state.epoch, self.training.nb_epochs):
+                    if self._train_one_epoch(epoch):
+                        break
         if state.last_evaluated_step != state.global_step:
             self.validate()
         if self.last_saved_step != state.global_step:
@@ -313,25 +403,26 @@ class Trainer:
         batches = self.train_loader
         if state.batches_done_in_epoch:
             batches = accelerator.skip_first_batches(self.train_loader, state.batches_done_in_epoch)
-        sums = RunningSums.zeros(accelerator.device)
         interval_start, interval_tokens = time.perf_counter(), 0
         progress = _progress_bar(accelerator, len(self.train_loader), state.batches_done_in_epoch, epoch, training)
         self.student.train()
         for batch in batches:
             with accelerator.accumulate(self.student):
                 output = self.compute_loss(batch)
-                accelerator.backward(output.loss)
+                # Checking every loss costs a device sync, so only the `skip` policy does it.
+                skip = training.on_nonfinite_loss == "skip" and not torch.isfinite(output.loss).item()
+                if skip:
+                    state.skipped_batches += 1
+                    logger.warning("Skipped a batch with a non-finite loss at step %d", state.global_step + 1)
+                else:
+                    accelerator.backward(output.loss)
+                    self.sums.add(output)
                 if accelerator.sync_gradients:
                     if training.max_grad_norm is not None:
                         accelerator.clip_grad_norm_(self.student.parameters(), training.max_grad_norm)
                     self.optimizer.step()
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
-            sums.loss += output.loss.detach()
-            sums.ce += output.ce.detach()
-            if output.kd is not None:
-                sums.kd += output.kd.detach()
-            sums.batches += 1
             interval_tokens += batch["real_tokens"]
             state.tokens_seen += batch["real_tokens"]
             state.samples_seen += batch["input_ids"].size(0)
@@ -341,15 +432,20 @@ class Trainer:
                 continue
             state.global_step += 1
             if state.global_step % training.log_every_steps == 0:
-                record = self._log_training(sums, epoch, interval_tokens / (time.perf_counter() - interval_start))
+                record = self._log_training(epoch, interval_tokens / (time.perf_counter() - interval_start))
                 progress.set_postfix({key: f"{record[key]:.3f}" for key in ("loss", "kd", "ce") if record[key] is not None})
-                sums = RunningSums.zeros(accelerator.device)
+                self.sums = RunningSums.zeros(accelerator.device)
                 interval_start, interval_tokens = time.perf_counter(), 0
             if training.eval_every_steps and state.global_step % training.eval_every_steps == 0:
                 self.validate()
                 self.student.train()
             if training.checkpoint_every_steps and state.global_step % training.checkpoint_every_steps == 0:
                 self.save_last()
+                if training.keep_step_checkpoints and self.accelerator.is_main_process:
+                    keep_step_snapshot(self.last_directory, state.global_step, training.keep_step_checkpoints)
+            if self.stop_signals.received is not None:
+                progress.close()
+                self._stop_for_signal()
             if training.max_steps is not None and state.global_step >= training.max_steps:
                 progress.close()
                 return True
@@ -359,6 +455,16 @@ class Trainer:
         self.validate()
         self.save_last()
         return False
+
+    def _stop_for_signal(self) -> None:
+        if self.last_saved_step != self.state.global_step:
+            self.save_last()
+        raise StoppedBySignal(self.stop_signals.received, self.state.global_step, self.last_directory)
+
+    def _check_finite(self) -> None:
+        """Never validate or save weights that a NaN or inf loss has reached (one device sync, at those moments)."""
+        if self.training.on_nonfinite_loss == "stop" and not torch.isfinite(self.sums.loss).item():
+            raise NonFiniteLoss(self.state.global_step, self.last_directory, self.last_saved_step)
 
     def compute_loss(self, batch: dict):
         with self.accelerator.autocast():
@@ -395,6 +501,7 @@ class Trainer:
         }
 
     def validate(self) -> None:
+        self._check_finite()
         state = self.state
         result = self.evaluate(self.validation_loader)
         state.last_evaluated_step = state.global_step
@@ -440,17 +547,23 @@ class Trainer:
         self.last_saved_step = self.state.global_step
 
     def _save(self, directory: Path) -> None:
+        self._check_finite()
+        # The loss sums since the last log step travel with the checkpoint, so a resumed run logs the same numbers.
+        self.state.interval_sums = self.sums.to_list()
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             save_checkpoint(
                 directory, self.accelerator.unwrap_model(self.student), self.tokenizer,
-                self.optimizer, self.scheduler, self.state,
+                self.optimizer, self.scheduler, self.state, self.identity, self.accelerator.scaler,
             )
 
-    def _log_training(self, sums: RunningSums, epoch: int, tokens_per_second: float) -> dict:
+    def _log_training(self, epoch: int, tokens_per_second: float) -> dict:
+        sums = self.sums
         count = max(sums.batches, 1)
         # The one device sync of the interval: every term leaves the device together.
         loss, kd, ce = (torch.stack([sums.loss, sums.kd, sums.ce]) / count).tolist()
+        if self.training.on_nonfinite_loss == "stop" and not math.isfinite(loss):
+            raise NonFiniteLoss(self.state.global_step, self.last_directory, self.last_saved_step)
         record = {
             "loss": loss,
             "kd": kd if self.teacher is not None else None,

@@ -1,0 +1,74 @@
+"""Run distill.main, but crash this very process at a chosen point: the crash tests' stand-in for a real crash.
+
+    python3 tests/crash_runner.py POINT STEP distill-arguments...
+
+POINT is where the process dies, with SIGKILL (no handler, no cleanup: what an OOM killer or a lost node does):
+- `step`: as the optimizer step after STEP begins;
+- `staging`: while the checkpoint of STEP is half written (weights written, training state not yet);
+- `swap`: between the two renames that put the checkpoint of STEP in place;
+or, for `sigterm` and `sigint`, that signal arrives as the step after STEP begins (the graceful stop).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import distill  # noqa: E402
+
+saving_step = {"value": None}
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main() -> int:
+    point, step, arguments = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    compute_loss, save = distill.Trainer.compute_loss, distill.Trainer._save
+
+    def compute_loss_then_crash(self, batch):
+        if self.student.training and self.state.global_step == step:
+            if point == "step":
+                die()
+            if point in ("sigterm", "sigint") and self.stop_signals.received is None:
+                os.kill(os.getpid(), signal.SIGTERM if point == "sigterm" else signal.SIGINT)
+        return compute_loss(self, batch)
+
+    def save_noting_step(self, directory):
+        saving_step["value"] = (self.state.global_step, directory.name)
+        return save(self, directory)
+
+    distill.Trainer.compute_loss = compute_loss_then_crash
+    distill.Trainer._save = save_noting_step
+    at_target = lambda: saving_step["value"] == (step, "last")  # noqa: E731
+
+    if point == "staging":
+        import torch
+
+        torch_save = torch.save
+
+        def save_then_crash(payload, path, *args, **kwargs):
+            if at_target() and Path(path).name == "training_state.pt":
+                die()
+            return torch_save(payload, path, *args, **kwargs)
+
+        torch.save = save_then_crash
+    if point == "swap":
+        replace = os.replace
+
+        def replace_then_crash(source, destination):
+            replace(source, destination)
+            if at_target() and Path(destination).name.endswith(".previous"):
+                die()
+
+        os.replace = replace_then_crash
+    return distill.main(arguments)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Crashes and stops: a run killed anywhere and resumed ends bitwise equal to the same run done in one go."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+import distill
+from conftest import REPO, base_config, write_config
+
+RUNNER = REPO / "tests" / "crash_runner.py"
+
+
+def run_process(*arguments: str, point: str = "none", step: int = -1) -> int:
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    completed = subprocess.run(
+        [sys.executable, str(RUNNER), point, str(step), *arguments],
+        cwd=REPO, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300,
+    )
+    assert "Traceback" not in completed.stderr, completed.stderr[-3000:]
+    return completed.returncode
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(str(directory / "model.safetensors"))
+
+
+def history(run_directory: Path) -> list[tuple]:
+    """The metrics that must not depend on a crash: which step, which split, and the loss terms, exactly."""
+    records = [json.loads(line) for line in (run_directory / "metrics.jsonl").read_text().splitlines()]
+    return [(r["split"], r["step"], r["epoch"], r["samples_seen"], r["loss"], r["kd"], r["ce"]) for r in records]
+
+
+def trainer_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "trainer_state.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, teacher_dir, data_file):
+    """A config with step checkpoints every 5 of its 24 steps, and the reference run done in one go."""
+    root = tmp_path_factory.mktemp("recovery")
+    values = base_config(root, teacher_dir, data_file)
+    values["training_parameters"]["checkpoint_every_steps"] = 5
+    config_file = write_config(root / "config.yaml", values)
+    assert run_process("--config", str(config_file), "--run-name", "straight") == 0
+    return config_file, root / "checkpoints"
+
+
+def assert_same_as_straight(checkpoints: Path, name: str) -> None:
+    expected, resumed = weights(checkpoints / "straight" / "last"), weights(checkpoints / name / "last")
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        assert torch.equal(expected[key], resumed[key]), f"{key} differs after the resume"
+    assert history(checkpoints / name) == history(checkpoints / "straight")
+    assert trainer_state(checkpoints / name / "last")["global_step"] == 24
+
+
+@pytest.mark.parametrize(
+    "point, step, expected_checkpoint_step",
+    [
+        ("step", 7, 5),  # SIGKILL in the first epoch, two steps after a checkpoint
+        ("step", 17, 15),  # SIGKILL in the middle of the second epoch (12 steps an epoch)
+        ("staging", 15, 12),  # SIGKILL while the checkpoint of step 15 is half written (12: epoch end)
+        ("swap", 10, 5),  # SIGKILL between the two renames that put the checkpoint of step 10 in place
+    ],
+)
+def test_killed_run_resumes_bitwise(setup, point, step, expected_checkpoint_step):
+    config_file, checkpoints = setup
+    name = f"killed-{point}-{step}"
+    assert run_process("--config", str(config_file), "--run-name", name, point=point, step=step) == -signal.SIGKILL
+    assert not (checkpoints / name / "summary.json").exists()
+
+    assert run_process("--config", str(config_file), "--run-name", name, "--resume") == 0
+    resumed_from = (checkpoints / name / "train.log").read_text().split("Resumed from", 1)[1].splitlines()[0]
+    assert f"step {expected_checkpoint_step}," in resumed_from
+    assert_same_as_straight(checkpoints, name)
+    leftovers = [path.name for path in (checkpoints / name).iterdir() if path.name.startswith(".")]
+    assert leftovers == []
+
+
+@pytest.mark.parametrize("point, number", [("sigterm", signal.SIGTERM), ("sigint", signal.SIGINT)])
+def test_a_signal_finishes_the_step_writes_a_checkpoint_and_resumes_bitwise(setup, point, number):
+    config_file, checkpoints = setup
+    name = f"stopped-{point}"
+    assert run_process("--config", str(config_file), "--run-name", name, point=point, step=8) == 128 + number
+    assert trainer_state(checkpoints / name / "last")["global_step"] == 9
+    assert run_process("--config", str(config_file), "--run-name", name, "--resume") == 0
+    assert_same_as_straight(checkpoints, name)
+
+
+def test_step_checkpoints_are_pruned_but_last_and_best_kept(tmp_path, config_file):
+    status = distill.main([
+        "--config", str(config_file), "--run-name", "pruned",
+        "--set", "training_parameters.checkpoint_every_steps=3",
+        "--set", "training_parameters.keep_step_checkpoints=2",
+    ])
+    assert status == 0
+    run = tmp_path / "checkpoints" / "pruned"
+    assert sorted(path.name for path in run.glob("step-*")) == ["step-00000021", "step-00000024"]
+    assert trainer_state(run / "step-00000021")["global_step"] == 21
+    assert (run / "last").is_dir() and (run / "best").is_dir()
+
+
+class PlantedPayload:
+    """Unpickling this would run a shell command: a checkpoint must never do that."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_malicious_training_state_is_refused_without_running_it(tmp_path, config_file):
+    assert distill.main(["--config", str(config_file), "--run-name", "victim", "--set", "training_parameters.max_steps=2"]) == 0
+    marker = tmp_path / "code-was-run"
+    with open(tmp_path / "checkpoints" / "victim" / "last" / "training_state.pt", "wb") as handle:
+        pickle.dump({"optimizer": PlantedPayload(marker)}, handle, protocol=2)
+    status = distill.main([
+        "--config", str(config_file), "--run-name", "victim", "--resume", "--set", "training_parameters.max_steps=4",
+    ])
+    assert status == 2
+    assert not marker.exists()
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, config_file, monkeypatch):
+    import errno
+
+    assert distill.main(["--config", str(config_file), "--run-name", "full", "--set", "training_parameters.max_steps=2"]) == 0
+    last = tmp_path / "checkpoints" / "full" / "last"
+    before = weights(last)
+    original = torch.save
+
+    def disk_full(*_arguments, **_options):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    status = distill.main([
+        "--config", str(config_file), "--run-name", "full", "--resume", "--set", "training_parameters.max_steps=4",
+    ])
+    monkeypatch.setattr(torch, "save", original)
+    assert status == 2
+    after = weights(last)
+    assert all(torch.equal(before[key], after[key]) for key in before)
+    assert trainer_state(last)["global_step"] == 2
+    assert not list(last.parent.glob(".*staging"))
+
+
+def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, config_file, monkeypatch, caplog):
+    original = distill.Trainer.compute_loss
+
+    def poisoned(self, batch):
+        output = original(self, batch)
+        if self.student.training and self.state.global_step >= 6:
+            return output._replace(loss=output.loss * float("nan"))
+        return output
+
+    monkeypatch.setattr(distill.Trainer, "compute_loss", poisoned)
+    status = distill.main([
+        "--config", str(config_file), "--run-name", "nan", "--set", "training_parameters.checkpoint_every_steps=5",
+    ])
+    assert status == distill.EXIT_NON_FINITE_LOSS
+    last = tmp_path / "checkpoints" / "nan" / "last"
+    assert trainer_state(last)["global_step"] == 5
+    assert all(torch.isfinite(tensor).all() for tensor in weights(last).values())
+    assert "step 5" in caplog.text and str(last) in caplog.text
+
+
+def test_nan_loss_can_skip_the_batch(tmp_path, config_file, monkeypatch):
+    original = distill.Trainer.compute_loss
+
+    def poisoned(self, batch):
+        output = original(self, batch)
+        if self.student.training and self.state.global_step in (3, 7):
+            return output._replace(loss=output.loss * float("inf"))
+        return output
+
+    monkeypatch.setattr(distill.Trainer, "compute_loss", poisoned)
+    status = distill.main([
+        "--config", str(config_file), "--run-name", "skip", "--set", "training_parameters.on_nonfinite_loss=skip",
+    ])
+    assert status == 0
+    last = tmp_path / "checkpoints" / "skip" / "last"
+    assert trainer_state(last)["skipped_batches"] == 2
+    assert all(torch.isfinite(tensor).all() for tensor in weights(last).values())
