@@ -74,6 +74,8 @@ class Data:
     # Keep only the first N rows of the data set (before splitting), for quick experiments.
     max_samples: Optional[int] = field(default=None, metadata=_range(1))
     num_proc: int = field(default=1, metadata=_range(1))
+    # Batch samples of similar lengths (in shuffled groups) so that little compute goes to padding.
+    group_by_length: bool = True
 
 
 @dataclass(frozen=True)

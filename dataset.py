@@ -27,7 +27,7 @@ from loss import IGNORE_INDEX
 logger = logging.getLogger(__name__)
 
 # Bump when the formatting or tokenization below changes, so that old caches are not reused.
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 SPLIT_NAMES = ("train", "validation", "test")
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 ALPACA_FIELDS = ("instruction", "input", "output")
@@ -181,7 +181,7 @@ def split_rows(rows: Dataset, fractions: tuple[float, float, float], seed: int) 
 
 
 def tokenize(rows: Dataset, tokenizer, spec: DataSpec, num_proc: int = 1) -> Dataset:
-    """Texts -> `input_ids` (prompt, response, EOS; cut at max_length) and `prompt_length`.
+    """Texts -> `input_ids` (prompt, response, EOS; cut at max_length), `prompt_length` and `length`.
 
     Prompt and response are tokenized apart and joined, so the boundary between them is exact for masking.
     Samples left with no target (a single token, or only prompt tokens when the prompt is masked) are dropped.
@@ -192,7 +192,11 @@ def tokenize(rows: Dataset, tokenizer, spec: DataSpec, num_proc: int = 1) -> Dat
         prompts = tokenizer(batch["prompt"], add_special_tokens=False)["input_ids"]
         responses = tokenizer(batch["response"], add_special_tokens=False)["input_ids"]
         input_ids = [(p + r + [eos])[: spec.max_length] for p, r in zip(prompts, responses)]
-        return {"input_ids": input_ids, "prompt_length": [min(len(p), spec.max_length) for p in prompts]}
+        return {
+            "input_ids": input_ids,
+            "prompt_length": [min(len(p), spec.max_length) for p in prompts],
+            "length": [len(ids) for ids in input_ids],  # read by the length-grouped sampler without the ids
+        }
 
     encoded = rows.map(encode, batched=True, remove_columns=rows.column_names, num_proc=_procs(num_proc, rows))
 
@@ -206,13 +210,52 @@ def tokenize(rows: Dataset, tokenizer, spec: DataSpec, num_proc: int = 1) -> Dat
     return kept
 
 
+class LengthGroupedBatchSampler:
+    """Batches of samples of similar length, so that padding to the longest of a batch wastes little.
+
+    Training stays random: each epoch shuffles the samples (from the seed and the epoch), cuts them into groups of
+    `group_batches` batches, sorts each group by length, cuts it into batches and shuffles the order of all batches.
+    Without `shuffle` (evaluation) the samples are simply taken longest first.
+    """
+
+    def __init__(self, lengths, batch_size: int, seed: int, shuffle: bool = True, group_batches: int = 64) -> None:
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.group_size = batch_size * group_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+    def __iter__(self):
+        if not self.shuffle:
+            order = np.argsort(-self.lengths, kind="stable")
+            yield from (order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size))
+            return
+        generator = np.random.default_rng([self.seed, self.epoch])
+        order = generator.permutation(len(self.lengths))
+        batches = []
+        for start in range(0, len(order), self.group_size):
+            group = order[start : start + self.group_size]
+            group = group[np.argsort(-self.lengths[group], kind="stable")]
+            batches += [group[i : i + self.batch_size].tolist() for i in range(0, len(group), self.batch_size)]
+        for position in generator.permutation(len(batches)):
+            yield batches[position]
+
+
 class PaddingCollator:
     """Pads a list of samples to the longest one of the batch (never to a fixed length).
 
     Returns `input_ids (B, T)`, `attention_mask (B, T)` and `labels (B, T)`: the input ids with IGNORE_INDEX on
-    padding and, with `mask_instruction`, on the prompt; and `real_tokens`, the number of non-padding tokens as a
-    Python int, counted here on the CPU so that the training loop needs no device sync to count throughput. Padding is found from the attention mask, never from the
-    token id, because GPT-2 pads with its EOS and the EOS that ends a sample must stay a target.
+    padding and, with `mask_instruction`, on the prompt. Padding is found from the attention mask, never from the
+    token id, because GPT-2 pads with its EOS and the EOS that ends a sample must stay a target. Also, as Python
+    ints counted here on the CPU so that the training loop needs no device sync for them: `real_tokens`
+    (non-padding tokens) and `target_tokens` (scored tokens, the normaliser of a gradient-accumulation step).
     """
 
     def __init__(self, pad_token_id: int, mask_instruction: bool = False) -> None:
@@ -231,7 +274,18 @@ class PaddingCollator:
             first_target = sample["prompt_length"] if self.mask_instruction else 0
             labels[row, first_target : len(ids)] = ids[first_target:]
         real_tokens = sum(len(sample["input_ids"]) for sample in samples)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "real_tokens": real_tokens}
+        # Position 0 is predicted by nothing, so a sample has (length - first target position) scored tokens.
+        target_tokens = sum(
+            len(sample["input_ids"]) - max(1, sample["prompt_length"] if self.mask_instruction else 0)
+            for sample in samples
+        )
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "real_tokens": real_tokens,
+            "target_tokens": target_tokens,
+        }
 
 
 def _text(value) -> str:

@@ -13,6 +13,7 @@ code 2 before anything is written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import logging.handlers
@@ -201,7 +202,7 @@ def _quiet_libraries() -> None:
 
 
 def build_accelerator(config: Config):
-    """Device, precision and gradient accumulation, decided here once for the whole program."""
+    """Device and precision (and, through Accelerate, distribution), decided here once for the whole program."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
@@ -216,7 +217,6 @@ def build_accelerator(config: Config):
     accelerator = Accelerator(
         cpu=hardware.device == "cpu",
         mixed_precision=hardware.mixed_precision,
-        gradient_accumulation_steps=config.training_parameters.gradient_accumulation_steps,
         # Shuffles from the seed and the epoch number, so a resumed run sees the batches it would have seen.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
     )
@@ -269,32 +269,32 @@ def start_run_directory(run: RunLocation, config: Config, early_records, acceler
 
 @dataclass
 class RunningSums:
-    """Loss terms summed over the micro-batches since the last log step, as tensors on the device: no value
-    leaves the device until a log step (or a checkpoint, which saves them)."""
+    """Each optimizer step's token-mean loss terms, summed over the steps since the last log step, as tensors on
+    the device: no value leaves the device until a log step (or a checkpoint, which saves them)."""
 
     loss: torch.Tensor
     kd: torch.Tensor
     ce: torch.Tensor
-    batches: int = 0
+    steps: int = 0
 
     @classmethod
     def zeros(cls, device) -> "RunningSums":
         return cls(*(torch.zeros((), device=device) for _ in range(3)))
 
     def to_list(self) -> list[float]:
-        return [*torch.stack([self.loss, self.kd, self.ce]).tolist(), self.batches]
+        return [*torch.stack([self.loss, self.kd, self.ce]).tolist(), self.steps]
 
     @classmethod
     def from_list(cls, values: list[float], device) -> "RunningSums":
         # float32 -> Python float -> float32 is exact, so the restored sums are bitwise the saved ones.
         return cls(*(torch.tensor(value, dtype=torch.float32, device=device) for value in values[:3]), int(values[3]))
 
-    def add(self, output) -> None:
-        self.loss += output.loss.detach()
-        self.ce += output.ce.detach()
+    def add(self, output, share: float) -> None:
+        """Add a micro-batch's terms, weighted by its share of the step's targets: each step adds its token mean."""
+        self.loss += output.loss.detach() * share
+        self.ce += output.ce.detach() * share
         if output.kd is not None:
-            self.kd += output.kd.detach()
-        self.batches += 1
+            self.kd += output.kd.detach() * share
 
 
 class Trainer:
@@ -308,18 +308,7 @@ class Trainer:
         self.training = config.training_parameters
         self.criterion = self.training.loss
         collator = dataset.PaddingCollator(tokenizer.pad_token_id, config.data.mask_instruction)
-        loaders = {
-            name: DataLoader(
-                splits[name],
-                batch_size=self.training.batch_size,
-                shuffle=name == "train",
-                collate_fn=collator,
-                # A generator of its own: starting an epoch then draws nothing from the global RNG, whose state
-                # (dropout) a checkpoint restores, so a resumed run continues exactly as an uninterrupted one.
-                generator=torch.Generator().manual_seed(config.seed),
-            )
-            for name in dataset.SPLIT_NAMES
-        }
+        loaders = {name: self._loader(splits[name], collator, shuffle=name == "train") for name in dataset.SPLIT_NAMES}
         optimizer = build_optimizer(student, self.training)
         self.steps_per_epoch = math.ceil(len(loaders["train"]) / self.training.gradient_accumulation_steps)
         self.total_steps = self.steps_per_epoch * self.training.nb_epochs
@@ -350,6 +339,16 @@ class Trainer:
             self.total_steps,
             self.training.batch_size * self.training.gradient_accumulation_steps,
         )
+
+    def _loader(self, split, collator, shuffle: bool) -> DataLoader:
+        # A generator of its own: starting an epoch then draws nothing from the global RNG, whose state (dropout)
+        # a checkpoint restores, so a resumed run continues exactly as an uninterrupted one.
+        generator = torch.Generator().manual_seed(self.config.seed)
+        if not self.config.data.group_by_length:
+            return DataLoader(split, batch_size=self.training.batch_size, shuffle=shuffle, collate_fn=collator,
+                              generator=generator)
+        sampler = dataset.LengthGroupedBatchSampler(split["length"], self.training.batch_size, self.config.seed, shuffle)
+        return DataLoader(split, batch_sampler=sampler, collate_fn=collator, generator=generator)
 
     # --- state ---------------------------------------------------------------------------------------------------
 
@@ -406,30 +405,14 @@ class Trainer:
         interval_start, interval_tokens = time.perf_counter(), 0
         progress = _progress_bar(accelerator, len(self.train_loader), state.batches_done_in_epoch, epoch, training)
         self.student.train()
-        for batch in batches:
-            with accelerator.accumulate(self.student):
-                output = self.compute_loss(batch)
-                # Checking every loss costs a device sync, so only the `skip` policy does it.
-                skip = training.on_nonfinite_loss == "skip" and not torch.isfinite(output.loss).item()
-                if skip:
-                    state.skipped_batches += 1
-                    logger.warning("Skipped a batch with a non-finite loss at step %d", state.global_step + 1)
-                else:
-                    accelerator.backward(output.loss)
-                    self.sums.add(output)
-                if accelerator.sync_gradients:
-                    if training.max_grad_norm is not None:
-                        accelerator.clip_grad_norm_(self.student.parameters(), training.max_grad_norm)
-                    self.optimizer.step()
-                    self.scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-            interval_tokens += batch["real_tokens"]
-            state.tokens_seen += batch["real_tokens"]
-            state.samples_seen += batch["input_ids"].size(0)
-            state.batches_done_in_epoch += 1
-            progress.update(1)
-            if not accelerator.sync_gradients:
-                continue
+        for step_batches in _in_groups(batches, training.gradient_accumulation_steps):
+            self._optimizer_step(step_batches)
+            for batch in step_batches:
+                interval_tokens += batch["real_tokens"]
+                state.tokens_seen += batch["real_tokens"]
+                state.samples_seen += batch["input_ids"].size(0)
+            state.batches_done_in_epoch += len(step_batches)
+            progress.update(len(step_batches))
             state.global_step += 1
             if state.global_step % training.log_every_steps == 0:
                 record = self._log_training(epoch, interval_tokens / (time.perf_counter() - interval_start))
@@ -455,6 +438,35 @@ class Trainer:
         self.validate()
         self.save_last()
         return False
+
+    def _optimizer_step(self, step_batches: list[dict]) -> None:
+        """One optimizer step over its micro-batches, normalised by the real target tokens of the whole step.
+
+        Each micro-batch's loss is a mean over its own targets; weighting it by its share of the step's targets
+        makes the gradient the mean over every target of the step, so the update does not depend on how the
+        step's samples are split into micro-batches.
+        """
+        accelerator, training, state = self.accelerator, self.training, self.state
+        step_targets = sum(batch["target_tokens"] for batch in step_batches)
+        for index, batch in enumerate(step_batches):
+            last = index == len(step_batches) - 1
+            # Gradients are only reduced across processes on the last micro-batch of the step.
+            with contextlib.nullcontext() if last else accelerator.no_sync(self.student):
+                output = self.compute_loss(batch)
+                # Checking every loss costs a device sync, so only the `skip` policy does it.
+                if training.on_nonfinite_loss == "skip" and not torch.isfinite(output.loss).item():
+                    state.skipped_batches += 1
+                    logger.warning("Skipped a batch with a non-finite loss at step %d", state.global_step + 1)
+                    continue
+                share = batch["target_tokens"] / step_targets
+                accelerator.backward(output.loss * share)
+                self.sums.add(output, share)
+        self.sums.steps += 1
+        if training.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(self.student.parameters(), training.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _stop_for_signal(self) -> None:
         if self.last_saved_step != self.state.global_step:
@@ -559,7 +571,7 @@ class Trainer:
 
     def _log_training(self, epoch: int, tokens_per_second: float) -> dict:
         sums = self.sums
-        count = max(sums.batches, 1)
+        count = max(sums.steps, 1)
         # The one device sync of the interval: every term leaves the device together.
         loss, kd, ce = (torch.stack([sums.loss, sums.kd, sums.ce]) / count).tolist()
         if self.training.on_nonfinite_loss == "stop" and not math.isfinite(loss):
@@ -597,6 +609,18 @@ class Trainer:
         records = [json.loads(line) for line in self.metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
         kept = [record for record in records if record["step"] <= step and record["split"] != "test"]
         self.metrics_file.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
+
+
+def _in_groups(batches, size: int):
+    """Consecutive lists of `size` batches (the last may be shorter): the micro-batches of each optimizer step."""
+    group = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def build_optimizer(student: torch.nn.Module, training) -> torch.optim.Optimizer:

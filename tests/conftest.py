@@ -34,7 +34,8 @@ def tokenizer(rows):
     return models.train_byte_level_tokenizer(texts, vocab_size=400)
 
 
-def save_gpt2(directory: Path, tokenizer, nb_layers: int, width: int = 32, vocab_size: int | None = None, seed: int = 0):
+def save_gpt2(directory: Path, tokenizer, nb_layers: int, width: int = 32, vocab_size: int | None = None, seed: int = 0,
+              **config_overrides):
     """A randomly initialised GPT-2-architecture model saved as a Hugging Face directory, tokenizer included."""
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config
@@ -48,6 +49,7 @@ def save_gpt2(directory: Path, tokenizer, nb_layers: int, width: int = 32, vocab
         n_head=2,
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        **config_overrides,
     )
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)

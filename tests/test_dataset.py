@@ -164,7 +164,8 @@ def test_split_sizes_follow_fractions(tmp_path, tokenizer, data_file, rows):
     total = len(rows)
     train, validation = round(0.6 * total), round(0.2 * total)
     assert split_sizes(splits) == (train, validation, total - train - validation)
-    assert set(splits["train"].column_names) == {"input_ids", "prompt_length"}
+    assert set(splits["train"].column_names) == {"input_ids", "prompt_length", "length"}
+    assert splits["train"]["length"] == [len(ids) for ids in splits["train"]["input_ids"]]
 
 
 def test_splits_are_disjoint_and_cover_all_rows(tmp_path, tokenizer, rows):
