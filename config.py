@@ -40,6 +40,8 @@ class Paths:
 class Teacher:
     # A Hugging Face Hub name or a local directory (config.json, weights, tokenizer files).
     name: str = "gpt2"
+    # Precision of the frozen teacher: auto is bfloat16 on a GPU that supports it, else float32.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
 @dataclass(frozen=True)

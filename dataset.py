@@ -218,7 +218,7 @@ class LengthGroupedBatchSampler:
     Without `shuffle` (evaluation) the samples are simply taken longest first.
     """
 
-    def __init__(self, lengths, batch_size: int, seed: int, shuffle: bool = True, group_batches: int = 64) -> None:
+    def __init__(self, lengths, batch_size: int, seed: int, shuffle: bool = True, group_batches: int = 8) -> None:
         self.lengths = np.asarray(lengths)
         self.batch_size = batch_size
         self.seed = seed
