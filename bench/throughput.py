@@ -1,0 +1,203 @@
+"""Training-step throughput of this project against a faithful re-creation of the seed project's step.
+
+    python3 bench/throughput.py            # about 2.5 minutes on 2 CPU cores
+    python3 bench/throughput.py --quick    # about 70 seconds
+
+Both steps train the same GPT-2-shaped student (random weights) against the same teacher, on the same samples,
+whose lengths follow a distribution like Alpaca-GPT4's (log-normal, median about 200 tokens, cut at max length),
+measured side by side in this one process:
+- seed: samples loaded from a JSON file of token lists, every sample padded to the max length, the fp32 teacher,
+  and a full-vocabulary fp32 loss over every position, padding included;
+- project: the Arrow-backed tokenized data, length-grouped batches padded to their longest sample, the teacher
+  without autograd, and loss.DistillationLoss over real target tokens only.
+Throughput counts real (non-padding) tokens only. The machine's matmul FLOP/s is measured in the same run, so that
+`matmul_efficiency` says what fraction of the machine's arithmetic the project's step turns into model FLOPs.
+The last line is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import dataset  # noqa: E402
+from loss import DistillationLoss  # noqa: E402
+
+
+def build_models(vocab_size: int, width: int, teacher_layers: int, student_layers: int, positions: int):
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    def gpt2(layers: int):
+        config = GPT2Config(vocab_size=vocab_size, n_positions=positions, n_embd=width, n_layer=layers,
+                            n_head=width // 64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                            bos_token_id=0, eos_token_id=0)
+        return AutoModelForCausalLM.from_config(config)
+
+    torch.manual_seed(0)
+    teacher = gpt2(teacher_layers).eval().requires_grad_(False)
+    student = gpt2(student_layers)
+    return teacher, student
+
+
+def alpaca_like_samples(count: int, max_length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    generator = np.random.default_rng(seed)
+    lengths = np.clip(generator.lognormal(math.log(200), 0.6, size=count).astype(int), 8, max_length)
+    return [generator.integers(1, vocab_size, size=length).tolist() for length in lengths]
+
+
+def seed_step(teacher, student, optimizer, batch_ids: list[list[int]], max_length: int, pad_id: int) -> float:
+    """The seed project's step: pad to max length, fp32 teacher with autograd bookkeeping off only by eval mode,
+    full-vocabulary fp32 KD and CE over every position, padding included."""
+    padded = torch.full((len(batch_ids), max_length), pad_id, dtype=torch.long)
+    for row, ids in enumerate(batch_ids):
+        padded[row, : len(ids)] = torch.tensor(ids)
+    teacher_logits = teacher(input_ids=padded).logits.float()
+    student_logits = student(input_ids=padded).logits.float()
+    teacher_probs = F.softmax(teacher_logits, dim=-1)
+    student_log_probs = F.log_softmax(student_logits, dim=-1)
+    kd = (teacher_probs * (torch.log(teacher_probs + 1e-12) - student_log_probs)).sum(-1).mean()
+    ce = F.cross_entropy(student_logits[:, :-1].reshape(-1, student_logits.size(-1)), padded[:, 1:].reshape(-1))
+    loss = kd + 0.1 * ce
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss.item()
+
+
+def project_step(teacher, student, optimizer, criterion, batch: dict) -> float:
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    student_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    output = criterion(student_logits, batch["labels"], teacher_logits)
+    del teacher_logits
+    output.loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return output.loss.item()
+
+
+def held_out_loss(teacher, student, criterion, batch: dict) -> float:
+    """The same metric for both students: the project's KD + CE over real targets on unseen samples."""
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        student_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return criterion(student_logits, batch["labels"], teacher_logits).loss.item()
+
+
+def matmul_flops_per_second(size: int = 2048, repeats: int = 5) -> float:
+    left, right = torch.randn(size, size), torch.randn(size, size)
+    left @ right  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        left @ right
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def training_flops_per_token(model, teacher, context: float) -> float:
+    """6 N per token for the student (forward and backward) and 2 N for the teacher's forward, N counting every
+    matmul weight (the tied output head included), plus the attention scores over the context."""
+    def matmul_parameters(network) -> int:
+        config = network.config
+        blocks = 12 * config.n_layer * config.n_embd**2
+        return blocks + config.vocab_size * config.n_embd
+
+    def attention(network) -> float:
+        return 2 * 2 * network.config.n_layer * network.config.n_embd * context
+
+    return 6 * matmul_parameters(model) + 3 * attention(model) + 2 * matmul_parameters(teacher) + attention(teacher)
+
+
+def main(argv=None) -> int:
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer samples, under 3 minutes on 2 CPU cores")
+    arguments = parser.parse_args(argv)
+    samples_count = 48 if arguments.quick else 128
+    max_length, batch_size, vocab_size, width = 1024, 8, 8192, 256
+    torch.manual_seed(0)
+
+    teacher, student = build_models(vocab_size, width, teacher_layers=4, student_layers=2, positions=max_length)
+    initial_state = {key: value.clone() for key, value in student.state_dict().items()}
+    samples = alpaca_like_samples(samples_count + batch_size, max_length, vocab_size)
+    train_samples, held_out = samples[:samples_count], samples[samples_count:]
+    real_tokens = sum(len(ids) for ids in train_samples)
+    criterion = DistillationLoss(alpha=1.0, beta=0.1, temperature=1.0)
+    collate = dataset.PaddingCollator(pad_token_id=0)
+    held_out_batch = collate([{"input_ids": ids, "prompt_length": 0} for ids in held_out])
+
+    with tempfile.TemporaryDirectory() as work:
+        # The seed kept its tokenized data as a JSON file of lists; read it back as the seed did.
+        json_file = Path(work) / "tokens.json"
+        json_file.write_text(json.dumps(train_samples))
+        start = time.perf_counter()
+        seed_data = json.loads(json_file.read_text())
+        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+        for begin in range(0, samples_count, batch_size):
+            seed_loss = seed_step(teacher, student, optimizer, seed_data[begin : begin + batch_size], max_length, 0)
+        seed_seconds = time.perf_counter() - start
+        seed_held_out = held_out_loss(teacher, student, criterion, held_out_batch)
+
+        student.load_state_dict(initial_state)
+        from datasets import Dataset
+
+        arrow = Dataset.from_dict({
+            "input_ids": train_samples,
+            "prompt_length": [0] * samples_count,
+            "length": [len(ids) for ids in train_samples],
+        })
+        arrow.save_to_disk(str(Path(work) / "arrow"))
+        start = time.perf_counter()
+        tokenized = Dataset.load_from_disk(str(Path(work) / "arrow"))
+        sampler = dataset.LengthGroupedBatchSampler(tokenized["length"], batch_size, seed=0)
+        loader = torch.utils.data.DataLoader(tokenized, batch_sampler=sampler, collate_fn=collate)
+        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+        computed_tokens = 0
+        for batch in loader:
+            computed_tokens += batch["input_ids"].numel()
+            project_loss = project_step(teacher, student, optimizer, criterion, batch)
+        project_seconds = time.perf_counter() - start
+        project_held_out = held_out_loss(teacher, student, criterion, held_out_batch)
+
+    matmul = matmul_flops_per_second()
+    mean_context = computed_tokens / len(sampler) / batch_size / 2
+    model_flops = training_flops_per_token(student, teacher, mean_context) * real_tokens / project_seconds
+    seed_rate, project_rate = real_tokens / seed_seconds, real_tokens / project_seconds
+    rows = [
+        ("seed step", seed_rate, samples_count * max_length / real_tokens, seed_loss, seed_held_out),
+        ("project step", project_rate, computed_tokens / real_tokens, project_loss, project_held_out),
+    ]
+    print(f"{samples_count} samples, {real_tokens} real tokens, batch {batch_size}, max length {max_length}, "
+          f"vocabulary {vocab_size}, width {width}, teacher 4 layers, student 2 layers, {torch.get_num_threads()} threads")
+    print(f"{'step':<14}{'real tokens/s':>15}{'computed/real':>15}{'last loss':>12}{'held-out loss':>15}")
+    for name, rate, waste, last, held in rows:
+        print(f"{name:<14}{rate:>15.0f}{waste:>15.2f}{last:>12.4f}{held:>15.4f}")
+    print(f"machine matmul: {matmul / 1e9:.1f} GFLOP/s; project step: {model_flops / 1e9:.1f} model GFLOP/s")
+    print(json.dumps({
+        "real_tokens_per_s_ratio": round(project_rate / seed_rate, 2),
+        "kd_loss_peak_memory_ratio": None,  # the chunked loss is not built yet (issue 4)
+        "matmul_efficiency": round(model_flops / matmul, 3),
+        "seed_held_out_loss": round(seed_held_out, 4),
+        "project_held_out_loss": round(project_held_out, 4),
+        "real_tokens": real_tokens,
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
