@@ -487,6 +487,8 @@ class Trainer:
             raise NonFiniteLoss(self.state.global_step, self.last_directory, self.last_saved_step)
 
     def compute_loss(self, batch: dict):
+        if self.criterion.uses_hidden_states:
+            return self._compute_loss_from_hidden_states(batch)
         with self.accelerator.autocast():
             teacher_logits = None
             if self.teacher is not None:
@@ -496,6 +498,20 @@ class Trainer:
                     ).logits
             student_logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return self.criterion(student_logits, batch["labels"], teacher_logits)
+
+    def _compute_loss_from_hidden_states(self, batch: dict):
+        """For the chunked loss: the models' last hidden states and output heads, never their full logits."""
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        student = self.accelerator.unwrap_model(self.student)
+        teacher = self.accelerator.unwrap_model(self.teacher)
+        with self.accelerator.autocast():
+            with torch.no_grad():
+                teacher_hidden = teacher.base_model(**inputs).last_hidden_state
+            student_hidden = student.base_model(**inputs).last_hidden_state
+        return self.criterion(
+            student_hidden, student.get_output_embeddings().weight, batch["labels"],
+            teacher_hidden, teacher.get_output_embeddings().weight,
+        )
 
     # --- evaluation ----------------------------------------------------------------------------------------------
 

@@ -70,6 +70,8 @@ class Criterion(torch.nn.Module):
     """Base class of the configurable criteria. `spec()` gives back the configue form that built it."""
 
     requires_teacher: bool = False
+    # False: called with logits (student_logits, labels, teacher_logits). True: with hidden states and output heads.
+    uses_hidden_states: bool = False
 
     def spec(self) -> dict:
         return {"()": f"loss.{type(self).__name__}", **self._arguments()}
@@ -129,3 +131,106 @@ class ClassicLoss(Criterion):
     ) -> LossOutput:
         ce = next_token_cross_entropy(student_logits, labels)
         return LossOutput(ce, None, ce)
+
+
+class _ChunkedKDCE(torch.autograd.Function):
+    """KD + CE from hidden states, projecting to the vocabulary a chunk of positions at a time.
+
+    The gradients with respect to the student's hidden states and head are computed in the forward pass, chunk by
+    chunk, from the closed forms d(T**2 KL)/d(student logits) = T (softmax(s / T) - softmax(t / T)) and
+    d(CE)/d(student logits) = softmax(s) - onehot(target); so no `(N, V)` tensor outlives its chunk, and backward
+    only scales the stored gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_head, teacher_hidden, teacher_head, targets, temperature, alpha, beta,
+                chunk_size):
+        count = targets.numel()
+        vocab_size = student_head.size(0)
+        hidden_gradient = torch.zeros_like(student_hidden, dtype=torch.float32)
+        head_gradient = torch.zeros_like(student_head, dtype=torch.float32)
+        kd_total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
+        ce_total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
+        head = student_head.float()
+        wants_gradients = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]  # not during evaluation
+        for start in range(0, count, chunk_size):
+            rows = slice(start, start + chunk_size)
+            hidden = student_hidden[rows].float()
+            student_logits = hidden @ head.T  # (C, V)
+            teacher_log_probs_t = F.log_softmax(
+                (teacher_hidden[rows].float() @ teacher_head[:vocab_size].float().T) / temperature, dim=-1
+            )
+            student_log_probs_t = F.log_softmax(student_logits / temperature, dim=-1)
+            teacher_probs_t = teacher_log_probs_t.exp()
+            # In place from here on: at most four (C, V) tensors are alive at once.
+            kd_total += (teacher_probs_t * teacher_log_probs_t.sub_(student_log_probs_t)).sum()
+            del teacher_log_probs_t
+            log_probs = F.log_softmax(student_logits, dim=-1)
+            del student_logits
+            ce_total -= log_probs.gather(1, targets[rows, None]).sum()
+            if not wants_gradients:
+                continue
+            logits_gradient = student_log_probs_t.exp_().sub_(teacher_probs_t).mul_(alpha * temperature)
+            del teacher_probs_t
+            probabilities = log_probs.exp_()
+            probabilities[torch.arange(probabilities.size(0), device=probabilities.device), targets[rows]] -= 1.0
+            logits_gradient.add_(probabilities, alpha=beta).div_(count)
+            del probabilities, log_probs
+            hidden_gradient[rows] = logits_gradient @ head
+            head_gradient.addmm_(logits_gradient.T, hidden)
+        kd = temperature**2 * kd_total / count
+        ce = ce_total / count
+        ctx.save_for_backward(hidden_gradient.to(student_hidden.dtype), head_gradient.to(student_head.dtype))
+        return alpha * kd + beta * ce, kd.detach(), ce.detach()
+
+    @staticmethod
+    def backward(ctx, loss_gradient, _kd_gradient, _ce_gradient):
+        hidden_gradient, head_gradient = ctx.saved_tensors
+        # In place: the stored gradients are used once, and a copy of the head's gradient would cost (V, d) again.
+        return (hidden_gradient.mul_(loss_gradient), head_gradient.mul_(loss_gradient),
+                None, None, None, None, None, None, None)
+
+
+def chunked_kd_ce(
+    student_hidden: torch.Tensor,
+    student_head: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_head: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    alpha: float,
+    beta: float,
+    chunk_size: int = 128,
+) -> LossOutput:
+    """The DistillationLoss of `student_hidden @ student_head.T` against `teacher_hidden @ teacher_head.T`, without
+    ever holding the full logits: `student_hidden (B, T, d)`, `student_head (V, d)`, `teacher_hidden (B, T, d')`,
+    `teacher_head (V', d')` with V' >= V, `labels (B, T)`. Same normalisation as the module docstring."""
+    hidden, targets = shift_for_next_token(student_hidden, labels)
+    is_target = targets != IGNORE_INDEX
+    total, kd, ce = _ChunkedKDCE.apply(
+        hidden[is_target], student_head, teacher_hidden[:, :-1][is_target], teacher_head, targets[is_target],
+        float(temperature), float(alpha), float(beta), chunk_size,
+    )
+    return LossOutput(total, kd, ce)
+
+
+class ChunkedDistillationLoss(DistillationLoss):
+    """DistillationLoss computed from hidden states a chunk of positions at a time (same values and gradients),
+    so that its peak memory is a fraction of the full-logits one. Called with hidden states and output heads."""
+
+    uses_hidden_states = True
+
+    def __init__(self, alpha: float = 1.0, beta: float = 0.1, temperature: float = 1.0, chunk_size: int = 128) -> None:
+        super().__init__(alpha, beta, temperature)
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a whole number >= 1 (got {chunk_size!r})")
+        self.chunk_size = chunk_size
+
+    def _arguments(self) -> dict:
+        return {**super()._arguments(), "chunk_size": self.chunk_size}
+
+    def forward(self, student_hidden, student_head, labels, teacher_hidden, teacher_head) -> LossOutput:  # type: ignore[override]
+        return chunked_kd_ce(
+            student_hidden, student_head, teacher_hidden, teacher_head, labels,
+            self.temperature, self.alpha, self.beta, self.chunk_size,
+        )

@@ -12,7 +12,8 @@ measured side by side in this one process:
   without autograd, and loss.DistillationLoss over real target tokens only.
 Throughput counts real (non-padding) tokens only. The machine's matmul FLOP/s is measured in the same run, so that
 `matmul_efficiency` says what fraction of the machine's arithmetic the project's step turns into model FLOPs.
-The last line is one JSON object with the figures.
+Separately, the peak memory of the chunked KD + CE loss is compared with the full-logits one at GPT-2's
+vocabulary (V = 50257) and T = 1024. The last line is one JSON object with the figures.
 """
 
 from __future__ import annotations
@@ -118,6 +119,48 @@ def training_flops_per_token(model, teacher, context: float) -> float:
     return 6 * matmul_parameters(model) + 3 * attention(model) + 2 * matmul_parameters(teacher) + attention(teacher)
 
 
+def loss_peak_memory(variant: str, vocab_size: int = 50257, length: int = 1024, width: int = 768) -> int:
+    """Peak memory (bytes) that one KD + CE forward and backward adds, from GPT-2-sized hidden states and heads.
+
+    Run in a fresh process per variant (see `measured_in_subprocess`): the peak resident size of a process only grows.
+    Linux only (it reads VmHWM).
+    """
+    from loss import ChunkedDistillationLoss
+
+    generator = torch.Generator().manual_seed(0)
+    # Heads at GPT-2's initial scale (std 0.02): logits of a few units, as in a real model. Unit-variance heads
+    # would give logits of about 28 whose softmax underflows to denormals, which are slow to compute on a CPU.
+    student_hidden = torch.randn(1, length, width, generator=generator, requires_grad=True)
+    student_head = (0.02 * torch.randn(vocab_size, width, generator=generator)).requires_grad_()
+    teacher_hidden = torch.randn(1, length, width, generator=generator)
+    teacher_head = 0.02 * torch.randn(vocab_size, width, generator=generator)
+    labels = torch.randint(0, vocab_size, (1, length), generator=generator)
+    baseline = _peak_resident_bytes()
+    if variant == "naive":
+        output = DistillationLoss(1.0, 0.1, 1.0)(student_hidden @ student_head.T, labels, teacher_hidden @ teacher_head.T)
+    else:
+        output = ChunkedDistillationLoss(1.0, 0.1, 1.0)(student_hidden, student_head, labels, teacher_hidden, teacher_head)
+    output.loss.backward()
+    return _peak_resident_bytes() - baseline
+
+
+def _peak_resident_bytes() -> int:
+    # VmHWM belongs to this process's own memory map; ru_maxrss would start at the parent's peak after a fork.
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("the peak-memory measurement needs Linux (/proc/self/status)")
+
+
+def measured_in_subprocess(variant: str) -> int:
+    import subprocess
+
+    completed = subprocess.run(
+        [sys.executable, __file__, "--loss-memory", variant], capture_output=True, text=True, check=True
+    )
+    return int(completed.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
     import datasets
     import transformers
@@ -127,7 +170,11 @@ def main(argv=None) -> int:
     transformers.logging.disable_progress_bar()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer samples, under 3 minutes on 2 CPU cores")
+    parser.add_argument("--loss-memory", choices=["naive", "chunked"], help=argparse.SUPPRESS)
     arguments = parser.parse_args(argv)
+    if arguments.loss_memory:
+        print(loss_peak_memory(arguments.loss_memory))
+        return 0
     samples_count = 48 if arguments.quick else 128
     max_length, batch_size, vocab_size, width = 1024, 8, 8192, 256
     torch.manual_seed(0)
@@ -175,6 +222,7 @@ def main(argv=None) -> int:
         project_held_out = held_out_loss(teacher, student, criterion, held_out_batch)
 
     matmul = matmul_flops_per_second()
+    naive_memory, chunked_memory = measured_in_subprocess("naive"), measured_in_subprocess("chunked")
     mean_context = computed_tokens / len(sampler) / batch_size / 2
     model_flops = training_flops_per_token(student, teacher, mean_context) * real_tokens / project_seconds
     seed_rate, project_rate = real_tokens / seed_seconds, real_tokens / project_seconds
@@ -188,9 +236,11 @@ def main(argv=None) -> int:
     for name, rate, waste, last, held in rows:
         print(f"{name:<14}{rate:>15.0f}{waste:>15.2f}{last:>12.4f}{held:>15.4f}")
     print(f"machine matmul: {matmul / 1e9:.1f} GFLOP/s; project step: {model_flops / 1e9:.1f} model GFLOP/s")
+    print(f"KD + CE loss at V=50257, T=1024, d=768, forward and backward: naive peak {naive_memory / 2**20:.0f} MiB, "
+          f"chunked (loss.ChunkedDistillationLoss) peak {chunked_memory / 2**20:.0f} MiB")
     print(json.dumps({
         "real_tokens_per_s_ratio": round(project_rate / seed_rate, 2),
-        "kd_loss_peak_memory_ratio": None,  # the chunked loss is not built yet (issue 4)
+        "kd_loss_peak_memory_ratio": round(chunked_memory / naive_memory, 3),
         "matmul_efficiency": round(model_flops / matmul, 3),
         "seed_held_out_loss": round(seed_held_out, 4),
         "project_held_out_loss": round(project_held_out, 4),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import safetensors.torch
@@ -87,3 +89,26 @@ def test_one_step_does_not_depend_on_the_micro_batch_split(tmp_path, dropout_fre
     for name, weights in results.items():
         for key in reference:
             assert torch.allclose(weights[key], reference[key], atol=1e-6, rtol=0), (name, key)
+
+
+def test_chunked_loss_trains_like_the_full_logits_loss(tmp_path, dropout_free_teacher, data_file):
+    values = base_config(tmp_path, dropout_free_teacher, data_file)
+    values["training_parameters"].update(max_steps=4, optimizer="sgd", learning_rate=0.5, max_grad_norm=None)
+    config_file = write_config(tmp_path / "config.yaml", values)
+    loss_arguments = "alpha: 1.0, beta: 0.5, temperature: 2.0"
+    for name, loss_class, extra in (("full", "DistillationLoss", ""), ("chunked", "ChunkedDistillationLoss", ", chunk_size: 37")):
+        assert distill.main([
+            "--config", str(config_file), "--run-name", name,
+            "--set", f"training_parameters.loss={{'()': loss.{loss_class}, {loss_arguments}{extra}}}",
+        ]) == 0
+    full, chunked = (
+        safetensors.torch.load_file(str(tmp_path / "checkpoints" / name / "last" / "model.safetensors"))
+        for name in ("full", "chunked")
+    )
+    for key in full:
+        assert torch.allclose(full[key], chunked[key], atol=1e-5), key
+    summaries = [
+        json.loads((tmp_path / "checkpoints" / name / "summary.json").read_text())["test"]
+        for name in ("full", "chunked")
+    ]
+    assert summaries[0]["loss"] == pytest.approx(summaries[1]["loss"], abs=1e-5)

@@ -165,3 +165,32 @@ def test_numeric_strings_are_accepted_as_yaml_1_1_reads_them():
     assert DistillationLoss(alpha="1e-1", beta="5e-1", temperature="2").spec() == {
         "()": "loss.DistillationLoss", "alpha": 0.1, "beta": 0.5, "temperature": 2.0,
     }
+
+
+def test_chunked_loss_matches_the_full_logits_loss_in_value_and_gradient():
+    from loss import ChunkedDistillationLoss
+
+    generator = torch.Generator().manual_seed(7)
+    batch, length, width, teacher_width, vocab = 3, 9, 16, 24, 50
+    student_hidden = torch.randn(batch, length, width, generator=generator, requires_grad=True)
+    student_head = torch.randn(vocab, width, generator=generator, requires_grad=True)
+    teacher_hidden = torch.randn(batch, length, teacher_width, generator=generator)
+    teacher_head = torch.randn(vocab + 3, teacher_width, generator=generator)
+    labels = torch.randint(0, vocab, (batch, length), generator=generator)
+    labels[0, 6:] = IGNORE_INDEX
+    labels[2, :4] = IGNORE_INDEX
+
+    reference = DistillationLoss(alpha=0.7, beta=0.4, temperature=2.0)(
+        student_hidden @ student_head.T, labels, teacher_hidden @ teacher_head.T
+    )
+    reference_gradients = torch.autograd.grad(reference.loss, (student_hidden, student_head))
+    chunked = ChunkedDistillationLoss(alpha=0.7, beta=0.4, temperature=2.0, chunk_size=5)(
+        student_hidden, student_head, labels, teacher_hidden, teacher_head
+    )
+    chunked_gradients = torch.autograd.grad(chunked.loss, (student_hidden, student_head))
+    for term in ("loss", "kd", "ce"):
+        assert torch.allclose(getattr(chunked, term), getattr(reference, term), atol=1e-5), term
+    for expected, actual in zip(reference_gradients, chunked_gradients):
+        cosine = F.cosine_similarity(expected.flatten(), actual.flatten(), dim=0)
+        assert cosine.item() >= 0.9999
+        assert torch.allclose(expected, actual, atol=1e-5)
