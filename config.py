@@ -78,6 +78,8 @@ class Data:
     num_proc: int = field(default=1, metadata=_range(1))
     # Batch samples of similar lengths (in shuffled groups) so that little compute goes to padding.
     group_by_length: bool = True
+    # Pack each batch's samples into rows of max_length tokens (positions restart, attention stays per sample).
+    packing: bool = False
 
 
 @dataclass(frozen=True)

@@ -276,7 +276,7 @@ class PaddingCollator:
         real_tokens = sum(len(sample["input_ids"]) for sample in samples)
         # Position 0 is predicted by nothing, so a sample has (length - first target position) scored tokens.
         target_tokens = sum(
-            len(sample["input_ids"]) - max(1, sample["prompt_length"] if self.mask_instruction else 0)
+            max(0, len(sample["input_ids"]) - max(1, sample["prompt_length"] if self.mask_instruction else 0))
             for sample in samples
         )
         return {
@@ -285,6 +285,64 @@ class PaddingCollator:
             "labels": labels,
             "real_tokens": real_tokens,
             "target_tokens": target_tokens,
+        }
+
+
+class PackingCollator(PaddingCollator):
+    """Packs a batch's samples into as few rows as fit `row_length` tokens (first fit, longest first).
+
+    GPT-2 has absolute positions and full attention, so each packed sample gets positions restarting at 0 and a
+    block-diagonal causal attention mask: no token sees another sample. Returns `input_ids (R, L)`, `position_ids
+    (R, L)`, `attention_mask (R, 1, L, L)` (boolean, True where attending is allowed), `labels (R, L)` with
+    IGNORE_INDEX on each sample's first token (nothing in its own sample predicts it), on padding and, with
+    `mask_instruction`, on prompts; plus `real_tokens` and `target_tokens` as in PaddingCollator. The loss over
+    real targets is the same as with one sample a row.
+    """
+
+    def __init__(self, pad_token_id: int, row_length: int, mask_instruction: bool = False) -> None:
+        super().__init__(pad_token_id, mask_instruction)
+        self.row_length = row_length
+
+    def __call__(self, samples: list[dict]) -> dict:
+        rows: list[list[dict]] = []
+        room: list[int] = []
+        for sample in sorted(samples, key=lambda item: -len(item["input_ids"])):
+            size = len(sample["input_ids"])
+            fitting = next((index for index, free in enumerate(room) if free >= size), None)
+            if fitting is None:
+                rows.append([])
+                room.append(self.row_length)
+                fitting = len(rows) - 1
+            rows[fitting].append(sample)
+            room[fitting] -= size
+        longest = max(self.row_length - free for free in room)
+        shape = (len(rows), longest)
+        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
+        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros(shape, dtype=torch.long)
+        segments = torch.full(shape, -1, dtype=torch.long)  # padding is its own segment: no row is all masked
+        for row, packed in enumerate(rows):
+            start = 0
+            for segment, sample in enumerate(packed):
+                ids = torch.as_tensor(sample["input_ids"], dtype=torch.long)
+                end = start + len(ids)
+                input_ids[row, start:end] = ids
+                position_ids[row, start:end] = torch.arange(len(ids))
+                segments[row, start:end] = segment
+                first_target = max(1, sample["prompt_length"] if self.mask_instruction else 0)
+                labels[row, start + first_target : end] = ids[first_target:]
+                start = end
+            position_ids[row, start:] = torch.arange(longest - start)
+        causal = torch.tril(torch.ones(longest, longest, dtype=torch.bool))
+        attention_mask = (segments[:, :, None] == segments[:, None, :]) & causal
+        counts = super().__call__(samples)
+        return {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "attention_mask": attention_mask[:, None],
+            "labels": labels,
+            "real_tokens": counts["real_tokens"],
+            "target_tokens": counts["target_tokens"],
         }
 
 

@@ -315,7 +315,10 @@ class Trainer:
         self.tokenizer = tokenizer
         self.training = config.training_parameters
         self.criterion = self.training.loss
-        collator = dataset.PaddingCollator(tokenizer.pad_token_id, config.data.mask_instruction)
+        if config.data.packing:
+            collator = dataset.PackingCollator(tokenizer.pad_token_id, config.data.max_length, config.data.mask_instruction)
+        else:
+            collator = dataset.PaddingCollator(tokenizer.pad_token_id, config.data.mask_instruction)
         loaders = {name: self._loader(splits[name], collator, shuffle=name == "train") for name in dataset.SPLIT_NAMES}
         optimizer = build_optimizer(student, self.training)
         self.steps_per_epoch = math.ceil(len(loaders["train"]) / self.training.gradient_accumulation_steps)
@@ -493,15 +496,13 @@ class Trainer:
             teacher_logits = None
             if self.teacher is not None:
                 with torch.no_grad():
-                    teacher_logits = self.teacher(
-                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                    ).logits
-            student_logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    teacher_logits = self.teacher(**model_inputs(batch)).logits
+            student_logits = self.student(**model_inputs(batch)).logits
         return self.criterion(student_logits, batch["labels"], teacher_logits)
 
     def _compute_loss_from_hidden_states(self, batch: dict):
         """For the chunked loss: the models' last hidden states and output heads, never their full logits."""
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        inputs = model_inputs(batch)
         student = self.accelerator.unwrap_model(self.student)
         teacher = self.accelerator.unwrap_model(self.teacher)
         with self.accelerator.autocast():
@@ -633,6 +634,12 @@ class Trainer:
         records = [json.loads(line) for line in self.metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
         kept = [record for record in records if record["step"] <= step and record["split"] != "test"]
         self.metrics_file.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
+
+
+def model_inputs(batch: dict) -> dict:
+    """What a model call takes from a batch: packed batches add position ids (and a 4-D attention mask)."""
+    names = ("input_ids", "attention_mask", "position_ids")
+    return {name: batch[name] for name in names if name in batch}
 
 
 def _in_groups(batches, size: int):

@@ -112,3 +112,39 @@ def test_chunked_loss_trains_like_the_full_logits_loss(tmp_path, dropout_free_te
         for name in ("full", "chunked")
     ]
     assert summaries[0]["loss"] == pytest.approx(summaries[1]["loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("mask_instruction", [False, True])
+def test_packed_and_unpacked_batches_give_the_same_loss(tokenizer, dropout_free_teacher, rows, mask_instruction):
+    from transformers import AutoModelForCausalLM
+
+    from loss import DistillationLoss
+
+    teacher = AutoModelForCausalLM.from_pretrained(dropout_free_teacher).eval()
+    torch.manual_seed(1)
+    student = AutoModelForCausalLM.from_config(teacher.config).eval()
+    samples = []
+    for row in rows[:10]:
+        prompt = tokenizer(dataset.alpaca_prompt(row["instruction"], row["input"]))["input_ids"]
+        response = tokenizer(row["output"])["input_ids"]
+        samples.append({"input_ids": (prompt + response + [tokenizer.eos_token_id])[:60], "prompt_length": len(prompt)})
+    criterion = DistillationLoss(alpha=1.0, beta=0.5, temperature=2.0)
+
+    def loss_of(batch):
+        inputs = distill.model_inputs(batch)
+        with torch.no_grad():
+            return criterion(student(**inputs).logits, batch["labels"], teacher(**inputs).logits)
+
+    padded = dataset.PaddingCollator(tokenizer.pad_token_id, mask_instruction)(samples)
+    packed = dataset.PackingCollator(tokenizer.pad_token_id, 128, mask_instruction)(samples)
+    assert packed["input_ids"].size(0) < padded["input_ids"].size(0)  # really packed: fewer rows
+    assert packed["target_tokens"] == int((packed["labels"][:, 1:] != IGNORE_INDEX).sum()) == padded["target_tokens"]
+    first, second = loss_of(padded), loss_of(packed)
+    for term in ("loss", "kd", "ce"):
+        assert getattr(first, term).item() == pytest.approx(getattr(second, term).item(), abs=1e-5), term
+
+
+def test_a_packed_run_trains(tmp_path, config_file):
+    assert distill.main(["--config", str(config_file), "--run-name", "packed", "--set", "data.packing=true"]) == 0
+    summary = json.loads((tmp_path / "checkpoints" / "packed" / "summary.json").read_text())
+    assert summary["steps"] == 24 and summary["test"]["perplexity"] > 1.0
