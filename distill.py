@@ -430,6 +430,7 @@ class Trainer:
                 progress.set_postfix({key: f"{record[key]:.3f}" for key in ("loss", "kd", "ce") if record[key] is not None})
                 self.sums = RunningSums.zeros(accelerator.device)
                 interval_start, interval_tokens = time.perf_counter(), 0
+            paused = time.perf_counter()  # evaluation and checkpoints do not count against tokens per second
             if training.eval_every_steps and state.global_step % training.eval_every_steps == 0:
                 self.validate()
                 self.student.train()
@@ -437,6 +438,7 @@ class Trainer:
                 self.save_last()
                 if training.keep_step_checkpoints and self.accelerator.is_main_process:
                     keep_step_snapshot(self.last_directory, state.global_step, training.keep_step_checkpoints)
+            interval_start += time.perf_counter() - paused
             if self.stop_signals.received is not None:
                 progress.close()
                 self._stop_for_signal()
