@@ -176,9 +176,8 @@ def keep_step_snapshot(last: Path, step: int, keep: int) -> None:
         shutil.rmtree(old)
 
 
-def check_identity(directory: Path, identity: dict) -> None:
+def _check_identity(directory: Path, saved: dict, identity: dict) -> None:
     """Refuse to resume a checkpoint of another model shape, tokenizer or loss than the config describes."""
-    saved = json.loads((directory / TRAINER_STATE_FILE).read_text()).get("identity", {})
     for part, what in (("model", "model shape"), ("tokenizer", "tokenizer"), ("loss", "loss")):
         if part in saved and saved[part] != identity[part]:
             raise CheckpointError(
@@ -194,16 +193,19 @@ def _describe(value) -> str:
     return str(value)[:16]
 
 
-def load_trainer_state(directory: Path) -> TrainerState:
+def load_trainer_state(directory: Path, identity: dict) -> TrainerState:
+    """The trainer state of a checkpoint, once its identity is checked against the configured run's `identity`."""
     try:
         values = json.loads((directory / TRAINER_STATE_FILE).read_text())
-        values.pop("identity", None)
-        return TrainerState(**values)
+        saved_identity = values.pop("identity", {})
+        state = TrainerState(**values)
     except (OSError, ValueError, TypeError) as error:
         raise CheckpointError(
             f"the training state in {directory / TRAINER_STATE_FILE} is unreadable ({error}); the checkpoint is "
             f"damaged, so start a new run or copy one of the run's step-* checkpoints over it."
         ) from None
+    _check_identity(directory, saved_identity, identity)
+    return state
 
 
 def load_model_weights(directory: Path, model: torch.nn.Module) -> None:

@@ -273,18 +273,16 @@ class PaddingCollator:
             attention_mask[row, : len(ids)] = 1
             first_target = sample["prompt_length"] if self.mask_instruction else 0
             labels[row, first_target : len(ids)] = ids[first_target:]
-        real_tokens = sum(len(sample["input_ids"]) for sample in samples)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **self.token_counts(samples)}
+
+    def token_counts(self, samples: list[dict]) -> dict[str, int]:
         # Position 0 is predicted by nothing, so a sample has (length - first target position) scored tokens.
-        target_tokens = sum(
-            max(0, len(sample["input_ids"]) - max(1, sample["prompt_length"] if self.mask_instruction else 0))
-            for sample in samples
-        )
         return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": labels,
-            "real_tokens": real_tokens,
-            "target_tokens": target_tokens,
+            "real_tokens": sum(len(sample["input_ids"]) for sample in samples),
+            "target_tokens": sum(
+                max(0, len(sample["input_ids"]) - max(1, sample["prompt_length"] if self.mask_instruction else 0))
+                for sample in samples
+            ),
         }
 
 
@@ -335,14 +333,12 @@ class PackingCollator(PaddingCollator):
             position_ids[row, start:] = torch.arange(longest - start)
         causal = torch.tril(torch.ones(longest, longest, dtype=torch.bool))
         attention_mask = (segments[:, :, None] == segments[:, None, :]) & causal
-        counts = super().__call__(samples)
         return {
             "input_ids": input_ids,
             "position_ids": position_ids,
             "attention_mask": attention_mask[:, None],
             "labels": labels,
-            "real_tokens": counts["real_tokens"],
-            "target_tokens": counts["target_tokens"],
+            **self.token_counts(samples),
         }
 
 

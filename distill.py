@@ -34,7 +34,6 @@ from checkpoints import (
     CheckpointError,
     RunLocation,
     TrainerState,
-    check_identity,
     keep_step_snapshot,
     load_model_weights,
     load_trainer_state,
@@ -131,7 +130,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             config.data.num_proc,
         )
         trainer = Trainer(config, run, accelerator, tokenizer, teacher, student, splits)
-        trainer.restore_or_start()
+        trainer.restore()
         start_run_directory(run, config, early_records, accelerator)
         trainer.fit()
         trainer.test_best()
@@ -371,12 +370,12 @@ class Trainer:
     def best_directory(self) -> Path:
         return self.run.directory / self.training.checkpoints_name_best
 
-    def restore_or_start(self) -> None:
+    def restore(self) -> None:
+        """On a resume, load the last checkpoint (reading only: nothing is written before the run directory)."""
         if not self.run.resume:
             return
-        self.state = load_trainer_state(self.last_directory)
+        self.state = load_trainer_state(self.last_directory, self.identity)
         self.last_saved_step = self.state.global_step
-        check_identity(self.last_directory, self.identity)
         if self.state.interval_sums is not None:
             self.sums = RunningSums.from_list(self.state.interval_sums, self.accelerator.device)
         load_model_weights(self.last_directory, self.accelerator.unwrap_model(self.student))
@@ -489,7 +488,10 @@ class Trainer:
     def _check_finite(self) -> None:
         """Never validate or save weights that a NaN or inf loss has reached (one device sync, at those moments)."""
         if self.training.on_nonfinite_loss == "stop" and not torch.isfinite(self.sums.loss).item():
-            raise NonFiniteLoss(self.state.global_step, self.last_directory, self.last_saved_step)
+            raise self._non_finite_loss()
+
+    def _non_finite_loss(self) -> "NonFiniteLoss":
+        return NonFiniteLoss(self.state.global_step, self.last_directory, self.last_saved_step)
 
     def compute_loss(self, batch: dict):
         if self.criterion.uses_hidden_states:
@@ -535,7 +537,7 @@ class Trainer:
             "loss": loss,
             "kd": kd if self.teacher is not None else None,
             "ce": ce,
-            "perplexity": math.exp(min(ce, 50.0)),
+            "perplexity": perplexity(ce),
             "target_tokens": int(totals[3].item()),
         }
 
@@ -602,12 +604,12 @@ class Trainer:
         # The one device sync of the interval: every term leaves the device together.
         loss, kd, ce = (torch.stack([sums.loss, sums.kd, sums.ce]) / count).tolist()
         if self.training.on_nonfinite_loss == "stop" and not math.isfinite(loss):
-            raise NonFiniteLoss(self.state.global_step, self.last_directory, self.last_saved_step)
+            raise self._non_finite_loss()
         record = {
             "loss": loss,
             "kd": kd if self.teacher is not None else None,
             "ce": ce,
-            "perplexity": math.exp(min(ce, 50.0)),
+            "perplexity": perplexity(ce),
             "learning_rate": self.scheduler.get_last_lr()[0],
             "tokens_per_s": round(tokens_per_second, 1),
         }
@@ -636,6 +638,11 @@ class Trainer:
         records = [json.loads(line) for line in self.metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
         kept = [record for record in records if record["step"] <= step and record["split"] != "test"]
         self.metrics_file.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
+
+
+def perplexity(cross_entropy: float) -> float:
+    # Capped so that an untrained model's loss gives a large number rather than an overflow.
+    return math.exp(min(cross_entropy, 50.0))
 
 
 def model_inputs(batch: dict) -> dict:
