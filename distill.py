@@ -304,6 +304,21 @@ class RunningSums:
             self.kd += output.kd.detach() * share
 
 
+class HiddenStates(torch.nn.Module):
+    """A causal LM whose call returns its last hidden states `(B, T, d)` instead of its logits.
+
+    The chunked loss projects hidden states to the vocabulary itself. Accelerate prepares this wrapper rather than
+    the model, so that under DDP the forward pass still goes through the DDP module and gradients are reduced.
+    """
+
+    def __init__(self, language_model: torch.nn.Module) -> None:
+        super().__init__()
+        self.language_model = language_model
+
+    def forward(self, **inputs) -> torch.Tensor:
+        return self.language_model.base_model(**inputs).last_hidden_state
+
+
 class Trainer:
     """Holds what the loop needs: models, data, optimizer, schedule, state; writes checkpoints and metrics."""
 
@@ -325,10 +340,22 @@ class Trainer:
         if self.training.max_steps is not None:
             self.total_steps = min(self.total_steps, self.training.max_steps)
         self.scheduler = build_scheduler(optimizer, self.training, self.total_steps)
+        # The causal LMs themselves (what checkpoints hold); `self.student` and `self.teacher` are what is called,
+        # as Accelerate prepared them, and return hidden states rather than logits for the chunked loss.
+        self.student_model, self.teacher_model = student, teacher
+        student_network, teacher_network = student, teacher
+        if self.criterion.uses_hidden_states:
+            student_network, teacher_network = HiddenStates(student), HiddenStates(teacher)
+        if config.hardware.compile:
+            for network in (student_network, teacher_network):
+                if network is not None:
+                    network.compile(dynamic=True)  # batches vary in length: one graph with a symbolic length
         self.student, self.optimizer, self.train_loader, self.validation_loader, self.test_loader = accelerator.prepare(
-            student, optimizer, loaders["train"], loaders["validation"], loaders["test"]
+            student_network, optimizer, loaders["train"], loaders["validation"], loaders["test"]
         )
-        self.teacher = accelerator.prepare_model(teacher, evaluation_mode=True) if teacher is not None else None
+        self.teacher = None
+        if teacher_network is not None:
+            self.teacher = accelerator.prepare_model(teacher_network, evaluation_mode=True)
         self.state = TrainerState()
         self.sums = RunningSums.zeros(accelerator.device)
         self.last_saved_step: Optional[int] = None
@@ -378,7 +405,7 @@ class Trainer:
         self.last_saved_step = self.state.global_step
         if self.state.interval_sums is not None:
             self.sums = RunningSums.from_list(self.state.interval_sums, self.accelerator.device)
-        load_model_weights(self.last_directory, self.accelerator.unwrap_model(self.student))
+        load_model_weights(self.last_directory, self.student_model)
         load_training_state(self.last_directory, self.optimizer, self.scheduler, self.accelerator.scaler)
         logger.info(
             "Resumed from %s: epoch %d, step %d, %d batches into the epoch",
@@ -506,16 +533,13 @@ class Trainer:
 
     def _compute_loss_from_hidden_states(self, batch: dict):
         """For the chunked loss: the models' last hidden states and output heads, never their full logits."""
-        inputs = model_inputs(batch)
-        student = self.accelerator.unwrap_model(self.student)
-        teacher = self.accelerator.unwrap_model(self.teacher)
         with self.accelerator.autocast():
             with torch.no_grad():
-                teacher_hidden = teacher.base_model(**inputs).last_hidden_state
-            student_hidden = student.base_model(**inputs).last_hidden_state
+                teacher_hidden = self.teacher(**model_inputs(batch))
+            student_hidden = self.student(**model_inputs(batch))
         return self.criterion(
-            student_hidden, student.get_output_embeddings().weight, batch["labels"],
-            teacher_hidden, teacher.get_output_embeddings().weight,
+            student_hidden, self.student_model.get_output_embeddings().weight, batch["labels"],
+            teacher_hidden, self.teacher_model.get_output_embeddings().weight,
         )
 
     # --- evaluation ----------------------------------------------------------------------------------------------
@@ -560,7 +584,7 @@ class Trainer:
 
     def test_best(self) -> None:
         """Evaluate the best checkpoint on the test split and write summary.json."""
-        load_model_weights(self.best_directory, self.accelerator.unwrap_model(self.student))
+        load_model_weights(self.best_directory, self.student_model)
         result = self.evaluate(self.test_loader)
         self._write_record("test", result)
         logger.info(
@@ -594,7 +618,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             save_checkpoint(
-                directory, self.accelerator.unwrap_model(self.student), self.tokenizer,
+                directory, self.student_model, self.tokenizer,
                 self.optimizer, self.scheduler, self.state, self.identity, self.accelerator.scaler,
             )
 
@@ -648,7 +672,8 @@ def perplexity(cross_entropy: float) -> float:
 def model_inputs(batch: dict) -> dict:
     """What a model call takes from a batch: packed batches add position ids (and a 4-D attention mask)."""
     names = ("input_ids", "attention_mask", "position_ids")
-    return {name: batch[name] for name in names if name in batch}
+    # No key/value cache: it is only for generation, and building it costs a copy per layer.
+    return {"use_cache": False, **{name: batch[name] for name in names if name in batch}}
 
 
 def _in_groups(batches, size: int):

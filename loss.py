@@ -45,7 +45,19 @@ def kd_kl_divergence(
     """`temperature**2` times the mean over real targets of KL(teacher_T || student_T) over the vocabulary.
 
     `student_logits (B, T, V)`, `teacher_logits (B, T, V')` with V' >= V, `labels (B, T)` -> scalar.
-    Only the target positions are gathered before the softmax, so padding costs no memory in the loss.
+    """
+    return kd_and_cross_entropy(student_logits, teacher_logits, labels, temperature, alpha=1.0, beta=0.0).kd
+
+
+def kd_and_cross_entropy(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+    temperature: float, alpha: float, beta: float,
+) -> LossOutput:
+    """`alpha * kd_kl_divergence + beta * next_token_cross_entropy`, the same values, computed in one pass.
+
+    `student_logits (B, T, V)`, `teacher_logits (B, T, V')` with V' >= V, `labels (B, T)`. The real target
+    positions are gathered once for both terms, and at temperature 1 the student's log-softmax serves both, which
+    saves several passes over `(N, V)` tensors (the loss is memory-bound, unlike the matmuls around it).
     """
     vocab_size = student_logits.size(-1)
     if teacher_logits.size(-1) < vocab_size:
@@ -53,17 +65,23 @@ def kd_kl_divergence(
             f"the teacher's vocabulary ({teacher_logits.size(-1)}) is smaller than the student's ({vocab_size})"
         )
     student, targets = shift_for_next_token(student_logits, labels)
-    teacher = teacher_logits[:, :-1, :vocab_size]
     is_target = targets != IGNORE_INDEX
-    student = student[is_target].float() / temperature  # (N, V), N real targets
-    teacher = teacher[is_target].float() / temperature
+    targets = targets[is_target]  # (N,)
+    if targets.numel() == 0:
+        zero = student_logits.sum() * 0.0  # still part of the graph, like cross_entropy's own result
+        return LossOutput(zero, zero, zero)
+    student = student[is_target].float()  # (N, V)
+    teacher = teacher_logits[:, :-1, :vocab_size][is_target].float()
     student_log_probs = F.log_softmax(student, dim=-1)
-    teacher_log_probs = F.log_softmax(teacher, dim=-1)
-    kl_per_token = (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(dim=-1)  # (N,)
-    if kl_per_token.numel() == 0:
-        # No target in the batch: a zero that still belongs to the graph, like cross_entropy's own result.
-        return student.sum() * 0.0
-    return temperature**2 * kl_per_token.mean()
+    if temperature == 1.0:
+        student_log_probs_t, teacher_log_probs_t = student_log_probs, F.log_softmax(teacher, dim=-1)
+    else:
+        student_log_probs_t = F.log_softmax(student / temperature, dim=-1)
+        teacher_log_probs_t = F.log_softmax(teacher / temperature, dim=-1)
+    kl_per_token = (teacher_log_probs_t.exp() * (teacher_log_probs_t - student_log_probs_t)).sum(dim=-1)
+    kd = temperature**2 * kl_per_token.mean()
+    ce = -student_log_probs.gather(1, targets[:, None]).mean()
+    return LossOutput(alpha * kd + beta * ce, kd, ce)
 
 
 class Criterion(torch.nn.Module):
@@ -118,9 +136,7 @@ class DistillationLoss(Criterion):
     ) -> LossOutput:
         if teacher_logits is None:
             raise ValueError("DistillationLoss needs teacher_logits")
-        kd = kd_kl_divergence(student_logits, teacher_logits, labels, self.temperature)
-        ce = next_token_cross_entropy(student_logits, labels)
-        return LossOutput(self.alpha * kd + self.beta * ce, kd, ce)
+        return kd_and_cross_entropy(student_logits, teacher_logits, labels, self.temperature, self.alpha, self.beta)
 
 
 class ClassicLoss(Criterion):
@@ -145,7 +161,7 @@ class _ChunkedKDCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, student_head, teacher_hidden, teacher_head, targets, temperature, alpha, beta,
                 chunk_size):
-        count = targets.numel()
+        count = max(targets.numel(), 1)  # no target: both terms are 0
         vocab_size = student_head.size(0)
         hidden_gradient = torch.zeros_like(student_hidden, dtype=torch.float32)
         head_gradient = torch.zeros_like(student_head, dtype=torch.float32)
@@ -153,29 +169,34 @@ class _ChunkedKDCE(torch.autograd.Function):
         ce_total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
         head = student_head.float()
         wants_gradients = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]  # not during evaluation
+        shared_softmax = temperature == 1.0
         for start in range(0, count, chunk_size):
             rows = slice(start, start + chunk_size)
             hidden = student_hidden[rows].float()
             student_logits = hidden @ head.T  # (C, V)
-            teacher_log_probs_t = F.log_softmax(
-                (teacher_hidden[rows].float() @ teacher_head[:vocab_size].float().T) / temperature, dim=-1
-            )
-            student_log_probs_t = F.log_softmax(student_logits / temperature, dim=-1)
+            teacher_logits = teacher_hidden[rows].float() @ teacher_head[:vocab_size].float().T
+            teacher_log_probs_t = F.log_softmax(teacher_logits if shared_softmax else teacher_logits / temperature, dim=-1)
+            del teacher_logits
+            log_probs = F.log_softmax(student_logits, dim=-1)
+            # At temperature 1 one log-softmax serves both terms: the loss is memory-bound, so each pass costs time.
+            student_log_probs_t = log_probs if shared_softmax else F.log_softmax(student_logits / temperature, dim=-1)
+            del student_logits
             teacher_probs_t = teacher_log_probs_t.exp()
             # In place from here on: at most four (C, V) tensors are alive at once.
             kd_total += (teacher_probs_t * teacher_log_probs_t.sub_(student_log_probs_t)).sum()
             del teacher_log_probs_t
-            log_probs = F.log_softmax(student_logits, dim=-1)
-            del student_logits
             ce_total -= log_probs.gather(1, targets[rows, None]).sum()
             if not wants_gradients:
                 continue
-            logits_gradient = student_log_probs_t.exp_().sub_(teacher_probs_t).mul_(alpha * temperature)
-            del teacher_probs_t
-            probabilities = log_probs.exp_()
-            probabilities[torch.arange(probabilities.size(0), device=probabilities.device), targets[rows]] -= 1.0
-            logits_gradient.add_(probabilities, alpha=beta).div_(count)
-            del probabilities, log_probs
+            probabilities = log_probs.exp_()  # softmax(s), and also softmax(s / T) when they are the same tensor
+            if shared_softmax:
+                logits_gradient = probabilities.mul_(alpha + beta).sub_(teacher_probs_t, alpha=alpha)
+            else:
+                logits_gradient = student_log_probs_t.exp_().sub_(teacher_probs_t).mul_(alpha * temperature)
+                logits_gradient.add_(probabilities, alpha=beta)
+            del teacher_probs_t, probabilities, log_probs, student_log_probs_t
+            logits_gradient[torch.arange(logits_gradient.size(0), device=logits_gradient.device), targets[rows]] -= beta
+            logits_gradient.div_(count)
             hidden_gradient[rows] = logits_gradient @ head
             head_gradient.addmm_(logits_gradient.T, hidden)
         kd = temperature**2 * kd_total / count

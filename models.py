@@ -44,6 +44,19 @@ def load_model_config(name: str) -> PretrainedConfig:
         raise ModelError(f"could not load a model config from {name!r} ({_first_line(error)}); {OFFLINE_HINT}.") from None
 
 
+# GPT-2's "gelu_new" (and "gelu_fast") is the tanh approximation of GELU written as six elementwise operations;
+# "gelu_pytorch_tanh" is the same function in one fused kernel, equal up to float rounding. Elementwise passes are
+# memory-bound, so on a CPU they are a large share of a step: the models here always use the fused one.
+FUSED_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh", "gelu_fast": "gelu_pytorch_tanh"}
+
+
+def with_fused_activation(config: PretrainedConfig) -> PretrainedConfig:
+    activation = getattr(config, "activation_function", None)
+    if activation in FUSED_ACTIVATIONS:
+        config.activation_function = FUSED_ACTIVATIONS[activation]
+    return config
+
+
 def load_teacher(name: str, dtype: Optional[torch.dtype] = None) -> PreTrainedModel:
     """The teacher, frozen: eval mode (no dropout) and no parameter requires a gradient."""
     teacher = _load_pretrained(name, "teacher", dtype)
@@ -68,7 +81,7 @@ def build_student(
             f"distilled_model.nb_layers is {nb_layers}, but the teacher has {teacher_layers} layers; "
             f"choose a value from 1 to {teacher_layers}."
         )
-    student_config = teacher_config.__class__.from_dict(teacher_config.to_dict())
+    student_config = with_fused_activation(teacher_config.__class__.from_dict(teacher_config.to_dict()))
     student_config.num_hidden_layers = nb_layers
     return AutoModelForCausalLM.from_config(student_config)
 
@@ -107,7 +120,8 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 def _load_pretrained(name: str, role: str, dtype: Optional[torch.dtype]) -> PreTrainedModel:
     try:
-        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        config = with_fused_activation(AutoConfig.from_pretrained(name))
+        return AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype)
     except (OSError, ValueError) as error:
         raise ModelError(f"could not load the {role} model from {name!r} ({_first_line(error)}); {OFFLINE_HINT}.") from None
 

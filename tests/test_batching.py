@@ -148,3 +148,20 @@ def test_a_packed_run_trains(tmp_path, config_file):
     assert distill.main(["--config", str(config_file), "--run-name", "packed", "--set", "data.packing=true"]) == 0
     summary = json.loads((tmp_path / "checkpoints" / "packed" / "summary.json").read_text())
     assert summary["steps"] == 24 and summary["test"]["perplexity"] > 1.0
+
+
+def test_compiled_models_train_like_eager_ones_and_save_plain_checkpoints(tmp_path, dropout_free_teacher, data_file):
+    from transformers import AutoModelForCausalLM
+
+    values = base_config(tmp_path, dropout_free_teacher, data_file)
+    values["training_parameters"].update(max_steps=3, optimizer="sgd", learning_rate=0.5, max_grad_norm=None)
+    config_file = write_config(tmp_path / "config.yaml", values)
+    for name, compiled in (("eager", "false"), ("compiled", "true")):
+        assert distill.main(["--config", str(config_file), "--run-name", name, "--set", f"hardware.compile={compiled}"]) == 0
+    runs = tmp_path / "checkpoints"
+    eager = safetensors.torch.load_file(str(runs / "eager" / "last" / "model.safetensors"))
+    compiled = safetensors.torch.load_file(str(runs / "compiled" / "last" / "model.safetensors"))
+    assert compiled.keys() == eager.keys()  # no `_orig_mod.` prefixes: the checkpoint is a plain model
+    for key in eager:
+        assert torch.allclose(compiled[key], eager[key], atol=1e-4), key
+    assert AutoModelForCausalLM.from_pretrained(runs / "compiled" / "best").config.n_layer == 1

@@ -51,6 +51,17 @@ def test_load_teacher_keeps_saved_weights(teacher_dir):
     assert torch.equal(teacher.transformer.wte.weight, reference.transformer.wte.weight)
 
 
+def test_teacher_runs_the_fused_gelu_with_the_same_outputs(teacher_dir):
+    reference = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    assert reference.config.activation_function == "gelu_new"  # GPT-2's own, as saved
+    teacher = models.load_teacher(str(teacher_dir))
+    assert teacher.config.activation_function == "gelu_pytorch_tanh"
+    input_ids = torch.randint(0, reference.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, actual = reference(input_ids).logits, teacher(input_ids).logits
+    assert torch.allclose(actual, expected, atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------- build_student
 
 
