@@ -1,19 +1,22 @@
 """Training-step throughput of this project against a faithful re-creation of the seed project's step.
 
-    python3 bench/throughput.py            # about 2.5 minutes on 2 CPU cores
-    python3 bench/throughput.py --quick    # about 70 seconds
+    python3 bench/throughput.py            # about 4 minutes on 2 CPU cores
+    python3 bench/throughput.py --quick    # about 2 minutes
 
-Both steps train the same GPT-2-shaped student (random weights) against the same teacher, on the same samples,
-whose lengths follow a distribution like Alpaca-GPT4's (log-normal, median about 200 tokens, cut at max length),
-measured side by side in this one process:
+Every step trains the same GPT-2-shaped student (random weights, width 512) against the same teacher, on the same
+samples, whose lengths follow a distribution like Alpaca-GPT4's (log-normal, median about 200 tokens, cut at max
+length), measured side by side in this one process:
 - seed: samples loaded from a JSON file of token lists, every sample padded to the max length, the fp32 teacher,
-  and a full-vocabulary fp32 loss over every position, padding included;
-- project: the Arrow-backed tokenized data, length-grouped batches padded to their longest sample, the teacher
-  without autograd, and loss.DistillationLoss over real target tokens only.
+  GPT-2's unfused GELU, and a full-vocabulary fp32 loss over every position, padding included;
+- project step: the Arrow-backed tokenized data, length-grouped batches padded to their longest sample, the
+  teacher without autograd, the fused GELU, no KV cache, and loss.DistillationLoss over real target tokens only;
+- + chunked loss: the same with loss.ChunkedDistillationLoss (hidden states projected chunk by chunk);
+- + packing: the same with data.packing (rows of max length, block-diagonal attention).
 Throughput counts real (non-padding) tokens only. The machine's matmul FLOP/s is measured in the same run, so that
-`matmul_efficiency` says what fraction of the machine's arithmetic the project's step turns into model FLOPs.
-Separately, the peak memory of the chunked KD + CE loss is compared with the full-logits one at GPT-2's
-vocabulary (V = 50257) and T = 1024. The last line is one JSON object with the figures.
+the matmul efficiency says what fraction of the machine's arithmetic a step turns into model FLOPs (those of the
+real tokens, attending within their own sample). Separately, the peak memory of the chunked KD + CE loss is
+compared with the full-logits one at GPT-2's vocabulary (V = 50257) and T = 1024. The last line is one JSON object
+with the figures.
 """
 
 from __future__ import annotations
@@ -33,10 +36,16 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dataset  # noqa: E402
-from loss import DistillationLoss  # noqa: E402
+import distill  # noqa: E402
+import models  # noqa: E402
+from loss import ChunkedDistillationLoss, DistillationLoss  # noqa: E402
+
+
+WIDTH = 512  # a mid-size student: 8 heads of 64, as in the larger GPT-2s
 
 
 def build_models(vocab_size: int, width: int, teacher_layers: int, student_layers: int, positions: int):
+    """Teacher and student as the seed built them (GPT-2's config, its "gelu_new" activation), random weights."""
     from transformers import AutoModelForCausalLM, GPT2Config
 
     def gpt2(layers: int):
@@ -49,6 +58,17 @@ def build_models(vocab_size: int, width: int, teacher_layers: int, student_layer
     teacher = gpt2(teacher_layers).eval().requires_grad_(False)
     student = gpt2(student_layers)
     return teacher, student
+
+
+def as_project_builds_it(model):
+    """The same weights in the model that models.py builds (its fused GELU kernel)."""
+    from transformers import AutoModelForCausalLM
+
+    config = models.with_fused_activation(model.config.__class__.from_dict(model.config.to_dict()))
+    rebuilt = AutoModelForCausalLM.from_config(config)
+    rebuilt.load_state_dict(model.state_dict())
+    rebuilt.train(model.training).requires_grad_(any(p.requires_grad for p in model.parameters()))
+    return rebuilt
 
 
 def alpaca_like_samples(count: int, max_length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
@@ -76,33 +96,44 @@ def seed_step(teacher, student, optimizer, batch_ids: list[list[int]], max_lengt
     return loss.item()
 
 
-def project_step(teacher, student, optimizer, criterion, batch: dict) -> float:
+def project_loss(teacher, student, criterion, batch: dict):
+    """The loss as distill.Trainer computes it: no KV cache; hidden states and heads for the chunked loss."""
+    inputs = distill.model_inputs(batch)
+    if criterion.uses_hidden_states:
+        with torch.no_grad():
+            teacher_hidden = distill.HiddenStates(teacher)(**inputs)
+        student_hidden = distill.HiddenStates(student)(**inputs)
+        return criterion(student_hidden, student.lm_head.weight, batch["labels"], teacher_hidden, teacher.lm_head.weight)
     with torch.no_grad():
-        teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    student_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    output = criterion(student_logits, batch["labels"], teacher_logits)
-    del teacher_logits
+        teacher_logits = teacher(**inputs).logits
+    return criterion(student(**inputs).logits, batch["labels"], teacher_logits)
+
+
+def project_step(teacher, student, optimizer, criterion, batch: dict) -> float:
+    output = project_loss(teacher, student, criterion, batch)
     output.loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return output.loss.item()
 
 
-def held_out_loss(teacher, student, criterion, batch: dict) -> float:
-    """The same metric for both students: the project's KD + CE over real targets on unseen samples."""
+def held_out_loss(teacher, student, batch: dict) -> float:
+    """The same metric for every student: the project's KD + CE over real targets on unseen samples."""
     with torch.no_grad():
-        teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        student_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return criterion(student_logits, batch["labels"], teacher_logits).loss.item()
+        return project_loss(teacher, student, DistillationLoss(alpha=1.0, beta=0.1, temperature=1.0), batch).loss.item()
 
 
 def matmul_flops_per_second(size: int = 2048, repeats: int = 5) -> float:
+    """The machine's fp32 matmul rate: the best of three timings, since other work on a shared machine only slows it."""
     left, right = torch.randn(size, size), torch.randn(size, size)
     left @ right  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        left @ right
-    return 2 * size**3 * repeats / (time.perf_counter() - start)
+    best = math.inf
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            left @ right
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 * repeats / best
 
 
 def training_flops_per_token(model, teacher, context: float) -> float:
@@ -164,6 +195,7 @@ def measured_in_subprocess(variant: str) -> int:
 def main(argv=None) -> int:
     import datasets
     import transformers
+    from datasets import Dataset
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
@@ -175,18 +207,20 @@ def main(argv=None) -> int:
     if arguments.loss_memory:
         print(loss_peak_memory(arguments.loss_memory))
         return 0
-    samples_count = 48 if arguments.quick else 128
-    max_length, batch_size, vocab_size, width = 1024, 8, 8192, 256
+    samples_count = 24 if arguments.quick else 64
+    max_length, batch_size, vocab_size, width = 1024, 8, 8192, WIDTH
     torch.manual_seed(0)
 
-    teacher, student = build_models(vocab_size, width, teacher_layers=4, student_layers=2, positions=max_length)
+    seed_teacher, student = build_models(vocab_size, width, teacher_layers=4, student_layers=2, positions=max_length)
+    teacher = as_project_builds_it(seed_teacher)
     initial_state = {key: value.clone() for key, value in student.state_dict().items()}
     samples = alpaca_like_samples(samples_count + batch_size, max_length, vocab_size)
     train_samples, held_out = samples[:samples_count], samples[samples_count:]
     real_tokens = sum(len(ids) for ids in train_samples)
-    criterion = DistillationLoss(alpha=1.0, beta=0.1, temperature=1.0)
-    collate = dataset.PaddingCollator(pad_token_id=0)
-    held_out_batch = collate([{"input_ids": ids, "prompt_length": 0} for ids in held_out])
+    padding = dataset.PaddingCollator(pad_token_id=0)
+    held_out_batch = padding([{"input_ids": ids, "prompt_length": 0} for ids in held_out])
+    matmul_rates = [matmul_flops_per_second()]
+    rows = []  # name, seconds, computed tokens, last loss, held-out loss
 
     with tempfile.TemporaryDirectory() as work:
         # The seed kept its tokenized data as a JSON file of lists; read it back as the seed did.
@@ -196,55 +230,68 @@ def main(argv=None) -> int:
         seed_data = json.loads(json_file.read_text())
         optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
         for begin in range(0, samples_count, batch_size):
-            seed_loss = seed_step(teacher, student, optimizer, seed_data[begin : begin + batch_size], max_length, 0)
-        seed_seconds = time.perf_counter() - start
-        seed_held_out = held_out_loss(teacher, student, criterion, held_out_batch)
+            last_loss = seed_step(seed_teacher, student, optimizer, seed_data[begin : begin + batch_size], max_length, 0)
+        rows.append(("seed step", time.perf_counter() - start, samples_count * max_length, last_loss,
+                     held_out_loss(teacher, student, held_out_batch)))
 
-        student.load_state_dict(initial_state)
-        from datasets import Dataset
-
-        arrow = Dataset.from_dict({
+        Dataset.from_dict({
             "input_ids": train_samples,
             "prompt_length": [0] * samples_count,
             "length": [len(ids) for ids in train_samples],
-        })
-        arrow.save_to_disk(str(Path(work) / "arrow"))
-        start = time.perf_counter()
-        tokenized = Dataset.load_from_disk(str(Path(work) / "arrow"))
-        sampler = dataset.LengthGroupedBatchSampler(tokenized["length"], batch_size, seed=0)
-        loader = torch.utils.data.DataLoader(tokenized, batch_sampler=sampler, collate_fn=collate)
-        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
-        computed_tokens = 0
-        for batch in loader:
-            computed_tokens += batch["input_ids"].numel()
-            project_loss = project_step(teacher, student, optimizer, criterion, batch)
-        project_seconds = time.perf_counter() - start
-        project_held_out = held_out_loss(teacher, student, criterion, held_out_batch)
-
-    matmul = matmul_flops_per_second()
+        }).save_to_disk(str(Path(work) / "arrow"))
+        project_steps = (
+            ("project step", DistillationLoss(1.0, 0.1, 1.0), padding),
+            ("+ chunked loss", ChunkedDistillationLoss(1.0, 0.1, 1.0), padding),
+            ("+ packing", ChunkedDistillationLoss(1.0, 0.1, 1.0), dataset.PackingCollator(0, max_length)),
+        )
+        for name, criterion, collate in project_steps:
+            student = as_project_builds_it(student)
+            student.load_state_dict(initial_state)
+            start = time.perf_counter()
+            tokenized = Dataset.load_from_disk(str(Path(work) / "arrow"))
+            sampler = dataset.LengthGroupedBatchSampler(tokenized["length"], batch_size, seed=0)
+            loader = torch.utils.data.DataLoader(tokenized, batch_sampler=sampler, collate_fn=collate)
+            optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+            computed_tokens = 0
+            for batch in loader:
+                computed_tokens += batch["input_ids"].numel()
+                last_loss = project_step(teacher, student, optimizer, criterion, batch)
+            seconds = time.perf_counter() - start
+            rows.append((name, seconds, computed_tokens, last_loss, held_out_loss(teacher, student, held_out_batch)))
+    matmul_rates.append(matmul_flops_per_second())
+    matmul = max(matmul_rates)
     naive_memory, chunked_memory = measured_in_subprocess("naive"), measured_in_subprocess("chunked")
-    mean_context = computed_tokens / len(sampler) / batch_size / 2
-    model_flops = training_flops_per_token(student, teacher, mean_context) * real_tokens / project_seconds
-    seed_rate, project_rate = real_tokens / seed_seconds, real_tokens / project_seconds
-    rows = [
-        ("seed step", seed_rate, samples_count * max_length / real_tokens, seed_loss, seed_held_out),
-        ("project step", project_rate, computed_tokens / real_tokens, project_loss, project_held_out),
-    ]
+
     print(f"{samples_count} samples, {real_tokens} real tokens, batch {batch_size}, max length {max_length}, "
           f"vocabulary {vocab_size}, width {width}, teacher 4 layers, student 2 layers, {torch.get_num_threads()} threads")
-    print(f"{'step':<14}{'real tokens/s':>15}{'computed/real':>15}{'last loss':>12}{'held-out loss':>15}")
-    for name, rate, waste, last, held in rows:
-        print(f"{name:<14}{rate:>15.0f}{waste:>15.2f}{last:>12.4f}{held:>15.4f}")
-    print(f"machine matmul: {matmul / 1e9:.1f} GFLOP/s; project step: {model_flops / 1e9:.1f} model GFLOP/s")
+    print(f"{'step':<16}{'real tokens/s':>15}{'vs seed':>9}{'computed/real':>15}{'matmul eff.':>13}"
+          f"{'last loss':>11}{'held-out loss':>15}")
+    seed_rate = real_tokens / rows[0][1]
+    # Model FLOPs count real tokens attending to their own sample only: padding and masked attention are waste.
+    real_context = sum(len(ids) ** 2 for ids in train_samples) / 2 / real_tokens
+    flops_per_token = training_flops_per_token(student, teacher, real_context)
+    efficiencies = {}
+    for name, seconds, computed, last, held in rows:
+        rate = real_tokens / seconds
+        efficiencies[name] = flops_per_token * rate / matmul
+        print(f"{name:<16}{rate:>15.0f}{rate / seed_rate:>9.2f}{computed / real_tokens:>15.2f}"
+              f"{efficiencies[name]:>13.2f}{last:>11.4f}{held:>15.4f}")
+    print(f"machine matmul (fp32, best of two measurements): {matmul / 1e9:.1f} GFLOP/s")
     print(f"KD + CE loss at V=50257, T=1024, d=768, forward and backward: naive peak {naive_memory / 2**20:.0f} MiB, "
           f"chunked (loss.ChunkedDistillationLoss) peak {chunked_memory / 2**20:.0f} MiB")
+    by_name = {row[0]: row for row in rows}
     print(json.dumps({
-        "real_tokens_per_s_ratio": round(project_rate / seed_rate, 2),
+        "real_tokens_per_s_ratio": round(by_name["seed step"][1] / by_name["project step"][1], 2),
+        "real_tokens_per_s_ratio_chunked": round(by_name["seed step"][1] / by_name["+ chunked loss"][1], 2),
+        "real_tokens_per_s_ratio_packed": round(by_name["seed step"][1] / by_name["+ packing"][1], 2),
         "kd_loss_peak_memory_ratio": round(chunked_memory / naive_memory, 3),
-        "matmul_efficiency": round(model_flops / matmul, 3),
-        "seed_held_out_loss": round(seed_held_out, 4),
-        "project_held_out_loss": round(project_held_out, 4),
+        "matmul_efficiency": round(efficiencies["+ chunked loss"], 3),
+        "matmul_efficiency_plain_loss": round(efficiencies["project step"], 3),
+        "seed_held_out_loss": round(by_name["seed step"][4], 4),
+        "project_held_out_loss": round(by_name["project step"][4], 4),
+        "chunked_held_out_loss": round(by_name["+ chunked loss"][4], 4),
         "real_tokens": real_tokens,
+        "width": width,
     }))
     return 0
 

@@ -1,0 +1,41 @@
+"""The GPU benchmark's code path, run at toy size on the CPU so that it cannot rot where no GPU is at hand."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_benchmark_runs_both_losses_at_toy_size_on_a_cpu():
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--device", "cpu", "--shape", "tiny", "--steps", "3",
+         "--warmup", "1"],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr
+    figures = json.loads(completed.stdout.strip().splitlines()[-1])
+    plain, chunked = figures["DistillationLoss"], figures["ChunkedDistillationLoss"]
+    assert plain["real_tokens_per_s"] > 0 and chunked["real_tokens_per_s"] > 0
+    assert plain["mfu"] is None  # no card peak on a CPU
+    # Both losses trained the same student from the same start on the same batches: the same result.
+    assert chunked["final_loss"] == pytest.approx(plain["final_loss"], abs=1e-3)
+
+
+def test_gpu_benchmark_says_it_needs_a_gpu_without_one():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    completed = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu.sh")], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},  # this venv
+    )
+    assert completed.returncode == 2
+    assert "needs a CUDA GPU" in completed.stderr and "Traceback" not in completed.stderr
