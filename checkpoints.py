@@ -46,11 +46,14 @@ class TrainerState:
     samples_seen: int = 0
     tokens_seen: int = 0
     best_validation_loss: Optional[float] = None
+    best_validation_perplexity: Optional[float] = None
     best_step: Optional[int] = None
     last_evaluated_step: Optional[int] = None
     skipped_batches: int = 0
     # Loss, kd and ce summed over the micro-batches since the last log step, and their count.
     interval_sums: Optional[list] = None
+    # Seconds of the run up to this checkpoint, over every process that worked on it (resumes add theirs).
+    elapsed_s: float = 0.0
 
 
 @dataclass(frozen=True)

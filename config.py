@@ -109,6 +109,8 @@ class TrainingParameters:
     checkpoints_name_last: str = "last"
     checkpoints_name_best: str = "best"
     resume: bool = False
+    # Where metrics also go: auto (TensorBoard when it is installed), none, tensorboard, wandb, or tensorboard,wandb.
+    report_to: str = "auto"
     loss: Any = None  # a loss.Criterion, built from the `()` entry
 
 
@@ -250,6 +252,7 @@ def _check_override_path(keys: list[str], key_path: str) -> None:
 
 
 _LOSS_SECTION = object()
+REPORT_TO_CHOICES = ("auto", "none", "tensorboard", "wandb")
 
 
 def _field_schema(owner: type, item: dataclasses.Field) -> Any:
@@ -397,6 +400,13 @@ def _check_cross_field(config: Config, source: str) -> None:
         ("training_parameters.checkpoints_name_best", training.checkpoints_name_best),
     ):
         check_simple_name(value, f"{source}: {key}")
+    trackers = [name.strip() for name in training.report_to.split(",")]
+    unknown = [name for name in trackers if name not in REPORT_TO_CHOICES]
+    if unknown or (len(trackers) > 1 and ({"auto", "none"} & set(trackers))):
+        raise ConfigError(
+            f"{source}: training_parameters.report_to is {training.report_to!r}; use auto, none, tensorboard, wandb "
+            f"or tensorboard,wandb."
+        )
     if config.data.mask_instruction and config.data.text_column is not None:
         raise ConfigError(
             f"{source}: data.mask_instruction needs the Alpaca fields to find the response; "

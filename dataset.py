@@ -108,6 +108,17 @@ def prepare_splits(spec: DataSpec, tokenizer, data_folder: str, token_dataset: s
     return load_from_disk(str(cache_dir))
 
 
+def load_text_splits(spec: DataSpec, data_folder: str, num_proc: int = 1) -> dict[str, Dataset]:
+    """The formatted `prompt` and `response` texts of each split, before tokenization: the same rows and the same
+    split as training uses (for exploring the data; nothing is cached)."""
+    local_files = resolve_local_files(spec.dataset, data_folder)
+    if local_files is not None:
+        raw = _load_local_dataset(local_files, data_folder, _hash_files(local_files))
+    else:
+        raw = _load_hub_dataset(spec.dataset, data_folder)
+    return split_rows(format_rows(raw, spec, num_proc), spec.split, spec.seed)
+
+
 def resolve_local_files(dataset: str, data_folder: str) -> Optional[list[Path]]:
     """The local data files that `dataset` names (as given, or inside `data_folder`), or None for a Hub name."""
     for candidate in (Path(dataset), Path(data_folder) / dataset):

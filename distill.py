@@ -1,12 +1,12 @@
 """Distil a causal-LM teacher into a smaller student, or train the student alone, as config.yaml says.
 
     python3 distill.py                                   # ./config.yaml, a new run
-    python3 distill.py --config configs/tiny.yaml        # the embedded offline demo
+    python3 distill.py --config configs/tiny.yaml --plain-baseline   # the offline demo: distilled and plain
     python3 distill.py --resume --run-name NAME          # continue a stopped run
     python3 distill.py --set training_parameters.batch_size=8 --set training_parameters.loss.temperature=2
 
 Every run writes `<paths.checkpoints>/<run name>/`: config.yaml (resolved), train.log, metrics.jsonl, summary.json,
-and the last and best checkpoints. A configuration or data mistake stops the program with one sentence and exit
+loss_curves.png, TensorBoard events, and the last and best checkpoints. A configuration or data mistake stops the program with one sentence and exit
 code 2 before anything is written.
 """
 
@@ -41,9 +41,9 @@ from checkpoints import (
     locate_run,
     save_checkpoint,
 )
-from config import Config, ConfigError, dump_config, load_config
+from config import Config, ConfigError, dump_config, load_config, to_plain_dict
 from dataset import DataError
-from loss import IGNORE_INDEX
+from loss import IGNORE_INDEX, next_token_cross_entropy
 from models import ModelError
 
 logger = logging.getLogger("distill")
@@ -111,19 +111,34 @@ def run_identity(model_config, tokenizer, criterion) -> dict:
     }
 
 
+PLAIN_LOSS_OVERRIDE = "training_parameters.loss={'()': loss.ClassicLoss}"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     arguments = parse_arguments(argv)
+    status, run = train(arguments.config, arguments.set, arguments.run_name, arguments.resume)
+    if status == 0 and arguments.plain_baseline:
+        # The same config, seed, data and steps, with plain next-token training: the comparison distillation needs.
+        baseline = run.directory.parent / f"{run.name}-plain"
+        resume = arguments.resume and baseline.exists()
+        status, _ = train(arguments.config, [*arguments.set, PLAIN_LOSS_OVERRIDE], baseline.name, resume)
+    return status
+
+
+def train(config_file: str, overrides: list[str], run_name: Optional[str], resume: bool):
+    """One run, from the config to the tested best checkpoint: (exit status, its RunLocation or None)."""
     early_records = setup_console_logging()
+    run = None
     try:
-        config = load_config(arguments.config, arguments.set)
+        config = load_config(config_file, overrides)
         run = locate_run(
             config.paths.checkpoints,
             config.name,
-            arguments.run_name,
-            arguments.resume or config.training_parameters.resume,
+            run_name,
+            resume or config.training_parameters.resume,
             config.training_parameters.checkpoints_name_last,
         )
-        accelerator = build_accelerator(config)
+        accelerator = build_accelerator(config, run)
         tokenizer, teacher, student = build_models(config)
         splits = dataset.prepare_splits(
             dataset.spec_from_config(config), tokenizer, config.paths.data_folder, config.paths.token_dataset,
@@ -132,23 +147,25 @@ def main(argv: Optional[list[str]] = None) -> int:
         trainer = Trainer(config, run, accelerator, tokenizer, teacher, student, splits)
         trainer.restore()
         start_run_directory(run, config, early_records, accelerator)
+        start_trackers(accelerator, config, trainer.state)
         trainer.fit()
         trainer.test_best()
+        report_where(run, accelerator)
     except USER_ERRORS as error:
         logger.error("error: %s", error)
-        return EXIT_USER_ERROR
+        return EXIT_USER_ERROR, run
     except StoppedBySignal as stop:
         logger.error("%s", stop)
-        return 128 + stop.signal_number
+        return 128 + stop.signal_number, run
     except NonFiniteLoss as error:
         logger.error("error: %s", error)
-        return EXIT_NON_FINITE_LOSS
+        return EXIT_NON_FINITE_LOSS, run
     except KeyboardInterrupt:
         logger.error("interrupted; the last checkpoint written is kept, continue with --resume")
-        return 130
+        return 130, run
     finally:
         close_log_handlers()
-    return 0
+    return 0, run
 
 
 def parse_arguments(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -156,6 +173,10 @@ def parse_arguments(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--config", default="config.yaml", help="YAML configuration file (default: ./config.yaml)")
     parser.add_argument("--run-name", help="name of the run directory (default: <config name>-<timestamp>)")
     parser.add_argument("--resume", action="store_true", help="continue the named run, or the latest of this config")
+    parser.add_argument(
+        "--plain-baseline", action="store_true",
+        help="then train the same student without the teacher (loss.ClassicLoss) as <run name>-plain, to compare",
+    )
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override one config value (repeatable)"
     )
@@ -200,10 +221,11 @@ def _quiet_libraries() -> None:
     transformers.logging.disable_progress_bar()
 
 
-def build_accelerator(config: Config):
-    """Device and precision (and, through Accelerate, distribution), decided here once for the whole program."""
+def build_accelerator(config: Config, run: RunLocation):
+    """Device and precision (and, through Accelerate, distribution, and the trackers that receive the metrics),
+    decided here once for the whole program. Nothing is written until the run directory is started."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
     hardware = config.hardware
     if hardware.device == "cuda" and not torch.cuda.is_available():
@@ -216,11 +238,77 @@ def build_accelerator(config: Config):
     accelerator = Accelerator(
         cpu=hardware.device == "cpu",
         mixed_precision=hardware.mixed_precision,
+        log_with=trackers(config, run) or None,
+        project_config=ProjectConfiguration(project_dir=str(run.directory), logging_dir=str(run.directory)),
         # Shuffles from the seed and the epoch number, so a resumed run sees the batches it would have seen.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
     )
     set_seed(config.seed)
     return accelerator
+
+
+def trackers(config: Config, run: RunLocation) -> list:
+    """The experiment trackers that `training_parameters.report_to` names, through Accelerate: TensorBoard event
+    files in `<run>/tensorboard/` (by default whenever tensorboard is installed), and Weights & Biases."""
+    import importlib.util
+
+    names = [name.strip() for name in config.training_parameters.report_to.split(",")]
+    if names == ["auto"]:
+        names = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+    chosen = []
+    for name in names:
+        if name == "none":
+            continue
+        if importlib.util.find_spec(name) is None:
+            raise ConfigError(
+                f"training_parameters.report_to names {name}, which is not installed; pip install {name}, or "
+                f"remove it from report_to."
+            )
+        if name == "wandb":
+            from accelerate.tracking import WandBTracker
+
+            # The W&B project is the config's name; the run keeps the run directory's name (and resumes into it).
+            chosen.append(WandBTracker(config.name, name=run.name, id=run.name, resume="allow", dir=str(run.directory)))
+        else:
+            chosen.append(name)
+    return chosen
+
+
+def start_trackers(accelerator, config: Config, state: TrainerState) -> None:
+    """Open the trackers once the run directory exists. A resumed run replays the steps after its checkpoint, so
+    TensorBoard drops what the interrupted process had logged past it."""
+    if not accelerator.log_with:
+        return
+    accelerator.init_trackers("tensorboard", init_kwargs={"tensorboard": {"purge_step": state.global_step + 1}})
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            tracker.store_init_configuration(_flat(to_plain_dict(config)))
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) or value is None else str(value)
+    return flat
+
+
+def report_where(run: RunLocation, accelerator) -> None:
+    """End of a run: draw its loss curves beside its records and say where everything is."""
+    accelerator.end_training()
+    if not accelerator.is_main_process:
+        return
+    import plots
+
+    try:
+        curves = plots.write_run_curves(run.directory)
+    except ImportError:
+        curves = None  # matplotlib is not installed: the records are all there, only the picture is missing
+    logger.info("Run directory: %s (best checkpoint: %s/best)", run.directory, run.directory)
+    if curves is not None:
+        logger.info("Loss curves: %s (more runs side by side: python3 -m plots RUN_DIR...)", curves)
 
 
 def build_models(config: Config):
@@ -362,7 +450,8 @@ class Trainer:
         self.stop_signals = StopSignals()
         self.identity = run_identity(student.config, tokenizer, self.criterion)
         self.metrics_file = run.directory / "metrics.jsonl"
-        self.started_at = time.time()
+        self.started_at, self.elapsed_before = time.time(), 0.0
+        self.teacher_results: dict[str, dict] = {}  # the frozen teacher's loss per split, computed once
         logger.info(
             "Student: %s parameters, %d layers; teacher: %s; loss: %r",
             f"{models.count_parameters(student):,}",
@@ -403,6 +492,7 @@ class Trainer:
             return
         self.state = load_trainer_state(self.last_directory, self.identity)
         self.last_saved_step = self.state.global_step
+        self.elapsed_before = self.state.elapsed_s
         if self.state.interval_sums is not None:
             self.sums = RunningSums.from_list(self.state.interval_sums, self.accelerator.device)
         load_model_weights(self.last_directory, self.student_model)
@@ -474,8 +564,9 @@ class Trainer:
         progress.close()
         state.epoch = epoch + 1
         state.batches_done_in_epoch = 0
-        self.validate()
-        self.save_last()
+        if state.last_evaluated_step != state.global_step:  # not already validated at this step by eval_every_steps
+            self.validate()
+        self.save_last()  # always: the checkpoint must record that the epoch is complete
         return False
 
     def _optimizer_step(self, step_batches: list[dict]) -> None:
@@ -573,6 +664,7 @@ class Trainer:
         improved = state.best_validation_loss is None or result["loss"] < state.best_validation_loss
         if improved:
             state.best_validation_loss, state.best_step = result["loss"], state.global_step
+            state.best_validation_perplexity = result["perplexity"]
         self._write_record("validation", result)
         logger.info(
             "Validation at step %d: loss %.4f, kd %s, ce %.4f, perplexity %.2f%s",
@@ -583,7 +675,7 @@ class Trainer:
             self._save(self.best_directory)
 
     def test_best(self) -> None:
-        """Evaluate the best checkpoint on the test split and write summary.json."""
+        """Evaluate the best checkpoint on the test split (and the teacher once) and write summary.json."""
         load_model_weights(self.best_directory, self.student_model)
         result = self.evaluate(self.test_loader)
         self._write_record("test", result)
@@ -591,6 +683,11 @@ class Trainer:
             "Test (best checkpoint, step %s): loss %.4f, kd %s, ce %.4f, perplexity %.2f",
             self.state.best_step, result["loss"], _format(result["kd"]), result["ce"], result["perplexity"],
         )
+        teacher = None
+        if self.teacher_model is not None:
+            teacher = {name: self.teacher_result(name) for name in ("validation", "test")}
+            logger.info("Teacher: validation perplexity %.2f, test perplexity %.2f",
+                        teacher["validation"]["perplexity"], teacher["test"]["perplexity"])
         summary = {
             "run": self.run.name,
             "steps": self.state.global_step,
@@ -598,12 +695,36 @@ class Trainer:
             "tokens_seen": self.state.tokens_seen,
             "best_step": self.state.best_step,
             "best_validation_loss": self.state.best_validation_loss,
+            "best_validation_perplexity": self.state.best_validation_perplexity,
             "test": result,
-            "wall_time_s": round(time.time() - self.started_at, 2),
+            "teacher": teacher,
+            "skipped_batches": self.state.skipped_batches,
+            "wall_time_s": round(self.elapsed(), 2),
         }
         if self.accelerator.is_main_process:
             (self.run.directory / "summary.json").write_text(json.dumps(summary, indent=2))
-        logger.info("Run directory: %s (best checkpoint in %s)", self.run.directory, self.best_directory)
+
+    @torch.no_grad()
+    def teacher_result(self, split: str) -> dict:
+        """The teacher's next-token CE and perplexity on a split: the reference a student's perplexity is read
+        against. The teacher is frozen, so each split is evaluated once per run."""
+        if split not in self.teacher_results:
+            loader = {"validation": self.validation_loader, "test": self.test_loader}[split]
+            totals = torch.zeros(2, device=self.accelerator.device)  # CE summed over targets; targets
+            for batch in loader:
+                with self.accelerator.autocast():
+                    logits = self.teacher_model(**model_inputs(batch)).logits
+                targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+                ce = next_token_cross_entropy(logits[..., : self.student_model.config.vocab_size], batch["labels"])
+                totals += torch.stack([ce.float() * targets, targets.float()])
+            ce_sum, count = self.accelerator.reduce(totals, reduction="sum").tolist()
+            ce = ce_sum / max(count, 1)
+            self.teacher_results[split] = {"ce": ce, "perplexity": perplexity(ce)}
+        return self.teacher_results[split]
+
+    def elapsed(self) -> float:
+        """Seconds of the run so far, including those of the processes it was resumed from."""
+        return self.elapsed_before + time.time() - self.started_at
 
     # --- records and checkpoints ---------------------------------------------------------------------------------
 
@@ -615,6 +736,7 @@ class Trainer:
         self._check_finite()
         # The loss sums since the last log step travel with the checkpoint, so a resumed run logs the same numbers.
         self.state.interval_sums = self.sums.to_list()
+        self.state.elapsed_s = round(self.elapsed(), 3)
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             save_checkpoint(
@@ -636,6 +758,7 @@ class Trainer:
             "perplexity": perplexity(ce),
             "learning_rate": self.scheduler.get_last_lr()[0],
             "tokens_per_s": round(tokens_per_second, 1),
+            "peak_memory_mib": peak_memory_mib(self.accelerator.device),
         }
         self._write_record("train", record, epoch=epoch)
         return record
@@ -649,11 +772,13 @@ class Trainer:
             "samples_seen": state.samples_seen,
             "tokens_seen": state.tokens_seen,
             **values,
-            "wall_time_s": round(time.time() - self.started_at, 3),
+            "wall_time_s": round(self.elapsed(), 3),
         }
         if self.accelerator.is_main_process:
             with self.metrics_file.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
+        numbers = {f"{split}/{key}": value for key, value in values.items() if isinstance(value, (int, float))}
+        self.accelerator.log(numbers, step=state.global_step)  # a no-op without trackers
 
     def _drop_metrics_after(self, step: int) -> None:
         """A resumed run replays the steps after its last checkpoint: forget their records, so none is doubled."""
@@ -662,6 +787,17 @@ class Trainer:
         records = [json.loads(line) for line in self.metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
         kept = [record for record in records if record["step"] <= step and record["split"] != "test"]
         self.metrics_file.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """The peak memory so far: allocated tensors on a GPU; on a CPU, the process's peak resident size."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    import resource
+
+    # ru_maxrss is in KiB on Linux and in bytes on macOS.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
 def perplexity(cross_entropy: float) -> float:

@@ -97,6 +97,8 @@ CASES: list[tuple[str, str, Callable[[Context], list[str]]]] = [
     ("zero learning rate", "learning_rate", lambda c: ["--config", c.config(**{"training_parameters.learning_rate": 0})]),
     ("negative learning rate", "learning_rate", lambda c: ["--config", c.config(**{"training_parameters.learning_rate": -0.1})]),
     ("zero batch size", "batch_size", lambda c: ["--config", c.config(**{"training_parameters.batch_size": 0})]),
+    ("unknown tracker", "report_to", lambda c: ["--config", c.config(**{"training_parameters.report_to": "mlflow"})]),
+    ("tracker not installed", "pip install wandb", lambda c: ["--config", c.config(**{"training_parameters.report_to": "wandb"})]),
     ("negative epochs", "nb_epochs", lambda c: ["--config", c.config(**{"training_parameters.nb_epochs": -2})]),
     ("zero epochs", "nb_epochs", lambda c: ["--config", c.config(**{"training_parameters.nb_epochs": 0})]),
     ("zero temperature", "temperature", lambda c: ["--config", c.config(**{"training_parameters.loss.temperature": 0})]),

@@ -1,0 +1,275 @@
+"""Experiment records: metrics.jsonl and summary.json fields, TensorBoard events, plots, the plain baseline, and
+both notebooks executed top to bottom against runs made here."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dataset
+import distill
+import plots
+from conftest import REPO, base_config, write_config
+from loss import IGNORE_INDEX
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def read_metrics(run_directory: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_directory / "metrics.jsonl").read_text().splitlines()]
+
+
+def tensorboard_scalars(run_directory: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_directory / "tensorboard"), purge_orphaned_data=True)
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
+@pytest.fixture(scope="module")
+def compared_runs(tmp_path_factory, teacher_dir, data_file):
+    """A distilled run and its plain baseline (--plain-baseline), shared by the read-only tests below."""
+    root = tmp_path_factory.mktemp("records")
+    values = base_config(root, teacher_dir, data_file)
+    values["training_parameters"].update(eval_every_steps=6)
+    config_file = write_config(root / "config.yaml", values)
+    assert distill.main(["--config", str(config_file), "--run-name", "demo", "--plain-baseline"]) == 0
+    return root, config_file, root / "checkpoints" / "demo", root / "checkpoints" / "demo-plain"
+
+
+def test_training_records_carry_every_documented_field(compared_runs):
+    _, _, distilled, _ = compared_runs
+    records = read_metrics(distilled)
+    training = [record for record in records if record["split"] == "train"]
+    assert [record["step"] for record in training] == list(range(2, 25, 2))  # log_every_steps 2, 24 steps
+    for record in training:
+        for key in ("epoch", "samples_seen", "tokens_seen", "loss", "kd", "ce", "perplexity", "learning_rate",
+                    "tokens_per_s", "peak_memory_mib", "wall_time_s"):
+            assert record[key] is not None, key
+        assert record["perplexity"] == pytest.approx(math.exp(record["ce"]))
+        assert record["peak_memory_mib"] > 10  # a Python process with torch loaded
+    assert [record["samples_seen"] for record in training] == sorted(record["samples_seen"] for record in training)
+    wall_times = [record["wall_time_s"] for record in records]
+    assert wall_times == sorted(wall_times)
+    validations = [record for record in records if record["split"] == "validation"]
+    assert [record["step"] for record in validations] == [6, 12, 18, 24]
+
+
+def test_summary_has_best_test_and_teacher_figures(compared_runs, teacher_dir):
+    _, config_file, distilled, _ = compared_runs
+    summary = json.loads((distilled / "summary.json").read_text())
+    validations = [record for record in read_metrics(distilled) if record["split"] == "validation"]
+    best = min(validations, key=lambda record: record["loss"])
+    assert summary["best_step"] == best["step"]
+    assert summary["best_validation_perplexity"] == pytest.approx(best["perplexity"])
+    assert summary["test"]["perplexity"] == pytest.approx(math.exp(summary["test"]["ce"]))
+    assert summary["wall_time_s"] > 0
+
+    # The teacher's test perplexity, recomputed here from its own definition: exp of the mean CE over real targets.
+    from transformers import AutoModelForCausalLM
+
+    from config import load_config
+    import models
+
+    config = load_config(config_file)
+    tokenizer = models.load_tokenizer(str(teacher_dir))
+    splits = dataset.prepare_splits(dataset.spec_from_config(config), tokenizer, config.paths.data_folder,
+                                    config.paths.token_dataset)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    total, count = 0.0, 0
+    for sample in splits["test"]:
+        ids = torch.tensor([sample["input_ids"]])
+        with torch.no_grad():
+            log_probs = torch.log_softmax(teacher(ids).logits[0, :-1].double(), dim=-1)
+        total -= log_probs.gather(1, ids[0, 1:, None]).sum().item()
+        count += ids.size(1) - 1
+    assert summary["teacher"]["test"]["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-4)
+    assert summary["teacher"]["validation"]["perplexity"] > 1.0
+
+
+def test_plain_baseline_trains_the_same_student_without_the_teacher(compared_runs):
+    _, _, distilled, plain = compared_runs
+    plain_summary = json.loads((plain / "summary.json").read_text())
+    distilled_summary = json.loads((distilled / "summary.json").read_text())
+    assert plain_summary["steps"] == distilled_summary["steps"]
+    assert plain_summary["samples_seen"] == distilled_summary["samples_seen"]
+    assert plain_summary["teacher"] is None and plain_summary["test"]["kd"] is None
+    assert "ClassicLoss" in (plain / "config.yaml").read_text()
+    assert all(record["kd"] is None for record in read_metrics(plain))
+
+
+def test_tensorboard_events_hold_the_same_numbers_as_metrics_jsonl(compared_runs):
+    _, _, distilled, _ = compared_runs
+    training = [record for record in read_metrics(distilled) if record["split"] == "train"]
+    scalars = tensorboard_scalars(distilled, "train/loss")
+    assert [step for step, _ in scalars] == [record["step"] for record in training]
+    assert [value for _, value in scalars] == pytest.approx([record["loss"] for record in training], rel=1e-6)
+    assert [step for step, _ in tensorboard_scalars(distilled, "validation/perplexity")] == [6, 12, 18, 24]
+
+
+def test_a_resumed_run_appends_records_without_duplicates_or_gaps(tmp_path, teacher_dir, data_file):
+    values = base_config(tmp_path, teacher_dir, data_file)
+    values["training_parameters"].update(
+        max_steps=8, log_every_steps=1, checkpoint_every_steps=4, keep_step_checkpoints=2, eval_every_steps=100
+    )
+    config_file = write_config(tmp_path / "config.yaml", values)
+    assert distill.main(["--config", str(config_file), "--run-name", "run"]) == 0
+    run = tmp_path / "checkpoints" / "run"
+    # As if the process had died right after step 8's records but before its checkpoint: back to step 4.
+    shutil.rmtree(run / "last")
+    shutil.copytree(run / "step-00000004", run / "last")
+    assert distill.main(["--config", str(config_file), "--run-name", "run", "--resume",
+                         "--set", "training_parameters.max_steps=10"]) == 0
+    training_steps = [record["step"] for record in read_metrics(run) if record["split"] == "train"]
+    assert training_steps == list(range(1, 11))
+    assert [step for step, _ in tensorboard_scalars(run, "train/loss")] == list(range(1, 11))
+    assert json.loads((run / "summary.json").read_text())["steps"] == 10
+
+
+def test_distill_draws_the_run_curves(compared_runs):
+    _, _, distilled, plain = compared_runs
+    for run in (distilled, plain):
+        assert (run / plots.CURVES_FILE).read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_plots_command_writes_each_run_and_a_comparison(compared_runs, tmp_path):
+    _, _, distilled, plain = compared_runs
+    for run in (distilled, plain):
+        (run / plots.CURVES_FILE).unlink()
+    output = tmp_path / "side_by_side.png"
+    completed = subprocess.run(
+        [sys.executable, "-m", "plots", str(distilled), str(plain), "--output", str(output)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr
+    for path in (distilled / plots.CURVES_FILE, plain / plots.CURVES_FILE, output):
+        assert path.read_bytes().startswith(PNG_SIGNATURE), path
+        assert str(path) in completed.stdout
+
+
+def test_plots_command_refuses_a_directory_that_is_not_a_run(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "-m", "plots", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert completed.returncode == 2
+    assert "has no metrics.jsonl" in completed.stderr and "Traceback" not in completed.stderr
+
+
+def test_summary_rows_compare_the_runs(compared_runs):
+    _, _, distilled, plain = compared_runs
+    rows = {row["run"]: row for row in plots.summary_rows([plots.load_run(distilled), plots.load_run(plain)])}
+    assert rows["demo"]["loss"] == "DistillationLoss" and rows["demo-plain"]["loss"] == "ClassicLoss"
+    assert rows["demo"]["teacher test perplexity"] > 1.0 and rows["demo-plain"]["teacher test perplexity"] is None
+    assert rows["demo"]["best validation perplexity"] == json.loads(
+        (distilled / "summary.json").read_text())["best_validation_perplexity"]
+
+
+def test_latest_runs_picks_the_newest_run_of_each_loss(compared_runs):
+    root, _, distilled, plain = compared_runs
+    assert plots.latest_runs(root / "checkpoints", "demo") == [distilled, plain]
+    assert plots.latest_runs(root / "checkpoints", "nothing-here") == []
+
+
+# ---------------------------------------------------------------- notebooks
+
+
+def execute_notebook(name: str, first_cell: str):
+    """Run a notebook from the repository root, its first code cell replaced, and return it with its outputs."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(REPO / name, as_version=4)
+    parameters = next(cell for cell in notebook.cells if cell.cell_type == "code")
+    parameters.source = first_cell
+    client = NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO)}},
+    )
+    environment = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+    previous = {key: os.environ.get(key) for key in environment}
+    os.environ.update(environment)
+    try:
+        client.execute()
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return notebook
+
+
+def figures_by_cell(notebook) -> list[int]:
+    """The number of PNG images that each cell tagged `figure` displayed."""
+    return [
+        sum("image/png" in output.get("data", {}) for output in cell.outputs)
+        for cell in notebook.cells
+        if "figure" in cell.metadata.get("tags", [])
+    ]
+
+
+def test_data_exploration_notebook_runs_and_draws_every_figure(compared_runs):
+    _, config_file, _, _ = compared_runs
+    notebook = execute_notebook("data_exploration.ipynb", f"CONFIG = {str(config_file)!r}")
+    counts = figures_by_cell(notebook)
+    assert len(counts) == 3 and all(count == 1 for count in counts), counts
+    text = "".join(output.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs)
+    assert "### Instruction:" in text  # the formatted examples
+
+
+def test_experiments_notebook_compares_the_runs_and_generates(compared_runs):
+    _, _, distilled, plain = compared_runs
+    notebook = execute_notebook(
+        "experiments_exploration.ipynb",
+        f"RUN_DIRS = [{str(distilled)!r}, {str(plain)!r}]\nCHECKPOINTS, DEMO_PREFIX = 'checkpoints', 'tiny'\n"
+        "PROMPTS = [{'instruction': 'Add the two numbers.', 'input': '3 and 4'}]\nMAX_NEW_TOKENS = 8",
+    )
+    assert figures_by_cell(notebook) == [2, 1]  # one figure per run, then the comparison
+    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
+    table = next(output["data"]["text/html"] for output in outputs if "text/html" in output.get("data", {}))
+    assert "demo-plain" in table and "ClassicLoss" in table
+    printed = "".join(output.get("text", "") for output in outputs)
+    assert "--- demo:" in printed and "--- demo-plain:" in printed
+
+
+def test_report_to_wandb_logs_through_accelerate(tmp_path, teacher_dir, data_file, monkeypatch):
+    """wandb is not a dependency: a stand-in module records what the W&B tracker is given."""
+    import importlib.machinery
+    import types
+
+    class StandInRun:
+        def __init__(self, **settings):
+            self.settings, self.logged, self.finished = settings, [], False
+
+        def log(self, values, step=None):
+            self.logged.append((step, dict(values)))
+
+        def finish(self):
+            self.finished = True
+
+    runs, stored_config = [], {}
+    wandb = types.ModuleType("wandb")
+    wandb.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    wandb.init = lambda **settings: runs.append(StandInRun(**settings)) or runs[-1]
+    wandb.config = types.SimpleNamespace(update=lambda values, allow_val_change=False: stored_config.update(values))
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+
+    values = base_config(tmp_path, teacher_dir, data_file)
+    values["training_parameters"].update(max_steps=4, report_to="wandb")
+    config_file = write_config(tmp_path / "config.yaml", values)
+    assert distill.main(["--config", str(config_file), "--run-name", "tracked"]) == 0
+    (run,) = runs
+    assert run.settings["project"] == "test" and run.settings["name"] == "tracked" and run.finished
+    assert stored_config["training_parameters.learning_rate"] == pytest.approx(3e-3)
+    logged_losses = [(step, values["train/loss"]) for step, values in run.logged if "train/loss" in values]
+    training = [r for r in read_metrics(tmp_path / "checkpoints" / "tracked") if r["split"] == "train"]
+    assert logged_losses == [(record["step"], record["loss"]) for record in training]
+    assert not (tmp_path / "checkpoints" / "tracked" / "tensorboard").exists()  # only the trackers asked for
