@@ -6,8 +6,8 @@
     python3 distill.py --set training_parameters.batch_size=8 --set training_parameters.loss.temperature=2
 
 Every run writes `<paths.checkpoints>/<run name>/`: config.yaml (resolved), train.log, metrics.jsonl, summary.json,
-loss_curves.png, TensorBoard events, and the last and best checkpoints. A configuration or data mistake stops the program with one sentence and exit
-code 2 before anything is written.
+loss_curves.png, TensorBoard events, and the last and best checkpoints. A configuration or data mistake stops the
+program with one sentence and exit code 2 before anything is written.
 """
 
 from __future__ import annotations

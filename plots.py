@@ -127,6 +127,10 @@ def plot_comparison(runs: list[Run], figure=None):
         perplexity_axis.axhline(teacher, color="grey", linestyle="--", label="teacher")
     perplexity_axis.set_title("validation perplexity")
     perplexity_axis.set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter
+
+    for formatter in (perplexity_axis.yaxis.set_major_formatter, perplexity_axis.yaxis.set_minor_formatter):
+        formatter(FormatStrFormatter("%g"))  # 4, 6, 10 rather than 4x10^0
     ce_axis.set_title("training CE")
     for axis in (perplexity_axis, ce_axis):
         axis.set_xlabel("samples seen")
