@@ -259,6 +259,47 @@ class LengthGroupedBatchSampler:
             yield batches[position]
 
 
+class EpochBatches:
+    """The batches of one epoch in a global order that depends only on the seed and the epoch, dealt out to the
+    processes of a distributed run: counted from `start`, global batch k goes to process `k % num_processes`.
+
+    The order is the same whatever the number of processes, so a run sees the same batches on one process or many,
+    and a resumed epoch (`start` global batches already done) continues with the same remaining batches even with
+    another number of processes; over an epoch the processes see disjoint shards that together hold every sample
+    once. Training batches are length-grouped (`LengthGroupedBatchSampler`) or plainly shuffled; evaluation
+    batches (`shuffle=False`) are taken longest first.
+    """
+
+    def __init__(self, lengths, batch_size: int, seed: int, shuffle: bool = True, group_by_length: bool = True,
+                 num_processes: int = 1, process_index: int = 0) -> None:
+        self.grouped = LengthGroupedBatchSampler(lengths, batch_size, seed, shuffle)
+        self.count, self.batch_size, self.seed = len(self.grouped.lengths), batch_size, seed
+        self.shuffle, self.group_by_length = shuffle, group_by_length
+        self.num_processes, self.process_index = num_processes, process_index
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    @property
+    def total(self) -> int:
+        """Global batches in an epoch, over all processes."""
+        return -(-self.count // self.batch_size)
+
+    def global_batches(self) -> list[list[int]]:
+        if self.group_by_length or not self.shuffle:
+            self.grouped.set_epoch(self.epoch)
+            return list(self.grouped)
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.count)
+        return [order[i : i + self.batch_size].tolist() for i in range(0, self.count, self.batch_size)]
+
+    def __len__(self) -> int:
+        return max(0, -(-(self.total - self.start - self.process_index) // self.num_processes))
+
+    def __iter__(self):
+        yield from self.global_batches()[self.start + self.process_index :: self.num_processes]
+
+
 class PaddingCollator:
     """Pads a list of samples to the longest one of the batch (never to a fixed length).
 
@@ -287,14 +328,16 @@ class PaddingCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **self.token_counts(samples)}
 
     def token_counts(self, samples: list[dict]) -> dict[str, int]:
-        # Position 0 is predicted by nothing, so a sample has (length - first target position) scored tokens.
-        return {
-            "real_tokens": sum(len(sample["input_ids"]) for sample in samples),
-            "target_tokens": sum(
-                max(0, len(sample["input_ids"]) - max(1, sample["prompt_length"] if self.mask_instruction else 0))
-                for sample in samples
-            ),
-        }
+        lengths = np.array([len(sample["input_ids"]) for sample in samples])
+        targets = target_counts(lengths, np.array([sample["prompt_length"] for sample in samples]), self.mask_instruction)
+        return {"real_tokens": int(lengths.sum()), "target_tokens": int(targets.sum())}
+
+
+def target_counts(lengths: np.ndarray, prompt_lengths: np.ndarray, mask_instruction: bool) -> np.ndarray:
+    """Scored tokens per sample. Position 0 is predicted by nothing, so a sample has (length - first target
+    position) targets; with `mask_instruction` the first target is the first response token."""
+    first_target = np.maximum(1, prompt_lengths if mask_instruction else 0)
+    return np.maximum(0, lengths - first_target)
 
 
 class PackingCollator(PaddingCollator):

@@ -18,6 +18,7 @@ import json
 import logging
 import logging.handlers
 import math
+import os
 import signal
 import sys
 import time
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -122,6 +124,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         baseline = run.directory.parent / f"{run.name}-plain"
         resume = arguments.resume and baseline.exists()
         status, _ = train(arguments.config, [*arguments.set, PLAIN_LOSS_OVERRIDE], baseline.name, resume)
+    end_processes()
     return status
 
 
@@ -131,19 +134,21 @@ def train(config_file: str, overrides: list[str], run_name: Optional[str], resum
     run = None
     try:
         config = load_config(config_file, overrides)
-        run = locate_run(
+        processes = start_processes(config)
+        run = decided_by_main_process(processes, lambda: locate_run(
             config.paths.checkpoints,
             config.name,
             run_name,
             resume or config.training_parameters.resume,
             config.training_parameters.checkpoints_name_last,
-        )
+        ))
         accelerator = build_accelerator(config, run)
         tokenizer, teacher, student = build_models(config)
-        splits = dataset.prepare_splits(
-            dataset.spec_from_config(config), tokenizer, config.paths.data_folder, config.paths.token_dataset,
-            config.data.num_proc,
-        )
+        with accelerator.main_process_first():  # the main process fills the tokenized-data cache, the others read it
+            splits = dataset.prepare_splits(
+                dataset.spec_from_config(config), tokenizer, config.paths.data_folder, config.paths.token_dataset,
+                config.data.num_proc,
+            )
         trainer = Trainer(config, run, accelerator, tokenizer, teacher, student, splits)
         trainer.restore()
         start_run_directory(run, config, early_records, accelerator)
@@ -190,6 +195,8 @@ def setup_console_logging() -> logging.handlers.MemoryHandler:
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(formatter)
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun / accelerate launch: the other processes only warn
+        console.setLevel(logging.WARNING)
     early_records = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
     early_records.setFormatter(formatter)
     for handler in (console, early_records):
@@ -221,11 +228,52 @@ def _quiet_libraries() -> None:
     transformers.logging.disable_progress_bar()
 
 
+def start_processes(config: Config):
+    """Join the other processes of a distributed launch (torchrun, accelerate launch), or run alone.
+
+    Without a GPU the processes train on CPUs and talk through gloo."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=runs_on_cpu(config.hardware))
+
+
+def end_processes() -> None:
+    """Leave the process group of a distributed launch explicitly: left to the interpreter's exit, gloo's teardown
+    can wait forever on its threads."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def runs_on_cpu(hardware) -> bool:
+    return hardware.device == "cpu" or (
+        hardware.device == "auto" and not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    )
+
+
+def decided_by_main_process(processes, decide):
+    """`decide()` on the main process only, its result (or its user error) shared with every process: the run
+    directory must be one, even when the processes' clocks give different timestamps."""
+    if processes.num_processes == 1:
+        return decide()
+    from accelerate.utils import broadcast_object_list
+
+    outcome = [None]
+    if processes.is_main_process:
+        try:
+            outcome = [decide()]
+        except USER_ERRORS as error:
+            outcome = [error]
+    broadcast_object_list(outcome)
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0]
+
+
 def build_accelerator(config: Config, run: RunLocation):
     """Device and precision (and, through Accelerate, distribution, and the trackers that receive the metrics),
     decided here once for the whole program. Nothing is written until the run directory is started."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from accelerate.utils import ProjectConfiguration, set_seed
 
     hardware = config.hardware
     if hardware.device == "cuda" and not torch.cuda.is_available():
@@ -236,12 +284,10 @@ def build_accelerator(config: Config, run: RunLocation):
     if hardware.mixed_precision == "fp16" and not uses_cuda:
         raise ConfigError("hardware.mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this machine.")
     accelerator = Accelerator(
-        cpu=hardware.device == "cpu",
+        cpu=runs_on_cpu(hardware),
         mixed_precision=hardware.mixed_precision,
         log_with=trackers(config, run) or None,
         project_config=ProjectConfiguration(project_dir=str(run.directory), logging_dir=str(run.directory)),
-        # Shuffles from the seed and the epoch number, so a resumed run sees the batches it would have seen.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
     )
     set_seed(config.seed)
     return accelerator
@@ -376,9 +422,6 @@ class RunningSums:
     def zeros(cls, device) -> "RunningSums":
         return cls(*(torch.zeros((), device=device) for _ in range(3)))
 
-    def to_list(self) -> list[float]:
-        return [*torch.stack([self.loss, self.kd, self.ce]).tolist(), self.steps]
-
     @classmethod
     def from_list(cls, values: list[float], device) -> "RunningSums":
         # float32 -> Python float -> float32 is exact, so the restored sums are bitwise the saved ones.
@@ -421,9 +464,24 @@ class Trainer:
             collator = dataset.PackingCollator(tokenizer.pad_token_id, config.data.max_length, config.data.mask_instruction)
         else:
             collator = dataset.PaddingCollator(tokenizer.pad_token_id, config.data.mask_instruction)
-        loaders = {name: self._loader(splits[name], collator, shuffle=name == "train") for name in dataset.SPLIT_NAMES}
+        self.train_loader, self.validation_loader, self.test_loader = (
+            self._loader(splits[name], collator, shuffle=name == "train") for name in dataset.SPLIT_NAMES
+        )
+        # A sample with a target, collated once: the stand-in for a process that has no batch left in an epoch's
+        # last step (weighted 0), since every process must take part in each step's gradient reduction.
+        self.stand_in_batch = collator([splits["train"][0]])
+        # Real and target tokens per training sample, so that every process knows each step's totals over all
+        # processes without communicating (or waiting on the device).
+        lengths = np.asarray(splits["train"]["length"])
+        self.sample_tokens = lengths
+        self.sample_targets = dataset.target_counts(
+            lengths, np.asarray(splits["train"]["prompt_length"]), config.data.mask_instruction
+        )
         optimizer = build_optimizer(student, self.training)
-        self.steps_per_epoch = math.ceil(len(loaders["train"]) / self.training.gradient_accumulation_steps)
+        # An optimizer step takes `gradient_accumulation_steps` batches on each process: the global batch is
+        # batch_size x gradient_accumulation_steps x processes samples.
+        self.batches_per_step = self.training.gradient_accumulation_steps * accelerator.num_processes
+        self.steps_per_epoch = math.ceil(self.train_loader.batch_sampler.total / self.batches_per_step)
         self.total_steps = self.steps_per_epoch * self.training.nb_epochs
         if self.training.max_steps is not None:
             self.total_steps = min(self.total_steps, self.training.max_steps)
@@ -438,9 +496,8 @@ class Trainer:
             for network in (student_network, teacher_network):
                 if network is not None:
                     network.compile(dynamic=True)  # batches vary in length: one graph with a symbolic length
-        self.student, self.optimizer, self.train_loader, self.validation_loader, self.test_loader = accelerator.prepare(
-            student_network, optimizer, loaders["train"], loaders["validation"], loaders["test"]
-        )
+        # The data loaders stay ours (dataset.EpochBatches shards them); Accelerate places each batch on the device.
+        self.student, self.optimizer = accelerator.prepare(student_network, optimizer)
         self.teacher = None
         if teacher_network is not None:
             self.teacher = accelerator.prepare_model(teacher_network, evaluation_mode=True)
@@ -460,21 +517,30 @@ class Trainer:
             self.criterion,
         )
         logger.info(
-            "Data: %s; %d optimizer steps of %d samples per device",
+            "Data: %s; %d optimizer steps of %d samples (%d per process and micro-batch, %d micro-batches, %d "
+            "processes)",
             ", ".join(f"{name} {len(splits[name])}" for name in dataset.SPLIT_NAMES),
             self.total_steps,
-            self.training.batch_size * self.training.gradient_accumulation_steps,
+            self.training.batch_size * self.batches_per_step,
+            self.training.batch_size,
+            self.training.gradient_accumulation_steps,
+            accelerator.num_processes,
         )
 
     def _loader(self, split, collator, shuffle: bool) -> DataLoader:
-        # A generator of its own: starting an epoch then draws nothing from the global RNG, whose state (dropout)
+        sampler = dataset.EpochBatches(
+            split["length"], self.training.batch_size, self.config.seed, shuffle, self.config.data.group_by_length,
+            self.accelerator.num_processes, self.accelerator.process_index,
+        )
+        # A generator of its own: starting to iterate then draws nothing from the global RNG, whose state (dropout)
         # a checkpoint restores, so a resumed run continues exactly as an uninterrupted one.
         generator = torch.Generator().manual_seed(self.config.seed)
-        if not self.config.data.group_by_length:
-            return DataLoader(split, batch_size=self.training.batch_size, shuffle=shuffle, collate_fn=collator,
-                              generator=generator)
-        sampler = dataset.LengthGroupedBatchSampler(split["length"], self.training.batch_size, self.config.seed, shuffle)
         return DataLoader(split, batch_sampler=sampler, collate_fn=collator, generator=generator)
+
+    def _on_device(self, batch: dict) -> dict:
+        from accelerate.utils import send_to_device
+
+        return send_to_device(batch, self.accelerator.device)
 
     # --- state ---------------------------------------------------------------------------------------------------
 
@@ -495,6 +561,9 @@ class Trainer:
         self.elapsed_before = self.state.elapsed_s
         if self.state.interval_sums is not None:
             self.sums = RunningSums.from_list(self.state.interval_sums, self.accelerator.device)
+            if not self.accelerator.is_main_process:  # the saved sums are over all processes: hold them once
+                self.sums = RunningSums(*(value * 0 for value in (self.sums.loss, self.sums.kd, self.sums.ce)),
+                                        self.sums.steps)
         load_model_weights(self.last_directory, self.student_model)
         load_training_state(self.last_directory, self.optimizer, self.scheduler, self.accelerator.scaler)
         logger.info(
@@ -525,21 +594,26 @@ class Trainer:
     def _train_one_epoch(self, epoch: int) -> bool:
         """One pass over the training split (from the saved position when resuming); True when max_steps is hit."""
         accelerator, state, training = self.accelerator, self.state, self.training
-        self.train_loader.set_epoch(epoch)
-        batches = self.train_loader
-        if state.batches_done_in_epoch:
-            batches = accelerator.skip_first_batches(self.train_loader, state.batches_done_in_epoch)
+        sampler = self.train_loader.batch_sampler
+        sampler.set_epoch(epoch, start=state.batches_done_in_epoch)  # global batches already done (a resume)
+        remaining_batches = sampler.global_batches()[state.batches_done_in_epoch :]
+        my_batches = iter(self.train_loader)
         interval_start, interval_tokens = time.perf_counter(), 0
-        progress = _progress_bar(accelerator, len(self.train_loader), state.batches_done_in_epoch, epoch, training)
+        progress = _progress_bar(accelerator, sampler.total, state.batches_done_in_epoch, epoch, training)
         self.student.train()
-        for step_batches in _in_groups(batches, training.gradient_accumulation_steps):
-            self._optimizer_step(step_batches)
-            for batch in step_batches:
-                interval_tokens += batch["real_tokens"]
-                state.tokens_seen += batch["real_tokens"]
-                state.samples_seen += batch["input_ids"].size(0)
-            state.batches_done_in_epoch += len(step_batches)
-            progress.update(len(step_batches))
+        for step_start in range(0, len(remaining_batches), self.batches_per_step):
+            step_indices = np.concatenate(remaining_batches[step_start : step_start + self.batches_per_step])
+            # Global batch k of the step is on process k % processes: this process's share of the step.
+            in_step = min(self.batches_per_step, len(remaining_batches) - step_start)
+            mine = max(0, -(-(in_step - accelerator.process_index) // accelerator.num_processes))
+            step_targets = int(self.sample_targets[step_indices].sum())
+            self._optimizer_step([self._on_device(next(my_batches)) for _ in range(mine)], step_targets)
+            real_tokens = int(self.sample_tokens[step_indices].sum())
+            interval_tokens += real_tokens
+            state.tokens_seen += real_tokens
+            state.samples_seen += len(step_indices)
+            state.batches_done_in_epoch += in_step
+            progress.update(in_step)
             state.global_step += 1
             if state.global_step % training.log_every_steps == 0:
                 record = self._log_training(epoch, interval_tokens / (time.perf_counter() - interval_start))
@@ -569,17 +643,21 @@ class Trainer:
         self.save_last()  # always: the checkpoint must record that the epoch is complete
         return False
 
-    def _optimizer_step(self, step_batches: list[dict]) -> None:
-        """One optimizer step over its micro-batches, normalised by the real target tokens of the whole step.
+    def _optimizer_step(self, step_batches: list[dict], step_targets: int) -> None:
+        """One optimizer step over this process's micro-batches, normalised by `step_targets`, the real target
+        tokens of the whole step on every process.
 
         Each micro-batch's loss is a mean over its own targets; weighting it by its share of the step's targets
         makes the gradient the mean over every target of the step, so the update does not depend on how the
-        step's samples are split into micro-batches.
+        step's samples are split into micro-batches and processes. (DDP averages the processes' gradients, hence
+        the factor `num_processes`.)
         """
         accelerator, training, state = self.accelerator, self.training, self.state
-        step_targets = sum(batch["target_tokens"] for batch in step_batches)
-        for index, batch in enumerate(step_batches):
-            last = index == len(step_batches) - 1
+        step_targets = max(step_targets, 1)
+        # A process with no batch left in an epoch's last step still joins the gradient reduction, with weight 0.
+        planned = [(batch, batch["target_tokens"]) for batch in step_batches] or [(self._stand_in(), 0)]
+        for index, (batch, targets) in enumerate(planned):
+            last = index == len(planned) - 1
             # Gradients are only reduced across processes on the last micro-batch of the step.
             with contextlib.nullcontext() if last else accelerator.no_sync(self.student):
                 output = self.compute_loss(batch)
@@ -587,9 +665,14 @@ class Trainer:
                 if training.on_nonfinite_loss == "skip" and not torch.isfinite(output.loss).item():
                     state.skipped_batches += 1
                     logger.warning("Skipped a batch with a non-finite loss at step %d", state.global_step + 1)
-                    continue
-                share = batch["target_tokens"] / step_targets
-                accelerator.backward(output.loss * share)
+                    if not last or accelerator.num_processes == 1:
+                        continue
+                    # This process must still join the step's gradient reduction: with a stand-in of weight 0.
+                    output, targets = self.compute_loss(self._stand_in()), 0
+                    if not torch.isfinite(output.loss).item():
+                        raise self._non_finite_loss()  # even a plain training sample fails: the weights are broken
+                share = targets / step_targets
+                accelerator.backward(output.loss * share * accelerator.num_processes)
                 self.sums.add(output, share)
         self.sums.steps += 1
         if training.max_grad_norm is not None:
@@ -598,6 +681,9 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def _stand_in(self) -> dict:
+        return self._on_device(self.stand_in_batch)
+
     def _stop_for_signal(self) -> None:
         if self.last_saved_step != self.state.global_step:
             self.save_last()
@@ -605,8 +691,13 @@ class Trainer:
 
     def _check_finite(self) -> None:
         """Never validate or save weights that a NaN or inf loss has reached (one device sync, at those moments)."""
-        if self.training.on_nonfinite_loss == "stop" and not torch.isfinite(self.sums.loss).item():
+        if self.training.on_nonfinite_loss == "stop" and not torch.isfinite(self._global_sums()[0]).item():
             raise self._non_finite_loss()
+
+    def _global_sums(self) -> torch.Tensor:
+        """Loss, kd and ce summed since the last log step over every process (each holds its own shares)."""
+        sums = torch.stack([self.sums.loss, self.sums.kd, self.sums.ce])
+        return self.accelerator.reduce(sums, reduction="sum") if self.accelerator.num_processes > 1 else sums
 
     def _non_finite_loss(self) -> "NonFiniteLoss":
         return NonFiniteLoss(self.state.global_step, self.last_directory, self.last_saved_step)
@@ -640,7 +731,7 @@ class Trainer:
         """Loss terms averaged over every real target token of the split (not over batches), and perplexity."""
         self.student.eval()
         totals = torch.zeros(4, device=self.accelerator.device)  # loss, kd and ce summed over targets; targets
-        for batch in loader:
+        for batch in map(self._on_device, loader):
             output = self.compute_loss(batch)
             targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
             kd = output.kd if output.kd is not None else torch.zeros_like(output.ce)
@@ -711,7 +802,7 @@ class Trainer:
         if split not in self.teacher_results:
             loader = {"validation": self.validation_loader, "test": self.test_loader}[split]
             totals = torch.zeros(2, device=self.accelerator.device)  # CE summed over targets; targets
-            for batch in loader:
+            for batch in map(self._on_device, loader):
                 with self.accelerator.autocast():
                     logits = self.teacher_model(**model_inputs(batch)).logits
                 targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
@@ -735,7 +826,7 @@ class Trainer:
     def _save(self, directory: Path) -> None:
         self._check_finite()
         # The loss sums since the last log step travel with the checkpoint, so a resumed run logs the same numbers.
-        self.state.interval_sums = self.sums.to_list()
+        self.state.interval_sums = [*self._global_sums().tolist(), self.sums.steps]
         self.state.elapsed_s = round(self.elapsed(), 3)
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
@@ -743,12 +834,13 @@ class Trainer:
                 directory, self.student_model, self.tokenizer,
                 self.optimizer, self.scheduler, self.state, self.identity, self.accelerator.scaler,
             )
+        self.accelerator.wait_for_everyone()  # no process reads a checkpoint (the best, for the test) mid-write
 
     def _log_training(self, epoch: int, tokens_per_second: float) -> dict:
         sums = self.sums
         count = max(sums.steps, 1)
         # The one device sync of the interval: every term leaves the device together.
-        loss, kd, ce = (torch.stack([sums.loss, sums.kd, sums.ce]) / count).tolist()
+        loss, kd, ce = (self._global_sums() / count).tolist()
         if self.training.on_nonfinite_loss == "stop" and not math.isfinite(loss):
             raise self._non_finite_loss()
         record = {
@@ -810,18 +902,6 @@ def model_inputs(batch: dict) -> dict:
     names = ("input_ids", "attention_mask", "position_ids")
     # No key/value cache: it is only for generation, and building it costs a copy per layer.
     return {"use_cache": False, **{name: batch[name] for name in names if name in batch}}
-
-
-def _in_groups(batches, size: int):
-    """Consecutive lists of `size` batches (the last may be shorter): the micro-batches of each optimizer step."""
-    group = []
-    for batch in batches:
-        group.append(batch)
-        if len(group) == size:
-            yield group
-            group = []
-    if group:
-        yield group
 
 
 def build_optimizer(student: torch.nn.Module, training) -> torch.optim.Optimizer:

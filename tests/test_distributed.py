@@ -1,0 +1,131 @@
+"""Several processes (torchrun, CPU, gloo): the same training as one process, disjoint shards, one copy of each record
+and checkpoint, and resuming with another number of processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+import dataset
+import distill
+from conftest import REPO, base_config, save_gpt2, write_config
+
+
+@pytest.mark.parametrize("processes", [1, 2, 3])
+@pytest.mark.parametrize("start", [0, 5])
+@pytest.mark.parametrize("group_by_length", [True, False])
+def test_processes_share_out_each_epoch_disjointly_and_completely(processes, start, group_by_length):
+    lengths = np.random.default_rng(0).integers(2, 200, size=103)
+    shards = []
+    for rank in range(processes):
+        sampler = dataset.EpochBatches(lengths, 8, seed=4, group_by_length=group_by_length,
+                                       num_processes=processes, process_index=rank)
+        sampler.set_epoch(2, start=start)
+        shards.append(list(sampler))
+        assert len(sampler) == len(shards[-1])
+    reference = dataset.EpochBatches(lengths, 8, seed=4, group_by_length=group_by_length)
+    reference.set_epoch(2)
+    expected = reference.global_batches()[start:]  # the order does not depend on the number of processes
+    for rank, shard in enumerate(shards):
+        assert shard == expected[rank::processes]
+    seen = [index for shard in shards for batch in shard for index in batch]
+    assert sorted(seen) == sorted(index for batch in expected for index in batch)
+    assert len(seen) == len(set(seen))
+    if start == 0:
+        assert sorted(seen) == list(range(103))  # every sample once per epoch
+
+
+@pytest.fixture(scope="module")
+def no_dropout_teacher(tmp_path_factory, tokenizer):
+    # No dropout, so that processes and micro-batches see the same network whatever their random streams.
+    return save_gpt2(tmp_path_factory.mktemp("teacher-ddp"), tokenizer, nb_layers=2,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def torchrun(arguments: list[str], processes: int = 2) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                   "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+         str(REPO / "distill.py"), *arguments],
+        cwd=REPO, capture_output=True, text=True, env=environment, timeout=300,
+    )
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(str(directory / "model.safetensors"))
+
+
+def assert_same_weights(first: Path, second: Path) -> None:
+    expected, actual = weights(first), weights(second)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.allclose(expected[key], actual[key], atol=1e-5, rtol=0), key
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, no_dropout_teacher, data_file):
+    """Two processes x 1 micro-batch of 9, and one process x 2 micro-batches of 9: the same global batch of 18.
+    96 training samples make 11 batches, so the last step of each epoch has one batch: the second process then
+    takes part with a stand-in batch of weight 0."""
+    root = tmp_path_factory.mktemp("ddp")
+    values = base_config(root, no_dropout_teacher, data_file)
+    values["training_parameters"].update(batch_size=9, lr_scheduler="constant", warmup_steps=0, eval_every_steps=3)
+    config_file = write_config(root / "config.yaml", values)
+    completed = torchrun(["--config", str(config_file), "--run-name", "two"])
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert distill.main(["--config", str(config_file), "--run-name", "one",
+                         "--set", "training_parameters.gradient_accumulation_steps=2"]) == 0
+    return root, config_file, completed
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(runs):
+    root, _, _ = runs
+    checkpoints = root / "checkpoints"
+    assert_same_weights(checkpoints / "one" / "last", checkpoints / "two" / "last")
+    one, two = (json.loads((checkpoints / name / "summary.json").read_text()) for name in ("one", "two"))
+    assert two["steps"] == one["steps"] == 2 * 6
+    assert two["samples_seen"] == one["samples_seen"] == 2 * 96  # every training sample once per epoch
+    assert two["tokens_seen"] == one["tokens_seen"]
+    assert two["test"]["loss"] == pytest.approx(one["test"]["loss"], abs=1e-5)  # evaluation reduced over processes
+    assert two["teacher"]["test"]["perplexity"] == pytest.approx(one["teacher"]["test"]["perplexity"], rel=1e-6)
+
+
+def test_two_processes_write_one_copy_of_each_record_and_checkpoint(runs):
+    root, _, completed = runs
+    run = root / "checkpoints" / "two"
+    assert sorted(path.name for path in (root / "checkpoints").iterdir()) == ["one", "two"]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    keys = [(record["split"], record["step"]) for record in records]
+    assert len(keys) == len(set(keys))
+    log = (run / "train.log").read_text()
+    for step in (3, 6, 9, 12):
+        assert log.count(f"Validation at step {step}:") == 1
+    assert log.count("Training done") == 1
+    assert completed.stderr.count("Training done") == 1  # the other process does not repeat the log
+    assert {path.name for path in run.iterdir()} >= {"last", "best", "summary.json", "config.yaml"}
+
+
+def test_a_two_process_run_resumed_as_one_process_continues_correctly(runs):
+    root, config_file, _ = runs
+    stopped = torchrun(["--config", str(config_file), "--run-name", "two-then-one",
+                        "--set", "training_parameters.max_steps=4"])
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    run = root / "checkpoints" / "two-then-one"
+    state = json.loads((run / "last" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and state["batches_done_in_epoch"] == 8  # global batches, both processes
+    assert distill.main(["--config", str(config_file), "--run-name", "two-then-one", "--resume",
+                         "--set", "training_parameters.max_steps=null",
+                         "--set", "training_parameters.gradient_accumulation_steps=2"]) == 0
+    assert_same_weights(root / "checkpoints" / "one" / "last", run / "last")
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["split"] == "train"]
+    assert steps == list(range(2, 13, 2))
