@@ -113,6 +113,7 @@ def run_identity(model_config, tokenizer, criterion) -> dict:
     }
 
 
+_KEPT_UNTIL_EXIT: list = []
 PLAIN_LOSS_OVERRIDE = "training_parameters.loss={'()': loss.ClassicLoss}"
 
 
@@ -124,7 +125,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         baseline = run.directory.parent / f"{run.name}-plain"
         resume = arguments.resume and baseline.exists()
         status, _ = train(arguments.config, [*arguments.set, PLAIN_LOSS_OVERRIDE], baseline.name, resume)
-    end_processes()
+    end_processes(status)
     return status
 
 
@@ -150,6 +151,9 @@ def train(config_file: str, overrides: list[str], run_name: Optional[str], resum
                 config.data.num_proc,
             )
         trainer = Trainer(config, run, accelerator, tokenizer, teacher, student, splits)
+        if accelerator.num_processes > 1:
+            # Kept until end_processes: freeing DDP's reducer mid-process can wait forever on gloo's threads.
+            _KEPT_UNTIL_EXIT.append(trainer)
         trainer.restore()
         start_run_directory(run, config, early_records, accelerator)
         start_trackers(accelerator, config, trainer.state)
@@ -237,11 +241,15 @@ def start_processes(config: Config):
     return PartialState(cpu=runs_on_cpu(config.hardware))
 
 
-def end_processes() -> None:
-    """Leave the process group of a distributed launch explicitly: left to the interpreter's exit, gloo's teardown
-    can wait forever on its threads."""
+def end_processes(status: int) -> None:
+    """End a process of a distributed launch once every process is done. The process exits here, skipping the
+    interpreter's teardown: there, destroying DDP's reducer can wait forever on gloo's threads. (Records, logs and
+    trackers are closed by then.)"""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        torch.distributed.barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 def runs_on_cpu(hardware) -> bool:
