@@ -135,7 +135,9 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, config_file, monk
     straight = tmp_path / "checkpoints" / "straight"
     expected, resumed = weights(straight / "last"), weights(stopped / "last")
     for key in expected:
-        assert torch.equal(expected[key], resumed[key]), key  # bitwise
+        # Bitwise in almost every run; 1e-6 tolerates a last-bit rounding difference of CPU kernels (see
+        # test_recovery.py), far below what any resume mistake would change.
+        assert (expected[key] - resumed[key]).abs().max().item() <= 1e-6, key
     steps = [record["step"] for record in read_metrics(stopped) if record["split"] == "train"]
     assert steps == [record["step"] for record in read_metrics(straight) if record["split"] == "train"]
     assert (stopped / "config.resumed.yaml").is_file()
