@@ -400,7 +400,7 @@ def _check_cross_field(config: Config, source: str) -> None:
         ("training_parameters.checkpoints_name_best", training.checkpoints_name_best),
     ):
         check_simple_name(value, f"{source}: {key}")
-    trackers = [name.strip() for name in training.report_to.split(",")]
+    trackers = report_to_names(training)
     unknown = [name for name in trackers if name not in REPORT_TO_CHOICES]
     if unknown or (len(trackers) > 1 and ({"auto", "none"} & set(trackers))):
         raise ConfigError(
@@ -412,6 +412,11 @@ def _check_cross_field(config: Config, source: str) -> None:
             f"{source}: data.mask_instruction needs the Alpaca fields to find the response; "
             f"set data.text_column to null or mask_instruction to false."
         )
+
+
+def report_to_names(training: TrainingParameters) -> list[str]:
+    """The tracker names that `training_parameters.report_to` lists, comma-separated."""
+    return [name.strip() for name in training.report_to.split(",")]
 
 
 def check_simple_name(value: str, what: str) -> None:

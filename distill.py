@@ -43,7 +43,7 @@ from checkpoints import (
     locate_run,
     save_checkpoint,
 )
-from config import Config, ConfigError, dump_config, load_config, to_plain_dict
+from config import Config, ConfigError, dump_config, load_config, report_to_names, to_plain_dict
 from dataset import DataError
 from loss import IGNORE_INDEX, next_token_cross_entropy
 from models import ModelError
@@ -306,7 +306,7 @@ def trackers(config: Config, run: RunLocation) -> list:
     files in `<run>/tensorboard/` (by default whenever tensorboard is installed), and Weights & Biases."""
     import importlib.util
 
-    names = [name.strip() for name in config.training_parameters.report_to.split(",")]
+    names = report_to_names(config.training_parameters)
     if names == ["auto"]:
         names = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
     chosen = []
@@ -568,10 +568,11 @@ class Trainer:
         self.last_saved_step = self.state.global_step
         self.elapsed_before = self.state.elapsed_s
         if self.state.interval_sums is not None:
-            self.sums = RunningSums.from_list(self.state.interval_sums, self.accelerator.device)
-            if not self.accelerator.is_main_process:  # the saved sums are over all processes: hold them once
-                self.sums = RunningSums(*(value * 0 for value in (self.sums.loss, self.sums.kd, self.sums.ce)),
-                                        self.sums.steps)
+            if self.accelerator.is_main_process:
+                self.sums = RunningSums.from_list(self.state.interval_sums, self.accelerator.device)
+            else:  # the saved sums are over all processes: the main process holds them once
+                self.sums = RunningSums.zeros(self.accelerator.device)
+                self.sums.steps = int(self.state.interval_sums[3])
         load_model_weights(self.last_directory, self.student_model)
         load_training_state(self.last_directory, self.optimizer, self.scheduler, self.accelerator.scaler)
         logger.info(
