@@ -4,7 +4,8 @@ A run lives in `<paths.checkpoints>/<run name>/`. Inside it, the last and the be
 directories (config.json, model.safetensors, tokenizer files) that `AutoModelForCausalLM.from_pretrained` loads,
 plus what resuming needs: `trainer_state.json` (plain JSON: epoch, position in the epoch, step, best validation loss)
 and `training_state.pt` (optimizer, scheduler and RNG states, read back with `torch.load(weights_only=True)`, which
-runs no code from the file). A checkpoint is written to a hidden staging folder and renamed into place, so a crash
+runs no code from the file). The optimizer state is keyed by parameter name, whole (never sharded), so a checkpoint
+resumes with any number of processes, with or without FSDP. A checkpoint is written to a hidden staging folder and renamed into place, so a crash
 during a write leaves the previous checkpoint whole.
 """
 
@@ -109,21 +110,80 @@ def locate_run(checkpoints_root: str, config_name: str, run_name: Optional[str],
     return RunLocation(name, root / name, False)
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP shards the model's parameters over the processes (each holds a slice of every weight)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def gather_training_states(model: torch.nn.Module, optimizer) -> tuple[Optional[dict], dict]:
+    """The model's whole weights and the optimizer state keyed by parameter name, for a checkpoint.
+
+    A sharded model's states are gathered from every process onto the main one (so every process must call this);
+    for an unsharded model the weights are None: `save_pretrained` reads them from the model itself.
+    """
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # inside Accelerate's wrapper
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+        )
+
+        whole_on_main = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(model, options=whole_on_main)
+        # Gathered, a tied head is a copy of the embedding; stored once, as save_pretrained does for a plain model.
+        weights = {key: tensor for key, tensor in weights.items() if not _is_tied(model, key)}
+        return weights, get_optimizer_state_dict(model, optimizer, options=whole_on_main)
+    return None, _keyed_by_name(optimizer.state_dict(), _parameter_names(model, optimizer))
+
+
+def _parameter_names(model: torch.nn.Module, optimizer) -> list[str]:
+    """Each optimized parameter's name, in the optimizer's order (the indices of its own state_dict)."""
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    return [names[id(parameter)] for group in optimizer.param_groups for parameter in group["params"]]
+
+
+def _keyed_by_name(optimizer_state: dict, names: list[str]) -> dict:
+    return {
+        "state": {names[index]: values for index, values in optimizer_state["state"].items()},
+        "param_groups": [{**group, "params": [names[index] for index in group["params"]]}
+                         for group in optimizer_state["param_groups"]],
+    }
+
+
+def _keyed_by_index(optimizer_state: dict, names: list[str]) -> dict:
+    index = {name: position for position, name in enumerate(names)}
+    return {
+        "state": {index[name]: values for name, values in optimizer_state["state"].items()},
+        "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
+                         for group in optimizer_state["param_groups"]],
+    }
+
+
+def _is_keyed_by_name(optimizer_state: dict) -> bool:
+    return any(isinstance(key, str) for group in optimizer_state["param_groups"] for key in group["params"])
+
+
 def save_checkpoint(
-    directory: Path, model, tokenizer, optimizer, scheduler, state: TrainerState, identity: dict, scaler=None
+    directory: Path, model, tokenizer, optimizer_state: dict, scheduler, state: TrainerState, identity: dict,
+    scaler=None, weights: Optional[dict] = None,
 ) -> None:
     """Write a complete checkpoint to a staging folder, then swap it in: the old one stays until the new is whole.
 
-    `identity` describes what was trained (model shape, tokenizer, loss); a resume checks it against the config.
+    `optimizer_state` and `weights` come from `gather_training_states`. `identity` describes what was trained (model
+    shape, tokenizer, loss); a resume checks it against the config.
     """
     recover_interrupted_write(directory)
     staging = directory.with_name(f".{directory.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.mkdir(parents=True)
-        model.save_pretrained(staging, safe_serialization=True)
+        if weights is None:
+            model.save_pretrained(staging, safe_serialization=True)
+        else:
+            model.save_pretrained(staging, safe_serialization=True, state_dict=weights)
         tokenizer.save_pretrained(staging)
-        training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_states()}
+        training_state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": _rng_states()}
         if scaler is not None:
             training_state["scaler"] = scaler.state_dict()
         torch.save(training_state, staging / TRAINING_STATE_FILE)
@@ -235,14 +295,20 @@ def load_model_weights(directory: Path, model: torch.nn.Module) -> None:
             f"the checkpoint in {directory} does not match the configured student ({'; '.join(details)}); "
             f"resume with the config that started this run."
         )
-    model.load_state_dict(weights, strict=False)
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        # Each process keeps its own slice of the whole weights; a tied head comes with the embedding.
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        model.load_state_dict(weights, strict=False)
 
 
-def load_training_state(directory: Path, optimizer, scheduler, scaler=None) -> None:
+def load_training_state(directory: Path, model, optimizer, scheduler, scaler=None) -> None:
     try:
         # weights_only: tensors and plain containers only; a pickle that would run code is refused.
         saved = torch.load(directory / TRAINING_STATE_FILE, weights_only=True, map_location="cpu")
-        optimizer.load_state_dict(saved["optimizer"])
+        _load_optimizer_state(model, optimizer, saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         if scaler is not None and "scaler" in saved:
             scaler.load_state_dict(saved["scaler"])
@@ -252,6 +318,23 @@ def load_training_state(directory: Path, optimizer, scheduler, scaler=None) -> N
             f"the checkpoint is damaged or comes from another configuration."
         ) from None
     _restore_rng_states(saved.get("rng", {}))
+
+
+def _load_optimizer_state(model: torch.nn.Module, optimizer, optimizer_state: dict) -> None:
+    """Load a whole optimizer state keyed by name (or by index, as checkpoints of earlier versions were) into the
+    optimizer of this run, whose parameters may be sharded over another number of processes."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    names = _parameter_names(model, inner)
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        if not _is_keyed_by_name(optimizer_state):
+            optimizer_state = _keyed_by_name(optimizer_state, names)
+        set_optimizer_state_dict(model, inner, optimizer_state, options=StateDictOptions(full_state_dict=True))
+    else:
+        if _is_keyed_by_name(optimizer_state):
+            optimizer_state = _keyed_by_index(optimizer_state, names)
+        optimizer.load_state_dict(optimizer_state)
 
 
 def _is_tied(model: torch.nn.Module, key: str) -> bool:

@@ -120,6 +120,15 @@ class Hardware:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     # torch.compile the student and teacher: faster steps once compiled, at a start-up cost of a minute or more.
     compile: bool = False
+    # How several processes (torchrun, accelerate launch) hold the models: ddp (each process a whole copy) or fsdp
+    # (FSDP2: the student's weights, gradients and optimizer states and the teacher's weights are sharded over the
+    # processes, one unit per transformer block). One process ignores it.
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    # fsdp: free each block's gathered weights after its forward pass and gather them again for the backward pass
+    # (least memory, as ZeRO-3), or keep them until the backward pass (less communication, close to ZeRO-2).
+    fsdp_reshard_after_forward: bool = True
+    # fsdp: keep the sharded weights and optimizer states in CPU memory between uses (slower, for what does not fit).
+    fsdp_cpu_offload: bool = False
 
 
 @dataclass(frozen=True)

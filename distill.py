@@ -36,6 +36,7 @@ from checkpoints import (
     CheckpointError,
     RunLocation,
     TrainerState,
+    gather_training_states,
     keep_step_snapshot,
     load_model_weights,
     load_trainer_state,
@@ -280,8 +281,8 @@ def decided_by_main_process(processes, decide):
 def build_accelerator(config: Config, run: RunLocation):
     """Device and precision (and, through Accelerate, distribution, and the trackers that receive the metrics),
     decided here once for the whole program. Nothing is written until the run directory is started."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 
     hardware = config.hardware
     if hardware.device == "cuda" and not torch.cuda.is_available():
@@ -291,14 +292,57 @@ def build_accelerator(config: Config, run: RunLocation):
     uses_cuda = hardware.device == "cuda" or (hardware.device == "auto" and torch.cuda.is_available())
     if hardware.mixed_precision == "fp16" and not uses_cuda:
         raise ConfigError("hardware.mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this machine.")
+    sharding = fsdp_plugin(config)
     accelerator = Accelerator(
         cpu=runs_on_cpu(hardware),
         mixed_precision=hardware.mixed_precision,
+        fsdp_plugin=sharding,
         log_with=trackers(config, run) or None,
         project_config=ProjectConfiguration(project_dir=str(run.directory), logging_dir=str(run.directory)),
     )
+    if sharding is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        # Accelerate turns FSDP on for accelerator devices only; PyTorch's FSDP2 shards over gloo on CPUs as well.
+        if hardware.mixed_precision != "no":  # as Accelerate does for GPUs
+            sharding.set_mixed_precision(hardware.mixed_precision)
+        accelerator.state.fsdp_plugin = sharding
+        # Both shared states, as Accelerate sets them: a later AcceleratorState() copies the process state's type.
+        accelerator.state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
     set_seed(config.seed)
     return accelerator
+
+
+def fsdp_plugin(config: Config):
+    """FSDP2 settings when `hardware.distributed` is fsdp (or `accelerate launch --use_fsdp` asked for it) and
+    there are several processes; else None (DDP, or a single process)."""
+    from accelerate import PartialState
+    from accelerate.utils import FullyShardedDataParallelPlugin, parse_flag_from_env
+
+    hardware = config.hardware
+    asked = hardware.distributed == "fsdp" or parse_flag_from_env("ACCELERATE_USE_FSDP")
+    if not asked or PartialState().num_processes == 1:
+        return None
+    if getattr(config.training_parameters.loss, "uses_hidden_states", False):
+        raise ConfigError(
+            "the chunked loss reads the output head's weight outside the forward pass, where FSDP keeps only a "
+            "shard of it; use loss.DistillationLoss with hardware.distributed fsdp, or set it to ddp."
+        )
+    if hardware.fsdp_cpu_offload and runs_on_cpu(hardware):
+        raise ConfigError(
+            "hardware.fsdp_cpu_offload moves sharded weights out of GPU memory, and these processes run on CPUs; "
+            "set it to false."
+        )
+    if hardware.compile:
+        raise ConfigError(
+            "hardware.compile is not supported with hardware.distributed fsdp yet; set compile to false, or "
+            "distributed to ddp."
+        )
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",  # one unit per block: the model's _no_split_modules
+        reshard_after_forward=hardware.fsdp_reshard_after_forward,
+        cpu_offload=hardware.fsdp_cpu_offload,
+        state_dict_type="FULL_STATE_DICT",
+    )
 
 
 def trackers(config: Config, run: RunLocation) -> list:
@@ -507,7 +551,11 @@ class Trainer:
         # The data loaders stay ours (dataset.EpochBatches shards them); Accelerate places each batch on the device.
         self.student, self.optimizer = accelerator.prepare(student_network, optimizer)
         self.teacher = None
-        if teacher_network is not None:
+        if teacher_network is not None and accelerator.is_fsdp2:
+            from accelerate.utils import fsdp2_prepare_model
+
+            self.teacher = fsdp2_prepare_model(accelerator, teacher_network)  # sharded like the student, in place
+        elif teacher_network is not None:
             self.teacher = accelerator.prepare_model(teacher_network, evaluation_mode=True)
         self.state = TrainerState()
         self.sums = RunningSums.zeros(accelerator.device)
@@ -526,13 +574,14 @@ class Trainer:
         )
         logger.info(
             "Data: %s; %d optimizer steps of %d samples (%d per process and micro-batch, %d micro-batches, %d "
-            "processes)",
+            "processes, %s)",
             ", ".join(f"{name} {len(splits[name])}" for name in dataset.SPLIT_NAMES),
             self.total_steps,
             self.training.batch_size * self.batches_per_step,
             self.training.batch_size,
             self.training.gradient_accumulation_steps,
             accelerator.num_processes,
+            {"fsdp": "models sharded with FSDP2", "ddp": "DDP", "none": "alone"}[distribution(accelerator)],
         )
 
     def _loader(self, split, collator, shuffle: bool) -> DataLoader:
@@ -574,7 +623,9 @@ class Trainer:
                 self.sums = RunningSums.zeros(self.accelerator.device)
                 self.sums.steps = int(self.state.interval_sums[3])
         load_model_weights(self.last_directory, self.student_model)
-        load_training_state(self.last_directory, self.optimizer, self.scheduler, self.accelerator.scaler)
+        load_training_state(
+            self.last_directory, self.student_model, self.optimizer, self.scheduler, self.accelerator.scaler
+        )
         logger.info(
             "Resumed from %s: epoch %d, step %d, %d batches into the epoch",
             self.last_directory, self.state.epoch + 1, self.state.global_step, self.state.batches_done_in_epoch,
@@ -740,9 +791,9 @@ class Trainer:
         """Loss terms averaged over every real target token of the split (not over batches), and perplexity."""
         self.student.eval()
         totals = torch.zeros(4, device=self.accelerator.device)  # loss, kd and ce summed over targets; targets
-        for batch in map(self._on_device, loader):
+        for batch, weight in self._in_step(loader):
             output = self.compute_loss(batch)
-            targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+            targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum() * weight
             kd = output.kd if output.kd is not None else torch.zeros_like(output.ce)
             totals[:3] += torch.stack([output.loss, kd, output.ce]).float() * targets
             totals[3] += targets
@@ -755,6 +806,18 @@ class Trainer:
             "perplexity": perplexity(ce),
             "target_tokens": int(totals[3].item()),
         }
+
+    def _in_step(self, loader):
+        """(batch on the device, weight) for this process's evaluation batches (weight 1), then stand-in batches
+        (weight 0) until every process has run as many: a sharded model's forward pass gathers its weights from
+        all processes, so they must all take part in each one."""
+        count = 0
+        for batch in loader:
+            count += 1
+            yield self._on_device(batch), 1
+        batches_per_process = -(-loader.batch_sampler.total // self.accelerator.num_processes)
+        for _ in range(batches_per_process - count):
+            yield self._on_device(self.stand_in_batch), 0
 
     def validate(self) -> None:
         self._check_finite()
@@ -799,6 +862,8 @@ class Trainer:
             "test": result,
             "teacher": teacher,
             "skipped_batches": self.state.skipped_batches,
+            "processes": self.accelerator.num_processes,
+            "distributed": distribution(self.accelerator),
             "wall_time_s": round(self.elapsed(), 2),
         }
         if self.accelerator.is_main_process:
@@ -811,10 +876,10 @@ class Trainer:
         if split not in self.teacher_results:
             loader = {"validation": self.validation_loader, "test": self.test_loader}[split]
             totals = torch.zeros(2, device=self.accelerator.device)  # CE summed over targets; targets
-            for batch in map(self._on_device, loader):
+            for batch, weight in self._in_step(loader):
                 with self.accelerator.autocast():
                     logits = self.teacher_model(**model_inputs(batch)).logits
-                targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+                targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum() * weight
                 ce = next_token_cross_entropy(logits[..., : self.student_model.config.vocab_size], batch["labels"])
                 totals += torch.stack([ce.float() * targets, targets.float()])
             ce_sum, count = self.accelerator.reduce(totals, reduction="sum").tolist()
@@ -837,11 +902,12 @@ class Trainer:
         # The loss sums since the last log step travel with the checkpoint, so a resumed run logs the same numbers.
         self.state.interval_sums = [*self._global_sums().tolist(), self.sums.steps]
         self.state.elapsed_s = round(self.elapsed(), 3)
+        weights, optimizer_state = gather_training_states(self.student_model, self.optimizer)
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             save_checkpoint(
-                directory, self.student_model, self.tokenizer,
-                self.optimizer, self.scheduler, self.state, self.identity, self.accelerator.scaler,
+                directory, self.student_model, self.tokenizer, optimizer_state, self.scheduler, self.state,
+                self.identity, self.accelerator.scaler, weights,
             )
         self.accelerator.wait_for_everyone()  # no process reads a checkpoint (the best, for the test) mid-write
 
@@ -888,6 +954,15 @@ class Trainer:
         records = [json.loads(line) for line in self.metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
         kept = [record for record in records if record["step"] <= step and record["split"] != "test"]
         self.metrics_file.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
+
+
+def distribution(accelerator) -> str:
+    """How the processes held the models: none (one process), ddp (whole copies) or fsdp (sharded)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return "fsdp"
+    return "ddp" if accelerator.num_processes > 1 else "none"
 
 
 def peak_memory_mib(device: torch.device) -> float:

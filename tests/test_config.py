@@ -22,6 +22,9 @@ def test_shipped_configs_are_valid():
     tiny = load_config(REPO / "configs" / "tiny.yaml")
     assert tiny.name == "tiny" and tiny.teacher.name == "assets/tiny/teacher"
     assert isinstance(load_config(REPO / "configs" / "tiny_teacher.yaml").training_parameters.loss, ClassicLoss)
+    ddp, fsdp = (load_config(REPO / "configs" / f"gpt2_8gpu_{name}.yaml") for name in ("ddp", "fsdp"))
+    assert (ddp.hardware.distributed, fsdp.hardware.distributed) == ("ddp", "fsdp")
+    assert repr(ddp.training_parameters) == repr(fsdp.training_parameters) and ddp.data == fsdp.data  # same run
 
 
 def test_seed_keys_keep_their_meaning(config_file):

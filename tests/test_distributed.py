@@ -129,3 +129,91 @@ def test_a_two_process_run_resumed_as_one_process_continues_correctly(runs):
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["split"] == "train"]
     assert steps == list(range(2, 13, 2))
+
+
+def accelerate_launch(arguments: list[str], *launch_options: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                   "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *launch_options,
+         str(REPO / "distill.py"), *arguments],
+        cwd=REPO, capture_output=True, text=True, env=environment, timeout=300,
+    )
+
+
+def test_accelerate_launch_trains_like_torchrun(runs):
+    """`accelerate launch --multi_gpu` starts its processes as torchrun does (on CPUs here, over gloo)."""
+    root, config_file, _ = runs
+    completed = accelerate_launch(["--config", str(config_file), "--run-name", "accelerate"])
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    summary = json.loads((root / "checkpoints" / "accelerate" / "summary.json").read_text())
+    assert (summary["processes"], summary["distributed"]) == (2, "ddp")
+    assert_same_weights(root / "checkpoints" / "one" / "last", root / "checkpoints" / "accelerate" / "last")
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(runs):
+    root, config_file, _ = runs
+    completed = torchrun(["--config", str(config_file), "--run-name", "two-fsdp",
+                          "--set", "hardware.distributed=fsdp"])
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return root / "checkpoints" / "two-fsdp"
+
+
+def test_fsdp_trains_like_one_process(runs, fsdp_run):
+    """Student and teacher sharded over two processes: the same weights, records and teacher figures as one
+    process with the same global batch, and a checkpoint that loads as a plain Hugging Face model."""
+    root, _, _ = runs
+    one = root / "checkpoints" / "one"
+    assert_same_weights(one / "last", fsdp_run / "last")
+    assert_same_weights(one / "best", fsdp_run / "best")
+    expected, actual = (json.loads((run / "summary.json").read_text()) for run in (one, fsdp_run))
+    assert (actual["processes"], actual["distributed"]) == (2, "fsdp")
+    assert (expected["processes"], expected["distributed"]) == (1, "none")
+    assert actual["steps"] == expected["steps"] and actual["samples_seen"] == expected["samples_seen"]
+    assert actual["test"]["loss"] == pytest.approx(expected["test"]["loss"], abs=1e-5)
+    assert actual["test"]["target_tokens"] == expected["test"]["target_tokens"]  # stand-in batches weigh nothing
+    assert actual["teacher"]["test"]["perplexity"] == pytest.approx(expected["teacher"]["test"]["perplexity"],
+                                                                    rel=1e-6)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(fsdp_run / "last")
+    assert model.config.architectures == ["GPT2LMHeadModel"]
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # the head is still tied
+
+
+def test_a_checkpoint_moves_between_fsdp_and_one_process(runs):
+    """Two sharded processes to step 4, one process to step 8, two sharded processes to the end: the optimizer
+    state, keyed by parameter name, is gathered whole and sharded again, and the end is the one-process run's."""
+    root, config_file, _ = runs
+    name = "fsdp-one-fsdp"
+    first = torchrun(["--config", str(config_file), "--run-name", name, "--set", "hardware.distributed=fsdp",
+                      "--set", "training_parameters.max_steps=4"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert distill.main(["--config", str(config_file), "--run-name", name, "--resume",
+                         "--set", "training_parameters.max_steps=8",
+                         "--set", "training_parameters.gradient_accumulation_steps=2"]) == 0
+    last = torchrun(["--config", str(config_file), "--run-name", name, "--resume",
+                     "--set", "hardware.distributed=fsdp"])
+    assert last.returncode == 0, last.stderr[-3000:]
+    run = root / "checkpoints" / name
+    assert_same_weights(root / "checkpoints" / "one" / "last", run / "last")
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["split"] == "train"]
+    assert steps == list(range(2, 13, 2))
+
+
+@pytest.mark.parametrize("setting, sentence", [
+    ("training_parameters.loss.()=loss.ChunkedDistillationLoss", "error: the chunked loss reads the output head"),
+    ("hardware.fsdp_cpu_offload=true", "error: hardware.fsdp_cpu_offload moves sharded weights out of GPU memory"),
+])
+def test_fsdp_refuses_what_it_cannot_shard(runs, setting, sentence):
+    root, config_file, _ = runs
+    completed = torchrun(["--config", str(config_file), "--run-name", "fsdp-refused",
+                          "--set", "hardware.distributed=fsdp", "--set", setting])
+    # Each process stops with the sentence and exit code 2 (torchrun itself then exits 1 with its own report).
+    assert completed.returncode != 0 and "(exitcode: 2)" in completed.stderr
+    assert completed.stderr.count(sentence) == 2
+    assert "[rank0]: Traceback" not in completed.stderr and "[rank1]: Traceback" not in completed.stderr
+    assert not (root / "checkpoints" / "fsdp-refused").exists()

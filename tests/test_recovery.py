@@ -197,3 +197,35 @@ def test_nan_loss_can_skip_the_batch(tmp_path, config_file, monkeypatch):
     last = tmp_path / "checkpoints" / "skip" / "last"
     assert trainer_state(last)["skipped_batches"] == 2
     assert all(torch.isfinite(tensor).all() for tensor in weights(last).values())
+
+
+def test_the_optimizer_state_is_saved_by_parameter_name_and_older_checkpoints_still_load(tmp_path):
+    """Checkpoints key the optimizer state by parameter name (so it moves between process counts and FSDP);
+    a checkpoint of an earlier version, keyed by index, loads into the same state."""
+    import checkpoints
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=32))
+    decayed = [parameter for parameter in model.parameters() if parameter.dim() >= 2]
+    kept = [parameter for parameter in model.parameters() if parameter.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decayed}, {"params": kept, "weight_decay": 0.0}], lr=1e-3)
+    tokens = torch.randint(0, 50, (2, 8))
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    optimizer.step()
+    by_index = optimizer.state_dict()
+
+    _, saved = checkpoints.gather_training_states(model, optimizer)
+    assert set(saved["state"]) == {name for name, _ in model.named_parameters()}
+    assert saved["param_groups"][1]["params"] == [name for name, parameter in model.named_parameters()
+                                                  if parameter.dim() < 2]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    for form in (saved, by_index):
+        fresh = torch.optim.AdamW([{"params": decayed}, {"params": kept, "weight_decay": 0.0}], lr=1e-3)
+        torch.save({"optimizer": form, "scheduler": scheduler.state_dict()}, tmp_path / checkpoints.TRAINING_STATE_FILE)
+        checkpoints.load_training_state(tmp_path, model, fresh, torch.optim.lr_scheduler.LambdaLR(fresh, lambda s: 1))
+        restored = fresh.state_dict()
+        assert restored["param_groups"] == by_index["param_groups"]
+        for index, values in by_index["state"].items():
+            for key, tensor in values.items():
+                assert torch.equal(restored["state"][index][key], tensor), (index, key)
