@@ -56,14 +56,26 @@ def setup(tmp_path_factory, teacher_dir, data_file):
     return config_file, root / "checkpoints"
 
 
+def without_key_biases(key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The attention keys' biases left out: adding the same vector to every key shifts all of a query's scores
+    equally, which softmax ignores, so their gradient is rounding noise (about 1e-12 against 1e-2 for the values'
+    biases) that Adam scales up to learning-rate-sized steps. A last-bit difference in a new process then moves
+    them by up to about 1e-5 (seen in 3 of about 60 resumes), without any effect on what the model computes."""
+    if not key.endswith("attn.c_attn.bias"):
+        return tensor
+    width = tensor.numel() // 3  # queries, keys, values
+    return torch.cat([tensor[:width], tensor[2 * width:]])
+
+
 def assert_same_as_straight(checkpoints: Path, name: str) -> None:
     expected, resumed = weights(checkpoints / "straight" / "last"), weights(checkpoints / name / "last")
     assert expected.keys() == resumed.keys()
     for key in expected:
-        # Bitwise in almost every run; CPU matmul kernels may round a last bit differently in a new process (seen
-        # twice in about 40 resumes: 1e-7 in one bias), which 1e-6 tolerates while any resume mistake (another
-        # batch, learning rate or random state) moves the weights by far more.
-        difference = (expected[key] - resumed[key]).abs().max().item()
+        expected_tensor, resumed_tensor = without_key_biases(key, expected[key]), without_key_biases(key, resumed[key])
+        # Bitwise in almost every run; CPU kernels may round a last bit differently in a new process, which 1e-6
+        # tolerates while any resume mistake (another batch, learning rate or random state) moves the weights by
+        # far more.
+        difference = (expected_tensor - resumed_tensor).abs().max().item()
         assert difference <= 1e-6, f"{key} differs after the resume by {difference:.2e}"
     assert history(checkpoints / name) == history(checkpoints / "straight")
     assert trainer_state(checkpoints / name / "last")["global_step"] == 24
