@@ -42,6 +42,10 @@ class Teacher:
     name: str = "gpt2"
     # Precision of the frozen teacher: auto is bfloat16 on a GPU that supports it, else float32.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # K: distil against the teacher's K most likely next tokens (and the rest of its probability mass), computed once
+    # and cached on disk (teacher_cache.py), so that runs after the first never load the teacher. None: the full
+    # distribution, from the teacher at every step.
+    cache_top_k: Optional[int] = field(default=None, metadata=_range(1))
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,44 @@ class Student:
     # None: the untrained truncated teacher (teacher config, `distilled_model.nb_layers` layers, random weights).
     # Otherwise a Hub name or local directory of a pretrained causal LM, e.g. "distilgpt2".
     pretrained: Optional[str] = None
+    # Weights of the untrained truncated student: random, or the teacher's embeddings, final norm and head with
+    # teacher blocks chosen evenly spaced (uniform: 12 -> 6 gives 0, 2, 4, 7, 9, 11, Hugging Face's distilgpt2
+    # choice) or listed in teacher_layers (one per student layer, student block j <- teacher block teacher_layers[j]).
+    init: Literal["random", "uniform", "teacher_layers"] = "random"
+    teacher_layers: Optional[list[int]] = field(default=None, metadata=_range(0))
+
+
+def _check_student(config: Config, source: str) -> None:
+    """Cross-field checks of `student`; the teacher-dependent ones (an index past its last block) are in models."""
+    student, nb_layers = config.student, config.distilled_model.nb_layers
+    if student.init != "random" and student.pretrained is not None:
+        raise ConfigError(
+            f"{source}: student.init is {student.init!r} but student.pretrained is set, and a pretrained student "
+            f"keeps its own weights; set student.init to random or student.pretrained to null."
+        )
+    if student.init != "teacher_layers" and student.teacher_layers is not None:
+        raise ConfigError(
+            f"{source}: student.teacher_layers is set but student.init is {student.init!r}; "
+            f"set student.init to teacher_layers or student.teacher_layers to null."
+        )
+    if student.init != "teacher_layers":
+        return
+    if student.teacher_layers is None:
+        raise ConfigError(
+            f"{source}: student.init is teacher_layers but student.teacher_layers is null; list the teacher block "
+            f"to copy into each student layer, e.g. [0, 2, 4, 7, 9, 11] for 6 layers from GPT-2's 12."
+        )
+    if len(student.teacher_layers) != nb_layers:
+        raise ConfigError(
+            f"{source}: student.teacher_layers lists {len(student.teacher_layers)} teacher blocks but "
+            f"distilled_model.nb_layers is {nb_layers}; list exactly one teacher block per student layer."
+        )
+    repeated = sorted({index for index in student.teacher_layers if student.teacher_layers.count(index) > 1})
+    if repeated:
+        raise ConfigError(
+            f"{source}: student.teacher_layers lists teacher block {repeated[0]} more than once; "
+            f"list each teacher block at most once."
+        )
 
 
 @dataclass(frozen=True)
@@ -108,6 +150,9 @@ class TrainingParameters:
     on_nonfinite_loss: Literal["stop", "skip"] = "stop"
     checkpoints_name_last: str = "last"
     checkpoints_name_best: str = "best"
+    # What makes the best checkpoint: the validation loss (the training objective) or the student's validation
+    # perplexity (its own next-token quality, comparable across losses).
+    best_metric: Literal["loss", "perplexity"] = "loss"
     resume: bool = False
     # Where metrics also go: auto (TensorBoard when it is installed), none, tensorboard, wandb, or tensorboard,wandb.
     report_to: str = "auto"
@@ -342,6 +387,12 @@ def _check_value(value: Any, kind: Any, metadata: typing.Mapping, source: str, k
             choices = ", ".join(repr(choice) for choice in arguments)
             raise ConfigError(f"{source}: {key} is {value!r}; it must be one of {choices}.")
         return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key} is {value!r}; it must be a list, written [a, b, ...] in YAML.")
+        # Each entry meets the field's type and range, e.g. a whole number at least 0.
+        return [_check_value(entry, arguments[0], metadata, source, f"{key}[{index}]")
+                for index, entry in enumerate(value)]
     converted = _convert(value, kind)
     if converted is None:
         raise ConfigError(f"{source}: {key} is {value!r}; it must be {_describe(kind)}.")
@@ -391,6 +442,7 @@ def _describe(kind: type) -> str:
 
 
 def _check_cross_field(config: Config, source: str) -> None:
+    _check_student(config, source)
     split = config.data.split
     total = split.train + split.validation + split.test
     if abs(total - 1.0) > 1e-6:
@@ -421,6 +473,24 @@ def _check_cross_field(config: Config, source: str) -> None:
             f"{source}: data.mask_instruction needs the Alpaca fields to find the response; "
             f"set data.text_column to null or mask_instruction to false."
         )
+    _check_cached_teacher(config, source)
+
+
+def _check_cached_teacher(config: Config, source: str) -> None:
+    loss = config.training_parameters.loss
+    if config.teacher.cache_top_k is None or not getattr(loss, "requires_teacher", False):
+        return
+    refusal = None
+    if getattr(loss, "temperature", 1.0) != 1.0:
+        refusal = "the cache holds the teacher's probabilities at temperature 1; set the loss temperature to 1"
+    elif getattr(loss, "uses_hidden_states", False):
+        refusal = "the chunked loss projects the teacher's hidden states itself; use loss.DistillationLoss"
+    elif getattr(loss, "uses_last_hidden_state", False):
+        refusal = "the cache holds no hidden states; set the loss's hidden_weight to 0"
+    elif config.data.packing:
+        refusal = "packed rows mix samples, whose cached positions cannot follow them; set data.packing to false"
+    if refusal is not None:
+        raise ConfigError(f"{source}: teacher.cache_top_k is set, but {refusal}, or teacher.cache_top_k to null.")
 
 
 def report_to_names(training: TrainingParameters) -> list[str]:

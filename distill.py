@@ -28,10 +28,12 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import dataset
 import models
+import teacher_cache
 from checkpoints import (
     CheckpointError,
     RunLocation,
@@ -46,7 +48,10 @@ from checkpoints import (
 )
 from config import Config, ConfigError, dump_config, load_config, report_to_names, to_plain_dict
 from dataset import DataError
-from loss import IGNORE_INDEX, next_token_cross_entropy
+from loss import (
+    IGNORE_INDEX, CachedTeacher, cached_teacher_buckets, next_token_cross_entropy, shift_for_next_token,
+    token_divergence,
+)
 from models import ModelError
 
 logger = logging.getLogger("distill")
@@ -151,7 +156,8 @@ def train(config_file: str, overrides: list[str], run_name: Optional[str], resum
                 dataset.spec_from_config(config), tokenizer, config.paths.data_folder, config.paths.token_dataset,
                 config.data.num_proc,
             )
-        trainer = Trainer(config, run, accelerator, tokenizer, teacher, student, splits)
+        cached_teacher = prepare_teacher_cache(config, accelerator, tokenizer, student, splits)
+        trainer = Trainer(config, run, accelerator, tokenizer, teacher, student, splits, cached_teacher)
         if accelerator.num_processes > 1:
             # Kept until end_processes: freeing DDP's reducer mid-process can wait forever on gloo's threads.
             _KEPT_UNTIL_EXIT.append(trainer)
@@ -415,16 +421,32 @@ def build_models(config: Config):
     pretrained_student = config.student.pretrained
     tokenizer_source = pretrained_student if (pretrained_student and not criterion.requires_teacher) else config.teacher.name
     tokenizer = models.load_tokenizer(tokenizer_source)
-    teacher = models.load_teacher(config.teacher.name, teacher_dtype(config)) if criterion.requires_teacher else None
+    # With a cached teacher, the teacher's weights are only loaded if the cache must be built (after the data).
+    loads_teacher = criterion.requires_teacher and config.teacher.cache_top_k is None
+    teacher = models.load_teacher(config.teacher.name, teacher_dtype(config)) if loads_teacher else None
     if teacher is not None:
         teacher_config = teacher.config
-    elif pretrained_student is None:
+    elif pretrained_student is None or criterion.requires_teacher:
         teacher_config = models.load_model_config(config.teacher.name)  # its shape only, no weights
     else:
         teacher_config = None
     student = models.build_student(teacher_config, config.distilled_model.nb_layers, pretrained_student)
+    if pretrained_student is None and config.student.init != "random":
+        layers = models.student_init_layers(config.student.init, config.student.teacher_layers,
+                                            teacher_config.num_hidden_layers, student.config.num_hidden_layers)
+        # Copied from float32 weights (a 16-bit teacher, or none at all for plain training and a cached teacher,
+        # is loaded again here for the copy only).
+        has_float32 = teacher is not None and teacher.dtype == torch.float32
+        source = teacher if has_float32 else models.load_teacher(config.teacher.name, torch.float32)
+        models.initialise_from_teacher(student, source, layers)
     student_tokenizer = models.load_tokenizer(pretrained_student) if pretrained_student and teacher else None
-    models.check_compatible(tokenizer, student.config, teacher.config if teacher else None, student_tokenizer)
+    models.check_compatible(tokenizer, student.config, teacher_config if criterion.requires_teacher else None,
+                            student_tokenizer)
+    if criterion.uses_last_hidden_state and teacher_config.hidden_size != student.config.hidden_size:
+        raise ModelError(
+            f"the loss's hidden_weight aligns the last hidden states, but the teacher's are {teacher_config.hidden_size} "
+            f"wide and the student's {student.config.hidden_size}; set hidden_weight to 0 or use models of one width."
+        )
     for role, model in (("student", student), ("teacher", teacher)):
         positions = models.max_positions(model.config) if model is not None else None
         if positions is not None and config.data.max_length > positions:
@@ -433,6 +455,29 @@ def build_models(config: Config):
                 f"set data.max_length to at most {positions}."
             )
     return tokenizer, teacher, student
+
+
+def prepare_teacher_cache(config: Config, accelerator, tokenizer, student, splits):
+    """With `teacher.cache_top_k` and a loss that has a teacher: every split's cached teacher distributions, built
+    here (loading the teacher for that pass only) unless an earlier run left them. Else None."""
+    top_k = config.teacher.cache_top_k
+    if top_k is None or not config.training_parameters.loss.requires_teacher:
+        return None
+    vocab_size = student.config.vocab_size
+    directory = teacher_cache.cache_directory(
+        Path(config.paths.data_folder) / "teacher_cache", config.teacher.name, teacher_dtype(config), splits, top_k,
+        vocab_size,
+    )
+    with accelerator.main_process_first():  # the main process builds it, the others then read it
+        cached = teacher_cache.load(directory, dataset.SPLIT_NAMES)
+        if cached is not None:
+            logger.info("Using the teacher's top-%d distributions cached in %s", top_k, directory)
+            return cached
+        teacher = models.load_teacher(config.teacher.name, teacher_dtype(config)).to(accelerator.device)
+        return teacher_cache.build(
+            directory, teacher, {name: splits[name] for name in dataset.SPLIT_NAMES}, top_k, vocab_size,
+            tokenizer.pad_token_id, config.training_parameters.batch_size, accelerator.device, accelerator.autocast,
+        )
 
 
 def teacher_dtype(config: Config) -> torch.dtype:
@@ -505,7 +550,8 @@ class HiddenStates(torch.nn.Module):
 class Trainer:
     """Holds what the loop needs: models, data, optimizer, schedule, state; writes checkpoints and metrics."""
 
-    def __init__(self, config: Config, run: RunLocation, accelerator, tokenizer, teacher, student, splits) -> None:
+    def __init__(self, config: Config, run: RunLocation, accelerator, tokenizer, teacher, student, splits,
+                 cached_teacher: Optional[dict] = None) -> None:
         self.config = config
         self.run = run
         self.accelerator = accelerator
@@ -516,12 +562,21 @@ class Trainer:
             collator = dataset.PackingCollator(tokenizer.pad_token_id, config.data.max_length, config.data.mask_instruction)
         else:
             collator = dataset.PaddingCollator(tokenizer.pad_token_id, config.data.mask_instruction)
+        # The teacher's cached distributions (teacher_cache.py) when configured: then the teacher is never called.
+        self.cached_teacher = cached_teacher
+        collators = {name: collator for name in dataset.SPLIT_NAMES}
+        if cached_teacher is not None:
+            splits = {name: splits[name].add_column("sample_index", np.arange(len(splits[name])))
+                      for name in dataset.SPLIT_NAMES}
+            collators = {name: teacher_cache.CachedTeacherCollator(collator, cached_teacher[name])
+                         for name in dataset.SPLIT_NAMES}
+        self.has_teacher = teacher is not None or cached_teacher is not None
         self.train_loader, self.validation_loader, self.test_loader = (
-            self._loader(splits[name], collator, shuffle=name == "train") for name in dataset.SPLIT_NAMES
+            self._loader(splits[name], collators[name], shuffle=name == "train") for name in dataset.SPLIT_NAMES
         )
         # A sample with a target, collated once: the stand-in for a process that has no batch left in an epoch's
         # last step (weighted 0), since every process must take part in each step's gradient reduction.
-        self.stand_in_batch = collator([splits["train"][0]])
+        self.stand_in_batch = collators["train"]([splits["train"][0]])
         # Real and target tokens per training sample, so that every process knows each step's totals over all
         # processes without communicating (or waiting on the device).
         lengths = np.asarray(splits["train"]["length"])
@@ -569,7 +624,9 @@ class Trainer:
             "Student: %s parameters, %d layers; teacher: %s; loss: %r",
             f"{models.count_parameters(student):,}",
             student.config.num_hidden_layers,
-            f"{models.count_parameters(teacher):,} parameters" if teacher is not None else "not loaded",
+            f"{models.count_parameters(teacher):,} parameters" if teacher is not None
+            else f"its cached top-{config.teacher.cache_top_k} distributions" if cached_teacher is not None
+            else "not loaded",
             self.criterion,
         )
         logger.info(
@@ -762,49 +819,78 @@ class Trainer:
     def _non_finite_loss(self) -> "NonFiniteLoss":
         return NonFiniteLoss(self.state.global_step, self.last_directory, self.last_saved_step)
 
-    def compute_loss(self, batch: dict):
+    def compute_loss(self, batch: dict, with_logits: bool = False):
+        """The criterion on a batch: its LossOutput; with `with_logits` (evaluation), also the student's and the
+        teacher's logits `(B, T, V)` (the teacher's None when there is none)."""
         if self.criterion.uses_hidden_states:
-            return self._compute_loss_from_hidden_states(batch)
+            return self._compute_loss_from_hidden_states(batch, with_logits)
+        inputs = model_inputs(batch)
+        if self.cached_teacher is not None:
+            with self.accelerator.autocast():
+                student_logits = self.student(**inputs).logits
+            output = self.criterion.from_cached_teacher(student_logits, batch["labels"], cached_distributions(batch))
+            return (output, student_logits, None) if with_logits else output
+        wants_hidden = self.criterion.uses_last_hidden_state
         with self.accelerator.autocast():
-            teacher_logits = None
+            teacher_output = None
             if self.teacher is not None:
                 with torch.no_grad():
-                    teacher_logits = self.teacher(**model_inputs(batch)).logits
-            student_logits = self.student(**model_inputs(batch)).logits
-        return self.criterion(student_logits, batch["labels"], teacher_logits)
+                    teacher_output = self.teacher(**inputs, output_hidden_states=wants_hidden)
+            student_output = self.student(**inputs, output_hidden_states=wants_hidden)
+        teacher_logits = teacher_output.logits if teacher_output is not None else None
+        hidden_states = {}
+        if wants_hidden:  # the last hidden state, after the final norm
+            hidden_states = {"student_hidden": student_output.hidden_states[-1],
+                             "teacher_hidden": teacher_output.hidden_states[-1]}
+        output = self.criterion(student_output.logits, batch["labels"], teacher_logits, **hidden_states)
+        return (output, student_output.logits, teacher_logits) if with_logits else output
 
-    def _compute_loss_from_hidden_states(self, batch: dict):
-        """For the chunked loss: the models' last hidden states and output heads, never their full logits."""
+    def _compute_loss_from_hidden_states(self, batch: dict, with_logits: bool):
+        """For the chunked loss: the models' last hidden states and output heads, never their full logits (but in
+        evaluation, for the agreement with the teacher)."""
         with self.accelerator.autocast():
             with torch.no_grad():
                 teacher_hidden = self.teacher(**model_inputs(batch))
             student_hidden = self.student(**model_inputs(batch))
-        return self.criterion(
-            student_hidden, self.student_model.get_output_embeddings().weight, batch["labels"],
-            teacher_hidden, self.teacher_model.get_output_embeddings().weight,
-        )
+        student_head = self.student_model.get_output_embeddings().weight
+        teacher_head = self.teacher_model.get_output_embeddings().weight
+        output = self.criterion(student_hidden, student_head, batch["labels"], teacher_hidden, teacher_head)
+        if not with_logits:
+            return output
+        return output, student_hidden @ student_head.T, teacher_hidden @ teacher_head.T
 
     # --- evaluation ----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def evaluate(self, loader) -> dict:
-        """Loss terms averaged over every real target token of the split (not over batches), and perplexity."""
+        """Loss terms averaged over every real target token of the split (not over batches), the student's
+        perplexity and, with a teacher, how close the student is to it: KL(teacher || student) at temperature 1
+        and the share of targets where both models' most likely next token is the same."""
         self.student.eval()
-        totals = torch.zeros(4, device=self.accelerator.device)  # loss, kd and ce summed over targets; targets
+        # Summed over targets: loss, kd, ce, KL at T = 1, top-1 agreements; and the targets.
+        totals = torch.zeros(6, device=self.accelerator.device)
         for batch, weight in self._in_step(loader):
-            output = self.compute_loss(batch)
+            output, student_logits, teacher_logits = self.compute_loss(batch, with_logits=True)
             targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum() * weight
             kd = output.kd if output.kd is not None else torch.zeros_like(output.ce)
             totals[:3] += torch.stack([output.loss, kd, output.ce]).float() * targets
-            totals[3] += targets
+            if teacher_logits is not None:
+                totals[3:5] += agreement_with_teacher(student_logits, teacher_logits, batch["labels"]) * weight
+            elif self.cached_teacher is not None:
+                totals[3:5] += agreement_with_cached_teacher(
+                    student_logits, cached_distributions(batch), batch["labels"]) * weight
+            totals[5] += targets
         totals = self.accelerator.reduce(totals, reduction="sum")
-        loss, kd, ce, targets = (totals / totals[3]).tolist()
+        loss, kd, ce, kl, agreements, targets = (totals / totals[5]).tolist()
+        has_teacher = self.has_teacher
         return {
             "loss": loss,
-            "kd": kd if self.teacher is not None else None,
+            "kd": kd if has_teacher else None,
             "ce": ce,
             "perplexity": perplexity(ce),
-            "target_tokens": int(totals[3].item()),
+            "kl_teacher": kl if has_teacher else None,
+            "top1_agreement": agreements if has_teacher else None,
+            "target_tokens": int(totals[5].item()),
         }
 
     def _in_step(self, loader):
@@ -824,7 +910,10 @@ class Trainer:
         state = self.state
         result = self.evaluate(self.validation_loader)
         state.last_evaluated_step = state.global_step
-        improved = state.best_validation_loss is None or result["loss"] < state.best_validation_loss
+        if self.training.best_metric == "perplexity":
+            improved = state.best_validation_perplexity is None or result["perplexity"] < state.best_validation_perplexity
+        else:
+            improved = state.best_validation_loss is None or result["loss"] < state.best_validation_loss
         if improved:
             state.best_validation_loss, state.best_step = result["loss"], state.global_step
             state.best_validation_perplexity = result["perplexity"]
@@ -847,7 +936,7 @@ class Trainer:
             self.state.best_step, result["loss"], _format(result["kd"]), result["ce"], result["perplexity"],
         )
         teacher = None
-        if self.teacher_model is not None:
+        if self.has_teacher:
             teacher = {name: self.teacher_result(name) for name in ("validation", "test")}
             logger.info("Teacher: validation perplexity %.2f, test perplexity %.2f",
                         teacher["validation"]["perplexity"], teacher["test"]["perplexity"])
@@ -859,6 +948,7 @@ class Trainer:
             "best_step": self.state.best_step,
             "best_validation_loss": self.state.best_validation_loss,
             "best_validation_perplexity": self.state.best_validation_perplexity,
+            "best_metric": self.training.best_metric,
             "test": result,
             "teacher": teacher,
             "skipped_batches": self.state.skipped_batches,
@@ -877,9 +967,14 @@ class Trainer:
             loader = {"validation": self.validation_loader, "test": self.test_loader}[split]
             totals = torch.zeros(2, device=self.accelerator.device)  # CE summed over targets; targets
             for batch, weight in self._in_step(loader):
+                is_target = batch["labels"][:, 1:] != IGNORE_INDEX
+                targets = is_target.sum() * weight
+                if self.cached_teacher is not None:
+                    ce_sum = -batch["teacher_target_log_prob"][:, :-1][is_target].sum() * weight
+                    totals += torch.stack([ce_sum, targets.float()])
+                    continue
                 with self.accelerator.autocast():
                     logits = self.teacher_model(**model_inputs(batch)).logits
-                targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum() * weight
                 ce = next_token_cross_entropy(logits[..., : self.student_model.config.vocab_size], batch["labels"])
                 totals += torch.stack([ce.float() * targets, targets.float()])
             ce_sum, count = self.accelerator.reduce(totals, reduction="sum").tolist()
@@ -920,7 +1015,7 @@ class Trainer:
             raise self._non_finite_loss()
         record = {
             "loss": loss,
-            "kd": kd if self.teacher is not None else None,
+            "kd": kd if self.has_teacher else None,
             "ce": ce,
             "perplexity": perplexity(ce),
             "learning_rate": self.scheduler.get_last_lr()[0],
@@ -954,6 +1049,38 @@ class Trainer:
         records = [json.loads(line) for line in self.metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
         kept = [record for record in records if record["step"] <= step and record["split"] != "test"]
         self.metrics_file.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
+
+
+def agreement_with_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                           labels: torch.Tensor) -> torch.Tensor:
+    """`(2,)`: summed over the real target positions, KL(teacher || student) at temperature 1 and the number of
+    positions where the two models' most likely next token is the same. `student_logits (B, T, V)`,
+    `teacher_logits (B, T, V')` with V' >= V (cropped to V), `labels (B, T)`."""
+    student, targets = shift_for_next_token(student_logits, labels)
+    is_target = targets != IGNORE_INDEX
+    student = student[is_target].float()  # (N, V)
+    teacher = teacher_logits[:, :-1, : student.size(-1)][is_target].float()
+    teacher_log_probs = F.log_softmax(teacher, dim=-1)
+    kl = (teacher_log_probs.exp() * (teacher_log_probs - F.log_softmax(student, dim=-1))).sum()
+    agreements = (student.argmax(dim=-1) == teacher.argmax(dim=-1)).sum()
+    return torch.stack([kl, agreements.float()])
+
+
+def cached_distributions(batch: dict) -> CachedTeacher:
+    """The cached teacher distributions that `teacher_cache.CachedTeacherCollator` added to a batch."""
+    return CachedTeacher(batch["teacher_top_ids"], batch["teacher_top_log_probs"], batch["teacher_rest_log_prob"])
+
+
+def agreement_with_cached_teacher(student_logits: torch.Tensor, cached: CachedTeacher,
+                                  labels: torch.Tensor) -> torch.Tensor:
+    """As `agreement_with_teacher`, against the cached top-k distributions: the KL is between the two models'
+    distributions over the teacher's top k tokens and the rest (a lower bound of the full KL), and the teacher's
+    most likely token is the first cached one."""
+    student, teacher = cached_teacher_buckets(student_logits, cached, labels)
+    kl = token_divergence(student, teacher, "forward_kl").sum()
+    top_ids = cached.top_ids[:, :-1][labels[:, 1:] != IGNORE_INDEX]
+    agreements = (student_logits[:, :-1][labels[:, 1:] != IGNORE_INDEX].argmax(dim=-1) == top_ids[:, 0]).sum()
+    return torch.stack([kl, agreements.float()])
 
 
 def distribution(accelerator) -> str:

@@ -1,17 +1,20 @@
 """Training criteria: knowledge distillation (KD + next-token CE) and plain next-token training.
 
-Shapes: B batch, T sequence length, V student vocabulary, V' >= V teacher vocabulary.
+Shapes: B batch, T sequence length, V student vocabulary, V' >= V teacher vocabulary, d hidden width.
 Conventions, defined here once for the whole project:
 - `labels (B, T)` are the unshifted input ids with -100 wherever a position is not a target (padding, and the
   instruction when it is masked). The logits at position t predict the token at t + 1, so the criteria shift.
 - Every term is a mean over the real target tokens of the batch: padding never dilutes or weights a loss.
-- The KD term is `temperature**2 * KL(softmax(teacher / T) || softmax(student / T))` over the vocabulary, so that
-  its gradient keeps the same scale whatever the temperature (Hinton et al., 2015).
+- Temperature: every KD divergence D (see `DIVERGENCES`) is computed between the temperature-softened distributions
+  p = softmax(teacher / T) and q = softmax(student / T), and multiplied by T**2, so that the gradient of the
+  KL-type terms keeps the same scale whatever the temperature (Hinton et al., 2015). The KD term is thus
+  `T**2 * mean over real targets of D(p, q)`; the CE term always uses the student at temperature 1.
 - A teacher with extra tokens beyond the student's vocabulary is cropped to the shared first V entries.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -19,11 +22,25 @@ import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
+# p is the teacher's distribution, q the student's.
+DIVERGENCES = (
+    "forward_kl",  # KL(p || q)
+    "reverse_kl",  # KL(q || p)
+    # Generalised Jensen-Shannon (GKD), m = jsd_beta p + (1 - jsd_beta) q: jsd_beta KL(p||m) + (1 - jsd_beta) KL(q||m).
+    # As in TRL, jsd_beta 0 gives KL(p || q) and 1 gives KL(q || p) (the mixture alone would give 0 at both ends).
+    "jsd",
+    "skew_kl",  # DistiLLM: KL(p || skew p + (1 - skew) q)
+    "skew_reverse_kl",  # DistiLLM: KL(q || skew q + (1 - skew) p)
+    "tv",  # total variation: 0.5 sum |p - q|
+)
+SKEW_DIVERGENCES = ("skew_kl", "skew_reverse_kl")
+
 
 class LossOutput(NamedTuple):
     loss: torch.Tensor  # scalar to back-propagate
     kd: Optional[torch.Tensor]  # scalar KD term, None when there is no teacher
     ce: torch.Tensor  # scalar next-token cross-entropy of the student
+    hidden: Optional[torch.Tensor] = None  # scalar hidden-state cosine term, None when not used
 
 
 def shift_for_next_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,6 +56,72 @@ def next_token_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor)
     )
 
 
+def check_divergence(divergence: str, jsd_beta: float = 0.5, skew: float = 0.1) -> None:
+    """Raise ValueError unless `divergence` is one of `DIVERGENCES` and `jsd_beta` and `skew` lie in [0, 1]."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; use one of {', '.join(DIVERGENCES)}")
+    for name, value in (("jsd_beta", jsd_beta), ("skew", skew)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be between 0 and 1 (got {value})")
+
+
+def _kl_divergence(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """Per-row KL(a || b) from `(N, K)` log-probabilities, with 0 log 0 = 0.
+
+    Where b is exactly 0 but a is not, the KL is infinite and its gradient NaN; such a b counts as the smallest
+    normal probability of the dtype instead, so that a teacher with zeros still trains a reverse KL.
+    """
+    in_support = log_a > float("-inf")
+    log_b = torch.where(torch.isneginf(log_b), math.log(torch.finfo(log_b.dtype).tiny), log_b)
+    # Masking the difference, not the product, keeps 0 * inf out of the backward pass too.
+    difference = torch.where(in_support, log_a - log_b, 0.0)
+    return (log_a.exp() * difference).sum(dim=-1)
+
+
+def _log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
+    """log(weight_a * a + (1 - weight_a) * b) from log-probabilities, in log space for stability."""
+    if weight_a == 0.0:
+        return log_b
+    if weight_a == 1.0:
+        return log_a
+    both_zero = torch.isneginf(log_a) & torch.isneginf(log_b)
+    # logaddexp's gradient is NaN where both inputs are -inf, even when unused: give it finite stand-ins there.
+    log_a = torch.where(both_zero, 0.0, log_a)
+    log_b = torch.where(both_zero, 0.0, log_b)
+    mixture = torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+    return torch.where(both_zero, float("-inf"), mixture)
+
+
+def token_divergence(
+    student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, divergence: str,
+    jsd_beta: float = 0.5, skew: float = 0.1,
+) -> torch.Tensor:
+    """Per-row divergence between the teacher's distribution p and the student's q, see `DIVERGENCES`.
+
+    `student_log_probs (N, K)` and `teacher_log_probs (N, K)` are log-probabilities over the same K outcomes
+    (the vocabulary or any other bucketing) -> `(N,)`. Exact zeros (-inf) give neither NaN values nor NaN gradients.
+    """
+    check_divergence(divergence, jsd_beta, skew)
+    if student_log_probs.shape != teacher_log_probs.shape:
+        raise ValueError(
+            f"the student's and the teacher's log-probabilities differ in shape "
+            f"({tuple(student_log_probs.shape)} and {tuple(teacher_log_probs.shape)})"
+        )
+    log_p, log_q = teacher_log_probs, student_log_probs
+    if divergence == "forward_kl" or (divergence == "jsd" and jsd_beta == 0.0):
+        return _kl_divergence(log_p, log_q)
+    if divergence == "reverse_kl" or (divergence == "jsd" and jsd_beta == 1.0):
+        return _kl_divergence(log_q, log_p)
+    if divergence == "jsd":
+        log_m = _log_mixture(log_p, log_q, jsd_beta)
+        return jsd_beta * _kl_divergence(log_p, log_m) + (1.0 - jsd_beta) * _kl_divergence(log_q, log_m)
+    if divergence == "skew_kl":
+        return _kl_divergence(log_p, _log_mixture(log_p, log_q, skew))
+    if divergence == "skew_reverse_kl":
+        return _kl_divergence(log_q, _log_mixture(log_q, log_p, skew))
+    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(dim=-1)  # tv
+
+
 def kd_kl_divergence(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float
 ) -> torch.Tensor:
@@ -49,16 +132,11 @@ def kd_kl_divergence(
     return kd_and_cross_entropy(student_logits, teacher_logits, labels, temperature, alpha=1.0, beta=0.0).kd
 
 
-def kd_and_cross_entropy(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-    temperature: float, alpha: float, beta: float,
-) -> LossOutput:
-    """`alpha * kd_kl_divergence + beta * next_token_cross_entropy`, the same values, computed in one pass.
-
-    `student_logits (B, T, V)`, `teacher_logits (B, T, V')` with V' >= V, `labels (B, T)`. The real target
-    positions are gathered once for both terms, and at temperature 1 the student's log-softmax serves both, which
-    saves several passes over `(N, V)` tensors (the loss is memory-bound, unlike the matmuls around it).
-    """
+def _gather_real_targets(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
+) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The shifted logits at the real target positions only: float32 student `(N, V)` and teacher `(N, V)` (cropped
+    to the student's vocabulary) and the targets `(N,)`; None when the batch has no target at all."""
     vocab_size = student_logits.size(-1)
     if teacher_logits.size(-1) < vocab_size:
         raise ValueError(
@@ -68,19 +146,142 @@ def kd_and_cross_entropy(
     is_target = targets != IGNORE_INDEX
     targets = targets[is_target]  # (N,)
     if targets.numel() == 0:
-        zero = student_logits.sum() * 0.0  # still part of the graph, like cross_entropy's own result
-        return LossOutput(zero, zero, zero)
+        return None
     student = student[is_target].float()  # (N, V)
     teacher = teacher_logits[:, :-1, :vocab_size][is_target].float()
+    return student, teacher, targets
+
+
+def _log_softmaxes(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The student's log-probabilities at temperature 1 (for the CE), and the student's and the teacher's at
+    `temperature`; at temperature 1 the first serves twice, which saves a pass over `(N, V)`."""
     student_log_probs = F.log_softmax(student, dim=-1)
     if temperature == 1.0:
-        student_log_probs_t, teacher_log_probs_t = student_log_probs, F.log_softmax(teacher, dim=-1)
-    else:
-        student_log_probs_t = F.log_softmax(student / temperature, dim=-1)
-        teacher_log_probs_t = F.log_softmax(teacher / temperature, dim=-1)
+        return student_log_probs, student_log_probs, F.log_softmax(teacher, dim=-1)
+    return (
+        student_log_probs, F.log_softmax(student / temperature, dim=-1), F.log_softmax(teacher / temperature, dim=-1)
+    )
+
+
+def _zero_output(student_logits: torch.Tensor) -> LossOutput:
+    zero = student_logits.sum() * 0.0  # still part of the graph, like cross_entropy's own result
+    return LossOutput(zero, zero, zero)
+
+
+def kd_and_cross_entropy(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+    temperature: float, alpha: float, beta: float,
+) -> LossOutput:
+    """`alpha * kd_kl_divergence + beta * next_token_cross_entropy`, the same values, computed in one pass.
+
+    `student_logits (B, T, V)`, `teacher_logits (B, T, V')` with V' >= V, `labels (B, T)`. The real target
+    positions are gathered once for both terms, and at temperature 1 the student's log-softmax serves both, which
+    saves several passes over `(N, V)` tensors (the loss is memory-bound, unlike the matmuls around it). The teacher's
+    logits must be finite, as a model's are: masking out zeros would cost a pass (`token_divergence` does it).
+    """
+    gathered = _gather_real_targets(student_logits, teacher_logits, labels)
+    if gathered is None:
+        return _zero_output(student_logits)
+    student, teacher, targets = gathered
+    student_log_probs, student_log_probs_t, teacher_log_probs_t = _log_softmaxes(student, teacher, temperature)
     kl_per_token = (teacher_log_probs_t.exp() * (teacher_log_probs_t - student_log_probs_t)).sum(dim=-1)
     kd = temperature**2 * kl_per_token.mean()
     ce = -student_log_probs.gather(1, targets[:, None]).mean()
+    return LossOutput(alpha * kd + beta * ce, kd, ce)
+
+
+def kd_and_cross_entropy_from_log_probs(
+    student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, target_log_probs: torch.Tensor,
+    temperature: float, alpha: float, beta: float,
+    divergence: str = "forward_kl", jsd_beta: float = 0.5, skew: float = 0.1,
+) -> LossOutput:
+    """`alpha * KD + beta * CE` from what is left once the real target positions are gathered.
+
+    `student_log_probs (N, K)` and `teacher_log_probs (N, K)`: log-probabilities at `temperature` over the same K
+    outcomes (the vocabulary, or buckets such as top-k tokens plus the rest); `target_log_probs (N,)`: the student's
+    log-probability of each target at temperature 1. N must be > 0.
+    """
+    kd = temperature**2 * token_divergence(student_log_probs, teacher_log_probs, divergence, jsd_beta, skew).mean()
+    ce = -target_log_probs.mean()
+    return LossOutput(alpha * kd + beta * ce, kd, ce)
+
+
+def divergence_and_cross_entropy(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+    temperature: float, alpha: float, beta: float,
+    divergence: str = "forward_kl", jsd_beta: float = 0.5, skew: float = 0.1,
+) -> LossOutput:
+    """`alpha * KD + beta * CE` with any of `DIVERGENCES` over the vocabulary; same shapes as `kd_and_cross_entropy`
+    (which is faster for forward_kl)."""
+    check_divergence(divergence, jsd_beta, skew)
+    gathered = _gather_real_targets(student_logits, teacher_logits, labels)
+    if gathered is None:
+        return _zero_output(student_logits)
+    student, teacher, targets = gathered
+    student_log_probs, student_log_probs_t, teacher_log_probs_t = _log_softmaxes(student, teacher, temperature)
+    target_log_probs = student_log_probs.gather(1, targets[:, None]).squeeze(1)
+    return kd_and_cross_entropy_from_log_probs(
+        student_log_probs_t, teacher_log_probs_t, target_log_probs, temperature, alpha, beta, divergence, jsd_beta, skew
+    )
+
+
+def hidden_cosine_distance(
+    student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """Mean over real targets of `1 - cosine(student_hidden, teacher_hidden)`, at the positions whose logits the KD
+    term scores (shifted like them). `student_hidden (B, T, d)`, `teacher_hidden (B, T, d)`, `labels (B, T)`."""
+    if student_hidden.size(-1) != teacher_hidden.size(-1):
+        raise ValueError(
+            f"the student's hidden width ({student_hidden.size(-1)}) differs from the teacher's "
+            f"({teacher_hidden.size(-1)}); the cosine term needs models of the same hidden size"
+        )
+    student, targets = shift_for_next_token(student_hidden, labels)
+    is_target = targets != IGNORE_INDEX
+    student = student[is_target]  # (N, d)
+    if student.size(0) == 0:
+        return student_hidden.sum() * 0.0  # still part of the graph
+    cosine = F.cosine_similarity(student.float(), teacher_hidden[:, :-1][is_target].float(), dim=-1)
+    return (1.0 - cosine).mean()
+
+
+class CachedTeacher(NamedTuple):
+    """The teacher's distributions as `teacher_cache` keeps them, at temperature 1, aligned with the logits."""
+
+    top_ids: torch.Tensor  # (B, T, K) the teacher's K most likely next tokens, most likely first
+    top_log_probs: torch.Tensor  # (B, T, K) their log-probabilities
+    rest_log_prob: torch.Tensor  # (B, T) log of the probability of all other tokens
+
+
+def cached_teacher_buckets(
+    student_logits: torch.Tensor, cached: CachedTeacher, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both models' distributions over K + 1 outcomes at the real target positions: the teacher's top K tokens,
+    then all the others together. `student_logits (B, T, V)`, `cached` as above, `labels (B, T)` -> student and
+    teacher log-probabilities `(N, K + 1)`, at temperature 1. Any divergence between these is at most the
+    full-vocabulary one (merging outcomes never increases a divergence), and equal when the top K hold the mass."""
+    student, targets = shift_for_next_token(student_logits, labels)
+    is_target = targets != IGNORE_INDEX
+    student_log_probs = F.log_softmax(student[is_target].float(), dim=-1)  # (N, V)
+    top_ids = cached.top_ids[:, :-1][is_target]  # (N, K)
+    student_top = student_log_probs.gather(1, top_ids)
+    student_rest = student_log_probs.scatter(1, top_ids, float("-inf")).logsumexp(dim=-1, keepdim=True)
+    teacher = torch.cat([cached.top_log_probs[:, :-1][is_target], cached.rest_log_prob[:, :-1][is_target, None]], -1)
+    return torch.cat([student_top, student_rest], dim=-1), teacher.float()
+
+
+def cached_teacher_kd_and_cross_entropy(
+    student_logits: torch.Tensor, cached: CachedTeacher, labels: torch.Tensor, alpha: float, beta: float,
+    divergence: str = "forward_kl", jsd_beta: float = 0.5, skew: float = 0.1,
+) -> LossOutput:
+    """`alpha * KD + beta * CE` against a cached teacher (temperature 1), the KD over the K + 1 outcomes of
+    `cached_teacher_buckets`. `student_logits (B, T, V)`, `labels (B, T)`."""
+    if not (labels[:, 1:] != IGNORE_INDEX).any():
+        return _zero_output(student_logits)
+    student_buckets, teacher_buckets = cached_teacher_buckets(student_logits, cached, labels)
+    ce = next_token_cross_entropy(student_logits, labels)
+    kd = token_divergence(student_buckets, teacher_buckets, divergence, jsd_beta, skew).mean()
     return LossOutput(alpha * kd + beta * ce, kd, ce)
 
 
@@ -90,6 +291,8 @@ class Criterion(torch.nn.Module):
     requires_teacher: bool = False
     # False: called with logits (student_logits, labels, teacher_logits). True: with hidden states and output heads.
     uses_hidden_states: bool = False
+    # True: the logits call also needs the models' last hidden states (student_hidden=, teacher_hidden=).
+    uses_last_hidden_state: bool = False
 
     def spec(self) -> dict:
         return {"()": f"loss.{type(self).__name__}", **self._arguments()}
@@ -112,38 +315,97 @@ def _number(name: str, value) -> float:
 
 
 class DistillationLoss(Criterion):
-    """`alpha * KD + beta * CE`, see the module docstring for the normalisation."""
+    """`alpha * KD + beta * CE + hidden_weight * (1 - cosine of the last hidden states)`, each a mean over real
+    targets (see the module docstring); the KD divergence is one of `DIVERGENCES`."""
 
     requires_teacher = True
 
-    def __init__(self, alpha: float = 1.0, beta: float = 0.1, temperature: float = 1.0) -> None:
+    def __init__(
+        self, alpha: float = 1.0, beta: float = 0.1, temperature: float = 1.0, divergence: str = "forward_kl",
+        jsd_beta: float = 0.5, skew: float = 0.1, hidden_weight: float = 0.0,
+    ) -> None:
         super().__init__()
         self.alpha = _number("alpha", alpha)
         self.beta = _number("beta", beta)
         self.temperature = _number("temperature", temperature)
+        self.divergence = divergence
+        self.jsd_beta = _number("jsd_beta", jsd_beta)
+        self.skew = _number("skew", skew)
+        self.hidden_weight = _number("hidden_weight", hidden_weight)
         if self.alpha < 0 or self.beta < 0:
             raise ValueError(f"alpha and beta must be >= 0 (got alpha={self.alpha}, beta={self.beta})")
-        if self.alpha == 0 and self.beta == 0:
-            raise ValueError("alpha and beta are both 0, so nothing would be learned; make at least one positive")
+        if not self.hidden_weight >= 0:
+            raise ValueError(f"hidden_weight must be >= 0 (got {self.hidden_weight})")
+        if self.alpha == 0 and self.beta == 0 and self.hidden_weight == 0:
+            raise ValueError(
+                "alpha and beta are both 0 and so is hidden_weight, so nothing would be learned; "
+                "make at least one positive"
+            )
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0 (got {self.temperature})")
+        check_divergence(self.divergence, self.jsd_beta, self.skew)
+
+    @property
+    def uses_last_hidden_state(self) -> bool:  # type: ignore[override]
+        return self.hidden_weight > 0
 
     def _arguments(self) -> dict:
-        return {"alpha": self.alpha, "beta": self.beta, "temperature": self.temperature}
+        # Only what differs from the defaults, so that the spec (part of a run's identity) of older runs still matches.
+        arguments = {"alpha": self.alpha, "beta": self.beta, "temperature": self.temperature}
+        if self.divergence != "forward_kl":
+            arguments["divergence"] = self.divergence
+        if self.divergence == "jsd" and self.jsd_beta != 0.5:
+            arguments["jsd_beta"] = self.jsd_beta
+        if self.divergence in SKEW_DIVERGENCES and self.skew != 0.1:
+            arguments["skew"] = self.skew
+        if self.hidden_weight != 0:
+            arguments["hidden_weight"] = self.hidden_weight
+        return arguments
 
     def forward(
-        self, student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: Optional[torch.Tensor] = None
+        self, student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: Optional[torch.Tensor] = None,
+        student_hidden: Optional[torch.Tensor] = None, teacher_hidden: Optional[torch.Tensor] = None,
     ) -> LossOutput:
         if teacher_logits is None:
             raise ValueError("DistillationLoss needs teacher_logits")
-        return kd_and_cross_entropy(student_logits, teacher_logits, labels, self.temperature, self.alpha, self.beta)
+        if self.hidden_weight > 0 and (student_hidden is None or teacher_hidden is None):
+            raise ValueError(
+                "DistillationLoss with hidden_weight > 0 needs the student's and the teacher's last hidden states "
+                "(student_hidden and teacher_hidden)"
+            )
+        if self.divergence == "forward_kl":
+            output = kd_and_cross_entropy(
+                student_logits, teacher_logits, labels, self.temperature, self.alpha, self.beta
+            )
+        else:
+            output = divergence_and_cross_entropy(
+                student_logits, teacher_logits, labels, self.temperature, self.alpha, self.beta,
+                self.divergence, self.jsd_beta, self.skew,
+            )
+        if self.hidden_weight == 0:
+            return output
+        hidden = hidden_cosine_distance(student_hidden, teacher_hidden, labels)
+        return LossOutput(output.loss + self.hidden_weight * hidden, output.kd, output.ce, hidden)
+
+
+    def from_cached_teacher(self, student_logits: torch.Tensor, labels: torch.Tensor,
+                            cached: CachedTeacher) -> LossOutput:
+        """The same loss against the teacher's cached top-k distributions (temperature 1, no hidden states)."""
+        if self.temperature != 1.0 or self.hidden_weight != 0:
+            raise ValueError("a cached teacher holds probabilities at temperature 1 and no hidden states")
+        return cached_teacher_kd_and_cross_entropy(
+            student_logits, cached, labels, self.alpha, self.beta, self.divergence, self.jsd_beta, self.skew
+        )
 
 
 class ClassicLoss(Criterion):
     """Plain next-token training: the loss is the student's cross-entropy, no teacher is used or loaded."""
 
+    uses_last_hidden_state = False
+
     def forward(
-        self, student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: Optional[torch.Tensor] = None
+        self, student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: Optional[torch.Tensor] = None,
+        student_hidden: Optional[torch.Tensor] = None, teacher_hidden: Optional[torch.Tensor] = None,
     ) -> LossOutput:
         ce = next_token_cross_entropy(student_logits, labels)
         return LossOutput(ce, None, ce)
@@ -237,7 +499,8 @@ def chunked_kd_ce(
 
 class ChunkedDistillationLoss(DistillationLoss):
     """DistillationLoss computed from hidden states a chunk of positions at a time (same values and gradients),
-    so that its peak memory is a fraction of the full-logits one. Called with hidden states and output heads."""
+    so that its peak memory is a fraction of the full-logits one. Called with hidden states and output heads.
+    Forward KL only, without the hidden-state term."""
 
     uses_hidden_states = True
 

@@ -86,6 +86,156 @@ def build_student(
     return AutoModelForCausalLM.from_config(student_config)
 
 
+def uniform_layers(teacher_layers: int, student_layers: int) -> list[int]:
+    """`student_layers` teacher block indices evenly spaced from the teacher's first block to its last.
+
+    Student block i gets teacher block round(i * (L - 1) / (n - 1)), halves rounded up, so 12 -> 6 gives
+    [0, 2, 4, 7, 9, 11] (Hugging Face's distilgpt2 choice). A one-layer student gets [0]: like the teacher's first
+    block it reads the embeddings themselves, whereas a later block expects the output of the blocks before it.
+    """
+    if not 1 <= student_layers <= teacher_layers:
+        raise ModelError(
+            f"distilled_model.nb_layers is {student_layers}, but the teacher has {teacher_layers} layers; "
+            f"choose a value from 1 to {teacher_layers}."
+        )
+    if student_layers == 1:
+        return [0]
+    span, steps = teacher_layers - 1, student_layers - 1
+    # Integer arithmetic: exact, and halves round up (Python's round() would round them to even).
+    return [(2 * index * span + steps) // (2 * steps) for index in range(student_layers)]
+
+
+def student_init_layers(init: str, teacher_layers_config: Optional[list[int]], teacher_layer_count: int,
+                        student_layer_count: int) -> Optional[list[int]]:
+    """The teacher block to copy into each student layer for `student.init`, or None for random weights."""
+    if init == "random":
+        return None
+    if init == "uniform":
+        return uniform_layers(teacher_layer_count, student_layer_count)
+    if init != "teacher_layers":
+        raise ModelError(f"student.init is {init!r}; use random, uniform or teacher_layers.")
+    if teacher_layers_config is None or len(teacher_layers_config) != student_layer_count:
+        raise ModelError(
+            f"student.teacher_layers is {teacher_layers_config!r} but the student has {student_layer_count} layers; "
+            f"list exactly one teacher block per student layer."
+        )
+    _check_teacher_blocks(teacher_layers_config, teacher_layer_count)
+    return list(teacher_layers_config)
+
+
+def initialise_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel, layers: list[int]) -> list[str]:
+    """Copy the teacher's weights into the student, student block j from teacher block `layers[j]`.
+
+    Every other tensor (embeddings, final norm, head) must exist in the teacher under the same name and shape. All
+    is checked before anything is copied, so a refusal leaves the student as it was. Tied weights stay tied: each
+    tensor is copied into the student's own parameter. Returns (and logs) what was copied, in words.
+    """
+    prefix = _blocks_prefix(student, "student")
+    student_layer_count = len(student.get_submodule(prefix))
+    if len(layers) != student_layer_count:
+        raise ModelError(
+            f"{len(layers)} teacher blocks are listed for a student of {student_layer_count} layers; "
+            f"list exactly one teacher block per student layer."
+        )
+    try:
+        teacher_blocks = teacher.get_submodule(prefix)
+    except AttributeError:
+        teacher_blocks = None
+    if not isinstance(teacher_blocks, torch.nn.ModuleList):
+        raise ModelError(
+            f"the teacher has no list of blocks at {prefix}, where the student has its; initialise only a student "
+            f"built from the teacher's config, or set student.init to random."
+        )
+    _check_teacher_blocks(layers, len(teacher_blocks))
+
+    teacher_state = teacher.state_dict()
+    targets = student.state_dict(keep_vars=True)
+    sources = {}
+    for name, target in targets.items():
+        source_name = _teacher_name(name, prefix, layers)
+        source = teacher_state.get(source_name)
+        if source is None:
+            raise ModelError(
+                f"the student's {name} has no counterpart {source_name} in the teacher; initialise only a student "
+                f"built from the teacher's config, or set student.init to random."
+            )
+        if source.shape != target.shape:
+            raise ModelError(
+                f"the student's {name} has shape {tuple(target.shape)} but the teacher's {source_name} has "
+                f"{tuple(source.shape)}; initialise only a student of the teacher's width and vocabulary, or set "
+                f"student.init to random."
+            )
+        sources[name] = source
+    with torch.no_grad():
+        for name, target in targets.items():
+            target.copy_(sources[name].to(device=target.device, dtype=target.dtype))
+
+    copied = _describe_copy(student, prefix, layers)
+    logger.info("Student initialised from the teacher: %s", "; ".join(copied))
+    return copied
+
+
+def _check_teacher_blocks(layers: list[int], teacher_layer_count: int) -> None:
+    for index in layers:
+        if not 0 <= index < teacher_layer_count:
+            raise ModelError(
+                f"teacher block {index} does not exist: the teacher has {teacher_layer_count} blocks; list blocks "
+                f"from 0 to {teacher_layer_count - 1} in student.teacher_layers."
+            )
+
+
+def _blocks_prefix(model: PreTrainedModel, role: str) -> str:
+    """The name of the model's list of transformer blocks (`transformer.h` for GPT-2)."""
+    layer_count = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == layer_count:
+            return name
+    raise ModelError(
+        f"the {role} ({type(model).__name__}) has no list of {layer_count} blocks to map onto the teacher's; "
+        f"set student.init to random."
+    )
+
+
+def _teacher_name(student_name: str, prefix: str, layers: list[int]) -> str:
+    """`<prefix>.<j>.rest` -> `<prefix>.<layers[j]>.rest`; names outside the blocks are the same in both models."""
+    if not student_name.startswith(prefix + "."):
+        return student_name
+    block, _, rest = student_name[len(prefix) + 1:].partition(".")
+    return f"{prefix}.{layers[int(block)]}.{rest}"
+
+
+def _describe_copy(student: PreTrainedModel, prefix: str, layers: list[int]) -> list[str]:
+    head = student.get_output_embeddings()
+    input_embeddings = student.get_input_embeddings()
+    owners = dict.fromkeys(
+        name.rpartition(".")[0] for name in student.state_dict() if not name.startswith(prefix + ".")
+    )
+    embeddings, norms, others = [], [], []
+    for owner in owners:
+        module = student.get_submodule(owner)
+        if module is head:
+            continue
+        if isinstance(module, torch.nn.Embedding):
+            embeddings.append(owner)
+        elif "norm" in type(module).__name__.lower():
+            norms.append(owner)
+        else:
+            others.append(owner)
+    copied = []
+    if embeddings:
+        copied.append(f"embeddings ({', '.join(embeddings)})")
+    copied.append("blocks " + ", ".join(f"{student_block}<-{teacher_block}" for student_block, teacher_block
+                                        in enumerate(layers)))
+    if norms:
+        copied.append(f"{'final norm' if len(norms) == 1 else 'norms'} ({', '.join(norms)})")
+    if others:
+        copied.append(f"other weights ({', '.join(others)})")
+    if head is not None:
+        tied = input_embeddings is not None and head.weight is input_embeddings.weight
+        copied.append("output head (tied to the embeddings)" if tied else "output head")
+    return copied
+
+
 def check_compatible(tokenizer, student_config: PretrainedConfig, teacher_config: Optional[PretrainedConfig],
                      student_tokenizer=None) -> None:
     """Stop at start-up on a combination that would fail or silently mislead deep inside the training loop."""

@@ -76,6 +76,12 @@ def other_tokenizer_student(context: Context) -> list[str]:
     return ["--config", context.config(**{"student.pretrained": str(student)})]
 
 
+def hidden_states_of_other_widths(context: Context) -> list[str]:
+    student = save_gpt2(context.root / "narrow-student", context.tokenizer, nb_layers=1, width=16)
+    return ["--config", context.config(**{"student.pretrained": str(student),
+                                          "training_parameters.loss.hidden_weight": 1.0})]
+
+
 def empty_after_filtering(context: Context) -> list[str]:
     rows = [{"instruction": f"Say nothing {i}.", "input": "", "output": "   "} for i in range(30)]
     return ["--config", context.config(**{"data.dataset": context.data("empty.jsonl", alpaca_lines(rows))})]
@@ -128,6 +134,12 @@ CASES: list[tuple[str, str, Callable[[Context], list[str]]]] = [
     ("existing run without --resume", "already exists", lambda c: ["--config", c.config(), "--run-name", "earlier"]),
     ("fp16 without CUDA", "fp16", lambda c: ["--config", c.config(**{"hardware.mixed_precision": "fp16"})]),
     ("cuda on a machine without it", "cuda", lambda c: ["--config", c.config(**{"hardware.device": "cuda"})]),
+    ("unknown divergence", "divergence", lambda c: ["--config", c.config(**{"training_parameters.loss.divergence": "kl"})]),
+    ("hidden states of other widths", "hidden_weight", hidden_states_of_other_widths),
+    ("teacher block out of range", "teacher", lambda c: ["--config", c.config(**{
+        "student.init": "teacher_layers", "student.teacher_layers": [5]})]),
+    ("cached teacher at another temperature", "cache_top_k", lambda c: ["--config", c.config(**{
+        "teacher.cache_top_k": 4})]),
 ]
 
 

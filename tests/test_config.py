@@ -177,3 +177,55 @@ def test_max_length_above_the_model_positions_is_refused(tmp_path, config_values
     path = write_config(tmp_path / "long.yaml", _set(config_values, "data.max_length", 4096))
     assert distill.main(["--config", str(path)]) == 2
     assert not Path(config_values["paths"]["checkpoints"]).exists()
+
+
+# ---------------------------------------------------------------- student.init / student.teacher_layers
+
+
+def test_student_init_defaults_to_random_and_accepts_a_layer_list(tmp_path, config_values):
+    assert load_config(write_config(tmp_path / "default.yaml", config_values)).student.init == "random"
+    values = _set(_set(config_values, "student.init", "teacher_layers"), "student.teacher_layers", [1])
+    config = load_config(write_config(tmp_path / "listed.yaml", values))
+    assert (config.student.init, config.student.teacher_layers) == ("teacher_layers", [1])
+    again = load_config(write_config(tmp_path / "resolved.yaml", to_plain_dict(config)))
+    assert again.student == config.student
+    overridden = load_config(tmp_path / "listed.yaml", ["distilled_model.nb_layers=2", "student.teacher_layers=[0, 1]"])
+    assert overridden.student.teacher_layers == [0, 1]
+    uniform = load_config(write_config(tmp_path / "uniform.yaml", _set(config_values, "student.init", "uniform")))
+    assert (uniform.student.init, uniform.student.teacher_layers) == ("uniform", None)
+
+
+BAD_STUDENTS = [
+    ({"init": "copy"}, 1, r"student.init is 'copy'; it must be one of 'random', 'uniform', 'teacher_layers'\."),
+    ({"init": "teacher_layers", "teacher_layers": 1}, 1, r"student.teacher_layers is 1; it must be a list"),
+    ({"init": "teacher_layers", "teacher_layers": "0, 1"}, 2, r"student.teacher_layers is '0, 1'; it must be a list"),
+    ({"init": "teacher_layers", "teacher_layers": [0, "one"]}, 2,
+     r"student.teacher_layers\[1\] is 'one'; it must be a whole number\."),
+    ({"init": "teacher_layers", "teacher_layers": [0, 1.5]}, 2, r"teacher_layers\[1\] is 1.5; it must be a whole"),
+    ({"init": "teacher_layers", "teacher_layers": [True]}, 1, r"teacher_layers\[0\] is True; it must be a whole"),
+    ({"init": "teacher_layers", "teacher_layers": [-1]}, 1, r"teacher_layers\[0\] is -1; it must be at least 0\."),
+    ({"init": "teacher_layers"}, 1, r"student.teacher_layers is null; list the teacher block"),
+    ({"init": "teacher_layers", "teacher_layers": [0, 1]}, 1,
+     r"lists 2 teacher blocks but distilled_model.nb_layers is 1; list exactly one teacher block per student layer"),
+    ({"init": "teacher_layers", "teacher_layers": []}, 1, r"lists 0 teacher blocks"),
+    ({"init": "teacher_layers", "teacher_layers": [1, 1]}, 2, r"teacher block 1 more than once"),
+    ({"teacher_layers": [0]}, 1, r"teacher_layers is set but student.init is 'random'; set student.init to"),
+    ({"init": "uniform", "teacher_layers": [0]}, 1, r"student.init is 'uniform'; set student.init to teacher_layers"),
+    ({"init": "uniform", "pretrained": "distilgpt2"}, 1,
+     r"student.init is 'uniform' but student.pretrained is set.*set student.init to random or student.pretrained"),
+    ({"init": "teacher_layers", "teacher_layers": [0], "pretrained": "x"}, 1, r"student.pretrained is set"),
+]
+
+
+@pytest.mark.parametrize("student, nb_layers, fragment", BAD_STUDENTS, ids=[str(case[0]) for case in BAD_STUDENTS])
+def test_bad_student_init_is_one_sentence_naming_the_fix(tmp_path, config_values, capsys, student, nb_layers,
+                                                         fragment):
+    values = _set(_set(config_values, "student", student), "distilled_model.nb_layers", nb_layers)
+    path = write_config(tmp_path / "bad.yaml", values)
+    with pytest.raises(ConfigError, match=fragment) as raised:
+        load_config(path)
+    message = str(raised.value)
+    assert "\n" not in message and message.endswith(".") and message.count("; ") == 1
+    assert distill.main(["--config", str(path)]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    assert not (tmp_path / "checkpoints").exists()

@@ -9,7 +9,20 @@ import torch
 import torch.nn.functional as F
 
 import dataset
-from loss import IGNORE_INDEX, ClassicLoss, DistillationLoss, kd_kl_divergence, next_token_cross_entropy
+import loss
+from loss import (
+    DIVERGENCES,
+    IGNORE_INDEX,
+    ChunkedDistillationLoss,
+    ClassicLoss,
+    DistillationLoss,
+    LossOutput,
+    divergence_and_cross_entropy,
+    kd_and_cross_entropy,
+    kd_kl_divergence,
+    next_token_cross_entropy,
+    token_divergence,
+)
 
 
 def random_batch(seed: int = 0, batch: int = 3, length: int = 7, vocab: int = 11, extra_teacher_vocab: int = 0):
@@ -154,6 +167,12 @@ def test_same_samples_padded_differently_give_the_same_loss(tokenizer, teacher_d
         ({"alpha": 0, "beta": 0}, "both 0"),
         ({"alpha": -1}, ">= 0"),
         ({"alpha": "high"}, "number"),
+        ({"divergence": "kl"}, "unknown divergence 'kl'; use one of forward_kl, reverse_kl, jsd"),
+        ({"divergence": "jsd", "jsd_beta": 1.5}, "jsd_beta must be between 0 and 1"),
+        ({"divergence": "skew_kl", "skew": -0.1}, "skew must be between 0 and 1"),
+        ({"hidden_weight": -1}, "hidden_weight must be >= 0"),
+        ({"alpha": 0, "beta": 0, "hidden_weight": 0}, "both 0 and so is hidden_weight"),
+        ({"skew": "much"}, "number"),
     ],
 )
 def test_invalid_distillation_arguments_are_refused(arguments, message):
@@ -194,3 +213,293 @@ def test_chunked_loss_matches_the_full_logits_loss_in_value_and_gradient():
         cosine = F.cosine_similarity(expected.flatten(), actual.flatten(), dim=0)
         assert cosine.item() >= 0.9999
         assert torch.allclose(expected, actual, atol=1e-5)
+
+
+# Divergences and the hidden-state term.
+
+
+def reference_divergence(p, q, divergence, jsd_beta=0.5, skew=0.1):
+    """The divergence between two probability vectors with every entry positive, straight from its definition."""
+
+    def kl(a, b):
+        return (a * torch.log(a / b)).sum()
+
+    if divergence == "forward_kl":
+        return kl(p, q)
+    if divergence == "reverse_kl":
+        return kl(q, p)
+    if divergence == "jsd":
+        if jsd_beta == 0:
+            return kl(p, q)
+        if jsd_beta == 1:
+            return kl(q, p)
+        mixture = jsd_beta * p + (1 - jsd_beta) * q
+        return jsd_beta * kl(p, mixture) + (1 - jsd_beta) * kl(q, mixture)
+    if divergence == "skew_kl":
+        return kl(p, skew * p + (1 - skew) * q)
+    if divergence == "skew_reverse_kl":
+        return kl(q, skew * q + (1 - skew) * p)
+    assert divergence == "tv"
+    return 0.5 * (p - q).abs().sum()
+
+
+def reference_kd_of(student, teacher, labels, temperature, **divergence_arguments):
+    """T**2 times the mean over target positions of the divergence between the softened distributions, in float64."""
+    values = []
+    for row in range(labels.size(0)):
+        for position in range(labels.size(1) - 1):
+            if labels[row, position + 1] == IGNORE_INDEX:
+                continue
+            p = torch.softmax(teacher[row, position, : student.size(-1)].double() / temperature, dim=-1)
+            q = torch.softmax(student[row, position].double() / temperature, dim=-1)
+            values.append(reference_divergence(p, q, **divergence_arguments))
+    return temperature**2 * torch.stack(values).mean()
+
+
+DIVERGENCE_CASES = [
+    {"divergence": "forward_kl"},
+    {"divergence": "reverse_kl"},
+    {"divergence": "jsd"},
+    {"divergence": "jsd", "jsd_beta": 0.2},
+    {"divergence": "jsd", "jsd_beta": 0.0},
+    {"divergence": "jsd", "jsd_beta": 1.0},
+    {"divergence": "skew_kl"},
+    {"divergence": "skew_kl", "skew": 0.4},
+    {"divergence": "skew_reverse_kl"},
+    {"divergence": "skew_reverse_kl", "skew": 0.4},
+    {"divergence": "tv"},
+]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("arguments", DIVERGENCE_CASES, ids=lambda case: "-".join(map(str, case.values())))
+def test_each_divergence_matches_its_definition(arguments, temperature):
+    student, teacher, labels = random_batch(seed=11, extra_teacher_vocab=2)
+    output = DistillationLoss(alpha=0.7, beta=0.3, temperature=temperature, **arguments)(student, labels, teacher)
+    expected = reference_kd_of(student, teacher, labels, temperature, **arguments)
+    assert output.kd.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+    assert torch.allclose(output.ce, next_token_cross_entropy(student, labels), atol=1e-6)
+    assert torch.allclose(output.loss, 0.7 * output.kd + 0.3 * output.ce, atol=1e-6)
+    assert output.hidden is None
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_forward_kl_goes_through_the_fast_kd_and_cross_entropy(monkeypatch, temperature):
+    calls = []
+
+    def spy(*arguments, **keywords):
+        calls.append(arguments)
+        return kd_and_cross_entropy(*arguments, **keywords)
+
+    monkeypatch.setattr(loss, "kd_and_cross_entropy", spy)
+    student, teacher, labels = random_batch(seed=12)
+    output = DistillationLoss(temperature=temperature)(student, labels, teacher)
+    assert len(calls) == 1
+    # The general path gives the same values, which checks it against the benchmarked one.
+    general = divergence_and_cross_entropy(student, teacher, labels, temperature, 1.0, 0.1, "forward_kl")
+    for term in ("loss", "kd", "ce"):
+        assert torch.allclose(getattr(general, term), getattr(output, term), atol=1e-6), term
+
+
+def random_log_probs(seed, rows=4, outcomes=6):
+    generator = torch.Generator().manual_seed(seed)
+    return F.log_softmax(2.0 * torch.randn(rows, outcomes, generator=generator), dim=-1)
+
+
+@pytest.mark.parametrize("arguments", DIVERGENCE_CASES, ids=lambda case: "-".join(map(str, case.values())))
+def test_divergence_is_zero_for_equal_distributions_and_positive_otherwise(arguments):
+    student, teacher = random_log_probs(0), random_log_probs(1)
+    same = token_divergence(teacher.clone(), teacher, **arguments)
+    assert same.shape == (4,)
+    assert torch.allclose(same, torch.zeros(4), atol=1e-6)
+    assert (token_divergence(student, teacher, **arguments) > 1e-3).all()
+
+
+def test_jsd_is_symmetric_at_one_half_and_tends_to_the_kl_divergences_at_its_ends():
+    student, teacher = random_log_probs(2), random_log_probs(3)
+    assert torch.allclose(token_divergence(student, teacher, "jsd"), token_divergence(teacher, student, "jsd"))
+    assert not torch.allclose(
+        token_divergence(student, teacher, "jsd", jsd_beta=0.2), token_divergence(teacher, student, "jsd", jsd_beta=0.2)
+    )
+    forward = token_divergence(student, teacher, "forward_kl")
+    reverse = token_divergence(student, teacher, "reverse_kl")
+    assert torch.allclose(token_divergence(student, teacher, "jsd", jsd_beta=0.0), forward)
+    assert torch.allclose(token_divergence(student, teacher, "jsd", jsd_beta=1.0), reverse)
+    # The end values are the limits of the jsd divided by its weight, which fixes which side is which.
+    small = 1e-4
+    assert torch.allclose(token_divergence(student, teacher, "jsd", jsd_beta=small) / small, forward, rtol=1e-2)
+    assert torch.allclose(token_divergence(student, teacher, "jsd", jsd_beta=1 - small) / small, reverse, rtol=1e-2)
+
+
+def test_skew_divergences_without_skew_are_the_kl_divergences():
+    student, teacher = random_log_probs(4), random_log_probs(5)
+    assert torch.allclose(
+        token_divergence(student, teacher, "skew_kl", skew=0.0), token_divergence(student, teacher, "forward_kl")
+    )
+    assert torch.allclose(
+        token_divergence(student, teacher, "skew_reverse_kl", skew=0.0),
+        token_divergence(student, teacher, "reverse_kl"),
+    )
+    # Skewing bounds the divergence: KL(p || 0.1 p + 0.9 q) <= log(1 / 0.1).
+    assert (token_divergence(student, teacher, "skew_kl", skew=0.1) <= math.log(10) + 1e-6).all()
+
+
+def test_total_variation_hand_computed_and_at_most_one():
+    # Teacher (0.8, 0.2), student (0.5, 0.5): 0.5 * (0.3 + 0.3).
+    teacher = torch.tensor([[math.log(0.8), math.log(0.2)]])
+    student = torch.tensor([[math.log(0.5), math.log(0.5)]])
+    assert token_divergence(student, teacher, "tv").item() == pytest.approx(0.3, abs=1e-6)
+    disjoint_teacher = torch.tensor([[0.0, float("-inf")]])
+    disjoint_student = torch.tensor([[float("-inf"), 0.0]])
+    assert token_divergence(disjoint_student, disjoint_teacher, "tv").item() == pytest.approx(1.0)
+    assert (token_divergence(random_log_probs(6), random_log_probs(7), "tv") <= 1.0).all()
+
+
+def test_bucketed_distributions_of_any_width_are_accepted():
+    # E.g. the top 2 tokens plus the rest of the mass: 3 outcomes, unrelated to any vocabulary.
+    teacher = torch.log(torch.tensor([[0.6, 0.3, 0.1]]))
+    student = torch.log(torch.tensor([[0.5, 0.25, 0.25]]))
+    expected = 0.6 * math.log(0.6 / 0.5) + 0.3 * math.log(0.3 / 0.25) + 0.1 * math.log(0.1 / 0.25)
+    assert token_divergence(student, teacher, "forward_kl").item() == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(ValueError, match="shape"):
+        token_divergence(student, teacher[:, :2], "forward_kl")
+
+
+TEACHER_ZERO_CASES = [case for case in DIVERGENCE_CASES if case != {"divergence": "forward_kl"}]
+
+
+# Plain forward_kl goes through kd_and_cross_entropy, which expects the finite logits of a model's full vocabulary.
+@pytest.mark.parametrize("arguments", TEACHER_ZERO_CASES, ids=lambda case: "-".join(map(str, case.values())))
+def test_teacher_zeros_give_finite_values_and_gradients(arguments):
+    student, teacher, labels = random_batch(seed=13)
+    teacher[..., :4] = float("-inf")  # the teacher gives 4 of the 11 tokens probability exactly 0
+    student.requires_grad_(True)
+    output = DistillationLoss(alpha=1.0, beta=0.1, temperature=2.0, **arguments)(student, labels, teacher)
+    assert torch.isfinite(output.loss) and output.kd.item() > 0.0
+    output.loss.backward()
+    assert torch.isfinite(student.grad).all()
+
+
+@pytest.mark.parametrize("arguments", DIVERGENCE_CASES, ids=lambda case: "-".join(map(str, case.values())))
+def test_token_divergence_with_teacher_zeros_has_finite_gradients(arguments):
+    student = random_log_probs(8).requires_grad_(True)
+    teacher = F.log_softmax(torch.tensor([[0.0, 1.0, float("-inf"), -1.0, float("-inf"), 2.0]] * 4), dim=-1)
+    value = token_divergence(student, teacher, **arguments).sum()
+    assert torch.isfinite(value)
+    value.backward()
+    assert torch.isfinite(student.grad).all()
+
+
+def test_exact_zeros_in_both_distributions_give_no_nan():
+    teacher = torch.tensor([[0.0, float("-inf"), float("-inf")]])
+    student = torch.tensor([[0.5, 0.5, float("-inf")]], requires_grad=True)
+    for divergence in DIVERGENCES:
+        student.grad = None
+        value = token_divergence(F.log_softmax(student, dim=-1), teacher, divergence, skew=0.3).sum()
+        assert torch.isfinite(value), divergence
+        value.backward()
+        assert torch.isfinite(student.grad).all(), divergence
+
+
+def random_hidden_states(seed, batch=3, length=7, width=5):
+    generator = torch.Generator().manual_seed(seed)
+    student = torch.randn(batch, length, width, generator=generator)
+    return student, torch.randn(batch, length, width, generator=generator)
+
+
+def test_hidden_cosine_term_matches_a_per_position_reference():
+    student, teacher, labels = random_batch(seed=14)
+    student_hidden, teacher_hidden = random_hidden_states(15)
+    criterion = DistillationLoss(alpha=0.7, beta=0.3, temperature=2.0, hidden_weight=0.5)
+    assert criterion.uses_last_hidden_state
+    assert not DistillationLoss().uses_last_hidden_state
+    output = criterion(student, labels, teacher, student_hidden=student_hidden, teacher_hidden=teacher_hidden)
+    distances = [
+        1 - F.cosine_similarity(student_hidden[row, position], teacher_hidden[row, position], dim=0)
+        for row in range(labels.size(0))
+        for position in range(labels.size(1) - 1)
+        if labels[row, position + 1] != IGNORE_INDEX
+    ]
+    assert output.hidden.item() == pytest.approx(torch.stack(distances).mean().item(), abs=1e-6)
+    assert torch.allclose(output.kd, reference_kd(student, teacher, labels, 2.0), atol=1e-6)
+    assert torch.allclose(output.loss, 0.7 * output.kd + 0.3 * output.ce + 0.5 * output.hidden, atol=1e-6)
+
+
+def test_hidden_term_alone_trains_only_the_scored_positions():
+    student, teacher, labels = random_batch(seed=16)
+    student_hidden, teacher_hidden = random_hidden_states(17)
+    student_hidden.requires_grad_(True)
+    criterion = DistillationLoss(alpha=0.0, beta=0.0, hidden_weight=1.0)
+    output = criterion(student, labels, teacher, student_hidden=student_hidden, teacher_hidden=teacher_hidden)
+    assert torch.equal(output.loss, output.hidden)
+    output.loss.backward()
+    not_scored = torch.ones_like(labels, dtype=torch.bool)
+    not_scored[:, :-1] = labels[:, 1:] == IGNORE_INDEX
+    assert student_hidden.grad[not_scored].abs().max().item() == 0.0
+    assert student_hidden.grad[~not_scored].abs().sum().item() > 0.0
+
+
+def test_hidden_term_refuses_missing_or_different_width_hidden_states():
+    student, teacher, labels = random_batch(seed=18)
+    student_hidden, teacher_hidden = random_hidden_states(19)
+    criterion = DistillationLoss(hidden_weight=0.5)
+    with pytest.raises(ValueError, match="needs the student's and the teacher's last hidden states"):
+        criterion(student, labels, teacher)
+    with pytest.raises(ValueError, match="needs the student's and the teacher's last hidden states"):
+        criterion(student, labels, teacher, student_hidden=student_hidden)
+    with pytest.raises(ValueError, match=r"hidden width \(5\) differs from the teacher's \(4\)"):
+        criterion(student, labels, teacher, student_hidden=student_hidden, teacher_hidden=teacher_hidden[..., :4])
+    # Without the hidden term, hidden states of any width are ignored.
+    DistillationLoss()(student, labels, teacher, student_hidden=student_hidden, teacher_hidden=teacher_hidden[..., :4])
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_a_batch_without_targets_gives_zeros_that_stay_in_the_graph(divergence):
+    student, teacher, labels = random_batch(seed=20)
+    student_hidden, teacher_hidden = random_hidden_states(21)
+    student.requires_grad_(True)
+    student_hidden.requires_grad_(True)
+    labels[:] = IGNORE_INDEX
+    output = DistillationLoss(divergence=divergence, hidden_weight=1.0)(
+        student, labels, teacher, student_hidden=student_hidden, teacher_hidden=teacher_hidden
+    )
+    assert output.loss.item() == 0.0 and output.kd.item() == 0.0 and output.hidden.item() == 0.0
+    output.loss.backward()
+    assert student.grad.abs().max().item() == 0.0
+
+
+def test_spec_names_only_the_arguments_that_differ_from_the_defaults():
+    assert DistillationLoss().spec() == {"()": "loss.DistillationLoss", "alpha": 1.0, "beta": 0.1, "temperature": 1.0}
+    jsd = DistillationLoss(divergence="jsd", jsd_beta="3e-1", skew=0.2)
+    assert jsd.spec() == {
+        "()": "loss.DistillationLoss", "alpha": 1.0, "beta": 0.1, "temperature": 1.0,
+        "divergence": "jsd", "jsd_beta": 0.3,
+    }
+    assert DistillationLoss(divergence="jsd").spec()["divergence"] == "jsd"
+    assert "jsd_beta" not in DistillationLoss(divergence="jsd").spec()
+    skewed = DistillationLoss(divergence="skew_reverse_kl", jsd_beta=0.3, skew=0.2, hidden_weight=0.5)
+    assert skewed.spec() == {
+        "()": "loss.DistillationLoss", "alpha": 1.0, "beta": 0.1, "temperature": 1.0,
+        "divergence": "skew_reverse_kl", "skew": 0.2, "hidden_weight": 0.5,
+    }
+    for criterion in (jsd, skewed):
+        arguments = {key: value for key, value in criterion.spec().items() if key != "()"}
+        assert DistillationLoss(**arguments).spec() == criterion.spec()
+
+
+def test_chunked_loss_keeps_its_spec_and_its_logits_free_call():
+    criterion = ChunkedDistillationLoss(alpha=0.5, beta=0.2, temperature=2.0, chunk_size=64)
+    assert criterion.spec() == {
+        "()": "loss.ChunkedDistillationLoss", "alpha": 0.5, "beta": 0.2, "temperature": 2.0, "chunk_size": 64,
+    }
+    assert criterion.divergence == "forward_kl" and not criterion.uses_last_hidden_state
+
+
+def test_classic_loss_ignores_hidden_states_and_old_outputs_still_build():
+    student, _, labels = random_batch(seed=22)
+    student_hidden, teacher_hidden = random_hidden_states(23)
+    criterion = ClassicLoss()
+    assert not criterion.uses_last_hidden_state
+    output = criterion(student, labels, None, student_hidden=student_hidden, teacher_hidden=teacher_hidden)
+    assert output.hidden is None and torch.equal(output.loss, output.ce)
+    assert LossOutput(output.loss, None, output.ce).hidden is None

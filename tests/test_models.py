@@ -160,3 +160,122 @@ def test_tokenizer_fingerprint_matches_a_reloaded_copy(tokenizer, teacher_dir, o
     reloaded = models.load_tokenizer(str(teacher_dir))
     assert dataset.tokenizer_fingerprint(reloaded) == dataset.tokenizer_fingerprint(tokenizer)
     assert dataset.tokenizer_fingerprint(other_tokenizer) != dataset.tokenizer_fingerprint(tokenizer)
+
+
+# ---------------------------------------------------------------- student initialisation from the teacher
+
+
+@pytest.mark.parametrize(
+    "teacher_layers, student_layers, expected",
+    [
+        (12, 6, [0, 2, 4, 7, 9, 11]),  # Hugging Face's distilgpt2 choice
+        (12, 12, list(range(12))),
+        (12, 2, [0, 11]),
+        (12, 3, [0, 6, 11]),  # 5.5 rounds up
+        (6, 3, [0, 3, 5]),  # 2.5 rounds up, where round() would give 2
+        (4, 2, [0, 3]),
+        (4, 1, [0]),
+        (1, 1, [0]),
+    ],
+)
+def test_uniform_layers_are_evenly_spaced_from_first_to_last(teacher_layers, student_layers, expected):
+    assert models.uniform_layers(teacher_layers, student_layers) == expected
+
+
+@pytest.mark.parametrize("student_layers", [0, 5])
+def test_uniform_layers_refuse_a_student_outside_the_teacher(student_layers):
+    with pytest.raises(models.ModelError, match=rf"nb_layers is {student_layers}.*from 1 to 4"):
+        models.uniform_layers(4, student_layers)
+
+
+def test_student_init_layers_follows_the_config():
+    assert models.student_init_layers("random", None, 12, 6) is None
+    assert models.student_init_layers("uniform", None, 12, 6) == [0, 2, 4, 7, 9, 11]
+    assert models.student_init_layers("teacher_layers", [1, 5], 12, 2) == [1, 5]
+    with pytest.raises(models.ModelError, match=r"teacher block 12 does not exist.*from 0 to 11"):
+        models.student_init_layers("teacher_layers", [0, 12], 12, 2)
+    with pytest.raises(models.ModelError, match="one teacher block per student layer"):
+        models.student_init_layers("teacher_layers", [0], 12, 2)
+
+
+@pytest.fixture(scope="module")
+def four_layer_teacher(tmp_path_factory, tokenizer):
+    return models.load_teacher(str(save_gpt2(tmp_path_factory.mktemp("teacher4"), tokenizer, nb_layers=4, seed=7)))
+
+
+def test_initialise_from_teacher_copies_embeddings_chosen_blocks_norm_and_head(four_layer_teacher, caplog):
+    teacher = four_layer_teacher
+    teacher_before = {name: tensor.clone() for name, tensor in teacher.state_dict().items()}
+    torch.manual_seed(1)
+    student = models.build_student(teacher.config, nb_layers=2)
+    torch.manual_seed(1)
+    random_student = models.build_student(teacher.config, nb_layers=2)
+
+    with caplog.at_level("INFO", logger="models"):
+        copied = models.initialise_from_teacher(student, teacher, [0, 3])
+
+    assert copied == [
+        "embeddings (transformer.wte, transformer.wpe)",
+        "blocks 0<-0, 1<-3",
+        "final norm (transformer.ln_f)",
+        "output head (tied to the embeddings)",
+    ]
+    assert [record.getMessage() for record in caplog.records] == [
+        "Student initialised from the teacher: " + "; ".join(copied)
+    ]
+    teacher_state, student_state = teacher.state_dict(), student.state_dict()
+    for name, tensor in student_state.items():
+        source = name.replace("transformer.h.1.", "transformer.h.3.")
+        assert torch.equal(tensor, teacher_state[source]), name
+    for module in ("wte", "wpe", "ln_f"):
+        assert torch.equal(getattr(student.transformer, module).weight, getattr(teacher.transformer, module).weight)
+    assert torch.equal(student.transformer.h[1].mlp.c_fc.weight, teacher.transformer.h[3].mlp.c_fc.weight)
+    assert not torch.equal(student.transformer.h[1].mlp.c_fc.weight, teacher.transformer.h[1].mlp.c_fc.weight)
+    assert student.lm_head.weight is student.transformer.wte.weight
+    assert all(parameter.dtype == torch.float32 for parameter in student.parameters())
+
+    input_ids = torch.randint(0, teacher.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert not torch.allclose(student.eval()(input_ids).logits, random_student.eval()(input_ids).logits)
+    after = teacher.state_dict()
+    assert all(torch.equal(after[name], tensor) for name, tensor in teacher_before.items())
+
+
+def test_initialise_from_a_bfloat16_teacher_keeps_the_student_dtype(four_layer_teacher):
+    teacher = four_layer_teacher
+    student = models.build_student(teacher.config, nb_layers=2)
+    half_teacher = AutoModelForCausalLM.from_config(teacher.config).to(torch.bfloat16)
+    half_teacher.load_state_dict(teacher.state_dict())
+    models.initialise_from_teacher(student, half_teacher, [1, 2])
+    assert student.transformer.wte.weight.dtype == torch.float32
+    assert torch.equal(student.transformer.h[0].attn.c_attn.weight,
+                       half_teacher.transformer.h[1].attn.c_attn.weight.float())
+
+
+def test_initialise_from_teacher_refuses_a_block_past_the_teacher(four_layer_teacher):
+    student = models.build_student(four_layer_teacher.config, nb_layers=2)
+    before = {name: tensor.clone() for name, tensor in student.state_dict().items()}
+    with pytest.raises(models.ModelError, match=r"teacher block 4 does not exist: the teacher has 4 blocks.*0 to 3"):
+        models.initialise_from_teacher(student, four_layer_teacher, [0, 4])
+    with pytest.raises(models.ModelError, match="one teacher block per student layer"):
+        models.initialise_from_teacher(student, four_layer_teacher, [0, 1, 2])
+    assert all(torch.equal(student.state_dict()[name], tensor) for name, tensor in before.items())
+
+
+def test_initialise_from_teacher_refuses_a_student_of_another_width(four_layer_teacher, tmp_path, tokenizer):
+    narrow = models.load_teacher(str(save_gpt2(tmp_path / "narrow", tokenizer, nb_layers=2, width=16)))
+    student = models.build_student(narrow.config, nb_layers=2)
+    before = {name: tensor.clone() for name, tensor in student.state_dict().items()}
+    with pytest.raises(models.ModelError) as raised:
+        models.initialise_from_teacher(student, four_layer_teacher, [0, 3])
+    message = str(raised.value)
+    assert "transformer.wte.weight has shape (" in message and f"{(len(tokenizer), 16)}" in message
+    assert f"{(len(tokenizer), 32)}" in message and "student.init to random" in message and "\n" not in message
+    assert all(torch.equal(student.state_dict()[name], tensor) for name, tensor in before.items())
+
+
+def test_initialise_from_teacher_refuses_a_student_with_tensors_the_teacher_lacks(four_layer_teacher):
+    student = models.build_student(four_layer_teacher.config, nb_layers=2)
+    student.transformer.register_buffer("extra", torch.zeros(3))
+    with pytest.raises(models.ModelError, match=r"student's transformer.extra has no counterpart transformer.extra in"):
+        models.initialise_from_teacher(student, four_layer_teacher, [0, 3])

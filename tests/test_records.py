@@ -85,15 +85,51 @@ def test_summary_has_best_test_and_teacher_figures(compared_runs, teacher_dir):
     splits = dataset.prepare_splits(dataset.spec_from_config(config), tokenizer, config.paths.data_folder,
                                     config.paths.token_dataset)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
-    total, count = 0.0, 0
+    student = AutoModelForCausalLM.from_pretrained(distilled / "best").eval()
+    total, count, kl_total, agreements = 0.0, 0, 0.0, 0
     for sample in splits["test"]:
         ids = torch.tensor([sample["input_ids"]])
         with torch.no_grad():
             log_probs = torch.log_softmax(teacher(ids).logits[0, :-1].double(), dim=-1)
+            student_log_probs = torch.log_softmax(student(ids).logits[0, :-1].double(), dim=-1)
         total -= log_probs.gather(1, ids[0, 1:, None]).sum().item()
         count += ids.size(1) - 1
+        kl_total += (log_probs.exp() * (log_probs - student_log_probs)).sum().item()
+        agreements += (log_probs.argmax(-1) == student_log_probs.argmax(-1)).sum().item()
     assert summary["teacher"]["test"]["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-4)
     assert summary["teacher"]["validation"]["perplexity"] > 1.0
+    # How close the best student is to the teacher on the test split: KL at T = 1 and top-1 agreement.
+    assert summary["test"]["kl_teacher"] == pytest.approx(kl_total / count, rel=1e-4)
+    assert summary["test"]["top1_agreement"] == pytest.approx(agreements / count, abs=1.5 / count)
+    assert summary["best_metric"] == "loss"
+
+
+@pytest.mark.parametrize("best_metric, expected_best_step", [("loss", 4), ("perplexity", 12)])
+def test_the_best_checkpoint_follows_the_chosen_metric(tmp_path, teacher_dir, data_file, monkeypatch, best_metric,
+                                                       expected_best_step):
+    """Validation results in which the loss only gets worse and the perplexity only better: each metric picks its
+    own best step, and the best checkpoint and summary follow it."""
+    evaluate = distill.Trainer.evaluate
+
+    def diverging(trainer, loader):
+        result = evaluate(trainer, loader)
+        if loader is trainer.validation_loader:
+            step = trainer.state.global_step
+            result.update(loss=float(step), perplexity=1000.0 - step)
+        return result
+
+    monkeypatch.setattr(distill.Trainer, "evaluate", diverging)
+    values = base_config(tmp_path, teacher_dir, data_file)
+    values["training_parameters"].update(eval_every_steps=4, max_steps=12, best_metric=best_metric)
+    config_file = write_config(tmp_path / "config.yaml", values)
+    assert distill.main(["--config", str(config_file), "--run-name", "best"]) == 0
+    run = tmp_path / "checkpoints" / "best"
+    validations = [record for record in read_metrics(run) if record["split"] == "validation"]
+    assert [record["step"] for record in validations] == [4, 8, 12]
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["best_metric"], summary["best_step"]) == (best_metric, expected_best_step)
+    assert summary["best_validation_perplexity"] == 1000.0 - expected_best_step
+    assert json.loads((run / "best" / "trainer_state.json").read_text())["global_step"] == expected_best_step
 
 
 def test_plain_baseline_trains_the_same_student_without_the_teacher(compared_runs):

@@ -1,0 +1,212 @@
+"""The teacher's next-token distributions, computed once and kept on disk: later epochs and later runs distil
+against them without loading the teacher (`teacher.cache_top_k: K`).
+
+For every position of every sample the cache keeps the teacher's K most likely next tokens (ids, most likely first)
+with their log-probabilities, the log of the probability left to the other tokens (the "rest"), and the
+log-probability of the token that actually follows (the teacher's own cross-entropy, for its perplexity). All at
+temperature 1, over the student's vocabulary (a larger teacher vocabulary is cropped, as the losses do).
+
+Layout: `<data_folder>/teacher_cache/<key>/<split>/` with `ids.npy (rows, K)` (uint16 when the vocabulary fits,
+else int32), `log_probs.npy (rows, K)` float16, `rest.npy (rows,)` and `target.npy (rows,)` float16, and
+`offsets.npy (samples + 1,)`: sample i owns rows offsets[i] to offsets[i + 1], one per position 0 .. length - 2 (the
+positions that predict a next token). The key hashes the teacher's files, its dtype, the tokenized data (whose own
+key covers the data, tokenizer and max_length), K and the vocabulary; a finished cache is renamed into place, so an
+interrupted build never looks valid. The arrays are memory-mapped, never loaded whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+# The rest of the probability mass is stored as a log in float16: floored where it stops mattering (e^-60).
+LOWEST_LOG_PROB = -60.0
+
+
+@dataclass(frozen=True)
+class CachedSplit:
+    """One split's cached teacher distributions (memory-mapped)."""
+
+    ids: np.ndarray  # (rows, K)
+    log_probs: np.ndarray  # (rows, K) float16
+    rest: np.ndarray  # (rows,) float16
+    target: np.ndarray  # (rows,) float16
+    offsets: np.ndarray  # (samples + 1,)
+
+    @property
+    def top_k(self) -> int:
+        return self.ids.shape[1]
+
+    @classmethod
+    def open(cls, directory: Path) -> "CachedSplit":
+        arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r")
+                  for name in ("ids", "log_probs", "rest", "target", "offsets")}
+        return cls(**arrays)
+
+
+def teacher_fingerprint(name: str) -> str:
+    """What identifies a teacher's weights without loading them: its config and, for each weights file, the size
+    and a hash of the first and last MiB (a Hub name resolves to its cached snapshot files)."""
+    from transformers.utils import cached_file
+
+    parts = []
+    for filename in ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+        try:
+            path = cached_file(name, filename, _raise_exceptions_for_missing_entries=False)
+        except OSError:
+            path = None
+        if path is None:
+            continue
+        size = os.path.getsize(path)
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            digest.update(handle.read(1 << 20))
+            handle.seek(max(size - (1 << 20), 0))
+            digest.update(handle.read(1 << 20))
+        parts.append(f"{filename}:{size}:{digest.hexdigest()}")
+    return "|".join(parts) or name
+
+
+def tokenized_data_identity(split) -> str:
+    """The tokenized split's own cache key (it covers the data, the tokenizer and max_length)."""
+    files = getattr(split, "cache_files", None)
+    if files:
+        return Path(files[0]["filename"]).parent.parent.name
+    return split._fingerprint
+
+
+def cache_directory(root: Path, teacher_name: str, teacher_dtype: torch.dtype, splits, top_k: int,
+                    vocab_size: int) -> Path:
+    description = {
+        "version": CACHE_FORMAT_VERSION,
+        "teacher": teacher_fingerprint(teacher_name),
+        "dtype": str(teacher_dtype),
+        "data": {name: [tokenized_data_identity(split), len(split)] for name, split in splits.items()},
+        "top_k": top_k,
+        "vocab_size": vocab_size,
+    }
+    key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+    return root / key
+
+
+def load(directory: Path, split_names) -> Optional[dict[str, CachedSplit]]:
+    if not (directory / "meta.json").is_file():
+        return None
+    return {name: CachedSplit.open(directory / name) for name in split_names}
+
+
+@torch.no_grad()
+def build(directory: Path, teacher, splits, top_k: int, vocab_size: int, pad_token_id: int, batch_size: int,
+          device: torch.device, autocast=None) -> dict[str, CachedSplit]:
+    """Run the teacher once over every split and write its top-k distributions (see the module docstring)."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    started = time.time()
+    try:
+        for name, split in splits.items():
+            _build_split(staging / name, teacher, split, top_k, vocab_size, pad_token_id, batch_size, device, autocast)
+        meta = {"top_k": top_k, "vocab_size": vocab_size, "splits": {name: len(split) for name, split in splits.items()},
+                "seconds": round(time.time() - started, 2)}
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+        if not directory.exists():  # another process may have finished the same cache first
+            os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("Cached the teacher's top-%d distributions in %s (%.1f s)", top_k, directory, time.time() - started)
+    return load(directory, splits.keys())
+
+
+def _build_split(directory: Path, teacher, split, top_k: int, vocab_size: int, pad_token_id: int, batch_size: int,
+                 device: torch.device, autocast) -> None:
+    directory.mkdir(parents=True)
+    lengths = np.asarray(split["length"], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(np.maximum(lengths - 1, 0))])
+    rows = int(offsets[-1])
+    id_dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+    arrays = {
+        "ids": np.lib.format.open_memmap(directory / "ids.npy", "w+", id_dtype, (rows, top_k)),
+        "log_probs": np.lib.format.open_memmap(directory / "log_probs.npy", "w+", np.float16, (rows, top_k)),
+        "rest": np.lib.format.open_memmap(directory / "rest.npy", "w+", np.float16, (rows,)),
+        "target": np.lib.format.open_memmap(directory / "target.npy", "w+", np.float16, (rows,)),
+    }
+    np.save(directory / "offsets.npy", offsets)
+    # Samples in length order, so that batches carry little padding.
+    order = np.argsort(lengths, kind="stable")
+    all_ids = split["input_ids"]  # one read of the column: row-by-row access is slow
+    for start in range(0, len(order), batch_size):
+        indices = order[start:start + batch_size]
+        samples = [all_ids[int(index)] for index in indices]
+        longest = max(len(ids) for ids in samples)
+        input_ids = torch.full((len(samples), longest), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(samples):
+            input_ids[row, : len(ids)] = torch.as_tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        with autocast() if autocast is not None else torch.autocast(device.type, enabled=False):
+            logits = teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        top = top_k_distribution(logits[:, :-1, :vocab_size], input_ids[:, 1:], top_k)
+        for row, index in enumerate(indices):
+            positions = slice(int(offsets[index]), int(offsets[index + 1]))
+            count = positions.stop - positions.start
+            for name, values in zip(("ids", "log_probs", "rest", "target"), top):
+                arrays[name][positions] = values[row, :count].cpu().numpy().astype(arrays[name].dtype)
+    for array in arrays.values():
+        array.flush()
+
+
+def top_k_distribution(logits: torch.Tensor, next_ids: torch.Tensor, top_k: int):
+    """`logits (B, T, V)` and the ids that follow `(B, T)` -> the K most likely ids `(B, T, K)` (most likely
+    first), their log-probabilities `(B, T, K)`, the log of the rest of the mass `(B, T)` and the log-probability
+    of the next id `(B, T)`, at temperature 1."""
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    top_log_probs, top_ids = log_probs.topk(top_k, dim=-1)
+    rest = log_probs.scatter(-1, top_ids, float("-inf")).logsumexp(dim=-1).clamp(min=LOWEST_LOG_PROB)
+    target = log_probs.gather(-1, next_ids[..., None]).squeeze(-1).clamp(min=LOWEST_LOG_PROB)
+    return top_ids, top_log_probs.clamp(min=LOWEST_LOG_PROB), rest, target
+
+
+class CachedTeacherCollator:
+    """A collator that adds each sample's cached teacher distributions to its batch, aligned with the logits:
+    `teacher_top_ids (B, T, K)`, `teacher_top_log_probs (B, T, K)`, `teacher_rest_log_prob (B, T)` and
+    `teacher_target_log_prob (B, T)`; position t holds the teacher's distribution of the token at t + 1 (the last
+    position, and padding, hold nothing that a loss reads)."""
+
+    def __init__(self, collator, cached: CachedSplit) -> None:
+        self.collator = collator
+        self.cached = cached
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch = self.collator(samples)
+        length = batch["input_ids"].size(1)
+        top_k = self.cached.top_k
+        ids = torch.zeros((len(samples), length, top_k), dtype=torch.long)
+        log_probs = torch.zeros((len(samples), length, top_k), dtype=torch.float32)
+        rest = torch.zeros((len(samples), length), dtype=torch.float32)
+        target = torch.zeros((len(samples), length), dtype=torch.float32)
+        for row, sample in enumerate(samples):
+            index = sample["sample_index"]
+            start, stop = int(self.cached.offsets[index]), int(self.cached.offsets[index + 1])
+            count = stop - start
+            ids[row, :count] = torch.from_numpy(self.cached.ids[start:stop].astype(np.int64))
+            log_probs[row, :count] = torch.from_numpy(self.cached.log_probs[start:stop].astype(np.float32))
+            rest[row, :count] = torch.from_numpy(self.cached.rest[start:stop].astype(np.float32))
+            target[row, :count] = torch.from_numpy(self.cached.target[start:stop].astype(np.float32))
+        batch.update(teacher_top_ids=ids, teacher_top_log_probs=log_probs, teacher_rest_log_prob=rest,
+                     teacher_target_log_prob=target)
+        return batch

@@ -1,0 +1,172 @@
+"""The cached teacher: its top-k distributions against their definition, the bucketed loss against the full one, and
+runs that reuse the cache without loading the teacher."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+
+import distill
+import models
+import teacher_cache
+from config import ConfigError, load_config
+from conftest import base_config, write_config
+from loss import (
+    IGNORE_INDEX, CachedTeacher, cached_teacher_kd_and_cross_entropy, divergence_and_cross_entropy,
+    kd_and_cross_entropy,
+)
+
+
+def random_case(vocab: int = 11, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    student = torch.randn(3, 7, vocab, generator=generator, requires_grad=True)
+    teacher = torch.randn(3, 7, vocab, generator=generator) * 2
+    labels = torch.randint(0, vocab, (3, 7), generator=generator)
+    labels[0, 5:] = IGNORE_INDEX
+    labels[1, :3] = IGNORE_INDEX
+    return student, teacher, labels
+
+
+def cached(teacher_logits: torch.Tensor, labels: torch.Tensor, top_k: int) -> CachedTeacher:
+    """What the cache would hold for these logits, aligned with them (the last position predicts nothing)."""
+    next_ids = torch.cat([labels[:, 1:].clamp(min=0), torch.zeros_like(labels[:, :1])], dim=1)
+    ids, log_probs, rest, _ = teacher_cache.top_k_distribution(teacher_logits, next_ids, top_k)
+    return CachedTeacher(ids, log_probs, rest)
+
+
+def test_top_k_distribution_follows_its_definition():
+    _, teacher, labels = random_case()
+    next_ids = labels.clamp(min=0)
+    ids, log_probs, rest, target = teacher_cache.top_k_distribution(teacher, next_ids, 4)
+    probabilities = F.softmax(teacher.double(), dim=-1)
+    for row in range(3):
+        for position in range(7):
+            p = probabilities[row, position]
+            order = torch.argsort(p, descending=True)[:4]
+            assert ids[row, position].tolist() == order.tolist()  # most likely first
+            assert torch.allclose(log_probs[row, position].double(), p[order].log(), atol=1e-5)
+            assert math.exp(rest[row, position]) == pytest.approx(1 - p[order].sum().item(), abs=1e-5)
+            assert target[row, position].item() == pytest.approx(p[next_ids[row, position]].log().item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_a_cache_holding_every_token_gives_the_full_loss_and_gradient(divergence):
+    student, teacher, labels = random_case()
+    expected = divergence_and_cross_entropy(student, teacher, labels, 1.0, 1.0, 0.3, divergence)
+    (expected_gradient,) = torch.autograd.grad(expected.loss, student)
+    actual = cached_teacher_kd_and_cross_entropy(student, cached(teacher, labels, 11), labels, 1.0, 0.3, divergence)
+    (actual_gradient,) = torch.autograd.grad(actual.loss, student)
+    assert actual.kd.item() == pytest.approx(expected.kd.item(), abs=1e-5)
+    assert actual.ce.item() == pytest.approx(expected.ce.item(), abs=1e-6)
+    assert torch.allclose(actual_gradient, expected_gradient, atol=1e-6)
+
+
+def test_top_k_kd_is_the_kl_between_the_merged_distributions():
+    """Independent formula: merge every token outside the teacher's top k into one outcome, per position."""
+    student, teacher, labels = random_case()
+    actual = cached_teacher_kd_and_cross_entropy(student, cached(teacher, labels, 3), labels, 1.0, 0.0)
+    values = []
+    for row in range(3):
+        for position in range(6):
+            if labels[row, position + 1] == IGNORE_INDEX:
+                continue
+            p = F.softmax(teacher[row, position].double(), dim=-1)
+            q = F.softmax(student[row, position].detach().double(), dim=-1)
+            top = torch.argsort(p, descending=True)[:3]
+            rest = torch.ones_like(p, dtype=torch.bool)
+            rest[top] = False
+            p_merged = torch.cat([p[top], p[rest].sum()[None]])
+            q_merged = torch.cat([q[top], q[rest].sum()[None]])
+            values.append((p_merged * (p_merged / q_merged).log()).sum())
+    assert actual.kd.item() == pytest.approx(torch.stack(values).mean().item(), abs=1e-5)
+    full = kd_and_cross_entropy(student, teacher, labels, 1.0, 1.0, 0.0).kd
+    assert actual.kd.item() <= full.item() + 1e-6  # merging outcomes never increases a divergence
+
+
+def cached_config(tmp_path, teacher_dir, data_file, **loss_overrides) -> dict:
+    values = base_config(tmp_path, teacher_dir, data_file)
+    values["teacher"]["cache_top_k"] = 8
+    values["training_parameters"]["loss"].update(temperature=1.0, **loss_overrides)
+    return values
+
+
+def test_runs_after_the_first_reuse_the_cache_without_loading_the_teacher(tmp_path, teacher_dir, data_file,
+                                                                          monkeypatch):
+    config_file = write_config(tmp_path / "config.yaml", cached_config(tmp_path, teacher_dir, data_file))
+    assert distill.main(["--config", str(config_file), "--run-name", "builds"]) == 0
+    caches = list((tmp_path / "data" / "teacher_cache").iterdir())
+    assert len(caches) == 1 and json.loads((caches[0] / "meta.json").read_text())["top_k"] == 8
+
+    def no_teacher(*_arguments, **_keywords):
+        raise AssertionError("the teacher was loaded although its cache exists")
+
+    monkeypatch.setattr(models, "load_teacher", no_teacher)
+    assert distill.main(["--config", str(config_file), "--run-name", "reuses"]) == 0
+    first, second = (tmp_path / "checkpoints" / name for name in ("builds", "reuses"))
+    for key, tensor in safetensors.torch.load_file(str(first / "last" / "model.safetensors")).items():
+        assert torch.equal(tensor, safetensors.torch.load_file(str(second / "last" / "model.safetensors"))[key])
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (first, second)]
+    assert summaries[0]["test"] == summaries[1]["test"]
+    assert 0 < summaries[1]["test"]["top1_agreement"] <= 1 and summaries[1]["test"]["kd"] > 0
+
+
+def test_the_cached_teacher_figures_match_the_teacher_itself(tmp_path, teacher_dir, data_file):
+    """A cache of every token (K = vocabulary) trains and evaluates like the live teacher, up to float16 storage."""
+    values = cached_config(tmp_path, teacher_dir, data_file)
+    values["teacher"]["cache_top_k"] = None
+    live_file = write_config(tmp_path / "live.yaml", values)
+    vocab = json.loads((teacher_dir / "config.json").read_text())["vocab_size"]
+    values["teacher"]["cache_top_k"] = vocab
+    cached_file = write_config(tmp_path / "cached.yaml", values)
+    assert distill.main(["--config", str(live_file), "--run-name", "live"]) == 0
+    assert distill.main(["--config", str(cached_file), "--run-name", "cached"]) == 0
+    live, from_cache = (json.loads((tmp_path / "checkpoints" / name / "summary.json").read_text())
+                        for name in ("live", "cached"))
+    assert from_cache["teacher"]["test"]["perplexity"] == pytest.approx(live["teacher"]["test"]["perplexity"],
+                                                                         rel=1e-3)
+    for key in ("loss", "kd", "ce", "kl_teacher", "top1_agreement"):
+        assert from_cache["test"][key] == pytest.approx(live["test"][key], rel=2e-3, abs=2e-3), key
+
+
+@pytest.mark.parametrize("setting, value, sentence", [
+    ("temperature", 2.0, "set the loss temperature to 1"),
+    ("packing", True, "set data.packing to false"),
+])
+def test_a_cache_refuses_what_it_cannot_serve(tmp_path, teacher_dir, data_file, setting, value, sentence):
+    values = cached_config(tmp_path, teacher_dir, data_file)
+    if setting == "packing":
+        values["data"]["packing"] = value
+    else:
+        values["training_parameters"]["loss"][setting] = value
+    with pytest.raises(ConfigError, match=sentence):
+        load_config(write_config(tmp_path / "config.yaml", values))
+
+
+def test_the_cache_key_follows_the_teacher_and_k(tmp_path, teacher_dir, data_file):
+    import dataset
+
+    config = load_config(write_config(tmp_path / "config.yaml", cached_config(tmp_path, teacher_dir, data_file)))
+    tokenizer = models.load_tokenizer(str(teacher_dir))
+    splits = dataset.prepare_splits(dataset.spec_from_config(config), tokenizer, config.paths.data_folder,
+                                    config.paths.token_dataset)
+    root = tmp_path / "cache"
+
+    def key(teacher, top_k):
+        return teacher_cache.cache_directory(root, str(teacher), torch.float32, splits, top_k, 400)
+
+    assert key(teacher_dir, 8) == key(teacher_dir, 8)
+    assert key(teacher_dir, 8) != key(teacher_dir, 16)
+    other = tmp_path / "other-teacher"
+    import shutil
+
+    shutil.copytree(teacher_dir, other)
+    assert key(other, 8) == key(teacher_dir, 8)  # the same weights elsewhere
+    weights = safetensors.torch.load_file(str(other / "model.safetensors"))
+    weights = {name: tensor + 1 for name, tensor in weights.items()}
+    safetensors.torch.save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    assert key(other, 8) != key(teacher_dir, 8)
