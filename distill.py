@@ -819,7 +819,11 @@ class Trainer:
     def _non_finite_loss(self) -> "NonFiniteLoss":
         return NonFiniteLoss(self.state.global_step, self.last_directory, self.last_saved_step)
 
-    def compute_loss(self, batch: dict, with_logits: bool = False):
+    def compute_loss(self, batch: dict):
+        """The criterion on a training batch: its LossOutput."""
+        return self._forward(batch, with_logits=False)
+
+    def _forward(self, batch: dict, with_logits: bool):
         """The criterion on a batch: its LossOutput; with `with_logits` (evaluation), also the student's and the
         teacher's logits `(B, T, V)` (the teacher's None when there is none)."""
         if self.criterion.uses_hidden_states:
@@ -870,7 +874,7 @@ class Trainer:
         # Summed over targets: loss, kd, ce, KL at T = 1, top-1 agreements; and the targets.
         totals = torch.zeros(6, device=self.accelerator.device)
         for batch, weight in self._in_step(loader):
-            output, student_logits, teacher_logits = self.compute_loss(batch, with_logits=True)
+            output, student_logits, teacher_logits = self._forward(batch, with_logits=True)
             targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum() * weight
             kd = output.kd if output.kd is not None else torch.zeros_like(output.ce)
             totals[:3] += torch.stack([output.loss, kd, output.ce]).float() * targets

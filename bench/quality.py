@@ -52,6 +52,7 @@ def run_method(method: str, seed: int, steps: int, checkpoints: Path, max_sample
         f"paths.checkpoints={checkpoints}",
         f"training_parameters.max_steps={steps}",
         "training_parameters.eval_every_steps=null",  # one validation, at the end
+        f"training_parameters.log_every_steps={max(1, min(10, steps // 4))}",  # a few throughput records
         "training_parameters.checkpoint_every_steps=null",
         "training_parameters.report_to=none",
         *METHODS[method],

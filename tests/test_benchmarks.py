@@ -39,3 +39,18 @@ def test_gpu_benchmark_says_it_needs_a_gpu_without_one():
     )
     assert completed.returncode == 2
     assert "needs a CUDA GPU" in completed.stderr and "Traceback" not in completed.stderr
+
+
+def test_quality_benchmark_runs_every_method_and_ends_with_its_json():
+    """A few steps per method: the table and the JSON line hold every method; the distilled runs see the teacher."""
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "quality.py"), "--quick", "--steps", "3"],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    figures = json.loads(completed.stdout.strip().splitlines()[-1])
+    methods = ("plain", "forward_kl", "reverse_kl", "jsd", "teacher_layers", "cached_top_k")
+    assert all(figures[method] > 1.0 for method in methods)
+    assert 1.0 < figures["teacher"] < figures["plain"]  # the trained teacher is far ahead of 3 steps of training
+    assert figures["teacher_layers"] < figures["forward_kl"]  # starting from the teacher's blocks is far ahead
+    assert figures["cached_speedup"] > 0
