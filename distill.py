@@ -28,7 +28,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import dataset
@@ -49,8 +48,7 @@ from checkpoints import (
 from config import Config, ConfigError, dump_config, load_config, report_to_names, to_plain_dict
 from dataset import DataError
 from loss import (
-    IGNORE_INDEX, CachedTeacher, cached_teacher_buckets, next_token_cross_entropy, shift_for_next_token,
-    token_divergence,
+    IGNORE_INDEX, CachedTeacher, agreement_with_cached_teacher, agreement_with_teacher, next_token_cross_entropy,
 )
 from models import ModelError
 
@@ -1053,38 +1051,6 @@ class Trainer:
         records = [json.loads(line) for line in self.metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
         kept = [record for record in records if record["step"] <= step and record["split"] != "test"]
         self.metrics_file.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
-
-
-def agreement_with_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                           labels: torch.Tensor) -> torch.Tensor:
-    """`(2,)`: summed over the real target positions, KL(teacher || student) at temperature 1 and the number of
-    positions where the two models' most likely next token is the same. `student_logits (B, T, V)`,
-    `teacher_logits (B, T, V')` with V' >= V (cropped to V), `labels (B, T)`."""
-    student, targets = shift_for_next_token(student_logits, labels)
-    is_target = targets != IGNORE_INDEX
-    student = student[is_target].float()  # (N, V)
-    teacher = teacher_logits[:, :-1, : student.size(-1)][is_target].float()
-    teacher_log_probs = F.log_softmax(teacher, dim=-1)
-    kl = (teacher_log_probs.exp() * (teacher_log_probs - F.log_softmax(student, dim=-1))).sum()
-    agreements = (student.argmax(dim=-1) == teacher.argmax(dim=-1)).sum()
-    return torch.stack([kl, agreements.float()])
-
-
-def cached_distributions(batch: dict) -> CachedTeacher:
-    """The cached teacher distributions that `teacher_cache.CachedTeacherCollator` added to a batch."""
-    return CachedTeacher(batch["teacher_top_ids"], batch["teacher_top_log_probs"], batch["teacher_rest_log_prob"])
-
-
-def agreement_with_cached_teacher(student_logits: torch.Tensor, cached: CachedTeacher,
-                                  labels: torch.Tensor) -> torch.Tensor:
-    """As `agreement_with_teacher`, against the cached top-k distributions: the KL is between the two models'
-    distributions over the teacher's top k tokens and the rest (a lower bound of the full KL), and the teacher's
-    most likely token is the first cached one."""
-    student, teacher = cached_teacher_buckets(student_logits, cached, labels)
-    kl = token_divergence(student, teacher, "forward_kl").sum()
-    top_ids = cached.top_ids[:, :-1][labels[:, 1:] != IGNORE_INDEX]
-    agreements = (student_logits[:, :-1][labels[:, 1:] != IGNORE_INDEX].argmax(dim=-1) == top_ids[:, 0]).sum()
-    return torch.stack([kl, agreements.float()])
 
 
 def distribution(accelerator) -> str:

@@ -285,6 +285,38 @@ def cached_teacher_kd_and_cross_entropy(
     return LossOutput(alpha * kd + beta * ce, kd, ce)
 
 
+def agreement_with_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                           labels: torch.Tensor) -> torch.Tensor:
+    """`(2,)`: summed over the real target positions, KL(teacher || student) at temperature 1 and the number of
+    positions where the two models' most likely next token is the same. `student_logits (B, T, V)`,
+    `teacher_logits (B, T, V')` with V' >= V (cropped to V), `labels (B, T)`."""
+    student, targets = shift_for_next_token(student_logits, labels)
+    is_target = targets != IGNORE_INDEX
+    student = student[is_target].float()  # (N, V)
+    teacher = teacher_logits[:, :-1, : student.size(-1)][is_target].float()
+    teacher_log_probs = F.log_softmax(teacher, dim=-1)
+    kl = (teacher_log_probs.exp() * (teacher_log_probs - F.log_softmax(student, dim=-1))).sum()
+    agreements = (student.argmax(dim=-1) == teacher.argmax(dim=-1)).sum()
+    return torch.stack([kl, agreements.float()])
+
+
+def cached_distributions(batch: dict) -> CachedTeacher:
+    """The cached teacher distributions that `teacher_cache.CachedTeacherCollator` added to a batch."""
+    return CachedTeacher(batch["teacher_top_ids"], batch["teacher_top_log_probs"], batch["teacher_rest_log_prob"])
+
+
+def agreement_with_cached_teacher(student_logits: torch.Tensor, cached: CachedTeacher,
+                                  labels: torch.Tensor) -> torch.Tensor:
+    """As `agreement_with_teacher`, against the cached top-k distributions: the KL is between the two models'
+    distributions over the teacher's top k tokens and the rest (a lower bound of the full KL), and the teacher's
+    most likely token is the first cached one."""
+    student, teacher = cached_teacher_buckets(student_logits, cached, labels)
+    kl = token_divergence(student, teacher, "forward_kl").sum()
+    top_ids = cached.top_ids[:, :-1][labels[:, 1:] != IGNORE_INDEX]
+    agreements = (student_logits[:, :-1][labels[:, 1:] != IGNORE_INDEX].argmax(dim=-1) == top_ids[:, 0]).sum()
+    return torch.stack([kl, agreements.float()])
+
+
 class Criterion(torch.nn.Module):
     """Base class of the configurable criteria. `spec()` gives back the configue form that built it."""
 

@@ -161,6 +161,8 @@ def summary_rows(runs: list[Run]) -> list[dict]:
             "best validation perplexity": summary.get("best_validation_perplexity"),
             "test perplexity": test.get("perplexity"),
             "teacher test perplexity": (teacher.get("test") or {}).get("perplexity"),
+            "test KL to teacher": test.get("kl_teacher"),
+            "test top-1 agreement": test.get("top1_agreement"),
             "tokens/s": round(sum(speeds) / len(speeds)) if speeds else None,
             "wall time (s)": summary.get("wall_time_s"),
         })

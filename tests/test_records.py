@@ -205,6 +205,7 @@ def test_summary_rows_compare_the_runs(compared_runs):
     rows = {row["run"]: row for row in plots.summary_rows([plots.load_run(distilled), plots.load_run(plain)])}
     assert rows["demo"]["loss"] == "DistillationLoss" and rows["demo-plain"]["loss"] == "ClassicLoss"
     assert rows["demo"]["teacher test perplexity"] > 1.0 and rows["demo-plain"]["teacher test perplexity"] is None
+    assert 0 < rows["demo"]["test top-1 agreement"] <= 1 and rows["demo-plain"]["test KL to teacher"] is None
     assert rows["demo"]["best validation perplexity"] == json.loads(
         (distilled / "summary.json").read_text())["best_validation_perplexity"]
 
