@@ -47,9 +47,7 @@ from checkpoints import (
 )
 from config import Config, ConfigError, dump_config, load_config, report_to_names, to_plain_dict
 from dataset import DataError
-from loss import (
-    IGNORE_INDEX, CachedTeacher, agreement_with_cached_teacher, agreement_with_teacher, next_token_cross_entropy,
-)
+from loss import IGNORE_INDEX, agreement_with_cached_teacher, agreement_with_teacher, next_token_cross_entropy
 from models import ModelError
 
 logger = logging.getLogger("distill")
@@ -830,7 +828,7 @@ class Trainer:
         if self.cached_teacher is not None:
             with self.accelerator.autocast():
                 student_logits = self.student(**inputs).logits
-            output = self.criterion.from_cached_teacher(student_logits, batch["labels"], cached_distributions(batch))
+            output = self.criterion.from_cached_teacher(student_logits, batch["labels"], teacher_cache.from_batch(batch))
             return (output, student_logits, None) if with_logits else output
         wants_hidden = self.criterion.uses_last_hidden_state
         with self.accelerator.autocast():
@@ -880,7 +878,7 @@ class Trainer:
                 totals[3:5] += agreement_with_teacher(student_logits, teacher_logits, batch["labels"]) * weight
             elif self.cached_teacher is not None:
                 totals[3:5] += agreement_with_cached_teacher(
-                    student_logits, cached_distributions(batch), batch["labels"]) * weight
+                    student_logits, teacher_cache.from_batch(batch), batch["labels"]) * weight
             totals[5] += targets
         totals = self.accelerator.reduce(totals, reduction="sum")
         loss, kd, ce, kl, agreements, targets = (totals / totals[5]).tolist()

@@ -300,11 +300,6 @@ def agreement_with_teacher(student_logits: torch.Tensor, teacher_logits: torch.T
     return torch.stack([kl, agreements.float()])
 
 
-def cached_distributions(batch: dict) -> CachedTeacher:
-    """The cached teacher distributions that `teacher_cache.CachedTeacherCollator` added to a batch."""
-    return CachedTeacher(batch["teacher_top_ids"], batch["teacher_top_log_probs"], batch["teacher_rest_log_prob"])
-
-
 def agreement_with_cached_teacher(student_logits: torch.Tensor, cached: CachedTeacher,
                                   labels: torch.Tensor) -> torch.Tensor:
     """As `agreement_with_teacher`, against the cached top-k distributions: the KL is between the two models'

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from loss import CachedTeacher
+
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1
@@ -210,3 +212,8 @@ class CachedTeacherCollator:
         batch.update(teacher_top_ids=ids, teacher_top_log_probs=log_probs, teacher_rest_log_prob=rest,
                      teacher_target_log_prob=target)
         return batch
+
+
+def from_batch(batch: dict) -> CachedTeacher:
+    """The cached teacher distributions that `CachedTeacherCollator` added to a batch (on its device)."""
+    return CachedTeacher(batch["teacher_top_ids"], batch["teacher_top_log_probs"], batch["teacher_rest_log_prob"])
