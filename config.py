@@ -4,6 +4,11 @@ The YAML file is read with configue (so its `()` syntax picks the loss class, as
 `--set key.path=value` overrides are applied, and every value is checked against the schema below: unknown keys,
 wrong types and out-of-range values each raise `ConfigError` with one sentence naming the key and the fix. The result
 is a tree of frozen dataclasses that the rest of the program only reads.
+
+A key that a file does not set keeps the seed project's meaning where the seed had one (its teacher, data, prompt,
+60/20/20 split, SGD at 0.001 without schedule or clipping, batches of 2 random samples up to 1024 tokens, 10
+epochs), so the seed's own config file (`configs/seed.yaml`) runs the seed's experiment; `config.yaml` sets its
+better choices explicitly.
 """
 
 from __future__ import annotations
@@ -38,8 +43,9 @@ class Paths:
 
 @dataclass(frozen=True)
 class Teacher:
-    # A Hugging Face Hub name or a local directory (config.json, weights, tokenizer files).
-    name: str = "gpt2"
+    # A Hugging Face Hub name or a local directory (config.json, weights, tokenizer files). The seed's teacher: GPT-2
+    # fine-tuned on Alpaca-GPT4 (3 more vocabulary rows than its tokenizer has tokens; they are cropped).
+    name: str = "vicgalle/gpt2-alpaca-gpt4"
     # Precision of the frozen teacher: auto is bfloat16 on a GPU that supports it, else float32.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # K: distil against the teacher's K most likely next tokens (and the rest of its probability mass), computed once
@@ -109,17 +115,23 @@ class Splits:
 class Data:
     # A Hub data set name, or a local .json/.jsonl/.csv/.parquet/.txt file or a folder of them.
     dataset: str = "vicgalle/alpaca-gpt4"
-    # None: build each sample from the Alpaca fields instruction/input/output; else take this column as the text.
+    # None: build each sample from the Alpaca fields instruction/input/output with `template`; else take this column
+    # as the whole text.
     text_column: Optional[str] = None
-    max_length: int = field(default=512, metadata=_range(2))
+    # The prompt before the output: a name from dataset.PROMPT_TEMPLATES (alpaca: Stanford Alpaca's, as the `text`
+    # column of vicgalle/alpaca-gpt4 holds it) or a section {with_input: ..., without_input: ...} of format strings
+    # with the fields {instruction} and {input}. Checked by dataset.prompt_template; unused with a text_column.
+    template: Any = "alpaca"
+    max_length: int = field(default=1024, metadata=_range(2))
     split: Splits = field(default_factory=Splits)
     # Score only the response: the instruction part of an Alpaca sample is not a target for either loss term.
     mask_instruction: bool = False
     # Keep only the first N rows of the data set (before splitting), for quick experiments.
     max_samples: Optional[int] = field(default=None, metadata=_range(1))
     num_proc: int = field(default=1, metadata=_range(1))
-    # Batch samples of similar lengths (in shuffled groups) so that little compute goes to padding.
-    group_by_length: bool = True
+    # Batch samples of similar lengths (in shuffled groups) so that little compute goes to padding; false: batches
+    # of random samples, as the seed's.
+    group_by_length: bool = False
     # Pack each batch's samples into rows of max_length tokens (positions restart, attention stays per sample).
     packing: bool = False
 
@@ -127,18 +139,18 @@ class Data:
 @dataclass(frozen=True)
 class TrainingParameters:
     learning_rate: float = field(default=1e-3, metadata=_range(0.0, low_open=True))
-    nb_epochs: int = field(default=1, metadata=_range(1))
+    nb_epochs: int = field(default=10, metadata=_range(1))
     batch_size: int = field(default=2, metadata=_range(1))
     gradient_accumulation_steps: int = field(default=1, metadata=_range(1))
     # Stop after this many optimizer steps in all (None: run all epochs).
     max_steps: Optional[int] = field(default=None, metadata=_range(1))
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "sgd"] = "sgd"
     weight_decay: float = field(default=0.0, metadata=_range(0.0))
     momentum: float = field(default=0.0, metadata=_range(0.0, 1.0))
-    lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = field(default=0, metadata=_range(0))
     # None disables clipping.
-    max_grad_norm: Optional[float] = field(default=1.0, metadata=_range(0.0, low_open=True))
+    max_grad_norm: Optional[float] = field(default=None, metadata=_range(0.0, low_open=True))
     log_every_steps: int = field(default=10, metadata=_range(1))
     # Validation runs at the end of every epoch, and also every N optimizer steps when set.
     eval_every_steps: Optional[int] = field(default=None, metadata=_range(1))
@@ -468,12 +480,22 @@ def _check_cross_field(config: Config, source: str) -> None:
             f"{source}: training_parameters.report_to is {training.report_to!r}; use auto, none, tensorboard, wandb "
             f"or tensorboard,wandb."
         )
+    _check_template(config, source)
     if config.data.mask_instruction and config.data.text_column is not None:
         raise ConfigError(
             f"{source}: data.mask_instruction needs the Alpaca fields to find the response; "
             f"set data.text_column to null or mask_instruction to false."
         )
     _check_cached_teacher(config, source)
+
+
+def _check_template(config: Config, source: str) -> None:
+    from dataset import DataError, prompt_template
+
+    try:
+        prompt_template(config.data.template)
+    except DataError as error:
+        raise ConfigError(f"{source}: {error}") from None
 
 
 def _check_cached_teacher(config: Config, source: str) -> None:

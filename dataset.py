@@ -1,22 +1,24 @@
-"""Data: load (Hub or local files) -> format (Alpaca) -> split (seed) -> tokenize (cached Arrow) -> padded batches.
+"""Data: load (Hub or local files) -> format (a prompt template) -> split (seed) -> tokenize (cached Arrow) -> batches.
 
 The tokenized splits are saved with `datasets` (Arrow, memory-mapped) under `paths.token_dataset`, in a folder
-keyed by everything that produced them: the data itself, the tokenizer, the max length, the formatting and the
+keyed by everything that produced them: the data itself, the tokenizer, the max length, the template and the
 split. Change any of these and the cache is rebuilt; change none and it is reused without touching the raw data.
 """
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import hashlib
 import json
 import logging
 import os
 import shutil
+import string
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -27,7 +29,7 @@ from loss import IGNORE_INDEX
 logger = logging.getLogger(__name__)
 
 # Bump when the formatting or tokenization below changes, so that old caches are not reused.
-CACHE_FORMAT_VERSION = 2
+CACHE_FORMAT_VERSION = 3
 SPLIT_NAMES = ("train", "validation", "test")
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 ALPACA_FIELDS = ("instruction", "input", "output")
@@ -37,11 +39,75 @@ class DataError(ValueError):
     """Data that cannot be used as configured; the message is shown to the user as it is."""
 
 
-def alpaca_prompt(instruction: str, context: str) -> str:
-    """The prompt part of an Alpaca sample; the response follows it directly."""
-    if context.strip():
-        return f"### Instruction:\n{instruction.strip()}\n\n### Input:\n{context.strip()}\n\n### Response:\n"
-    return f"### Instruction:\n{instruction.strip()}\n\n### Response:\n"
+class PromptTemplate(NamedTuple):
+    """The prompt of an instruction sample, as two `str.format` templates: `with_input` (fields `{instruction}` and
+    `{input}`) for a sample whose input is not empty, `without_input` (`{instruction}` only) otherwise. The response
+    follows the prompt directly, then EOS."""
+
+    with_input: str
+    without_input: str
+
+
+PROMPT_TEMPLATES = {
+    # Stanford Alpaca's prompt, byte for byte the `text` column of vicgalle/alpaca-gpt4 (prompt, then the output),
+    # on which the seed's teacher vicgalle/gpt2-alpaca-gpt4 was fine-tuned.
+    "alpaca": PromptTemplate(
+        with_input=(
+            "Below is an instruction that describes a task, paired with an input that provides further context. "
+            "Write a response that appropriately completes the request.\n\n"
+            "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+        ),
+        without_input=(
+            "Below is an instruction that describes a task. "
+            "Write a response that appropriately completes the request.\n\n"
+            "### Instruction:\n{instruction}\n\n### Response:\n"
+        ),
+    ),
+    # The same sections without the preamble: shorter samples (the embedded demo's teacher was trained on these).
+    "alpaca_short": PromptTemplate(
+        with_input="### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+        without_input="### Instruction:\n{instruction}\n\n### Response:\n",
+    ),
+}
+DEFAULT_TEMPLATE = PROMPT_TEMPLATES["alpaca"]
+
+
+def prompt_template(value: Any) -> PromptTemplate:
+    """`data.template` as a PromptTemplate: the name of one of PROMPT_TEMPLATES, or a mapping with the two
+    templates `with_input` and `without_input`. Anything else raises DataError naming the fix."""
+    if isinstance(value, str):
+        if value not in PROMPT_TEMPLATES:
+            raise DataError(
+                f"data.template is {value!r}; use one of {', '.join(PROMPT_TEMPLATES)}, or a section with "
+                f"with_input and without_input templates."
+            )
+        return PROMPT_TEMPLATES[value]
+    if not isinstance(value, dict) or set(value) != set(PromptTemplate._fields):
+        raise DataError(
+            f"data.template is {value!r}; use one of {', '.join(PROMPT_TEMPLATES)}, or a section with exactly the "
+            f"keys with_input (fields {{instruction}} and {{input}}) and without_input (field {{instruction}})."
+        )
+    for key, fields in (("with_input", {"instruction", "input"}), ("without_input", {"instruction"})):
+        text = value[key]
+        try:
+            found = {name for _, name, _, _ in string.Formatter().parse(text) if name is not None} \
+                if isinstance(text, str) else None
+        except ValueError:
+            found = None
+        if found != fields:
+            raise DataError(
+                f"data.template.{key} is {text!r}; it must be a text whose fields are exactly "
+                f"{' and '.join('{' + name + '}' for name in sorted(fields))} (write a literal brace as {{{{ or }}}})."
+            )
+    return PromptTemplate(value["with_input"], value["without_input"])
+
+
+def alpaca_prompt(instruction: str, context: str, template: PromptTemplate = DEFAULT_TEMPLATE) -> str:
+    """The prompt of an Alpaca sample; the response follows it directly. As in Stanford Alpaca, the input variant
+    is chosen when the input is not empty, and the fields are used as they are."""
+    if context != "":
+        return template.with_input.format(instruction=instruction, input=context)
+    return template.without_input.format(instruction=instruction)
 
 
 @dataclass(frozen=True)
@@ -55,6 +121,7 @@ class DataSpec:
     mask_instruction: bool
     max_samples: Optional[int]
     seed: int
+    template: PromptTemplate = DEFAULT_TEMPLATE
 
 
 def spec_from_config(config) -> DataSpec:
@@ -67,6 +134,7 @@ def spec_from_config(config) -> DataSpec:
         mask_instruction=data.mask_instruction,
         max_samples=data.max_samples,
         seed=config.seed,
+        template=prompt_template(data.template),
     )
 
 
@@ -160,8 +228,8 @@ def format_rows(raw: Dataset, spec: DataSpec, num_proc: int = 1) -> Dataset:
             return {"prompt": [""] * len(batch[spec.text_column]), "response": [_text(t) for t in batch[spec.text_column]]}
         contexts = batch["input"] if "input" in batch else [""] * len(batch["instruction"])
         return {
-            "prompt": [alpaca_prompt(_text(i), _text(c)) for i, c in zip(batch["instruction"], contexts)],
-            "response": [_text(o).strip() for o in batch["output"]],
+            "prompt": [alpaca_prompt(_text(i), _text(c), spec.template) for i, c in zip(batch["instruction"], contexts)],
+            "response": [_text(o) for o in batch["output"]],
         }
 
     texts = raw.map(to_texts, batched=True, remove_columns=raw.column_names, num_proc=_procs(num_proc, raw))
@@ -194,19 +262,22 @@ def split_rows(rows: Dataset, fractions: tuple[float, float, float], seed: int) 
 def tokenize(rows: Dataset, tokenizer, spec: DataSpec, num_proc: int = 1) -> Dataset:
     """Texts -> `input_ids` (prompt, response, EOS; cut at max_length), `prompt_length` and `length`.
 
-    Prompt and response are tokenized apart and joined, so the boundary between them is exact for masking.
-    Samples left with no target (a single token, or only prompt tokens when the prompt is masked) are dropped.
+    The whole text (prompt then response) is tokenized at once, so the ids are exactly those of the joined text,
+    as a data set's pre-rendered `text` column gives them: a merge across the boundary stays (before a response that
+    starts with a blank line, GPT-2 writes the prompt's final newline and the response's first one as one token). `prompt_length` counts the tokens that lie
+    wholly in the prompt; a token that reaches into the response is a target. Samples left with no target (a single
+    token, or only prompt tokens when the prompt is masked) are dropped.
     """
     eos = tokenizer.eos_token_id
 
     def encode(batch: dict) -> dict:
-        prompts = tokenizer(batch["prompt"], add_special_tokens=False)["input_ids"]
-        responses = tokenizer(batch["response"], add_special_tokens=False)["input_ids"]
-        input_ids = [(p + r + [eos])[: spec.max_length] for p, r in zip(prompts, responses)]
+        texts = [prompt + response for prompt, response in zip(batch["prompt"], batch["response"])]
+        ids, prompt_lengths = _tokenize_with_prompt_lengths(tokenizer, texts, batch["prompt"])
+        input_ids = [(sample + [eos])[: spec.max_length] for sample in ids]
         return {
             "input_ids": input_ids,
-            "prompt_length": [min(len(p), spec.max_length) for p in prompts],
-            "length": [len(ids) for ids in input_ids],  # read by the length-grouped sampler without the ids
+            "prompt_length": [min(length, spec.max_length) for length in prompt_lengths],
+            "length": [len(sample) for sample in input_ids],  # read by the length-grouped sampler without the ids
         }
 
     encoded = rows.map(encode, batched=True, remove_columns=rows.column_names, num_proc=_procs(num_proc, rows))
@@ -219,6 +290,22 @@ def tokenize(rows: Dataset, tokenizer, spec: DataSpec, num_proc: int = 1) -> Dat
     if len(kept) < len(encoded):
         logger.info("Dropped %d samples left with no target token after truncation", len(encoded) - len(kept))
     return kept
+
+
+def _tokenize_with_prompt_lengths(tokenizer, texts: list[str], prompts: list[str]) -> tuple[list, list[int]]:
+    """Token ids of each text, and how many of its first tokens end within its prompt (from the tokens' character
+    offsets, which a `tokenizers`-backed tokenizer gives)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(
+            f"the tokenizer ({type(tokenizer).__name__}) gives no character offsets, which find where a prompt ends; "
+            f"use a teacher whose tokenizer has a tokenizer.json (a `tokenizers` one)."
+        )
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    prompt_lengths = [
+        bisect.bisect_right([end for _, end in offsets], len(prompt))
+        for offsets, prompt in zip(encoded["offset_mapping"], prompts)
+    ]
+    return encoded["input_ids"], prompt_lengths
 
 
 class LengthGroupedBatchSampler:

@@ -426,7 +426,7 @@ def build_models(config: Config):
         teacher_config = models.load_model_config(config.teacher.name)  # its shape only, no weights
     else:
         teacher_config = None
-    student = models.build_student(teacher_config, config.distilled_model.nb_layers, pretrained_student)
+    student = models.build_student(teacher_config, config.distilled_model.nb_layers, pretrained_student, len(tokenizer))
     if pretrained_student is None and config.student.init != "random":
         layers = models.student_init_layers(config.student.init, config.student.teacher_layers,
                                             teacher_config.num_hidden_layers, student.config.num_hidden_layers)

@@ -66,12 +66,15 @@ def load_teacher(name: str, dtype: Optional[torch.dtype] = None) -> PreTrainedMo
 
 
 def build_student(
-    teacher_config: PretrainedConfig, nb_layers: int, pretrained: Optional[str] = None
+    teacher_config: PretrainedConfig, nb_layers: int, pretrained: Optional[str] = None,
+    vocab_size: Optional[int] = None,
 ) -> PreTrainedModel:
     """The student: a pretrained model when `pretrained` names one, else the untrained truncated teacher.
 
     The untrained truncated student is the "untrained truncated distilgpt2" of the seed project: the teacher's
-    config (for GPT-2 that is GPT-2's config) with `nb_layers` layers, randomly initialised.
+    config (for GPT-2 that is GPT-2's config) with `nb_layers` layers, randomly initialised, and `vocab_size` rows
+    (the tokenizer's tokens; None keeps the teacher's). A teacher with rows beyond its tokenizer's tokens (the seed's
+    has 50260 for GPT-2's 50257) gets no student rows that no token uses: the losses crop the teacher to the student.
     """
     if pretrained is not None:
         return _load_pretrained(pretrained, "student", None)
@@ -83,6 +86,8 @@ def build_student(
         )
     student_config = with_fused_activation(teacher_config.__class__.from_dict(teacher_config.to_dict()))
     student_config.num_hidden_layers = nb_layers
+    if vocab_size is not None:
+        student_config.vocab_size = vocab_size
     return AutoModelForCausalLM.from_config(student_config)
 
 
@@ -150,6 +155,7 @@ def initialise_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel, 
 
     teacher_state = teacher.state_dict()
     targets = student.state_dict(keep_vars=True)
+    vocabulary_tensors = _vocabulary_tensor_names(student)
     sources = {}
     for name, target in targets.items():
         source_name = _teacher_name(name, prefix, layers)
@@ -159,6 +165,8 @@ def initialise_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel, 
                 f"the student's {name} has no counterpart {source_name} in the teacher; initialise only a student "
                 f"built from the teacher's config, or set student.init to random."
             )
+        if name in vocabulary_tensors and source.shape[1:] == target.shape[1:] and len(source) > len(target):
+            source = source[: len(target)]  # the teacher's rows beyond the tokenizer's tokens, as the losses crop them
         if source.shape != target.shape:
             raise ModelError(
                 f"the student's {name} has shape {tuple(target.shape)} but the teacher's {source_name} has "
@@ -173,6 +181,13 @@ def initialise_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel, 
     copied = _describe_copy(student, prefix, layers)
     logger.info("Student initialised from the teacher: %s", "; ".join(copied))
     return copied
+
+
+def _vocabulary_tensor_names(model: PreTrainedModel) -> set[str]:
+    """The state-dict names of the token embedding's and the output head's weights (one row per token)."""
+    owners = [module for module in (model.get_input_embeddings(), model.get_output_embeddings()) if module is not None]
+    return {name for name, tensor in model.state_dict(keep_vars=True).items()
+            if any(tensor is owner.weight for owner in owners)}
 
 
 def _check_teacher_blocks(layers: list[int], teacher_layer_count: int) -> None:

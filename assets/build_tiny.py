@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     TINY.mkdir(parents=True, exist_ok=True)
     generate_tiny_data.main(["--out", str(DATA_FILE), "--n", str(arguments.samples), "--seed", str(arguments.seed)])
     rows = generate_tiny_data.generate(arguments.samples, arguments.seed)
-    texts = [dataset.alpaca_prompt(row["instruction"], row["input"]) + row["output"] for row in rows]
+    short = dataset.PROMPT_TEMPLATES["alpaca_short"]  # the template configs/tiny*.yaml name
+    texts = [dataset.alpaca_prompt(row["instruction"], row["input"], short) + row["output"] for row in rows]
     tokenizer = models.train_byte_level_tokenizer(texts, VOCAB_SIZE)
 
     with tempfile.TemporaryDirectory() as work:

@@ -15,6 +15,7 @@ from conftest import REPO
 from loss import next_token_cross_entropy
 
 TINY = REPO / "assets" / "tiny"
+SHORT = dataset.PROMPT_TEMPLATES["alpaca_short"]  # the template the demo's teacher was trained on
 
 
 def test_shipped_data_is_what_the_generator_writes():
@@ -37,7 +38,7 @@ def test_shipped_teacher_knows_the_data():
     collate = dataset.PaddingCollator(tokenizer.pad_token_id)
     samples = []
     for row in rows:
-        prompt = tokenizer(dataset.alpaca_prompt(row["instruction"], row["input"]))["input_ids"]
+        prompt = tokenizer(dataset.alpaca_prompt(row["instruction"], row["input"], SHORT))["input_ids"]
         response = tokenizer(row["output"])["input_ids"]
         samples.append({"input_ids": (prompt + response + [tokenizer.eos_token_id])[:256], "prompt_length": 0})
     batch = collate(samples)

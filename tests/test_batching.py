@@ -14,6 +14,8 @@ import distill
 from conftest import base_config, save_gpt2, write_config
 from loss import IGNORE_INDEX
 
+SHORT = dataset.PROMPT_TEMPLATES["alpaca_short"]  # the template of the tests' runs (conftest.base_config)
+
 
 def test_length_grouped_batches_cover_every_sample_once_per_epoch_in_a_new_order():
     lengths = np.random.default_rng(0).integers(1, 300, size=1000)
@@ -125,7 +127,7 @@ def test_packed_and_unpacked_batches_give_the_same_loss(tokenizer, dropout_free_
     student = AutoModelForCausalLM.from_config(teacher.config).eval()
     samples = []
     for row in rows[:10]:
-        prompt = tokenizer(dataset.alpaca_prompt(row["instruction"], row["input"]))["input_ids"]
+        prompt = tokenizer(dataset.alpaca_prompt(row["instruction"], row["input"], SHORT))["input_ids"]
         response = tokenizer(row["output"])["input_ids"]
         samples.append({"input_ids": (prompt + response + [tokenizer.eos_token_id])[:60], "prompt_length": len(prompt)})
     criterion = DistillationLoss(alpha=1.0, beta=0.5, temperature=2.0)

@@ -16,7 +16,7 @@ from loss import ClassicLoss, DistillationLoss
 
 def test_shipped_configs_are_valid():
     main = load_config(REPO / "config.yaml")
-    assert main.teacher.name == "gpt2" and main.distilled_model.nb_layers == 6
+    assert main.teacher.name == "vicgalle/gpt2-alpaca-gpt4" and main.distilled_model.nb_layers == 6
     assert main.data.dataset == "vicgalle/alpaca-gpt4"
     assert isinstance(main.training_parameters.loss, DistillationLoss)
     tiny = load_config(REPO / "configs" / "tiny.yaml")

@@ -62,9 +62,8 @@ def tagged(rows: list[dict], count: int | None = None) -> list[dict]:
 
 
 def expected_ids(tokenizer, prompt: str, response: str, max_length: int) -> list[int]:
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    return (prompt_ids + response_ids + [tokenizer.eos_token_id])[:max_length]
+    """The tokens of the whole text (as a pre-rendered text column gives them), then EOS, cut at max_length."""
+    return (tokenizer(prompt + response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:max_length]
 
 
 # ---------------------------------------------------------------- PaddingCollator
