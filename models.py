@@ -76,8 +76,10 @@ def build_student(
     (the tokenizer's tokens; None keeps the teacher's). A teacher with rows beyond its tokenizer's tokens (the seed's
     has 50260 for GPT-2's 50257) gets no student rows that no token uses: the losses crop the teacher to the student.
     """
+    # The student trains in float32 whatever its source holds (mixed precision is autocast's): a 16-bit teacher's
+    # config, or a checkpoint saved in 16 bits, would otherwise give 16-bit weights and optimizer states.
     if pretrained is not None:
-        return _load_pretrained(pretrained, "student", None)
+        return _load_pretrained(pretrained, "student", torch.float32)
     teacher_layers = teacher_config.num_hidden_layers
     if not 1 <= nb_layers <= teacher_layers:
         raise ModelError(
@@ -88,7 +90,8 @@ def build_student(
     student_config.num_hidden_layers = nb_layers
     if vocab_size is not None:
         student_config.vocab_size = vocab_size
-    return AutoModelForCausalLM.from_config(student_config)
+    student_config.dtype = torch.float32  # what its checkpoints' config.json says
+    return AutoModelForCausalLM.from_config(student_config, dtype=torch.float32)
 
 
 def uniform_layers(teacher_layers: int, student_layers: int) -> list[int]:

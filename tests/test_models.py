@@ -279,3 +279,20 @@ def test_initialise_from_teacher_refuses_a_student_with_tensors_the_teacher_lack
     student.transformer.register_buffer("extra", torch.zeros(3))
     with pytest.raises(models.ModelError, match=r"student's transformer.extra has no counterpart transformer.extra in"):
         models.initialise_from_teacher(student, four_layer_teacher, [0, 3])
+
+
+def test_a_student_trains_in_float32_beside_a_bfloat16_teacher(teacher_dir, tmp_path):
+    """On a GPU the teacher is loaded in bfloat16 (teacher.dtype auto); the student built from its config, and a
+    pretrained student saved in bfloat16, still get float32 weights (and optimizer states), and say so on disk."""
+    teacher = models.load_teacher(str(teacher_dir), torch.bfloat16)
+    assert teacher.dtype == torch.bfloat16 and teacher.config.dtype == torch.bfloat16
+    student = models.build_student(teacher.config, nb_layers=1)
+    assert {parameter.dtype for parameter in student.parameters()} == {torch.float32}
+    assert teacher.config.dtype == torch.bfloat16  # the teacher's own config is left as it was
+    student.save_pretrained(tmp_path / "student")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "student").dtype == torch.float32
+
+    teacher.save_pretrained(tmp_path / "bf16")  # a checkpoint saved in bfloat16, used as a pretrained student
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "bf16").dtype == torch.bfloat16  # as saved, by default
+    pretrained = models.build_student(None, nb_layers=1, pretrained=str(tmp_path / "bf16"))
+    assert {parameter.dtype for parameter in pretrained.parameters()} == {torch.float32}
