@@ -13,7 +13,7 @@ offline (the rehearsal benchmark and the real-shape test):
 - `OUT/alpaca-gpt4.jsonl`: rows shaped like `vicgalle/alpaca-gpt4`: `instruction`, `input` (empty in about 60% of
   rows, as in Alpaca), `output`, and `text`, the Stanford Alpaca prompt followed by the output, rendered here from
   the data set card's description (independently of dataset.py). The words are drawn from GPT-2's vocabulary; the
-  lengths follow a log-normal law calibrated to Alpaca-GPT4's mean (see ALPACA_GPT4 below).
+  lengths follow a log-normal law calibrated to Alpaca-GPT4's mean (see ALPACA_GPT4_ROWS below).
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ TEACHER_VOCAB_ROWS = 50260  # vicgalle/gpt2-alpaca-gpt4: GPT-2's 50257 tokens an
 # The data set card of vicgalle/alpaca-gpt4: 52,002 rows and 88,566,301 bytes for the four text columns. `text`
 # repeats the three others after a prompt of about 190 characters, so a row's text is about
 # (88,566,301 / 52,002 + 190) / 2 = 946 characters, about 220 GPT-2 tokens at English's 4.3 characters per token.
-ALPACA_GPT4 = {"rows": 52002, "mean_text_tokens": 220}
+# The rows below average 130 words of output, which makes texts of 216 GPT-2 tokens on average (measured).
+ALPACA_GPT4_ROWS = 52002
 
 # Stanford Alpaca's two prompts, as the `text` column holds them (prompt, then the output, nothing after).
 PROMPT_WITH_INPUT = (

@@ -84,14 +84,14 @@ def full_run_estimate(config, step_seconds: float, evaluation_seconds: float, pr
     """The whole run over Alpaca-GPT4: its optimizer steps at the measured step time, plus each validation (every
     eval_every_steps and at each epoch end), the test, and the teacher's validation and test passes (counted at
     the student's evaluation rate, an upper bound) at the measured evaluation rate."""
-    rows, training, split = hub_standins.ALPACA_GPT4["rows"], config.training_parameters, config.data.split
+    rows, training, split = hub_standins.ALPACA_GPT4_ROWS, config.training_parameters, config.data.split
     samples_per_step = training.batch_size * training.gradient_accumulation_steps * processes
     steps_per_epoch = math.ceil(round(rows * split.train) / samples_per_step)
     total_steps = steps_per_epoch * training.nb_epochs
     if training.max_steps is not None:
         total_steps = min(total_steps, training.max_steps)
-    validations = {steps_per_epoch * epoch for epoch in range(1, training.nb_epochs + 1) if epoch * steps_per_epoch
-                   <= total_steps} | {total_steps}
+    epoch_ends = {steps_per_epoch * epoch for epoch in range(1, training.nb_epochs + 1)}
+    validations = {step for step in epoch_ends if step <= total_steps} | {total_steps}
     if training.eval_every_steps:
         validations |= set(range(training.eval_every_steps, total_steps + 1, training.eval_every_steps))
     evaluated = round(rows * split.validation)

@@ -10,12 +10,12 @@ import sys
 from collections import Counter
 
 import pytest
-import yaml
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import dataset
 import hub_standins
+from config import load_config
 from conftest import REPO
 from loss import IGNORE_INDEX
 
@@ -59,12 +59,12 @@ def test_the_default_template_tokenizes_as_the_text_column_at_gpt2_bpe(standins,
 def test_config_yaml_runs_at_real_shape_to_a_best_checkpoint(standins, tmp_path):
     """config.yaml as it runs on a CPU (float32; a bfloat16 run is emulated on CPUs without AMX or AVX-512 BF16, and
     takes minutes a step at this vocabulary)."""
-    teacher, data, _ = standins
+    teacher, _, _ = standins
     overrides = ["distilled_model.nb_layers=1", "data.max_length=128", "training_parameters.batch_size=4",
                  "training_parameters.gradient_accumulation_steps=2"]
     completed = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "rehearsal.py"), "--teacher-layers", "2", "--rows", str(ROWS),
-         "--steps", "2", "--work", str(tmp_path), "--standins", str(teacher.parent),
+        [sys.executable, str(REPO / "bench" / "rehearsal.py"), "--steps", "2", "--work", str(tmp_path),
+         "--standins", str(teacher.parent),
          *(argument for override in overrides for argument in ("--set", override))],
         capture_output=True, text=True, timeout=600,
     )
@@ -86,13 +86,11 @@ def test_config_yaml_runs_at_real_shape_to_a_best_checkpoint(standins, tmp_path)
     assert summary["test"]["kl_teacher"] >= 0 and 0 <= summary["test"]["top1_agreement"] <= 1
     assert summary["teacher"]["test"]["perplexity"] > 1
 
-    # Every sample's EOS is a target, though it is also the padding token.
-    resolved = yaml.safe_load((run / "config.yaml").read_text())
-    spec = dataset.DataSpec(
-        dataset=str(data), text_column=None, max_length=128, split=(0.6, 0.2, 0.2),
-        mask_instruction=resolved["data"]["mask_instruction"], max_samples=None, seed=resolved["seed"],
-    )
-    splits = dataset.prepare_splits(spec, tokenizer, resolved["paths"]["data_folder"], "tokenized")  # the run's
+    # Every sample's EOS is a target, though it is also the padding token: the run's data, batched as it trained.
+    config = load_config(run / "config.yaml")
+    spec = dataset.spec_from_config(config)
+    assert spec.max_length == 128 and spec.template == dataset.PROMPT_TEMPLATES["alpaca"]
+    splits = dataset.prepare_splits(spec, tokenizer, config.paths.data_folder, config.paths.token_dataset)
     collate = dataset.PaddingCollator(tokenizer.pad_token_id, spec.mask_instruction)
     for name in dataset.SPLIT_NAMES:
         samples = list(splits[name])
