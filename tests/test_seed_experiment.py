@@ -106,10 +106,14 @@ NO_INPUT_TEXT = (
 )
 
 
+def data_spec(**values) -> dataset.DataSpec:
+    """The data settings of config.yaml's defaults (template alpaca), with `values` changed."""
+    return dataset.DataSpec(**{"dataset": "unused", "text_column": None, "max_length": 1024, "split": (0.6, 0.2, 0.2),
+                               "mask_instruction": False, "max_samples": None, "seed": 0, **values})
+
+
 def formatted(rows: list[dict], **spec_values) -> list[str]:
-    spec = dataset.DataSpec(dataset="unused", text_column=None, max_length=1024, split=(0.6, 0.2, 0.2),
-                            mask_instruction=False, max_samples=None, seed=0, **spec_values)
-    texts = dataset.format_rows(Dataset.from_list(rows), spec)
+    texts = dataset.format_rows(Dataset.from_list(rows), data_spec(**spec_values))
     return [prompt + response for prompt, response in zip(texts["prompt"], texts["response"])]
 
 
@@ -150,9 +154,7 @@ def test_a_wrong_template_is_one_config_sentence(tmp_path, config_values, templa
 
 def test_mask_instruction_targets_the_response_of_the_alpaca_template(tokenizer):
     texts = Dataset.from_dict({"prompt": [CARD_TEXT[: -len(CARD_ROW["output"])]], "response": [CARD_ROW["output"]]})
-    spec = dataset.DataSpec(dataset="unused", text_column=None, max_length=1024, split=(0.6, 0.2, 0.2),
-                            mask_instruction=True, max_samples=None, seed=0)
-    sample = dataset.tokenize(texts, tokenizer, spec)[0]
+    sample = dataset.tokenize(texts, tokenizer, data_spec(mask_instruction=True))[0]
     batch = dataset.PaddingCollator(tokenizer.eos_token_id, mask_instruction=True)([sample])
     targets = batch["labels"][0][batch["labels"][0] != -100].tolist()
     assert tokenizer.decode(targets) == CARD_ROW["output"] + tokenizer.eos_token
@@ -178,8 +180,6 @@ def test_a_tokenizer_without_offsets_is_one_data_sentence():
     from transformers import ByT5Tokenizer
 
     texts = Dataset.from_dict({"prompt": ["Q: "], "response": ["yes"]})
-    spec = dataset.DataSpec(dataset="unused", text_column=None, max_length=64, split=(0.6, 0.2, 0.2),
-                            mask_instruction=True, max_samples=None, seed=0)
     with pytest.raises(dataset.DataError, match="gives no character offsets") as raised:
-        dataset.tokenize(texts, ByT5Tokenizer(), spec)
+        dataset.tokenize(texts, ByT5Tokenizer(), data_spec(mask_instruction=True))
     assert "\n" not in str(raised.value)
