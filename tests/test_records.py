@@ -18,7 +18,6 @@ import dataset
 import distill
 import plots
 from conftest import REPO, base_config, write_config
-from loss import IGNORE_INDEX
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
