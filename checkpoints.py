@@ -6,7 +6,7 @@ plus what resuming needs: `trainer_state.json` (plain JSON: epoch, position in t
 and `training_state.pt` (optimizer, scheduler and RNG states, read back with `torch.load(weights_only=True)`, which
 runs no code from the file). The optimizer state is keyed by parameter name, whole (never sharded), so a checkpoint
 resumes with any number of processes, with or without FSDP. A checkpoint is written to a hidden staging folder and renamed into place, so a crash
-during a write leaves the previous checkpoint whole.
+during a write leaves the previous checkpoint whole (storage.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ import numpy as np
 import safetensors.torch
 import torch
 
+import dataset
 from config import check_simple_name
+from storage import atomic_directory, recover_interrupted_write
 
 TRAINER_STATE_FILE = "trainer_state.json"
 TRAINING_STATE_FILE = "training_state.pt"
@@ -173,51 +175,26 @@ def save_checkpoint(
     `optimizer_state` and `weights` come from `gather_training_states`. `identity` describes what was trained (model
     shape, tokenizer, loss); a resume checks it against the config.
     """
-    recover_interrupted_write(directory)
-    staging = directory.with_name(f".{directory.name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)
     try:
-        staging.mkdir(parents=True)
-        if weights is None:
-            model.save_pretrained(staging, safe_serialization=True)
-        else:
-            model.save_pretrained(staging, safe_serialization=True, state_dict=weights)
-        tokenizer.save_pretrained(staging)
-        training_state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": _rng_states()}
-        if scaler is not None:
-            training_state["scaler"] = scaler.state_dict()
-        torch.save(training_state, staging / TRAINING_STATE_FILE)
-        record = {**dataclasses.asdict(state), "identity": identity}
-        (staging / TRAINER_STATE_FILE).write_text(json.dumps(record, indent=2))
-        _fsync_tree(staging)
+        with atomic_directory(directory, replace=True) as staging:
+            if weights is None:
+                model.save_pretrained(staging, safe_serialization=True)
+            else:
+                model.save_pretrained(staging, safe_serialization=True, state_dict=weights)
+            tokenizer.save_pretrained(staging)
+            training_state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": _rng_states()}
+            if scaler is not None:
+                training_state["scaler"] = scaler.state_dict()
+            torch.save(training_state, staging / TRAINING_STATE_FILE)
+            record = {**dataclasses.asdict(state), "identity": identity}
+            (staging / TRAINER_STATE_FILE).write_text(json.dumps(record, indent=2))
     except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
             raise CheckpointError(
                 f"the disk is full: the checkpoint {directory} could not be written, and the previous one there is "
                 f"intact; free some space and continue with --resume."
             ) from None
         raise
-    _swap_into_place(staging, directory)
-
-
-def _swap_into_place(staging: Path, directory: Path) -> None:
-    # A directory cannot be renamed over a non-empty one, so the swap takes two renames; a crash between them
-    # leaves the old checkpoint under its hidden name, which recover_interrupted_write puts back.
-    previous = directory.with_name(f".{directory.name}.previous")
-    if directory.exists():
-        shutil.rmtree(previous, ignore_errors=True)
-        os.replace(directory, previous)
-    os.replace(staging, directory)
-    _fsync_directory(directory.parent)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
-def recover_interrupted_write(directory: Path) -> None:
-    """Put back the previous checkpoint if a crash came between the two renames of a swap."""
-    previous = directory.with_name(f".{directory.name}.previous")
-    if not directory.exists() and (previous / TRAINER_STATE_FILE).is_file():
-        os.replace(previous, directory)
 
 
 def has_checkpoint(directory: Path) -> bool:
@@ -369,18 +346,11 @@ def _restore_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with path.open("rb") as handle:
-                os.fsync(handle.fileno())
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
+def run_identity(model_config, tokenizer, criterion) -> dict:
+    """What a checkpoint must share with the config to be resumed: the model shape, the tokenizer, the loss."""
+    shape_keys = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
+    return {
+        "model": {key: getattr(model_config, key, None) for key in shape_keys},
+        "tokenizer": dataset.tokenizer_fingerprint(tokenizer),
+        "loss": criterion.spec(),
+    }

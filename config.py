@@ -86,11 +86,12 @@ def _check_student(config: Config, source: str) -> None:
             f"{source}: student.init is teacher_layers but student.teacher_layers is null; list the teacher block "
             f"to copy into each student layer, e.g. [0, 2, 4, 7, 9, 11] for 6 layers from GPT-2's 12."
         )
-    if len(student.teacher_layers) != nb_layers:
-        raise ConfigError(
-            f"{source}: student.teacher_layers lists {len(student.teacher_layers)} teacher blocks but "
-            f"distilled_model.nb_layers is {nb_layers}; list exactly one teacher block per student layer."
-        )
+    from models import ModelError, check_one_block_per_layer
+
+    try:
+        check_one_block_per_layer(student.teacher_layers, nb_layers)
+    except ModelError as error:
+        raise ConfigError(f"{source}: {error}") from None
     repeated = sorted({index for index in student.teacher_layers if student.teacher_layers.count(index) > 1})
     if repeated:
         raise ConfigError(
@@ -168,7 +169,7 @@ class TrainingParameters:
     resume: bool = False
     # Where metrics also go: auto (TensorBoard when it is installed), none, tensorboard, wandb, or tensorboard,wandb.
     report_to: str = "auto"
-    loss: Any = None  # a loss.Criterion, built from the `()` entry
+    loss: Any = None  # a loss.LossSpec, from the `()` entry; the criterion is built where it is used
 
 
 @dataclass(frozen=True)
@@ -227,7 +228,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
 def to_plain_dict(config: Config) -> dict:
     """The resolved config as plain YAML-ready values, the loss back in configue's `()` form."""
     plain = dataclasses.asdict(config)
-    plain["training_parameters"]["loss"] = config.training_parameters.loss.spec()
+    plain["training_parameters"]["loss"] = config.training_parameters.loss.to_config()
     return plain
 
 
@@ -269,7 +270,8 @@ def _loss_problem(error: Exception) -> str:
 
 
 def _to_plain_tree(value: Any) -> Any:
-    """Turn the configue result into plain dicts and lists: an instantiated loss goes back to its `()` spec."""
+    """Turn the configue result into plain dicts and lists: the loss that configue instantiated goes back to its
+    `()` form (what the config checks and keeps; the criterion is built once, where it is used)."""
     if isinstance(value, loss_module.Criterion):
         return value.spec()
     if isinstance(value, dict):
@@ -344,13 +346,13 @@ def _build(schema: type, values: Any, source: str, prefix: str) -> Any:
         key = f"{prefix}{name}"
         kind = _field_schema(schema, item)
         if kind is _LOSS_SECTION:
-            kwargs[name] = _build_loss(values[name], source, key)
+            kwargs[name] = _loss_spec(values[name], source, key)
         elif dataclasses.is_dataclass(kind):
             kwargs[name] = _build(kind, values[name] if values[name] is not None else {}, source, f"{key}.")
         else:
             kwargs[name] = _check_value(values[name], kind, item.metadata, source, key)
     if schema is TrainingParameters and "loss" not in kwargs:
-        kwargs["loss"] = _build_loss(dict(DEFAULT_LOSS), source, f"{prefix}loss")
+        kwargs["loss"] = _loss_spec(dict(DEFAULT_LOSS), source, f"{prefix}loss")
     return schema(**kwargs)
 
 
@@ -361,9 +363,8 @@ def _closest(key: str, known: dict) -> str:
     return f" (did you mean {match[0]}?)" if match else ""
 
 
-def _build_loss(spec: Any, source: str, key: str) -> loss_module.Criterion:
-    if isinstance(spec, loss_module.Criterion):
-        return spec
+def _loss_spec(spec: Any, source: str, key: str) -> loss_module.LossSpec:
+    """The loss section as a LossSpec: its class resolved and its arguments checked, nothing built."""
     if not isinstance(spec, dict) or "()" not in spec:
         raise ConfigError(
             f"{source}: {key} must be a section with a `()` entry naming the loss class, e.g. "
@@ -381,9 +382,10 @@ def _build_loss(spec: Any, source: str, key: str) -> loss_module.Criterion:
             f"{source}: {key}: {class_path!r} is not a loss class; use loss.DistillationLoss or loss.ClassicLoss."
         )
     try:
-        return loss_class(**arguments)
+        checked = loss_class.check_arguments(**arguments)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"{source}: {key}: {_loss_problem(error)}; fix it under {key}.") from None
+    return loss_module.LossSpec(loss_class, {name: checked[name] for name in arguments})
 
 
 def _check_value(value: Any, kind: Any, metadata: typing.Mapping, source: str, key: str) -> Any:
@@ -430,18 +432,8 @@ def _convert(value: Any, kind: type) -> Any:
             return int(value)
         return None
     if kind is float:
-        if isinstance(value, bool):
-            return None
-        if isinstance(value, (int, float)):
-            number = float(value)
-        elif isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                return None
-        else:
-            return None
-        return number if math.isfinite(number) else None
+        number = loss_module.as_number(value)
+        return number if number is not None and math.isfinite(number) else None
     if kind is str:
         return value if isinstance(value, str) and value.strip() else None
     return value
@@ -499,17 +491,15 @@ def _check_template(config: Config, source: str) -> None:
 
 
 def _check_cached_teacher(config: Config, source: str) -> None:
-    loss = config.training_parameters.loss
-    if config.teacher.cache_top_k is None or not getattr(loss, "requires_teacher", False):
+    spec = config.training_parameters.loss
+    if config.teacher.cache_top_k is None or not spec.requires_teacher:
         return
-    refusal = None
-    if getattr(loss, "temperature", 1.0) != 1.0:
-        refusal = "the cache holds the teacher's probabilities at temperature 1; set the loss temperature to 1"
-    elif getattr(loss, "uses_hidden_states", False):
-        refusal = "the chunked loss projects the teacher's hidden states itself; use loss.DistillationLoss"
-    elif getattr(loss, "uses_last_hidden_state", False):
-        refusal = "the cache holds no hidden states; set the loss's hidden_weight to 0"
-    elif config.data.packing:
+    try:
+        spec.check(cached_teacher=True)
+        refusal = None
+    except ValueError as error:
+        refusal = str(error)
+    if refusal is None and config.data.packing:
         refusal = "packed rows mix samples, whose cached positions cannot follow them; set data.packing to false"
     if refusal is not None:
         raise ConfigError(f"{source}: teacher.cache_top_k is set, but {refusal}, or teacher.cache_top_k to null.")

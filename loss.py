@@ -5,7 +5,7 @@ Conventions, defined here once for the whole project:
 - `labels (B, T)` are the unshifted input ids with -100 wherever a position is not a target (padding, and the
   instruction when it is masked). The logits at position t predict the token at t + 1, so the criteria shift.
 - Every term is a mean over the real target tokens of the batch: padding never dilutes or weights a loss.
-- Temperature: every KD divergence D (see `DIVERGENCES`) is computed between the temperature-softened distributions
+- Temperature: every KD divergence D (see `divergences.DIVERGENCES`) is computed between the temperature-softened distributions
   p = softmax(teacher / T) and q = softmax(student / T), and multiplied by T**2, so that the gradient of the
   KL-type terms keeps the same scale whatever the temperature (Hinton et al., 2015). The KD term is thus
   `T**2 * mean over real targets of D(p, q)`; the CE term always uses the student at temperature 1.
@@ -14,27 +14,17 @@ Conventions, defined here once for the whole project:
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple, Optional
+import inspect
+from dataclasses import dataclass, field
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
+from chunked_loss import chunked_kd_ce
+from divergences import SKEW_DIVERGENCES, check_divergence, token_divergence
+
 IGNORE_INDEX = -100
-
-# p is the teacher's distribution, q the student's.
-DIVERGENCES = (
-    "forward_kl",  # KL(p || q)
-    "reverse_kl",  # KL(q || p)
-    # Generalised Jensen-Shannon (GKD), m = jsd_beta p + (1 - jsd_beta) q: jsd_beta KL(p||m) + (1 - jsd_beta) KL(q||m).
-    # As in TRL, jsd_beta 0 gives KL(p || q) and 1 gives KL(q || p) (the mixture alone would give 0 at both ends).
-    "jsd",
-    "skew_kl",  # DistiLLM: KL(p || skew p + (1 - skew) q)
-    "skew_reverse_kl",  # DistiLLM: KL(q || skew q + (1 - skew) p)
-    "tv",  # total variation: 0.5 sum |p - q|
-)
-SKEW_DIVERGENCES = ("skew_kl", "skew_reverse_kl")
-
 
 class LossOutput(NamedTuple):
     loss: torch.Tensor  # scalar to back-propagate
@@ -43,83 +33,47 @@ class LossOutput(NamedTuple):
     hidden: Optional[torch.Tensor] = None  # scalar hidden-state cosine term, None when not used
 
 
-def shift_for_next_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Align `logits (B, T, V)` with the tokens they predict: returns `(B, T-1, V)` logits and `(B, T-1)` targets."""
-    return logits[:, :-1, :], labels[:, 1:]
+class ModelOutput(NamedTuple):
+    """What a criterion reads of one model's forward pass on a batch (what it does not read is None)."""
+
+    logits: Optional[torch.Tensor] = None  # (B, T, V)
+    hidden: Optional[torch.Tensor] = None  # (B, T, d) the last hidden state, after the final norm
+    head: Optional[torch.Tensor] = None  # (V, d) the output head's weight, for a criterion that projects `hidden`
+
+
+class CachedTeacher(NamedTuple):
+    """The teacher's distributions as `teacher_cache` keeps them, at temperature 1, aligned with the logits."""
+
+    top_ids: torch.Tensor  # (B, T, K) the teacher's K most likely next tokens, most likely first
+    top_log_probs: torch.Tensor  # (B, T, K) their log-probabilities
+    rest_log_prob: torch.Tensor  # (B, T) log of the probability of all other tokens
+
+
+# What a criterion is given of the teacher: its forward pass, or its cached distributions (or None: no teacher).
+TeacherOutput = Union[ModelOutput, CachedTeacher]
+
+
+def target_mask(labels: torch.Tensor) -> torch.Tensor:
+    """`(B, T-1)`: True where the logits at position t have a real target, the token at t + 1."""
+    return labels[:, 1:] != IGNORE_INDEX
+
+
+def at_targets(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The rows of `values (B, T, ...)` whose position has a real next-token target, shifted: `(N, ...)`."""
+    return values[:, :-1][target_mask(labels)]
+
+
+def target_ids(labels: torch.Tensor) -> torch.Tensor:
+    """The real next-token targets of `labels (B, T)`, in the order of `at_targets`: `(N,)`."""
+    return labels[:, 1:][target_mask(labels)]
 
 
 def next_token_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over real targets. `student_logits (B, T, V)`, `labels (B, T)` -> scalar."""
-    logits, targets = shift_for_next_token(student_logits, labels)
+    logits = student_logits[:, :-1]
     return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX
+        logits.reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
     )
-
-
-def check_divergence(divergence: str, jsd_beta: float = 0.5, skew: float = 0.1) -> None:
-    """Raise ValueError unless `divergence` is one of `DIVERGENCES` and `jsd_beta` and `skew` lie in [0, 1]."""
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; use one of {', '.join(DIVERGENCES)}")
-    for name, value in (("jsd_beta", jsd_beta), ("skew", skew)):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} must be between 0 and 1 (got {value})")
-
-
-def _kl_divergence(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """Per-row KL(a || b) from `(N, K)` log-probabilities, with 0 log 0 = 0.
-
-    Where b is exactly 0 but a is not, the KL is infinite and its gradient NaN; such a b counts as the smallest
-    normal probability of the dtype instead, so that a teacher with zeros still trains a reverse KL.
-    """
-    in_support = log_a > float("-inf")
-    log_b = torch.where(torch.isneginf(log_b), math.log(torch.finfo(log_b.dtype).tiny), log_b)
-    # Masking the difference, not the product, keeps 0 * inf out of the backward pass too.
-    difference = torch.where(in_support, log_a - log_b, 0.0)
-    return (log_a.exp() * difference).sum(dim=-1)
-
-
-def _log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
-    """log(weight_a * a + (1 - weight_a) * b) from log-probabilities, in log space for stability."""
-    if weight_a == 0.0:
-        return log_b
-    if weight_a == 1.0:
-        return log_a
-    both_zero = torch.isneginf(log_a) & torch.isneginf(log_b)
-    # logaddexp's gradient is NaN where both inputs are -inf, even when unused: give it finite stand-ins there.
-    log_a = torch.where(both_zero, 0.0, log_a)
-    log_b = torch.where(both_zero, 0.0, log_b)
-    mixture = torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
-    return torch.where(both_zero, float("-inf"), mixture)
-
-
-def token_divergence(
-    student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, divergence: str,
-    jsd_beta: float = 0.5, skew: float = 0.1,
-) -> torch.Tensor:
-    """Per-row divergence between the teacher's distribution p and the student's q, see `DIVERGENCES`.
-
-    `student_log_probs (N, K)` and `teacher_log_probs (N, K)` are log-probabilities over the same K outcomes
-    (the vocabulary or any other bucketing) -> `(N,)`. Exact zeros (-inf) give neither NaN values nor NaN gradients.
-    """
-    check_divergence(divergence, jsd_beta, skew)
-    if student_log_probs.shape != teacher_log_probs.shape:
-        raise ValueError(
-            f"the student's and the teacher's log-probabilities differ in shape "
-            f"({tuple(student_log_probs.shape)} and {tuple(teacher_log_probs.shape)})"
-        )
-    log_p, log_q = teacher_log_probs, student_log_probs
-    if divergence == "forward_kl" or (divergence == "jsd" and jsd_beta == 0.0):
-        return _kl_divergence(log_p, log_q)
-    if divergence == "reverse_kl" or (divergence == "jsd" and jsd_beta == 1.0):
-        return _kl_divergence(log_q, log_p)
-    if divergence == "jsd":
-        log_m = _log_mixture(log_p, log_q, jsd_beta)
-        return jsd_beta * _kl_divergence(log_p, log_m) + (1.0 - jsd_beta) * _kl_divergence(log_q, log_m)
-    if divergence == "skew_kl":
-        return _kl_divergence(log_p, _log_mixture(log_p, log_q, skew))
-    if divergence == "skew_reverse_kl":
-        return _kl_divergence(log_q, _log_mixture(log_q, log_p, skew))
-    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(dim=-1)  # tv
 
 
 def kd_kl_divergence(
@@ -142,14 +96,10 @@ def _gather_real_targets(
         raise ValueError(
             f"the teacher's vocabulary ({teacher_logits.size(-1)}) is smaller than the student's ({vocab_size})"
         )
-    student, targets = shift_for_next_token(student_logits, labels)
-    is_target = targets != IGNORE_INDEX
-    targets = targets[is_target]  # (N,)
+    targets = target_ids(labels)
     if targets.numel() == 0:
         return None
-    student = student[is_target].float()  # (N, V)
-    teacher = teacher_logits[:, :-1, :vocab_size][is_target].float()
-    return student, teacher, targets
+    return at_targets(student_logits, labels).float(), at_targets(teacher_logits[..., :vocab_size], labels).float(), targets
 
 
 def _log_softmaxes(
@@ -192,22 +142,6 @@ def kd_and_cross_entropy(
     return LossOutput(alpha * kd + beta * ce, kd, ce)
 
 
-def kd_and_cross_entropy_from_log_probs(
-    student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, target_log_probs: torch.Tensor,
-    temperature: float, alpha: float, beta: float,
-    divergence: str = "forward_kl", jsd_beta: float = 0.5, skew: float = 0.1,
-) -> LossOutput:
-    """`alpha * KD + beta * CE` from what is left once the real target positions are gathered.
-
-    `student_log_probs (N, K)` and `teacher_log_probs (N, K)`: log-probabilities at `temperature` over the same K
-    outcomes (the vocabulary, or buckets such as top-k tokens plus the rest); `target_log_probs (N,)`: the student's
-    log-probability of each target at temperature 1. N must be > 0.
-    """
-    kd = temperature**2 * token_divergence(student_log_probs, teacher_log_probs, divergence, jsd_beta, skew).mean()
-    ce = -target_log_probs.mean()
-    return LossOutput(alpha * kd + beta * ce, kd, ce)
-
-
 def divergence_and_cross_entropy(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
     temperature: float, alpha: float, beta: float,
@@ -221,10 +155,9 @@ def divergence_and_cross_entropy(
         return _zero_output(student_logits)
     student, teacher, targets = gathered
     student_log_probs, student_log_probs_t, teacher_log_probs_t = _log_softmaxes(student, teacher, temperature)
-    target_log_probs = student_log_probs.gather(1, targets[:, None]).squeeze(1)
-    return kd_and_cross_entropy_from_log_probs(
-        student_log_probs_t, teacher_log_probs_t, target_log_probs, temperature, alpha, beta, divergence, jsd_beta, skew
-    )
+    kd = temperature**2 * token_divergence(student_log_probs_t, teacher_log_probs_t, divergence, jsd_beta, skew).mean()
+    ce = -student_log_probs.gather(1, targets[:, None]).mean()
+    return LossOutput(alpha * kd + beta * ce, kd, ce)
 
 
 def hidden_cosine_distance(
@@ -237,21 +170,11 @@ def hidden_cosine_distance(
             f"the student's hidden width ({student_hidden.size(-1)}) differs from the teacher's "
             f"({teacher_hidden.size(-1)}); the cosine term needs models of the same hidden size"
         )
-    student, targets = shift_for_next_token(student_hidden, labels)
-    is_target = targets != IGNORE_INDEX
-    student = student[is_target]  # (N, d)
+    student = at_targets(student_hidden, labels)  # (N, d)
     if student.size(0) == 0:
         return student_hidden.sum() * 0.0  # still part of the graph
-    cosine = F.cosine_similarity(student.float(), teacher_hidden[:, :-1][is_target].float(), dim=-1)
+    cosine = F.cosine_similarity(student.float(), at_targets(teacher_hidden, labels).float(), dim=-1)
     return (1.0 - cosine).mean()
-
-
-class CachedTeacher(NamedTuple):
-    """The teacher's distributions as `teacher_cache` keeps them, at temperature 1, aligned with the logits."""
-
-    top_ids: torch.Tensor  # (B, T, K) the teacher's K most likely next tokens, most likely first
-    top_log_probs: torch.Tensor  # (B, T, K) their log-probabilities
-    rest_log_prob: torch.Tensor  # (B, T) log of the probability of all other tokens
 
 
 def cached_teacher_buckets(
@@ -261,13 +184,11 @@ def cached_teacher_buckets(
     then all the others together. `student_logits (B, T, V)`, `cached` as above, `labels (B, T)` -> student and
     teacher log-probabilities `(N, K + 1)`, at temperature 1. Any divergence between these is at most the
     full-vocabulary one (merging outcomes never increases a divergence), and equal when the top K hold the mass."""
-    student, targets = shift_for_next_token(student_logits, labels)
-    is_target = targets != IGNORE_INDEX
-    student_log_probs = F.log_softmax(student[is_target].float(), dim=-1)  # (N, V)
-    top_ids = cached.top_ids[:, :-1][is_target]  # (N, K)
+    student_log_probs = F.log_softmax(at_targets(student_logits, labels).float(), dim=-1)  # (N, V)
+    top_ids = at_targets(cached.top_ids, labels)  # (N, K)
     student_top = student_log_probs.gather(1, top_ids)
     student_rest = student_log_probs.scatter(1, top_ids, float("-inf")).logsumexp(dim=-1, keepdim=True)
-    teacher = torch.cat([cached.top_log_probs[:, :-1][is_target], cached.rest_log_prob[:, :-1][is_target, None]], -1)
+    teacher = torch.cat([at_targets(cached.top_log_probs, labels), at_targets(cached.rest_log_prob, labels)[:, None]], -1)
     return torch.cat([student_top, student_rest], dim=-1), teacher.float()
 
 
@@ -277,7 +198,7 @@ def cached_teacher_kd_and_cross_entropy(
 ) -> LossOutput:
     """`alpha * KD + beta * CE` against a cached teacher (temperature 1), the KD over the K + 1 outcomes of
     `cached_teacher_buckets`. `student_logits (B, T, V)`, `labels (B, T)`."""
-    if not (labels[:, 1:] != IGNORE_INDEX).any():
+    if not target_mask(labels).any():
         return _zero_output(student_logits)
     student_buckets, teacher_buckets = cached_teacher_buckets(student_logits, cached, labels)
     ce = next_token_cross_entropy(student_logits, labels)
@@ -285,43 +206,63 @@ def cached_teacher_kd_and_cross_entropy(
     return LossOutput(alpha * kd + beta * ce, kd, ce)
 
 
-def agreement_with_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                           labels: torch.Tensor) -> torch.Tensor:
-    """`(2,)`: summed over the real target positions, KL(teacher || student) at temperature 1 and the number of
-    positions where the two models' most likely next token is the same. `student_logits (B, T, V)`,
-    `teacher_logits (B, T, V')` with V' >= V (cropped to V), `labels (B, T)`."""
-    student, targets = shift_for_next_token(student_logits, labels)
-    is_target = targets != IGNORE_INDEX
-    student = student[is_target].float()  # (N, V)
-    teacher = teacher_logits[:, :-1, : student.size(-1)][is_target].float()
-    teacher_log_probs = F.log_softmax(teacher, dim=-1)
-    kl = (teacher_log_probs.exp() * (teacher_log_probs - F.log_softmax(student, dim=-1))).sum()
-    agreements = (student.argmax(dim=-1) == teacher.argmax(dim=-1)).sum()
-    return torch.stack([kl, agreements.float()])
+# --- the criteria: one call shape, `criterion(student, teacher, labels) -> LossOutput` ---------------------------
 
 
-def agreement_with_cached_teacher(student_logits: torch.Tensor, cached: CachedTeacher,
-                                  labels: torch.Tensor) -> torch.Tensor:
-    """As `agreement_with_teacher`, against the cached top-k distributions: the KL is between the two models'
-    distributions over the teacher's top k tokens and the rest (a lower bound of the full KL), and the teacher's
-    most likely token is the first cached one."""
-    student, teacher = cached_teacher_buckets(student_logits, cached, labels)
-    kl = token_divergence(student, teacher, "forward_kl").sum()
-    top_ids = cached.top_ids[:, :-1][labels[:, 1:] != IGNORE_INDEX]
-    agreements = (student_logits[:, :-1][labels[:, 1:] != IGNORE_INDEX].argmax(dim=-1) == top_ids[:, 0]).sum()
-    return torch.stack([kl, agreements.float()])
+def as_number(value) -> Optional[float]:
+    """`value` as a float, or None when it is not a number. YAML 1.1 (configue, `--set`) reads `1e-1` as text, so a
+    text that is a plain number counts; true and false do not."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _number(name: str, value) -> float:
+    number = as_number(value)
+    if number is None:
+        raise ValueError(f"{name} must be a number, not {value!r}")
+    return number
 
 
 class Criterion(torch.nn.Module):
-    """Base class of the configurable criteria. `spec()` gives back the configue form that built it."""
+    """Base class of the configurable criteria.
+
+    Every criterion is called the same way: `criterion(student, teacher, labels) -> LossOutput`, with `student` a
+    `ModelOutput`, `teacher` a `ModelOutput`, a `CachedTeacher` or None, and `labels (B, T)`. What it reads of the
+    models is declared here once, so the caller decides once what the forward passes return.
+    """
 
     requires_teacher: bool = False
-    # False: called with logits (student_logits, labels, teacher_logits). True: with hidden states and output heads.
-    uses_hidden_states: bool = False
-    # True: the logits call also needs the models' last hidden states (student_hidden=, teacher_hidden=).
-    uses_last_hidden_state: bool = False
+    # True: the criterion reads the last hidden states and the output heads, never `(B, T, V)` logits.
+    projects_hidden_states: bool = False
+
+    @property
+    def compares_hidden_states(self) -> bool:
+        """Whether a term compares the student's and the teacher's last hidden states (they must be as wide)."""
+        return False
+
+    @property
+    def reads_hidden_states(self) -> bool:
+        """Whether the models' last hidden states must be in their `ModelOutput`."""
+        return self.projects_hidden_states or self.compares_hidden_states
+
+    @classmethod
+    def check_arguments(cls, **arguments) -> dict:
+        """Check the arguments of `cls(**arguments)` without building it: TypeError names an unknown argument,
+        ValueError a bad value. Returns them as numbers where they are numbers."""
+        bound = inspect.signature(cls).bind(**arguments)
+        bound.apply_defaults()
+        return cls._checked(**bound.arguments)
+
+    @classmethod
+    def _checked(cls, **arguments) -> dict:
+        return arguments
 
     def spec(self) -> dict:
+        """The configue form that builds this criterion (also part of a run's identity)."""
         return {"()": f"loss.{type(self).__name__}", **self._arguments()}
 
     def _arguments(self) -> dict:
@@ -331,19 +272,9 @@ class Criterion(torch.nn.Module):
         return ", ".join(f"{key}={value}" for key, value in self._arguments().items())
 
 
-def _number(name: str, value) -> float:
-    # YAML 1.1 reads `1e-1` as a string; accept any text that is a plain number.
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number, not {value!r}")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, not {value!r}") from None
-
-
 class DistillationLoss(Criterion):
     """`alpha * KD + beta * CE + hidden_weight * (1 - cosine of the last hidden states)`, each a mean over real
-    targets (see the module docstring); the KD divergence is one of `DIVERGENCES`."""
+    targets (see the module docstring); the KD divergence is one of `DIVERGENCES`. Reads both models' logits."""
 
     requires_teacher = True
 
@@ -352,28 +283,34 @@ class DistillationLoss(Criterion):
         jsd_beta: float = 0.5, skew: float = 0.1, hidden_weight: float = 0.0,
     ) -> None:
         super().__init__()
-        self.alpha = _number("alpha", alpha)
-        self.beta = _number("beta", beta)
-        self.temperature = _number("temperature", temperature)
-        self.divergence = divergence
-        self.jsd_beta = _number("jsd_beta", jsd_beta)
-        self.skew = _number("skew", skew)
-        self.hidden_weight = _number("hidden_weight", hidden_weight)
-        if self.alpha < 0 or self.beta < 0:
-            raise ValueError(f"alpha and beta must be >= 0 (got alpha={self.alpha}, beta={self.beta})")
-        if not self.hidden_weight >= 0:
-            raise ValueError(f"hidden_weight must be >= 0 (got {self.hidden_weight})")
-        if self.alpha == 0 and self.beta == 0 and self.hidden_weight == 0:
+        checked = self._checked(alpha=alpha, beta=beta, temperature=temperature, divergence=divergence, jsd_beta=jsd_beta,
+                                skew=skew, hidden_weight=hidden_weight)
+        self.alpha, self.beta, self.temperature = checked["alpha"], checked["beta"], checked["temperature"]
+        self.divergence, self.jsd_beta, self.skew = divergence, checked["jsd_beta"], checked["skew"]
+        self.hidden_weight = checked["hidden_weight"]
+
+    @classmethod
+    def _checked(cls, alpha=1.0, beta=0.1, temperature=1.0, divergence="forward_kl", jsd_beta=0.5, skew=0.1,
+                 hidden_weight=0.0) -> dict:
+        numbers = {name: _number(name, value) for name, value in (
+            ("alpha", alpha), ("beta", beta), ("temperature", temperature), ("jsd_beta", jsd_beta), ("skew", skew),
+            ("hidden_weight", hidden_weight))}
+        if numbers["alpha"] < 0 or numbers["beta"] < 0:
+            raise ValueError(f"alpha and beta must be >= 0 (got alpha={numbers['alpha']}, beta={numbers['beta']})")
+        if not numbers["hidden_weight"] >= 0:
+            raise ValueError(f"hidden_weight must be >= 0 (got {numbers['hidden_weight']})")
+        if numbers["alpha"] == 0 and numbers["beta"] == 0 and numbers["hidden_weight"] == 0:
             raise ValueError(
                 "alpha and beta are both 0 and so is hidden_weight, so nothing would be learned; "
                 "make at least one positive"
             )
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 (got {self.temperature})")
-        check_divergence(self.divergence, self.jsd_beta, self.skew)
+        if not numbers["temperature"] > 0:
+            raise ValueError(f"temperature must be > 0 (got {numbers['temperature']})")
+        check_divergence(divergence, numbers["jsd_beta"], numbers["skew"])
+        return {**numbers, "divergence": divergence}
 
     @property
-    def uses_last_hidden_state(self) -> bool:  # type: ignore[override]
+    def compares_hidden_states(self) -> bool:
         return self.hidden_weight > 0
 
     def _arguments(self) -> dict:
@@ -389,159 +326,120 @@ class DistillationLoss(Criterion):
             arguments["hidden_weight"] = self.hidden_weight
         return arguments
 
-    def forward(
-        self, student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: Optional[torch.Tensor] = None,
-        student_hidden: Optional[torch.Tensor] = None, teacher_hidden: Optional[torch.Tensor] = None,
-    ) -> LossOutput:
-        if teacher_logits is None:
-            raise ValueError("DistillationLoss needs teacher_logits")
-        if self.hidden_weight > 0 and (student_hidden is None or teacher_hidden is None):
-            raise ValueError(
-                "DistillationLoss with hidden_weight > 0 needs the student's and the teacher's last hidden states "
-                "(student_hidden and teacher_hidden)"
-            )
+    def forward(self, student: ModelOutput, teacher: Optional[TeacherOutput], labels: torch.Tensor) -> LossOutput:
+        if teacher is None:
+            raise ValueError("DistillationLoss needs the teacher's output")
         if self.divergence == "forward_kl":
             output = kd_and_cross_entropy(
-                student_logits, teacher_logits, labels, self.temperature, self.alpha, self.beta
+                student.logits, teacher.logits, labels, self.temperature, self.alpha, self.beta
             )
         else:
             output = divergence_and_cross_entropy(
-                student_logits, teacher_logits, labels, self.temperature, self.alpha, self.beta,
+                student.logits, teacher.logits, labels, self.temperature, self.alpha, self.beta,
                 self.divergence, self.jsd_beta, self.skew,
             )
         if self.hidden_weight == 0:
             return output
-        hidden = hidden_cosine_distance(student_hidden, teacher_hidden, labels)
+        if student.hidden is None or teacher.hidden is None:
+            raise ValueError(
+                "DistillationLoss with hidden_weight > 0 needs the student's and the teacher's last hidden states "
+                "(ModelOutput.hidden)"
+            )
+        hidden = hidden_cosine_distance(student.hidden, teacher.hidden, labels)
         return LossOutput(output.loss + self.hidden_weight * hidden, output.kd, output.ce, hidden)
 
 
-    def from_cached_teacher(self, student_logits: torch.Tensor, labels: torch.Tensor,
-                            cached: CachedTeacher) -> LossOutput:
-        """The same loss against the teacher's cached top-k distributions (temperature 1, no hidden states)."""
-        if self.temperature != 1.0 or self.hidden_weight != 0:
-            raise ValueError("a cached teacher holds probabilities at temperature 1 and no hidden states")
+class CachedTeacherDistillationLoss(DistillationLoss):
+    """DistillationLoss against the teacher's cached top-k distributions (`teacher.cache_top_k`), the KD over the
+    K + 1 outcomes of `cached_teacher_buckets`: temperature 1 and no hidden states, which the cache does not hold.
+    Configured as DistillationLoss; `LossSpec.build` chooses it when the teacher is cached."""
+
+    @classmethod
+    def _checked(cls, **arguments) -> dict:
+        checked = super()._checked(**arguments)
+        if checked["temperature"] != 1.0:
+            raise ValueError("the cache holds the teacher's probabilities at temperature 1; set the loss temperature to 1")
+        if checked["hidden_weight"] != 0:
+            raise ValueError("the cache holds no hidden states; set the loss's hidden_weight to 0")
+        return checked
+
+    def spec(self) -> dict:
+        return {**super().spec(), "()": "loss.DistillationLoss"}  # the name the config gives it
+
+    def forward(self, student: ModelOutput, teacher: Optional[TeacherOutput], labels: torch.Tensor) -> LossOutput:
+        if not isinstance(teacher, CachedTeacher):
+            raise ValueError("CachedTeacherDistillationLoss needs the teacher's cached distributions (CachedTeacher)")
         return cached_teacher_kd_and_cross_entropy(
-            student_logits, cached, labels, self.alpha, self.beta, self.divergence, self.jsd_beta, self.skew
+            student.logits, teacher, labels, self.alpha, self.beta, self.divergence, self.jsd_beta, self.skew
         )
 
 
 class ClassicLoss(Criterion):
     """Plain next-token training: the loss is the student's cross-entropy, no teacher is used or loaded."""
 
-    uses_last_hidden_state = False
-
-    def forward(
-        self, student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: Optional[torch.Tensor] = None,
-        student_hidden: Optional[torch.Tensor] = None, teacher_hidden: Optional[torch.Tensor] = None,
-    ) -> LossOutput:
-        ce = next_token_cross_entropy(student_logits, labels)
+    def forward(self, student: ModelOutput, teacher: Optional[TeacherOutput], labels: torch.Tensor) -> LossOutput:
+        ce = next_token_cross_entropy(student.logits, labels)
         return LossOutput(ce, None, ce)
 
 
-class _ChunkedKDCE(torch.autograd.Function):
-    """KD + CE from hidden states, projecting to the vocabulary a chunk of positions at a time.
-
-    The gradients with respect to the student's hidden states and head are computed in the forward pass, chunk by
-    chunk, from the closed forms d(T**2 KL)/d(student logits) = T (softmax(s / T) - softmax(t / T)) and
-    d(CE)/d(student logits) = softmax(s) - onehot(target); so no `(N, V)` tensor outlives its chunk, and backward
-    only scales the stored gradients.
-    """
-
-    @staticmethod
-    def forward(ctx, student_hidden, student_head, teacher_hidden, teacher_head, targets, temperature, alpha, beta,
-                chunk_size):
-        count = max(targets.numel(), 1)  # no target: both terms are 0
-        vocab_size = student_head.size(0)
-        hidden_gradient = torch.zeros_like(student_hidden, dtype=torch.float32)
-        head_gradient = torch.zeros_like(student_head, dtype=torch.float32)
-        kd_total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
-        ce_total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
-        head = student_head.float()
-        wants_gradients = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]  # not during evaluation
-        shared_softmax = temperature == 1.0
-        for start in range(0, count, chunk_size):
-            rows = slice(start, start + chunk_size)
-            hidden = student_hidden[rows].float()
-            student_logits = hidden @ head.T  # (C, V)
-            teacher_logits = teacher_hidden[rows].float() @ teacher_head[:vocab_size].float().T
-            teacher_log_probs_t = F.log_softmax(teacher_logits if shared_softmax else teacher_logits / temperature, dim=-1)
-            del teacher_logits
-            log_probs = F.log_softmax(student_logits, dim=-1)
-            # At temperature 1 one log-softmax serves both terms: the loss is memory-bound, so each pass costs time.
-            student_log_probs_t = log_probs if shared_softmax else F.log_softmax(student_logits / temperature, dim=-1)
-            del student_logits
-            teacher_probs_t = teacher_log_probs_t.exp()
-            # In place from here on: at most four (C, V) tensors are alive at once.
-            kd_total += (teacher_probs_t * teacher_log_probs_t.sub_(student_log_probs_t)).sum()
-            del teacher_log_probs_t
-            ce_total -= log_probs.gather(1, targets[rows, None]).sum()
-            if not wants_gradients:
-                continue
-            probabilities = log_probs.exp_()  # softmax(s), and also softmax(s / T) when they are the same tensor
-            if shared_softmax:
-                logits_gradient = probabilities.mul_(alpha + beta).sub_(teacher_probs_t, alpha=alpha)
-            else:
-                logits_gradient = student_log_probs_t.exp_().sub_(teacher_probs_t).mul_(alpha * temperature)
-                logits_gradient.add_(probabilities, alpha=beta)
-            del teacher_probs_t, probabilities, log_probs, student_log_probs_t
-            logits_gradient[torch.arange(logits_gradient.size(0), device=logits_gradient.device), targets[rows]] -= beta
-            logits_gradient.div_(count)
-            hidden_gradient[rows] = logits_gradient @ head
-            head_gradient.addmm_(logits_gradient.T, hidden)
-        kd = temperature**2 * kd_total / count
-        ce = ce_total / count
-        ctx.save_for_backward(hidden_gradient.to(student_hidden.dtype), head_gradient.to(student_head.dtype))
-        return alpha * kd + beta * ce, kd.detach(), ce.detach()
-
-    @staticmethod
-    def backward(ctx, loss_gradient, _kd_gradient, _ce_gradient):
-        hidden_gradient, head_gradient = ctx.saved_tensors
-        # In place: the stored gradients are used once, and a copy of the head's gradient would cost (V, d) again.
-        return (hidden_gradient.mul_(loss_gradient), head_gradient.mul_(loss_gradient),
-                None, None, None, None, None, None, None)
-
-
-def chunked_kd_ce(
-    student_hidden: torch.Tensor,
-    student_head: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_head: torch.Tensor,
-    labels: torch.Tensor,
-    temperature: float,
-    alpha: float,
-    beta: float,
-    chunk_size: int = 128,
-) -> LossOutput:
-    """The DistillationLoss of `student_hidden @ student_head.T` against `teacher_hidden @ teacher_head.T`, without
-    ever holding the full logits: `student_hidden (B, T, d)`, `student_head (V, d)`, `teacher_hidden (B, T, d')`,
-    `teacher_head (V', d')` with V' >= V, `labels (B, T)`. Same normalisation as the module docstring."""
-    hidden, targets = shift_for_next_token(student_hidden, labels)
-    is_target = targets != IGNORE_INDEX
-    total, kd, ce = _ChunkedKDCE.apply(
-        hidden[is_target], student_head, teacher_hidden[:, :-1][is_target], teacher_head, targets[is_target],
-        float(temperature), float(alpha), float(beta), chunk_size,
-    )
-    return LossOutput(total, kd, ce)
-
-
 class ChunkedDistillationLoss(DistillationLoss):
-    """DistillationLoss computed from hidden states a chunk of positions at a time (same values and gradients),
-    so that its peak memory is a fraction of the full-logits one. Called with hidden states and output heads.
-    Forward KL only, without the hidden-state term."""
+    """DistillationLoss computed from the last hidden states and output heads a chunk of positions at a time (same
+    values and gradients), so that its peak memory is a fraction of the full-logits one. Forward KL only, without
+    the hidden-state term."""
 
-    uses_hidden_states = True
+    projects_hidden_states = True
 
     def __init__(self, alpha: float = 1.0, beta: float = 0.1, temperature: float = 1.0, chunk_size: int = 128) -> None:
         super().__init__(alpha, beta, temperature)
+        self.chunk_size = self._checked(alpha=alpha, beta=beta, temperature=temperature, chunk_size=chunk_size)["chunk_size"]
+
+    @classmethod
+    def _checked(cls, chunk_size=128, **others) -> dict:
+        checked = super()._checked(**others)
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a whole number >= 1 (got {chunk_size!r})")
-        self.chunk_size = chunk_size
+        return {**checked, "chunk_size": chunk_size}
 
     def _arguments(self) -> dict:
         return {**super()._arguments(), "chunk_size": self.chunk_size}
 
-    def forward(self, student_hidden, student_head, labels, teacher_hidden, teacher_head) -> LossOutput:  # type: ignore[override]
-        return chunked_kd_ce(
-            student_hidden, student_head, teacher_hidden, teacher_head, labels,
-            self.temperature, self.alpha, self.beta, self.chunk_size,
+    def forward(self, student: ModelOutput, teacher: Optional[TeacherOutput], labels: torch.Tensor) -> LossOutput:
+        if teacher is None or teacher.hidden is None or teacher.head is None:
+            raise ValueError("ChunkedDistillationLoss needs the teacher's last hidden states and output head")
+        total, kd, ce = chunked_kd_ce(
+            at_targets(student.hidden, labels), student.head, at_targets(teacher.hidden, labels), teacher.head,
+            target_ids(labels), self.temperature, self.alpha, self.beta, self.chunk_size,
         )
+        return LossOutput(total, kd, ce)
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A criterion as the config names it: its class and its checked arguments (as written, defaults left out).
+    `build` makes the module, once, where it is used."""
+
+    kind: type
+    arguments: dict = field(default_factory=dict)
+
+    @property
+    def requires_teacher(self) -> bool:
+        return self.kind.requires_teacher
+
+    def to_config(self) -> dict:
+        return {"()": f"loss.{self.kind.__name__}", **self.arguments}
+
+    def build(self, cached_teacher: bool = False) -> Criterion:
+        """The criterion; with `cached_teacher`, the variant that reads the teacher's cached distributions."""
+        return self._criterion_class(cached_teacher)(**self.arguments)
+
+    def check(self, cached_teacher: bool = False) -> None:
+        """Raise ValueError, without building anything, when `build(cached_teacher)` would refuse."""
+        self._criterion_class(cached_teacher).check_arguments(**self.arguments)
+
+    def _criterion_class(self, cached_teacher: bool) -> type:
+        if not (cached_teacher and self.requires_teacher):
+            return self.kind
+        if self.kind is not DistillationLoss:
+            raise ValueError(f"loss.{self.kind.__name__} reads the teacher's hidden states, which the cache does not "
+                             f"hold; use loss.DistillationLoss")
+        return CachedTeacherDistillationLoss

@@ -29,7 +29,7 @@ def load_tokenizer(name: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as error:
-        raise ModelError(f"could not load a tokenizer from {name!r} ({_first_line(error)}); {OFFLINE_HINT}.") from None
+        raise ModelError(f"could not load a tokenizer from {name!r} ({first_line(error)}); {OFFLINE_HINT}.") from None
     if tokenizer.eos_token_id is None:
         raise ModelError(f"the tokenizer of {name!r} has no EOS token; samples need one to mark their end.")
     if tokenizer.pad_token_id is None:
@@ -41,7 +41,7 @@ def load_model_config(name: str) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as error:
-        raise ModelError(f"could not load a model config from {name!r} ({_first_line(error)}); {OFFLINE_HINT}.") from None
+        raise ModelError(f"could not load a model config from {name!r} ({first_line(error)}); {OFFLINE_HINT}.") from None
 
 
 # GPT-2's "gelu_new" (and "gelu_fast") is the tanh approximation of GELU written as six elementwise operations;
@@ -80,12 +80,7 @@ def build_student(
     # config, or a checkpoint saved in 16 bits, would otherwise give 16-bit weights and optimizer states.
     if pretrained is not None:
         return _load_pretrained(pretrained, "student", torch.float32)
-    teacher_layers = teacher_config.num_hidden_layers
-    if not 1 <= nb_layers <= teacher_layers:
-        raise ModelError(
-            f"distilled_model.nb_layers is {nb_layers}, but the teacher has {teacher_layers} layers; "
-            f"choose a value from 1 to {teacher_layers}."
-        )
+    _check_layer_count(nb_layers, teacher_config.num_hidden_layers)
     student_config = with_fused_activation(teacher_config.__class__.from_dict(teacher_config.to_dict()))
     student_config.num_hidden_layers = nb_layers
     if vocab_size is not None:
@@ -101,16 +96,20 @@ def uniform_layers(teacher_layers: int, student_layers: int) -> list[int]:
     [0, 2, 4, 7, 9, 11] (Hugging Face's distilgpt2 choice). A one-layer student gets [0]: like the teacher's first
     block it reads the embeddings themselves, whereas a later block expects the output of the blocks before it.
     """
-    if not 1 <= student_layers <= teacher_layers:
-        raise ModelError(
-            f"distilled_model.nb_layers is {student_layers}, but the teacher has {teacher_layers} layers; "
-            f"choose a value from 1 to {teacher_layers}."
-        )
+    _check_layer_count(student_layers, teacher_layers)
     if student_layers == 1:
         return [0]
     span, steps = teacher_layers - 1, student_layers - 1
     # Integer arithmetic: exact, and halves round up (Python's round() would round them to even).
     return [(2 * index * span + steps) // (2 * steps) for index in range(student_layers)]
+
+
+def _check_layer_count(student_layers: int, teacher_layers: int) -> None:
+    if not 1 <= student_layers <= teacher_layers:
+        raise ModelError(
+            f"distilled_model.nb_layers is {student_layers}, but the teacher has {teacher_layers} layers; "
+            f"choose a value from 1 to {teacher_layers}."
+        )
 
 
 def student_init_layers(init: str, teacher_layers_config: Optional[list[int]], teacher_layer_count: int,
@@ -122,13 +121,18 @@ def student_init_layers(init: str, teacher_layers_config: Optional[list[int]], t
         return uniform_layers(teacher_layer_count, student_layer_count)
     if init != "teacher_layers":
         raise ModelError(f"student.init is {init!r}; use random, uniform or teacher_layers.")
-    if teacher_layers_config is None or len(teacher_layers_config) != student_layer_count:
-        raise ModelError(
-            f"student.teacher_layers is {teacher_layers_config!r} but the student has {student_layer_count} layers; "
-            f"list exactly one teacher block per student layer."
-        )
+    check_one_block_per_layer(teacher_layers_config or [], student_layer_count)
     _check_teacher_blocks(teacher_layers_config, teacher_layer_count)
     return list(teacher_layers_config)
+
+
+def check_one_block_per_layer(layers: list[int], student_layer_count: int) -> None:
+    """`student.teacher_layers` names the teacher block of each student layer: as many as the student has."""
+    if len(layers) != student_layer_count:
+        raise ModelError(
+            f"student.teacher_layers lists {len(layers)} teacher blocks but distilled_model.nb_layers is "
+            f"{student_layer_count}; list exactly one teacher block per student layer."
+        )
 
 
 def initialise_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel, layers: list[int]) -> list[str]:
@@ -140,11 +144,7 @@ def initialise_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel, 
     """
     prefix = _blocks_prefix(student, "student")
     student_layer_count = len(student.get_submodule(prefix))
-    if len(layers) != student_layer_count:
-        raise ModelError(
-            f"{len(layers)} teacher blocks are listed for a student of {student_layer_count} layers; "
-            f"list exactly one teacher block per student layer."
-        )
+    check_one_block_per_layer(layers, student_layer_count)
     try:
         teacher_blocks = teacher.get_submodule(prefix)
     except AttributeError:
@@ -291,10 +291,12 @@ def _load_pretrained(name: str, role: str, dtype: Optional[torch.dtype]) -> PreT
         config = with_fused_activation(AutoConfig.from_pretrained(name))
         return AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype)
     except (OSError, ValueError) as error:
-        raise ModelError(f"could not load the {role} model from {name!r} ({_first_line(error)}); {OFFLINE_HINT}.") from None
+        raise ModelError(f"could not load the {role} model from {name!r} ({first_line(error)}); {OFFLINE_HINT}.") from None
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type when the message is empty), to quote in a one-sentence
+    error of our own."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
@@ -321,3 +323,72 @@ def train_byte_level_tokenizer(texts, vocab_size: int, eos_token: str = "<|endof
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, eos_token=eos_token, bos_token=eos_token, unk_token=eos_token, pad_token=eos_token
     )
+
+
+def model_inputs(batch: dict) -> dict:
+    """What a model call takes from a batch: packed batches add position ids (and a 4-D attention mask)."""
+    names = ("input_ids", "attention_mask", "position_ids")
+    # No key/value cache: it is only for generation, and building it costs a copy per layer.
+    return {"use_cache": False, **{name: batch[name] for name in names if name in batch}}
+
+
+class HiddenStates(torch.nn.Module):
+    """A causal LM whose call returns its last hidden states `(B, T, d)` instead of its logits.
+
+    A criterion that projects hidden states to the vocabulary itself reads these. Accelerate prepares this wrapper
+    rather than the model, so that under DDP the forward pass still goes through the DDP module and gradients are
+    reduced.
+    """
+
+    def __init__(self, language_model: torch.nn.Module) -> None:
+        super().__init__()
+        self.language_model = language_model
+
+    def forward(self, **inputs) -> torch.Tensor:
+        return self.language_model.base_model(**inputs).last_hidden_state
+
+
+def build_models(config, criterion, teacher_dtype: torch.dtype):
+    """Tokenizer, teacher (frozen; None for plain training or a cached teacher) and student, checked against each
+    other, the criterion and the config."""
+    pretrained_student = config.student.pretrained
+    tokenizer = load_tokenizer(pretrained_student if (pretrained_student and not criterion.requires_teacher)
+                               else config.teacher.name)
+    # With a cached teacher, the teacher's weights are only loaded if the cache must be built (after the data).
+    loads_teacher = criterion.requires_teacher and config.teacher.cache_top_k is None
+    teacher = load_teacher(config.teacher.name, teacher_dtype) if loads_teacher else None
+    if teacher is not None:
+        teacher_config = teacher.config
+    elif pretrained_student is None or criterion.requires_teacher:
+        teacher_config = load_model_config(config.teacher.name)  # its shape only, no weights
+    else:
+        teacher_config = None
+    student = build_student(teacher_config, config.distilled_model.nb_layers, pretrained_student, len(tokenizer))
+    if pretrained_student is None and config.student.init != "random":
+        layers = student_init_layers(config.student.init, config.student.teacher_layers,
+                                     teacher_config.num_hidden_layers, student.config.num_hidden_layers)
+        # Copied from float32 weights (a 16-bit teacher, or none at all for plain training and a cached teacher,
+        # is loaded again here for the copy only).
+        has_float32 = teacher is not None and teacher.dtype == torch.float32
+        initialise_from_teacher(student, teacher if has_float32 else load_teacher(config.teacher.name, torch.float32),
+                                layers)
+    student_tokenizer = load_tokenizer(pretrained_student) if pretrained_student and teacher else None
+    check_compatible(tokenizer, student.config, teacher_config if criterion.requires_teacher else None, student_tokenizer)
+    _check_against_config(config, criterion, student, teacher, teacher_config)
+    return tokenizer, teacher, student
+
+
+def _check_against_config(config, criterion, student: PreTrainedModel, teacher, teacher_config) -> None:
+    """The loss's hidden-state term needs models of one width; data.max_length must fit both models' positions."""
+    if criterion.compares_hidden_states and teacher_config.hidden_size != student.config.hidden_size:
+        raise ModelError(
+            f"the loss's hidden_weight aligns the last hidden states, but the teacher's are {teacher_config.hidden_size} "
+            f"wide and the student's {student.config.hidden_size}; set hidden_weight to 0 or use models of one width."
+        )
+    for role, model in (("student", student), ("teacher", teacher)):
+        positions = max_positions(model.config) if model is not None else None
+        if positions is not None and config.data.max_length > positions:
+            raise ModelError(
+                f"data.max_length is {config.data.max_length} but the {role} has {positions} positions; "
+                f"set data.max_length to at most {positions}."
+            )

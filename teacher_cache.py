@@ -20,8 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import dataset
+import models
 from loss import CachedTeacher
+from storage import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -116,19 +117,13 @@ def load(directory: Path, split_names) -> Optional[dict[str, CachedSplit]]:
 def build(directory: Path, teacher, splits, top_k: int, vocab_size: int, pad_token_id: int, batch_size: int,
           device: torch.device, autocast=None) -> dict[str, CachedSplit]:
     """Run the teacher once over every split and write its top-k distributions (see the module docstring)."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     started = time.time()
-    try:
+    with atomic_directory(directory) as staging:  # when another process finished the same cache first, theirs stays
         for name, split in splits.items():
             _build_split(staging / name, teacher, split, top_k, vocab_size, pad_token_id, batch_size, device, autocast)
         meta = {"top_k": top_k, "vocab_size": vocab_size, "splits": {name: len(split) for name, split in splits.items()},
                 "seconds": round(time.time() - started, 2)}
         (staging / "meta.json").write_text(json.dumps(meta, indent=2))
-        if not directory.exists():  # another process may have finished the same cache first
-            os.replace(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     logger.info("Cached the teacher's top-%d distributions in %s (%.1f s)", top_k, directory, time.time() - started)
     return load(directory, splits.keys())
 
@@ -217,3 +212,29 @@ class CachedTeacherCollator:
 def from_batch(batch: dict) -> CachedTeacher:
     """The cached teacher distributions that `CachedTeacherCollator` added to a batch (on its device)."""
     return CachedTeacher(batch["teacher_top_ids"], batch["teacher_top_log_probs"], batch["teacher_rest_log_prob"])
+
+
+def is_used(config) -> bool:
+    """Whether the run distils against the cached distributions: `teacher.cache_top_k` and a loss with a teacher."""
+    return config.teacher.cache_top_k is not None and config.training_parameters.loss.requires_teacher
+
+
+def prepare(config, accelerator, tokenizer, vocab_size: int, splits, teacher_dtype: torch.dtype) -> Optional[dict]:
+    """Every split's cached teacher distributions when `is_used(config)`, built here (loading the teacher for that
+    pass only) unless an earlier run left them; else None."""
+    if not is_used(config):
+        return None
+    top_k = config.teacher.cache_top_k
+    directory = cache_directory(
+        Path(config.paths.data_folder) / "teacher_cache", config.teacher.name, teacher_dtype, splits, top_k, vocab_size
+    )
+    with accelerator.main_process_first():  # the main process builds it, the others then read it
+        cached = load(directory, dataset.SPLIT_NAMES)
+        if cached is not None:
+            logger.info("Using the teacher's top-%d distributions cached in %s", top_k, directory)
+            return cached
+        teacher = models.load_teacher(config.teacher.name, teacher_dtype).to(accelerator.device)
+        return build(
+            directory, teacher, {name: splits[name] for name in dataset.SPLIT_NAMES}, top_k, vocab_size,
+            tokenizer.pad_token_id, config.training_parameters.batch_size, accelerator.device, accelerator.autocast,
+        )

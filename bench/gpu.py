@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import dataset  # noqa: E402
+import batching  # noqa: E402
 import models  # noqa: E402
 from loss import ChunkedDistillationLoss, DistillationLoss  # noqa: E402
 from throughput import alpaca_like_samples, project_loss, training_flops_per_token  # noqa: E402
@@ -106,6 +106,32 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def length_grouped_batches(samples: list[list[int]], batch_size: int, device: torch.device) -> list[dict]:
+    """The samples in length-grouped, padded batches on the device, as the project batches them."""
+    sampler = batching.LengthGroupedBatchSampler([len(ids) for ids in samples], batch_size, seed=0)
+    collate = batching.PaddingCollator(pad_token_id=0)
+    batches = []
+    for indices in sampler:
+        batch = collate([{"input_ids": samples[index], "prompt_length": 0} for index in indices])
+        batches.append({key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()})
+    return batches
+
+
+def report_row(label: str, figures: dict, flops_per_token: float, peak: float | None) -> dict:
+    """Print one loss's row of the table; return its figures for the JSON line."""
+    rate = figures["real_tokens"] / figures["seconds"]
+    model_flops = flops_per_token * rate
+    mfu = model_flops / peak if peak else None
+    memory = f"{figures['peak_memory_gib']:.1f} GiB" if figures["peak_memory_gib"] is not None else "-"
+    print(f"{label:<28}{rate:>15.0f}{model_flops / 1e12:>15.2f}{(f'{mfu:.1%}' if mfu else '-'):>8}{memory:>13}")
+    return {
+        "real_tokens_per_s": round(rate), "model_tflops": round(model_flops / 1e12, 2),
+        "mfu": round(mfu, 3) if mfu is not None else None,
+        "peak_memory_gib": round(figures["peak_memory_gib"], 2) if figures["peak_memory_gib"] is not None else None,
+        "final_loss": round(figures["final_loss"], 4),
+    }
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
@@ -129,14 +155,8 @@ def main(argv=None) -> int:
         student.compile(dynamic=True)
     initial_state = {key: value.clone() for key, value in student.state_dict().items()}
 
-    count = (arguments.warmup + arguments.steps) * batch_size
-    samples = alpaca_like_samples(count, max_length, vocab_size)
-    sampler = dataset.LengthGroupedBatchSampler([len(ids) for ids in samples], batch_size, seed=0)
-    collate = dataset.PaddingCollator(pad_token_id=0)
-    batches = []
-    for indices in sampler:
-        batch = collate([{"input_ids": samples[index], "prompt_length": 0} for index in indices])
-        batches.append({key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()})
+    samples = alpaca_like_samples((arguments.warmup + arguments.steps) * batch_size, max_length, vocab_size)
+    batches = length_grouped_batches(samples, batch_size, device)
     real_context = sum(len(ids) ** 2 for ids in samples) / 2 / sum(len(ids) for ids in samples)
     flops_per_token = training_flops_per_token(student, teacher, real_context)
     peak = card_peak_flops(device, arguments.peak_tflops)
@@ -151,17 +171,7 @@ def main(argv=None) -> int:
                              ("ChunkedDistillationLoss", ChunkedDistillationLoss(1.0, 0.1, 1.0))):
         student.load_state_dict(initial_state)
         figures = measure(teacher, student, criterion, batches, arguments.warmup, device.type == "cuda", device)
-        rate = figures["real_tokens"] / figures["seconds"]
-        model_flops = flops_per_token * rate
-        mfu = model_flops / peak if peak else None
-        results[label] = {
-            "real_tokens_per_s": round(rate), "model_tflops": round(model_flops / 1e12, 2),
-            "mfu": round(mfu, 3) if mfu is not None else None,
-            "peak_memory_gib": round(figures["peak_memory_gib"], 2) if figures["peak_memory_gib"] is not None else None,
-            "final_loss": round(figures["final_loss"], 4),
-        }
-        memory = f"{figures['peak_memory_gib']:.1f} GiB" if figures["peak_memory_gib"] is not None else "-"
-        print(f"{label:<28}{rate:>15.0f}{model_flops / 1e12:>15.2f}{(f'{mfu:.1%}' if mfu else '-'):>8}{memory:>13}")
+        results[label] = report_row(label, figures, flops_per_token, peak)
     print(json.dumps({"device": name, "compile": arguments.compile, "batch_size": batch_size, **results}))
     return 0
 

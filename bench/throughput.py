@@ -35,10 +35,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import dataset  # noqa: E402
-import distill  # noqa: E402
+import batching  # noqa: E402
 import models  # noqa: E402
-from loss import ChunkedDistillationLoss, DistillationLoss  # noqa: E402
+from loss import ChunkedDistillationLoss, DistillationLoss, ModelOutput  # noqa: E402
 
 
 WIDTH = 512  # a mid-size student: 8 heads of 64, as in the larger GPT-2s
@@ -97,16 +96,16 @@ def seed_step(teacher, student, optimizer, batch_ids: list[list[int]], max_lengt
 
 
 def project_loss(teacher, student, criterion, batch: dict):
-    """The loss as distill.Trainer computes it: no KV cache; hidden states and heads for the chunked loss."""
-    inputs = distill.model_inputs(batch)
-    if criterion.uses_hidden_states:
+    """The loss as trainer.Trainer computes it: no KV cache; hidden states and heads for the chunked loss."""
+    inputs = models.model_inputs(batch)
+    if criterion.projects_hidden_states:
         with torch.no_grad():
-            teacher_hidden = distill.HiddenStates(teacher)(**inputs)
-        student_hidden = distill.HiddenStates(student)(**inputs)
-        return criterion(student_hidden, student.lm_head.weight, batch["labels"], teacher_hidden, teacher.lm_head.weight)
+            teacher_output = ModelOutput(hidden=models.HiddenStates(teacher)(**inputs), head=teacher.lm_head.weight)
+        student_output = ModelOutput(hidden=models.HiddenStates(student)(**inputs), head=student.lm_head.weight)
+        return criterion(student_output, teacher_output, batch["labels"])
     with torch.no_grad():
         teacher_logits = teacher(**inputs).logits
-    return criterion(student(**inputs).logits, batch["labels"], teacher_logits)
+    return criterion(ModelOutput(student(**inputs).logits), ModelOutput(teacher_logits), batch["labels"])
 
 
 def project_step(teacher, student, optimizer, criterion, batch: dict) -> float:
@@ -168,9 +167,14 @@ def loss_peak_memory(variant: str, vocab_size: int = 50257, length: int = 1024, 
     labels = torch.randint(0, vocab_size, (1, length), generator=generator)
     baseline = _peak_resident_bytes()
     if variant == "naive":
-        output = DistillationLoss(1.0, 0.1, 1.0)(student_hidden @ student_head.T, labels, teacher_hidden @ teacher_head.T)
+        output = DistillationLoss(1.0, 0.1, 1.0)(
+            ModelOutput(student_hidden @ student_head.T), ModelOutput(teacher_hidden @ teacher_head.T), labels
+        )
     else:
-        output = ChunkedDistillationLoss(1.0, 0.1, 1.0)(student_hidden, student_head, labels, teacher_hidden, teacher_head)
+        output = ChunkedDistillationLoss(1.0, 0.1, 1.0)(
+            ModelOutput(hidden=student_hidden, head=student_head), ModelOutput(hidden=teacher_hidden, head=teacher_head),
+            labels,
+        )
     output.loss.backward()
     return _peak_resident_bytes() - baseline
 
@@ -192,10 +196,94 @@ def measured_in_subprocess(variant: str) -> int:
     return int(completed.stdout.strip().splitlines()[-1])
 
 
+def time_seed_steps(seed_teacher, teacher, student, train_samples, held_out_batch, work: Path, batch_size: int,
+                    max_length: int) -> tuple:
+    """The seed's step over the training samples: (name, seconds, computed tokens, last loss, held-out loss)."""
+    # The seed kept its tokenized data as a JSON file of lists; read it back as the seed did.
+    json_file = work / "tokens.json"
+    json_file.write_text(json.dumps(train_samples))
+    start = time.perf_counter()
+    seed_data = json.loads(json_file.read_text())
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    for begin in range(0, len(train_samples), batch_size):
+        last_loss = seed_step(seed_teacher, student, optimizer, seed_data[begin : begin + batch_size], max_length, 0)
+    return ("seed step", time.perf_counter() - start, len(train_samples) * max_length, last_loss,
+            held_out_loss(teacher, student, held_out_batch))
+
+
+def time_project_steps(teacher, student, initial_state: dict, train_samples, held_out_batch, work: Path,
+                       batch_size: int, max_length: int) -> list[tuple]:
+    """This project's step, then with the chunked loss, then with packing, each from the same initial student."""
+    from datasets import Dataset
+
+    Dataset.from_dict({
+        "input_ids": train_samples,
+        "prompt_length": [0] * len(train_samples),
+        "length": [len(ids) for ids in train_samples],
+    }).save_to_disk(str(work / "arrow"))
+    padding = batching.PaddingCollator(pad_token_id=0)
+    project_steps = (
+        ("project step", DistillationLoss(1.0, 0.1, 1.0), padding),
+        ("+ chunked loss", ChunkedDistillationLoss(1.0, 0.1, 1.0), padding),
+        ("+ packing", ChunkedDistillationLoss(1.0, 0.1, 1.0), batching.PackingCollator(0, max_length)),
+    )
+    rows = []
+    for name, criterion, collate in project_steps:
+        student = as_project_builds_it(student)
+        student.load_state_dict(initial_state)
+        start = time.perf_counter()
+        tokenized = Dataset.load_from_disk(str(work / "arrow"))
+        sampler = batching.LengthGroupedBatchSampler(tokenized["length"], batch_size, seed=0)
+        loader = torch.utils.data.DataLoader(tokenized, batch_sampler=sampler, collate_fn=collate)
+        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+        computed_tokens = 0
+        for batch in loader:
+            computed_tokens += batch["input_ids"].numel()
+            last_loss = project_step(teacher, student, optimizer, criterion, batch)
+        seconds = time.perf_counter() - start
+        rows.append((name, seconds, computed_tokens, last_loss, held_out_loss(teacher, student, held_out_batch)))
+    return rows
+
+
+def report(rows: list[tuple], train_samples, student, teacher, matmul: float, memory: tuple[int, int],
+           width: int) -> None:
+    """The table, then the JSON line the tests and the README read."""
+    real_tokens = sum(len(ids) for ids in train_samples)
+    print(f"{'step':<16}{'real tokens/s':>15}{'vs seed':>9}{'computed/real':>15}{'matmul eff.':>13}"
+          f"{'last loss':>11}{'held-out loss':>15}")
+    seed_rate = real_tokens / rows[0][1]
+    # Model FLOPs count real tokens attending to their own sample only: padding and masked attention are waste.
+    real_context = sum(len(ids) ** 2 for ids in train_samples) / 2 / real_tokens
+    flops_per_token = training_flops_per_token(student, teacher, real_context)
+    efficiencies = {}
+    for name, seconds, computed, last, held in rows:
+        rate = real_tokens / seconds
+        efficiencies[name] = flops_per_token * rate / matmul
+        print(f"{name:<16}{rate:>15.0f}{rate / seed_rate:>9.2f}{computed / real_tokens:>15.2f}"
+              f"{efficiencies[name]:>13.2f}{last:>11.4f}{held:>15.4f}")
+    naive_memory, chunked_memory = memory
+    print(f"machine matmul (fp32, best of two measurements): {matmul / 1e9:.1f} GFLOP/s")
+    print(f"KD + CE loss at V=50257, T=1024, d=768, forward and backward: naive peak {naive_memory / 2**20:.0f} MiB, "
+          f"chunked (loss.ChunkedDistillationLoss) peak {chunked_memory / 2**20:.0f} MiB")
+    by_name = {row[0]: row for row in rows}
+    print(json.dumps({
+        "real_tokens_per_s_ratio": round(by_name["seed step"][1] / by_name["project step"][1], 2),
+        "real_tokens_per_s_ratio_chunked": round(by_name["seed step"][1] / by_name["+ chunked loss"][1], 2),
+        "real_tokens_per_s_ratio_packed": round(by_name["seed step"][1] / by_name["+ packing"][1], 2),
+        "kd_loss_peak_memory_ratio": round(chunked_memory / naive_memory, 3),
+        "matmul_efficiency": round(efficiencies["+ chunked loss"], 3),
+        "matmul_efficiency_plain_loss": round(efficiencies["project step"], 3),
+        "seed_held_out_loss": round(by_name["seed step"][4], 4),
+        "project_held_out_loss": round(by_name["project step"][4], 4),
+        "chunked_held_out_loss": round(by_name["+ chunked loss"][4], 4),
+        "real_tokens": real_tokens,
+        "width": width,
+    }))
+
+
 def main(argv=None) -> int:
     import datasets
     import transformers
-    from datasets import Dataset
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
@@ -216,83 +304,19 @@ def main(argv=None) -> int:
     initial_state = {key: value.clone() for key, value in student.state_dict().items()}
     samples = alpaca_like_samples(samples_count + batch_size, max_length, vocab_size)
     train_samples, held_out = samples[:samples_count], samples[samples_count:]
-    real_tokens = sum(len(ids) for ids in train_samples)
-    padding = dataset.PaddingCollator(pad_token_id=0)
-    held_out_batch = padding([{"input_ids": ids, "prompt_length": 0} for ids in held_out])
+    held_out_batch = batching.PaddingCollator(pad_token_id=0)([{"input_ids": ids, "prompt_length": 0} for ids in held_out])
     matmul_rates = [matmul_flops_per_second()]
-    rows = []  # name, seconds, computed tokens, last loss, held-out loss
-
     with tempfile.TemporaryDirectory() as work:
-        # The seed kept its tokenized data as a JSON file of lists; read it back as the seed did.
-        json_file = Path(work) / "tokens.json"
-        json_file.write_text(json.dumps(train_samples))
-        start = time.perf_counter()
-        seed_data = json.loads(json_file.read_text())
-        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
-        for begin in range(0, samples_count, batch_size):
-            last_loss = seed_step(seed_teacher, student, optimizer, seed_data[begin : begin + batch_size], max_length, 0)
-        rows.append(("seed step", time.perf_counter() - start, samples_count * max_length, last_loss,
-                     held_out_loss(teacher, student, held_out_batch)))
-
-        Dataset.from_dict({
-            "input_ids": train_samples,
-            "prompt_length": [0] * samples_count,
-            "length": [len(ids) for ids in train_samples],
-        }).save_to_disk(str(Path(work) / "arrow"))
-        project_steps = (
-            ("project step", DistillationLoss(1.0, 0.1, 1.0), padding),
-            ("+ chunked loss", ChunkedDistillationLoss(1.0, 0.1, 1.0), padding),
-            ("+ packing", ChunkedDistillationLoss(1.0, 0.1, 1.0), dataset.PackingCollator(0, max_length)),
-        )
-        for name, criterion, collate in project_steps:
-            student = as_project_builds_it(student)
-            student.load_state_dict(initial_state)
-            start = time.perf_counter()
-            tokenized = Dataset.load_from_disk(str(Path(work) / "arrow"))
-            sampler = dataset.LengthGroupedBatchSampler(tokenized["length"], batch_size, seed=0)
-            loader = torch.utils.data.DataLoader(tokenized, batch_sampler=sampler, collate_fn=collate)
-            optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
-            computed_tokens = 0
-            for batch in loader:
-                computed_tokens += batch["input_ids"].numel()
-                last_loss = project_step(teacher, student, optimizer, criterion, batch)
-            seconds = time.perf_counter() - start
-            rows.append((name, seconds, computed_tokens, last_loss, held_out_loss(teacher, student, held_out_batch)))
+        rows = [time_seed_steps(seed_teacher, teacher, student, train_samples, held_out_batch, Path(work), batch_size,
+                                max_length)]
+        rows += time_project_steps(teacher, student, initial_state, train_samples, held_out_batch, Path(work),
+                                   batch_size, max_length)
     matmul_rates.append(matmul_flops_per_second())
-    matmul = max(matmul_rates)
-    naive_memory, chunked_memory = measured_in_subprocess("naive"), measured_in_subprocess("chunked")
-
-    print(f"{samples_count} samples, {real_tokens} real tokens, batch {batch_size}, max length {max_length}, "
-          f"vocabulary {vocab_size}, width {width}, teacher 4 layers, student 2 layers, {torch.get_num_threads()} threads")
-    print(f"{'step':<16}{'real tokens/s':>15}{'vs seed':>9}{'computed/real':>15}{'matmul eff.':>13}"
-          f"{'last loss':>11}{'held-out loss':>15}")
-    seed_rate = real_tokens / rows[0][1]
-    # Model FLOPs count real tokens attending to their own sample only: padding and masked attention are waste.
-    real_context = sum(len(ids) ** 2 for ids in train_samples) / 2 / real_tokens
-    flops_per_token = training_flops_per_token(student, teacher, real_context)
-    efficiencies = {}
-    for name, seconds, computed, last, held in rows:
-        rate = real_tokens / seconds
-        efficiencies[name] = flops_per_token * rate / matmul
-        print(f"{name:<16}{rate:>15.0f}{rate / seed_rate:>9.2f}{computed / real_tokens:>15.2f}"
-              f"{efficiencies[name]:>13.2f}{last:>11.4f}{held:>15.4f}")
-    print(f"machine matmul (fp32, best of two measurements): {matmul / 1e9:.1f} GFLOP/s")
-    print(f"KD + CE loss at V=50257, T=1024, d=768, forward and backward: naive peak {naive_memory / 2**20:.0f} MiB, "
-          f"chunked (loss.ChunkedDistillationLoss) peak {chunked_memory / 2**20:.0f} MiB")
-    by_name = {row[0]: row for row in rows}
-    print(json.dumps({
-        "real_tokens_per_s_ratio": round(by_name["seed step"][1] / by_name["project step"][1], 2),
-        "real_tokens_per_s_ratio_chunked": round(by_name["seed step"][1] / by_name["+ chunked loss"][1], 2),
-        "real_tokens_per_s_ratio_packed": round(by_name["seed step"][1] / by_name["+ packing"][1], 2),
-        "kd_loss_peak_memory_ratio": round(chunked_memory / naive_memory, 3),
-        "matmul_efficiency": round(efficiencies["+ chunked loss"], 3),
-        "matmul_efficiency_plain_loss": round(efficiencies["project step"], 3),
-        "seed_held_out_loss": round(by_name["seed step"][4], 4),
-        "project_held_out_loss": round(by_name["project step"][4], 4),
-        "chunked_held_out_loss": round(by_name["+ chunked loss"][4], 4),
-        "real_tokens": real_tokens,
-        "width": width,
-    }))
+    memory = measured_in_subprocess("naive"), measured_in_subprocess("chunked")
+    print(f"{samples_count} samples, {sum(len(ids) for ids in train_samples)} real tokens, batch {batch_size}, "
+          f"max length {max_length}, vocabulary {vocab_size}, width {width}, teacher 4 layers, student 2 layers, "
+          f"{torch.get_num_threads()} threads")
+    report(rows, train_samples, student, teacher, max(matmul_rates), memory, width)
     return 0
 
 

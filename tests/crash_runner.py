@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import distill  # noqa: E402
+from trainer import Trainer  # noqa: E402
 
 saving_step = {"value": None}
 
@@ -29,22 +30,22 @@ def die() -> None:
 
 def main() -> int:
     point, step, arguments = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-    compute_loss, save = distill.Trainer.compute_loss, distill.Trainer._save
+    optimizer_step, save = Trainer.step, Trainer.save
 
-    def compute_loss_then_crash(self, batch):
-        if self.student.training and self.state.global_step == step:
+    def step_then_crash(self, step_batches, step_targets):
+        if self.state.global_step == step:
             if point == "step":
                 die()
             if point in ("sigterm", "sigint") and self.stop_signals.received is None:
                 os.kill(os.getpid(), signal.SIGTERM if point == "sigterm" else signal.SIGINT)
-        return compute_loss(self, batch)
+        return optimizer_step(self, step_batches, step_targets)
 
     def save_noting_step(self, directory):
         saving_step["value"] = (self.state.global_step, directory.name)
         return save(self, directory)
 
-    distill.Trainer.compute_loss = compute_loss_then_crash
-    distill.Trainer._save = save_noting_step
+    Trainer.step = step_then_crash
+    Trainer.save = save_noting_step
     at_target = lambda: saving_step["value"] == (step, "last")  # noqa: E731
 
     if point == "staging":

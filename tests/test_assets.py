@@ -7,11 +7,12 @@ import json
 import torch
 from transformers import AutoModelForCausalLM
 
+import batching
 import dataset
 import distill
 import generate_tiny_data
 import models
-from conftest import REPO
+from helpers import REPO
 from loss import next_token_cross_entropy
 
 TINY = REPO / "assets" / "tiny"
@@ -35,7 +36,7 @@ def test_shipped_teacher_knows_the_data():
     tokenizer = models.load_tokenizer(str(TINY / "teacher"))
     teacher = models.load_teacher(str(TINY / "teacher"))
     rows = generate_tiny_data.generate(40, seed=12345)  # fresh samples of the same families
-    collate = dataset.PaddingCollator(tokenizer.pad_token_id)
+    collate = batching.PaddingCollator(tokenizer.pad_token_id)
     samples = []
     for row in rows:
         prompt = tokenizer(dataset.alpaca_prompt(row["instruction"], row["input"], SHORT))["input_ids"]

@@ -16,7 +16,7 @@ import torch
 
 import distill
 import models
-from conftest import base_config, save_gpt2, write_config
+from helpers import base_config, save_gpt2, write_config
 
 
 @dataclass

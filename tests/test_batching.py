@@ -9,17 +9,18 @@ import pytest
 import safetensors.torch
 import torch
 
+import batching
 import dataset
 import distill
-from conftest import base_config, save_gpt2, write_config
+import models
+from helpers import SHORT, base_config, save_gpt2, write_config
 from loss import IGNORE_INDEX
 
-SHORT = dataset.PROMPT_TEMPLATES["alpaca_short"]  # the template of the tests' runs (conftest.base_config)
 
 
 def test_length_grouped_batches_cover_every_sample_once_per_epoch_in_a_new_order():
     lengths = np.random.default_rng(0).integers(1, 300, size=1000)
-    sampler = dataset.LengthGroupedBatchSampler(lengths, batch_size=16, seed=3, group_batches=8)
+    sampler = batching.LengthGroupedBatchSampler(lengths, batch_size=16, seed=3, group_batches=8)
     epochs = []
     for epoch in range(3):
         sampler.set_epoch(epoch)
@@ -41,13 +42,13 @@ def test_length_grouping_cuts_padding():
 
     random_order = np.random.default_rng(2).permutation(2000)
     random_batches = [random_order[i : i + 16] for i in range(0, 2000, 16)]
-    grouped = [np.asarray(batch) for batch in dataset.LengthGroupedBatchSampler(lengths, 16, seed=0)]
+    grouped = [np.asarray(batch) for batch in batching.LengthGroupedBatchSampler(lengths, 16, seed=0)]
     assert padded_over_real(grouped) < 0.6 * padded_over_real(random_batches)
 
 
 def test_evaluation_batches_go_longest_first():
     lengths = [5, 9, 1, 7]
-    assert list(dataset.LengthGroupedBatchSampler(lengths, 2, seed=0, shuffle=False)) == [[1, 3], [0, 2]]
+    assert list(batching.LengthGroupedBatchSampler(lengths, 2, seed=0, shuffle=False)) == [[1, 3], [0, 2]]
 
 
 @pytest.mark.parametrize("mask_instruction", [False, True])
@@ -57,7 +58,7 @@ def test_collator_counts_the_targets_the_loss_scores(mask_instruction):
         {"input_ids": [5, 6, 7], "prompt_length": 0},
         {"input_ids": [4, 4, 4, 4, 4, 4, 4], "prompt_length": 3},
     ]
-    batch = dataset.PaddingCollator(0, mask_instruction)(samples)
+    batch = batching.PaddingCollator(0, mask_instruction)(samples)
     assert batch["target_tokens"] == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
@@ -120,7 +121,7 @@ def test_chunked_loss_trains_like_the_full_logits_loss(tmp_path, dropout_free_te
 def test_packed_and_unpacked_batches_give_the_same_loss(tokenizer, dropout_free_teacher, rows, mask_instruction):
     from transformers import AutoModelForCausalLM
 
-    from loss import DistillationLoss
+    from loss import DistillationLoss, ModelOutput
 
     teacher = AutoModelForCausalLM.from_pretrained(dropout_free_teacher).eval()
     torch.manual_seed(1)
@@ -133,12 +134,12 @@ def test_packed_and_unpacked_batches_give_the_same_loss(tokenizer, dropout_free_
     criterion = DistillationLoss(alpha=1.0, beta=0.5, temperature=2.0)
 
     def loss_of(batch):
-        inputs = distill.model_inputs(batch)
+        inputs = models.model_inputs(batch)
         with torch.no_grad():
-            return criterion(student(**inputs).logits, batch["labels"], teacher(**inputs).logits)
+            return criterion(ModelOutput(student(**inputs).logits), ModelOutput(teacher(**inputs).logits), batch["labels"])
 
-    padded = dataset.PaddingCollator(tokenizer.pad_token_id, mask_instruction)(samples)
-    packed = dataset.PackingCollator(tokenizer.pad_token_id, 128, mask_instruction)(samples)
+    padded = batching.PaddingCollator(tokenizer.pad_token_id, mask_instruction)(samples)
+    packed = batching.PackingCollator(tokenizer.pad_token_id, 128, mask_instruction)(samples)
     assert packed["input_ids"].size(0) < padded["input_ids"].size(0)  # really packed: fewer rows
     assert packed["target_tokens"] == int((packed["labels"][:, 1:] != IGNORE_INDEX).sum()) == padded["target_tokens"]
     first, second = loss_of(padded), loss_of(packed)

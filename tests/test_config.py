@@ -10,7 +10,7 @@ import pytest
 
 import distill
 from config import ConfigError, load_config, to_plain_dict
-from conftest import REPO, write_config
+from helpers import REPO, write_config
 from loss import ClassicLoss, DistillationLoss
 
 
@@ -18,10 +18,10 @@ def test_shipped_configs_are_valid():
     main = load_config(REPO / "config.yaml")
     assert main.teacher.name == "vicgalle/gpt2-alpaca-gpt4" and main.distilled_model.nb_layers == 6
     assert main.data.dataset == "vicgalle/alpaca-gpt4"
-    assert isinstance(main.training_parameters.loss, DistillationLoss)
+    assert main.training_parameters.loss.kind is DistillationLoss
     tiny = load_config(REPO / "configs" / "tiny.yaml")
     assert tiny.name == "tiny" and tiny.teacher.name == "assets/tiny/teacher"
-    assert isinstance(load_config(REPO / "configs" / "tiny_teacher.yaml").training_parameters.loss, ClassicLoss)
+    assert load_config(REPO / "configs" / "tiny_teacher.yaml").training_parameters.loss.kind is ClassicLoss
     ddp, fsdp = (load_config(REPO / "configs" / f"gpt2_8gpu_{name}.yaml") for name in ("ddp", "fsdp"))
     assert (ddp.hardware.distributed, fsdp.hardware.distributed) == ("ddp", "fsdp")
     assert repr(ddp.training_parameters) == repr(fsdp.training_parameters) and ddp.data == fsdp.data  # same run
@@ -32,7 +32,7 @@ def test_seed_keys_keep_their_meaning(config_file):
     training = config.training_parameters
     assert (training.checkpoints_name_last, training.checkpoints_name_best, training.resume) == ("last", "best", False)
     assert config.paths.token_dataset == "tokenized" and config.seed == 3
-    assert training.loss.spec() == {"()": "loss.DistillationLoss", "alpha": 1.0, "beta": 0.5, "temperature": 2.0}
+    assert training.loss.to_config() == {"()": "loss.DistillationLoss", "alpha": 1.0, "beta": 0.5, "temperature": 2.0}
 
 
 def test_yaml_1_1_exponent_strings_become_floats(tmp_path, config_values):
@@ -67,13 +67,13 @@ def test_overrides_are_typed_and_reach_the_loss(config_file):
     )
     assert config.training_parameters.batch_size == 4
     assert config.training_parameters.learning_rate == pytest.approx(1e-4)
-    assert config.training_parameters.loss.temperature == 3.0
+    assert config.training_parameters.loss.build().temperature == 3.0
     assert config.data.split.train == 0.5
 
 
 def test_override_can_switch_to_plain_training(config_file):
     config = load_config(config_file, ["training_parameters.loss={'()': loss.ClassicLoss}"])
-    assert isinstance(config.training_parameters.loss, ClassicLoss)
+    assert isinstance(config.training_parameters.loss.build(), ClassicLoss)
 
 
 def test_resolved_config_round_trips(tmp_path, config_file):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from datasets import Dataset
 
+import batching
 import dataset
 from loss import IGNORE_INDEX
 
@@ -84,13 +85,13 @@ def two_samples(eos) -> list[dict]:
 
 
 def test_collator_pads_to_longest_sample_of_the_batch(eos, two_samples):
-    collate = dataset.PaddingCollator(pad_token_id=eos)
+    collate = batching.PaddingCollator(pad_token_id=eos)
     assert collate(two_samples)["input_ids"].shape == (2, 5)
     assert collate(two_samples[1:])["input_ids"].shape == (1, 3)
 
 
 def test_collator_ids_mask_and_labels(eos, two_samples):
-    batch = dataset.PaddingCollator(pad_token_id=eos)(two_samples)
+    batch = batching.PaddingCollator(pad_token_id=eos)(two_samples)
     assert batch["input_ids"].tolist() == [[11, 12, 13, 14, eos], [21, 22, eos, eos, eos]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
     assert batch["labels"].tolist() == [[11, 12, 13, 14, eos], [21, 22, eos, IGNORE_INDEX, IGNORE_INDEX]]
@@ -98,7 +99,7 @@ def test_collator_ids_mask_and_labels(eos, two_samples):
 
 
 def test_collator_keeps_final_eos_as_target_although_pad_equals_eos(eos, two_samples):
-    batch = dataset.PaddingCollator(pad_token_id=eos)(two_samples)
+    batch = batching.PaddingCollator(pad_token_id=eos)(two_samples)
     labels, mask = batch["labels"], batch["attention_mask"]
     # Labels are ignored exactly where the attention mask marks padding, not wherever the id is the EOS.
     assert torch.equal(labels == IGNORE_INDEX, mask == 0)
@@ -106,13 +107,13 @@ def test_collator_keeps_final_eos_as_target_although_pad_equals_eos(eos, two_sam
 
 
 def test_collator_counts_real_tokens(eos, two_samples):
-    batch = dataset.PaddingCollator(pad_token_id=eos)(two_samples)
+    batch = batching.PaddingCollator(pad_token_id=eos)(two_samples)
     assert batch["real_tokens"] == 8
     assert batch["real_tokens"] == int(batch["attention_mask"].sum())
 
 
 def test_collator_masks_prompt_with_mask_instruction(eos, two_samples):
-    batch = dataset.PaddingCollator(pad_token_id=eos, mask_instruction=True)(two_samples)
+    batch = batching.PaddingCollator(pad_token_id=eos, mask_instruction=True)(two_samples)
     assert batch["labels"].tolist() == [
         [IGNORE_INDEX, IGNORE_INDEX, 13, 14, eos],
         [IGNORE_INDEX, 22, eos, IGNORE_INDEX, IGNORE_INDEX],

@@ -6,32 +6,22 @@ import json
 from pathlib import Path
 
 import pytest
-import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM
 
 import distill
 import models
-from conftest import write_config
+from helpers import base_config, read_metrics, weights, write_config
+from trainer import Trainer
 
 
 def run_directories(checkpoints: Path) -> list[Path]:
     return sorted(path for path in checkpoints.iterdir() if path.is_dir()) if checkpoints.exists() else []
 
 
-def read_metrics(run_directory: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_directory / "metrics.jsonl").read_text().splitlines()]
-
-
-def weights(directory: Path) -> dict[str, torch.Tensor]:
-    return safetensors.torch.load_file(str(directory / "model.safetensors"))
-
-
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, teacher_dir, data_file):
     """One complete distillation run shared by the read-only tests below."""
-    from conftest import base_config
-
     root = tmp_path_factory.mktemp("run")
     config_file = write_config(root / "config.yaml", base_config(root, teacher_dir, data_file))
     assert distill.main(["--config", str(config_file), "--run-name", "complete"]) == 0
@@ -116,20 +106,20 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, config_file, monk
     common = ["--config", str(config_file), "--set", "training_parameters.checkpoint_every_steps=5"]
     assert distill.main(common + ["--run-name", "straight"]) == 0
 
-    original = distill.Trainer.compute_loss
+    original = Trainer.step
 
-    def stop_mid_epoch_two(self, batch):
-        if self.student.training and self.state.global_step == 17:
+    def stop_mid_epoch_two(self, step_batches, step_targets):
+        if self.state.global_step == 17:
             raise Interrupt()
-        return original(self, batch)
+        return original(self, step_batches, step_targets)
 
-    monkeypatch.setattr(distill.Trainer, "compute_loss", stop_mid_epoch_two)
+    monkeypatch.setattr(Trainer, "step", stop_mid_epoch_two)
     assert distill.main(common + ["--run-name", "stopped"]) == 130
     stopped = tmp_path / "checkpoints" / "stopped"
     assert json.loads((stopped / "last" / "trainer_state.json").read_text())["global_step"] == 15
     assert not (stopped / "summary.json").exists()
 
-    monkeypatch.setattr(distill.Trainer, "compute_loss", original)
+    monkeypatch.setattr(Trainer, "step", original)
     assert distill.main(common + ["--resume", "--run-name", "stopped"]) == 0
 
     straight = tmp_path / "checkpoints" / "straight"

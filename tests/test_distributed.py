@@ -11,12 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import safetensors.torch
 import torch
 
-import dataset
+import batching
 import distill
-from conftest import REPO, base_config, save_gpt2, write_config
+from helpers import REPO, base_config, save_gpt2, weights, write_config
 
 
 @pytest.mark.parametrize("processes", [1, 2, 3])
@@ -26,12 +25,12 @@ def test_processes_share_out_each_epoch_disjointly_and_completely(processes, sta
     lengths = np.random.default_rng(0).integers(2, 200, size=103)
     shards = []
     for rank in range(processes):
-        sampler = dataset.EpochBatches(lengths, 8, seed=4, group_by_length=group_by_length,
+        sampler = batching.EpochBatches(lengths, 8, seed=4, group_by_length=group_by_length,
                                        num_processes=processes, process_index=rank)
         sampler.set_epoch(2, start=start)
         shards.append(list(sampler))
         assert len(sampler) == len(shards[-1])
-    reference = dataset.EpochBatches(lengths, 8, seed=4, group_by_length=group_by_length)
+    reference = batching.EpochBatches(lengths, 8, seed=4, group_by_length=group_by_length)
     reference.set_epoch(2)
     expected = reference.global_batches()[start:]  # the order does not depend on the number of processes
     for rank, shard in enumerate(shards):
@@ -58,10 +57,6 @@ def torchrun(arguments: list[str], processes: int = 2) -> subprocess.CompletedPr
          str(REPO / "distill.py"), *arguments],
         cwd=REPO, capture_output=True, text=True, env=environment, timeout=300,
     )
-
-
-def weights(directory: Path) -> dict[str, torch.Tensor]:
-    return safetensors.torch.load_file(str(directory / "model.safetensors"))
 
 
 def assert_same_weights(first: Path, second: Path) -> None:

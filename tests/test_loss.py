@@ -8,20 +8,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import dataset
+import batching
 import loss
+from divergences import DIVERGENCES, token_divergence
 from loss import (
-    DIVERGENCES,
     IGNORE_INDEX,
     ChunkedDistillationLoss,
     ClassicLoss,
     DistillationLoss,
     LossOutput,
+    ModelOutput,
     divergence_and_cross_entropy,
     kd_and_cross_entropy,
     kd_kl_divergence,
     next_token_cross_entropy,
-    token_divergence,
 )
 
 
@@ -88,7 +88,7 @@ def test_ce_hand_computed():
 def test_distillation_loss_combines_terms_with_alpha_and_beta():
     student, teacher, labels = random_batch(seed=1)
     criterion = DistillationLoss(alpha=0.7, beta=0.3, temperature=2.0)
-    output = criterion(student, labels, teacher)
+    output = criterion(ModelOutput(student), ModelOutput(teacher), labels)
     assert torch.allclose(output.kd, reference_kd(student, teacher, labels, 2.0), atol=1e-6)
     assert torch.allclose(output.ce, next_token_cross_entropy(student, labels))
     assert torch.allclose(output.loss, 0.7 * output.kd + 0.3 * output.ce)
@@ -96,12 +96,12 @@ def test_distillation_loss_combines_terms_with_alpha_and_beta():
 
 def test_teacher_extra_tokens_are_cropped_to_the_student_vocabulary():
     student, teacher, labels = random_batch(seed=2, extra_teacher_vocab=3)
-    cropped = DistillationLoss(temperature=1.0)(student, labels, teacher[..., :-3].contiguous())
-    full = DistillationLoss(temperature=1.0)(student, labels, teacher)
+    cropped = DistillationLoss(temperature=1.0)(ModelOutput(student), ModelOutput(teacher[..., :-3].contiguous()), labels)
+    full = DistillationLoss(temperature=1.0)(ModelOutput(student), ModelOutput(teacher), labels)
     assert torch.allclose(cropped.kd, full.kd)
     # The extra columns really are ignored, not renormalised in: changing them changes nothing.
     teacher[..., -3:] += 100.0
-    assert torch.allclose(DistillationLoss(temperature=1.0)(student, labels, teacher).kd, full.kd)
+    assert torch.allclose(DistillationLoss(temperature=1.0)(ModelOutput(student), ModelOutput(teacher), labels).kd, full.kd)
 
 
 def test_teacher_smaller_than_student_is_refused():
@@ -112,7 +112,7 @@ def test_teacher_smaller_than_student_is_refused():
 
 def test_classic_loss_is_cross_entropy_without_teacher():
     student, _, labels = random_batch(seed=4)
-    output = ClassicLoss()(student, labels)
+    output = ClassicLoss()(ModelOutput(student), None, labels)
     assert output.kd is None
     assert torch.equal(output.loss, output.ce)
     assert torch.allclose(output.ce, next_token_cross_entropy(student, labels))
@@ -121,7 +121,7 @@ def test_classic_loss_is_cross_entropy_without_teacher():
 def test_gradients_flow_to_the_student_only_through_real_targets():
     student, teacher, labels = random_batch(seed=5)
     student.requires_grad_(True)
-    DistillationLoss(alpha=1.0, beta=1.0, temperature=2.0)(student, labels, teacher).loss.backward()
+    DistillationLoss(alpha=1.0, beta=1.0, temperature=2.0)(ModelOutput(student), ModelOutput(teacher), labels).loss.backward()
     # Logits at position t predict t + 1: where t + 1 is not a target (and at the last position) no gradient.
     not_predicting = torch.ones_like(labels, dtype=torch.bool)
     not_predicting[:, :-1] = labels[:, 1:] == IGNORE_INDEX
@@ -138,14 +138,14 @@ def test_same_samples_padded_differently_give_the_same_loss(tokenizer, teacher_d
     student = AutoModelForCausalLM.from_config(teacher.config).eval()
     texts = ["Add 2 and 3.", "Sort these words: pear, apple, fig, and then list them again please."]
     samples = [{"input_ids": tokenizer(text)["input_ids"] + [tokenizer.eos_token_id], "prompt_length": 0} for text in texts]
-    collate = dataset.PaddingCollator(tokenizer.pad_token_id)
+    collate = batching.PaddingCollator(tokenizer.pad_token_id)
     criterion = DistillationLoss(alpha=1.0, beta=0.5, temperature=2.0)
 
     def loss_of(batch):
         with torch.no_grad():
             student_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return criterion(student_logits, batch["labels"], teacher_logits)
+        return criterion(ModelOutput(student_logits), ModelOutput(teacher_logits), batch["labels"])
 
     tight = collate(samples)
     loose = collate(samples + [{"input_ids": [5] * (tight["input_ids"].size(1) + 9), "prompt_length": 0}])
@@ -200,11 +200,12 @@ def test_chunked_loss_matches_the_full_logits_loss_in_value_and_gradient():
     labels[2, :4] = IGNORE_INDEX
 
     reference = DistillationLoss(alpha=0.7, beta=0.4, temperature=2.0)(
-        student_hidden @ student_head.T, labels, teacher_hidden @ teacher_head.T
+        ModelOutput(student_hidden @ student_head.T), ModelOutput(teacher_hidden @ teacher_head.T), labels
     )
     reference_gradients = torch.autograd.grad(reference.loss, (student_hidden, student_head))
     chunked = ChunkedDistillationLoss(alpha=0.7, beta=0.4, temperature=2.0, chunk_size=5)(
-        student_hidden, student_head, labels, teacher_hidden, teacher_head
+        ModelOutput(hidden=student_hidden, head=student_head), ModelOutput(hidden=teacher_hidden, head=teacher_head),
+        labels,
     )
     chunked_gradients = torch.autograd.grad(chunked.loss, (student_hidden, student_head))
     for term in ("loss", "kd", "ce"):
@@ -275,7 +276,7 @@ DIVERGENCE_CASES = [
 @pytest.mark.parametrize("arguments", DIVERGENCE_CASES, ids=lambda case: "-".join(map(str, case.values())))
 def test_each_divergence_matches_its_definition(arguments, temperature):
     student, teacher, labels = random_batch(seed=11, extra_teacher_vocab=2)
-    output = DistillationLoss(alpha=0.7, beta=0.3, temperature=temperature, **arguments)(student, labels, teacher)
+    output = DistillationLoss(alpha=0.7, beta=0.3, temperature=temperature, **arguments)(ModelOutput(student), ModelOutput(teacher), labels)
     expected = reference_kd_of(student, teacher, labels, temperature, **arguments)
     assert output.kd.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
     assert torch.allclose(output.ce, next_token_cross_entropy(student, labels), atol=1e-6)
@@ -293,7 +294,7 @@ def test_forward_kl_goes_through_the_fast_kd_and_cross_entropy(monkeypatch, temp
 
     monkeypatch.setattr(loss, "kd_and_cross_entropy", spy)
     student, teacher, labels = random_batch(seed=12)
-    output = DistillationLoss(temperature=temperature)(student, labels, teacher)
+    output = DistillationLoss(temperature=temperature)(ModelOutput(student), ModelOutput(teacher), labels)
     assert len(calls) == 1
     # The general path gives the same values, which checks it against the benchmarked one.
     general = divergence_and_cross_entropy(student, teacher, labels, temperature, 1.0, 0.1, "forward_kl")
@@ -374,7 +375,7 @@ def test_teacher_zeros_give_finite_values_and_gradients(arguments):
     student, teacher, labels = random_batch(seed=13)
     teacher[..., :4] = float("-inf")  # the teacher gives 4 of the 11 tokens probability exactly 0
     student.requires_grad_(True)
-    output = DistillationLoss(alpha=1.0, beta=0.1, temperature=2.0, **arguments)(student, labels, teacher)
+    output = DistillationLoss(alpha=1.0, beta=0.1, temperature=2.0, **arguments)(ModelOutput(student), ModelOutput(teacher), labels)
     assert torch.isfinite(output.loss) and output.kd.item() > 0.0
     output.loss.backward()
     assert torch.isfinite(student.grad).all()
@@ -411,9 +412,9 @@ def test_hidden_cosine_term_matches_a_per_position_reference():
     student, teacher, labels = random_batch(seed=14)
     student_hidden, teacher_hidden = random_hidden_states(15)
     criterion = DistillationLoss(alpha=0.7, beta=0.3, temperature=2.0, hidden_weight=0.5)
-    assert criterion.uses_last_hidden_state
-    assert not DistillationLoss().uses_last_hidden_state
-    output = criterion(student, labels, teacher, student_hidden=student_hidden, teacher_hidden=teacher_hidden)
+    assert criterion.compares_hidden_states
+    assert not DistillationLoss().compares_hidden_states
+    output = criterion(ModelOutput(student, student_hidden), ModelOutput(teacher, teacher_hidden), labels)
     distances = [
         1 - F.cosine_similarity(student_hidden[row, position], teacher_hidden[row, position], dim=0)
         for row in range(labels.size(0))
@@ -430,7 +431,7 @@ def test_hidden_term_alone_trains_only_the_scored_positions():
     student_hidden, teacher_hidden = random_hidden_states(17)
     student_hidden.requires_grad_(True)
     criterion = DistillationLoss(alpha=0.0, beta=0.0, hidden_weight=1.0)
-    output = criterion(student, labels, teacher, student_hidden=student_hidden, teacher_hidden=teacher_hidden)
+    output = criterion(ModelOutput(student, student_hidden), ModelOutput(teacher, teacher_hidden), labels)
     assert torch.equal(output.loss, output.hidden)
     output.loss.backward()
     not_scored = torch.ones_like(labels, dtype=torch.bool)
@@ -444,13 +445,13 @@ def test_hidden_term_refuses_missing_or_different_width_hidden_states():
     student_hidden, teacher_hidden = random_hidden_states(19)
     criterion = DistillationLoss(hidden_weight=0.5)
     with pytest.raises(ValueError, match="needs the student's and the teacher's last hidden states"):
-        criterion(student, labels, teacher)
+        criterion(ModelOutput(student), ModelOutput(teacher), labels)
     with pytest.raises(ValueError, match="needs the student's and the teacher's last hidden states"):
-        criterion(student, labels, teacher, student_hidden=student_hidden)
+        criterion(ModelOutput(student, student_hidden), ModelOutput(teacher), labels)
     with pytest.raises(ValueError, match=r"hidden width \(5\) differs from the teacher's \(4\)"):
-        criterion(student, labels, teacher, student_hidden=student_hidden, teacher_hidden=teacher_hidden[..., :4])
+        criterion(ModelOutput(student, student_hidden), ModelOutput(teacher, teacher_hidden[..., :4]), labels)
     # Without the hidden term, hidden states of any width are ignored.
-    DistillationLoss()(student, labels, teacher, student_hidden=student_hidden, teacher_hidden=teacher_hidden[..., :4])
+    DistillationLoss()(ModelOutput(student, student_hidden), ModelOutput(teacher, teacher_hidden[..., :4]), labels)
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
@@ -461,7 +462,7 @@ def test_a_batch_without_targets_gives_zeros_that_stay_in_the_graph(divergence):
     student_hidden.requires_grad_(True)
     labels[:] = IGNORE_INDEX
     output = DistillationLoss(divergence=divergence, hidden_weight=1.0)(
-        student, labels, teacher, student_hidden=student_hidden, teacher_hidden=teacher_hidden
+        ModelOutput(student, student_hidden), ModelOutput(teacher, teacher_hidden), labels
     )
     assert output.loss.item() == 0.0 and output.kd.item() == 0.0 and output.hidden.item() == 0.0
     output.loss.backward()
@@ -492,14 +493,14 @@ def test_chunked_loss_keeps_its_spec_and_its_logits_free_call():
     assert criterion.spec() == {
         "()": "loss.ChunkedDistillationLoss", "alpha": 0.5, "beta": 0.2, "temperature": 2.0, "chunk_size": 64,
     }
-    assert criterion.divergence == "forward_kl" and not criterion.uses_last_hidden_state
+    assert criterion.divergence == "forward_kl" and not criterion.compares_hidden_states
 
 
 def test_classic_loss_ignores_hidden_states_and_old_outputs_still_build():
     student, _, labels = random_batch(seed=22)
     student_hidden, teacher_hidden = random_hidden_states(23)
     criterion = ClassicLoss()
-    assert not criterion.uses_last_hidden_state
-    output = criterion(student, labels, None, student_hidden=student_hidden, teacher_hidden=teacher_hidden)
+    assert not criterion.compares_hidden_states
+    output = criterion(ModelOutput(student, student_hidden), None, labels)
     assert output.hidden is None and torch.equal(output.loss, output.ce)
     assert LossOutput(output.loss, None, output.ce).hidden is None

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, PreTra
 
 import dataset
 import models
-from conftest import save_gpt2
+from helpers import save_gpt2
 
 
 def config_with_vocab(vocab_size: int) -> GPT2Config:

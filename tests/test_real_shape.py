@@ -13,10 +13,11 @@ import pytest
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import batching
 import dataset
 import hub_standins
 from config import load_config
-from conftest import REPO
+from helpers import REPO
 from loss import IGNORE_INDEX
 
 pytestmark = pytest.mark.slow
@@ -91,7 +92,7 @@ def test_config_yaml_runs_at_real_shape_to_a_best_checkpoint(standins, tmp_path)
     spec = dataset.spec_from_config(config)
     assert spec.max_length == 128 and spec.template == dataset.PROMPT_TEMPLATES["alpaca"]
     splits = dataset.prepare_splits(spec, tokenizer, config.paths.data_folder, config.paths.token_dataset)
-    collate = dataset.PaddingCollator(tokenizer.pad_token_id, spec.mask_instruction)
+    collate = batching.PaddingCollator(tokenizer.pad_token_id, spec.mask_instruction)
     for name in dataset.SPLIT_NAMES:
         samples = list(splits[name])
         batch = collate(samples)

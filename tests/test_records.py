@@ -17,13 +17,10 @@ import torch
 import dataset
 import distill
 import plots
-from conftest import REPO, base_config, write_config
+from helpers import REPO, base_config, read_metrics, write_config
+from trainer import Trainer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def read_metrics(run_directory: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_directory / "metrics.jsonl").read_text().splitlines()]
 
 
 def tensorboard_scalars(run_directory: Path, tag: str) -> list[tuple[int, float]]:
@@ -108,16 +105,16 @@ def test_the_best_checkpoint_follows_the_chosen_metric(tmp_path, teacher_dir, da
                                                        expected_best_step):
     """Validation results in which the loss only gets worse and the perplexity only better: each metric picks its
     own best step, and the best checkpoint and summary follow it."""
-    evaluate = distill.Trainer.evaluate
+    evaluate = Trainer.evaluate
 
-    def diverging(trainer, loader):
-        result = evaluate(trainer, loader)
-        if loader is trainer.validation_loader:
+    def diverging(trainer, split):
+        result = evaluate(trainer, split)
+        if split == "validation":
             step = trainer.state.global_step
             result.update(loss=float(step), perplexity=1000.0 - step)
         return result
 
-    monkeypatch.setattr(distill.Trainer, "evaluate", diverging)
+    monkeypatch.setattr(Trainer, "evaluate", diverging)
     values = base_config(tmp_path, teacher_dir, data_file)
     values["training_parameters"].update(eval_every_steps=4, max_steps=12, best_metric=best_metric)
     config_file = write_config(tmp_path / "config.yaml", values)

@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import safetensors.torch
 import torch
 
 import distill
-from conftest import REPO, base_config, write_config
+from helpers import REPO, base_config, trainer_state, weights, write_config
+from trainer import Trainer
 
 RUNNER = REPO / "tests" / "crash_runner.py"
 
@@ -31,18 +31,10 @@ def run_process(*arguments: str, point: str = "none", step: int = -1) -> int:
     return completed.returncode
 
 
-def weights(directory: Path) -> dict[str, torch.Tensor]:
-    return safetensors.torch.load_file(str(directory / "model.safetensors"))
-
-
 def history(run_directory: Path) -> list[tuple]:
     """The metrics that must not depend on a crash: which step, which split, and the loss terms, exactly."""
     records = [json.loads(line) for line in (run_directory / "metrics.jsonl").read_text().splitlines()]
     return [(r["split"], r["step"], r["epoch"], r["samples_seen"], r["loss"], r["kd"], r["ce"]) for r in records]
-
-
-def trainer_state(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / "trainer_state.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -173,15 +165,15 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, config_file, monkeypa
 
 
 def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, config_file, monkeypatch, caplog):
-    original = distill.Trainer.compute_loss
+    original = Trainer.forward
 
     def poisoned(self, batch):
-        output = original(self, batch)
-        if self.student.training and self.state.global_step >= 6:
-            return output._replace(loss=output.loss * float("nan"))
-        return output
+        student, teacher = original(self, batch)
+        if self.student.training and self.state.global_step >= 6:  # the student's logits turn NaN
+            return student._replace(logits=student.logits * float("nan")), teacher
+        return student, teacher
 
-    monkeypatch.setattr(distill.Trainer, "compute_loss", poisoned)
+    monkeypatch.setattr(Trainer, "forward", poisoned)
     status = distill.main([
         "--config", str(config_file), "--run-name", "nan", "--set", "training_parameters.checkpoint_every_steps=5",
     ])
@@ -193,15 +185,15 @@ def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, config_file
 
 
 def test_nan_loss_can_skip_the_batch(tmp_path, config_file, monkeypatch):
-    original = distill.Trainer.compute_loss
+    original = Trainer.forward
 
     def poisoned(self, batch):
-        output = original(self, batch)
-        if self.student.training and self.state.global_step in (3, 7):
-            return output._replace(loss=output.loss * float("inf"))
-        return output
+        student, teacher = original(self, batch)
+        if self.student.training and self.state.global_step in (3, 7):  # the student's logits overflow
+            return student._replace(logits=student.logits * float("inf")), teacher
+        return student, teacher
 
-    monkeypatch.setattr(distill.Trainer, "compute_loss", poisoned)
+    monkeypatch.setattr(Trainer, "forward", poisoned)
     status = distill.main([
         "--config", str(config_file), "--run-name", "skip", "--set", "training_parameters.on_nonfinite_loss=skip",
     ])

@@ -9,11 +9,12 @@ import yaml
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, GPT2Config
 
+import batching
 import dataset
-import distill
 import models
+import trainer
 from config import ConfigError, load_config
-from conftest import REPO, write_config
+from helpers import REPO, write_config
 from loss import DistillationLoss
 
 # The seed's config.yaml, key by key (the seed project's repository).
@@ -50,18 +51,19 @@ def test_seed_config_runs_the_seed_experiment():
     training = config.training_parameters
     assert (training.batch_size, training.gradient_accumulation_steps, training.nb_epochs) == (2, 1, 10)
     assert training.max_steps is None and training.max_grad_norm is None  # no clipping
-    assert isinstance(training.loss, DistillationLoss)
-    assert (training.loss.alpha, training.loss.beta, training.loss.temperature) == (1.0, 0.1, 1.0)
-    assert training.loss.divergence == "forward_kl"
+    criterion = training.loss.build()
+    assert isinstance(criterion, DistillationLoss)
+    assert (criterion.alpha, criterion.beta, criterion.temperature) == (1.0, 0.1, 1.0)
+    assert criterion.divergence == "forward_kl"
     assert (training.checkpoints_name_last, training.checkpoints_name_best) == ("checkpoint_last.pth",
                                                                                "checkpoint_best.pth")
 
     student = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
-    optimizer = distill.build_optimizer(student, training)
+    optimizer = trainer.build_optimizer(student, training)
     assert type(optimizer) is torch.optim.SGD
     assert all(group["lr"] == 0.001 and group["momentum"] == 0.0 and group["weight_decay"] == 0.0
                for group in optimizer.param_groups)
-    scheduler = distill.build_scheduler(optimizer, training, total_steps=50)
+    scheduler = trainer.build_scheduler(optimizer, training, total_steps=50)
     rates = []
     for _ in range(50):  # no warm-up and no decay: the seed's fixed learning rate at every step
         rates.append(scheduler.get_last_lr()[0])
@@ -76,7 +78,7 @@ def test_config_yaml_is_the_seed_experiment_with_explicit_choices():
     assert config.teacher.name == seed.teacher.name and config.data.dataset == seed.data.dataset
     assert config.data.template == seed.data.template == "alpaca" and config.data.max_length == 1024
     assert config.distilled_model == seed.distilled_model and config.data.split == seed.data.split
-    assert config.training_parameters.loss.spec() == seed.training_parameters.loss.spec()  # alpha 1, beta 0.1, T 1
+    assert config.training_parameters.loss.build().spec() == seed.training_parameters.loss.build().spec()  # alpha 1, beta 0.1, T 1
     # The better choices are written in config.yaml itself, not left to defaults.
     written = yaml.safe_load((REPO / "config.yaml").read_text())
     for key in ("optimizer", "learning_rate", "lr_scheduler", "warmup_steps", "max_grad_norm", "batch_size",
@@ -155,7 +157,7 @@ def test_a_wrong_template_is_one_config_sentence(tmp_path, config_values, templa
 def test_mask_instruction_targets_the_response_of_the_alpaca_template(tokenizer):
     texts = Dataset.from_dict({"prompt": [CARD_TEXT[: -len(CARD_ROW["output"])]], "response": [CARD_ROW["output"]]})
     sample = dataset.tokenize(texts, tokenizer, data_spec(mask_instruction=True))[0]
-    batch = dataset.PaddingCollator(tokenizer.eos_token_id, mask_instruction=True)([sample])
+    batch = batching.PaddingCollator(tokenizer.eos_token_id, mask_instruction=True)([sample])
     targets = batch["labels"][0][batch["labels"][0] != -100].tolist()
     assert tokenizer.decode(targets) == CARD_ROW["output"] + tokenizer.eos_token
     assert sample["input_ids"] == tokenizer(CARD_TEXT)["input_ids"] + [tokenizer.eos_token_id]

@@ -15,7 +15,7 @@ import distill
 import models
 import teacher_cache
 from config import ConfigError, load_config
-from conftest import base_config, write_config
+from helpers import base_config, write_config
 from loss import (
     IGNORE_INDEX, CachedTeacher, cached_teacher_kd_and_cross_entropy, divergence_and_cross_entropy,
     kd_and_cross_entropy,
