@@ -155,8 +155,9 @@ def divergence_and_cross_entropy(
         return _zero_output(student_logits)
     student, teacher, targets = gathered
     student_log_probs, student_log_probs_t, teacher_log_probs_t = _log_softmaxes(student, teacher, temperature)
+    # The CE's gather before the KD: the order in which autograd sums the gradients that reach the log-softmax.
+    ce = -student_log_probs.gather(1, targets[:, None]).squeeze(1).mean()
     kd = temperature**2 * token_divergence(student_log_probs_t, teacher_log_probs_t, divergence, jsd_beta, skew).mean()
-    ce = -student_log_probs.gather(1, targets[:, None]).mean()
     return LossOutput(alpha * kd + beta * ce, kd, ce)
 
 
