@@ -14,7 +14,6 @@ better choices explicitly.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 import typing
 from dataclasses import dataclass, field
@@ -255,18 +254,11 @@ def _read_with_configue(path: Path) -> Any:
     except (TypeError, ValueError) as error:
         # Raised by a class constructor that configue called, e.g. the loss with a misspelt or invalid argument.
         raise ConfigError(
-            f"{path}: training_parameters.loss: {_loss_problem(error)}; fix it under training_parameters.loss."
+            f"{path}: training_parameters.loss: {loss_module.argument_problem(error)}; fix it under "
+            f"training_parameters.loss."
         ) from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path} is not UTF-8 text; save it as UTF-8.") from None
-
-
-def _loss_problem(error: Exception) -> str:
-    # "DistillationLoss.__init__() got an unexpected keyword argument 'alpah'" -> name the argument plainly.
-    text = str(error)
-    if "unexpected keyword argument" in text:
-        return f"unknown argument {text.rsplit(' ', 1)[-1]}"
-    return text
 
 
 def _to_plain_tree(value: Any) -> Any:
@@ -363,29 +355,14 @@ def _closest(key: str, known: dict) -> str:
     return f" (did you mean {match[0]}?)" if match else ""
 
 
-def _loss_spec(spec: Any, source: str, key: str) -> loss_module.LossSpec:
+def _loss_spec(section: Any, source: str, key: str) -> loss_module.LossSpec:
     """The loss section as a LossSpec: its class resolved and its arguments checked, nothing built."""
-    if not isinstance(spec, dict) or "()" not in spec:
-        raise ConfigError(
-            f"{source}: {key} must be a section with a `()` entry naming the loss class, e.g. "
-            f"`(): loss.DistillationLoss` with alpha, beta and temperature, or `(): loss.ClassicLoss`."
-        )
-    arguments = dict(spec)
-    class_path = arguments.pop("()")
-    module_name, _, class_name = str(class_path).rpartition(".")
     try:
-        loss_class = getattr(importlib.import_module(module_name or "loss"), class_name)
-    except (ImportError, AttributeError, ValueError):
-        loss_class = None
-    if not (isinstance(loss_class, type) and issubclass(loss_class, loss_module.Criterion)):
-        raise ConfigError(
-            f"{source}: {key}: {class_path!r} is not a loss class; use loss.DistillationLoss or loss.ClassicLoss."
-        )
-    try:
-        checked = loss_class.check_arguments(**arguments)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"{source}: {key}: {_loss_problem(error)}; fix it under {key}.") from None
-    return loss_module.LossSpec(loss_class, {name: checked[name] for name in arguments})
+        return loss_module.LossSpec.from_section(section)
+    except TypeError as error:  # not a loss section, or not a loss class
+        raise ConfigError(f"{source}: {key}: {error}.") from None
+    except ValueError as error:  # an argument
+        raise ConfigError(f"{source}: {key}: {error}; fix it under {key}.") from None
 
 
 def _check_value(value: Any, kind: Any, metadata: typing.Mapping, source: str, key: str) -> Any:

@@ -14,6 +14,7 @@ Conventions, defined here once for the whole project:
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Union
@@ -221,6 +222,15 @@ def as_number(value) -> Optional[float]:
         return None
 
 
+def argument_problem(error: Exception) -> str:
+    """A criterion's TypeError or ValueError in plain words: "...got an unexpected keyword argument 'alpah'" names
+    the argument."""
+    text = str(error)
+    if "unexpected keyword argument" in text:
+        return f"unknown argument {text.rsplit(' ', 1)[-1]}"
+    return text
+
+
 def _number(name: str, value) -> float:
     number = as_number(value)
     if number is None:
@@ -425,6 +435,30 @@ class LossSpec:
     @property
     def requires_teacher(self) -> bool:
         return self.kind.requires_teacher
+
+    @classmethod
+    def from_section(cls, section) -> "LossSpec":
+        """The config's loss section, `{"()": "loss.DistillationLoss", argument: value, ...}`, checked without
+        building anything: TypeError when it names no loss class, ValueError for an argument."""
+        if not isinstance(section, dict) or "()" not in section:
+            raise TypeError(
+                "the section needs a `()` entry naming the loss class, e.g. `(): loss.DistillationLoss` with alpha, "
+                "beta and temperature, or `(): loss.ClassicLoss`"
+            )
+        arguments = dict(section)
+        class_path = arguments.pop("()")
+        module_name, _, class_name = str(class_path).rpartition(".")
+        try:
+            kind = getattr(importlib.import_module(module_name or "loss"), class_name)
+        except (ImportError, AttributeError, ValueError):
+            kind = None
+        if not (isinstance(kind, type) and issubclass(kind, Criterion)):
+            raise TypeError(f"{class_path!r} is not a loss class; use loss.DistillationLoss or loss.ClassicLoss")
+        try:
+            checked = kind.check_arguments(**arguments)
+        except (TypeError, ValueError) as error:
+            raise ValueError(argument_problem(error)) from None
+        return cls(kind, {name: checked[name] for name in arguments})
 
     def to_config(self) -> dict:
         return {"()": f"loss.{self.kind.__name__}", **self.arguments}
