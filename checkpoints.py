@@ -16,6 +16,7 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -202,8 +203,10 @@ def has_checkpoint(directory: Path) -> bool:
     return (directory / TRAINER_STATE_FILE).is_file()
 
 
-def keep_step_snapshot(last: Path, step: int, keep: int) -> None:
-    """Copy the last checkpoint to `step-<N>` (hard links: no extra disk) and delete all but the newest `keep`."""
+def keep_step_snapshot(last: Path, step: int, keep: int, best_name: str) -> None:
+    """Copy the last checkpoint to `step-<N>` (hard links: no extra disk) and delete all but the newest `keep` such
+    copies. Only `step-<8 digits>` folders are ever deleted, never the last or the best checkpoint, whatever their
+    names."""
     snapshot = last.with_name(f"step-{step:08d}")
     if not snapshot.exists():
         try:
@@ -211,7 +214,8 @@ def keep_step_snapshot(last: Path, step: int, keep: int) -> None:
         except OSError:  # a file system without hard links
             shutil.rmtree(snapshot, ignore_errors=True)
             shutil.copytree(last, snapshot)
-    snapshots = sorted(last.parent.glob("step-*"))
+    snapshots = sorted(path for path in last.parent.glob("step-*")
+                       if re.fullmatch(r"step-\d{8}", path.name) and path.name not in (last.name, best_name))
     for old in snapshots[: max(len(snapshots) - keep, 0)]:
         shutil.rmtree(old)
 

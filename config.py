@@ -22,6 +22,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+import config_guard
 import loss as loss_module
 
 
@@ -240,7 +241,12 @@ def _read_with_configue(path: Path) -> Any:
     from configue.exceptions import ConfigueError
 
     try:
+        config_guard.check_file(path)  # before configue runs anything the file names
         return configue.load(str(path))
+    except config_guard.UnsafeConfig as error:
+        raise ConfigError(str(error)) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text; save it as UTF-8.") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -257,8 +263,6 @@ def _read_with_configue(path: Path) -> Any:
             f"{path}: training_parameters.loss: {loss_module.argument_problem(error)}; fix it under "
             f"training_parameters.loss."
         ) from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path} is not UTF-8 text; save it as UTF-8.") from None
 
 
 def _to_plain_tree(value: Any) -> Any:

@@ -286,7 +286,8 @@ class Trainer:
         if training.checkpoint_every_steps and step % training.checkpoint_every_steps == 0:
             self.save_last()
             if training.keep_step_checkpoints and self.accelerator.is_main_process:
-                keep_step_snapshot(self.last_directory, step, training.keep_step_checkpoints)
+                keep_step_snapshot(self.last_directory, step, training.keep_step_checkpoints,
+                                   training.checkpoints_name_best)
 
     def step(self, step_batches: list[dict], step_targets: int) -> None:
         """One optimizer step over this process's micro-batches, normalised by `step_targets`, the real target

@@ -229,3 +229,46 @@ def test_bad_student_init_is_one_sentence_naming_the_fix(tmp_path, config_values
     assert distill.main(["--config", str(path)]) == 2
     assert "Traceback" not in capsys.readouterr().err
     assert not (tmp_path / "checkpoints").exists()
+
+
+HOSTILE_ENTRIES = {
+    "a call in another key": lambda values, marker: values.update(seed={"()": "os.system", "command": f"touch {marker}"}),
+    "a call as the loss": lambda values, marker: values["training_parameters"].update(
+        loss={"()": "os.system", "command": f"touch {marker}"}),
+    "a call in a list": lambda values, marker: values["data"].update(
+        template=[{"()": "os.system", "command": f"touch {marker}"}]),
+}
+
+
+@pytest.mark.parametrize("plant", HOSTILE_ENTRIES.values(), ids=HOSTILE_ENTRIES.keys())
+def test_a_config_file_cannot_run_code(tmp_path, config_values, capsys, plant):
+    """configue calls what a `()` entry names while it loads: only a loss class of this project may be named, and
+    anything else is refused before it runs, with one sentence and exit code 2."""
+    marker = tmp_path / "PWNED"
+    plant(config_values, marker)
+    path = write_config(tmp_path / "hostile.yaml", config_values)
+    assert distill.main(["--config", str(path)]) == 2
+    assert not marker.exists()
+    assert not (tmp_path / "checkpoints").exists()
+    printed = capsys.readouterr().err
+    assert len([line for line in printed.splitlines() if "error:" in line]) == 1 and "Traceback" not in printed
+    with pytest.raises(ConfigError, match=r"`\(\)` entry|not a loss class"):
+        load_config(path)
+    assert not marker.exists()
+
+
+def test_a_config_file_cannot_import_code_or_hide_a_call_in_an_imported_file(tmp_path, config_values, monkeypatch):
+    """`!ext` imports a module (whose import runs its code); `!import` pulls in another YAML file, checked the same."""
+    marker = tmp_path / "IMPORTED"
+    (tmp_path / "side_effect.py").write_text(f"open({str(marker)!r}, 'w').close()\nVALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    text = write_config(tmp_path / "base.yaml", config_values).read_text()
+    (tmp_path / "ext.yaml").write_text(text.replace("seed: 3", "seed: !ext side_effect.VALUE"))
+    with pytest.raises(ConfigError, match="!ext side_effect.VALUE"):
+        load_config(tmp_path / "ext.yaml")
+    assert not marker.exists()
+    (tmp_path / "part.yaml").write_text(f'"()": os.system\ncommand: touch {marker}\n')
+    (tmp_path / "import.yaml").write_text(text.replace("seed: 3", "seed: !import part.yaml"))
+    with pytest.raises(ConfigError, match="`\\(\\)` entry"):
+        load_config(tmp_path / "import.yaml")
+    assert not marker.exists()

@@ -233,3 +233,19 @@ def test_the_optimizer_state_is_saved_by_parameter_name_and_older_checkpoints_st
         for index, values in by_index["state"].items():
             for key, tensor in values.items():
                 assert torch.equal(restored["state"][index][key], tensor), (index, key)
+
+
+def test_pruning_step_copies_never_deletes_the_last_or_the_best_checkpoint(tmp_path, teacher_dir, data_file):
+    """Checkpoint names that look like the step copies' (`step-...`) are still never pruned."""
+    values = base_config(tmp_path, teacher_dir, data_file)
+    values["training_parameters"].update(
+        max_steps=6, checkpoint_every_steps=2, keep_step_checkpoints=1, eval_every_steps=2,
+        checkpoints_name_last="step-last", checkpoints_name_best="step-best",
+    )
+    config_file = write_config(tmp_path / "config.yaml", values)
+    assert distill.main(["--config", str(config_file), "--run-name", "named"]) == 0
+    run = tmp_path / "checkpoints" / "named"
+    assert sorted(path.name for path in run.glob("step-*")) == ["step-00000006", "step-best", "step-last"]
+    assert trainer_state(run / "step-last")["global_step"] == 6
+    summary = json.loads((run / "summary.json").read_text())
+    assert trainer_state(run / "step-best")["global_step"] == summary["best_step"]
