@@ -222,12 +222,27 @@ def keep_step_snapshot(last: Path, step: int, keep: int, best_name: str) -> None
 
 def _check_identity(directory: Path, saved: dict, identity: dict) -> None:
     """Refuse to resume a checkpoint of another model shape, tokenizer or loss than the config describes."""
+    _check_batches(directory, saved.get("batches", {}), identity["batches"])
     for part, what in (("model", "model shape"), ("tokenizer", "tokenizer"), ("loss", "loss")):
         if part in saved and saved[part] != identity[part]:
             raise CheckpointError(
                 f"the checkpoint in {directory} was trained with another {what} ({_describe(saved[part])}) than the "
                 f"config gives ({_describe(identity[part])}); resume with the config that started this run "
                 f"(saved as config.yaml in the run directory)."
+            )
+
+
+def _check_batches(directory: Path, saved: dict, configured: dict) -> None:
+    """A checkpoint saves how many of the epoch's batches are done: the same count of other batches is not a resume."""
+    for key, value in saved.items():
+        if key in configured and configured[key] != value:
+            what = ("the tokenized data (data.dataset, template, text_column, max_length, split, max_samples or the "
+                    "seed's split)" if key == "data" else f"{key} {value!r}")
+            raise CheckpointError(
+                f"the checkpoint in {directory} was trained on {what}, and the config changes it "
+                f"({'another data set' if key == 'data' else repr(configured[key])}); a resume continues the saved "
+                f"epoch from its position in the same batches, so set it back (the run's config.yaml has it), or "
+                f"start a new run without --resume."
             )
 
 
@@ -350,11 +365,19 @@ def _restore_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def run_identity(model_config, tokenizer, criterion) -> dict:
-    """What a checkpoint must share with the config to be resumed: the model shape, the tokenizer, the loss."""
+def run_identity(model_config, tokenizer, criterion, config, train_split) -> dict:
+    """What a checkpoint must share with the config to be resumed: the model shape, the tokenizer, the loss, and
+    what fixes the batches whose position in the epoch it saved (the tokenized data, the seed, the batching)."""
     shape_keys = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
     return {
         "model": {key: getattr(model_config, key, None) for key in shape_keys},
         "tokenizer": dataset.tokenizer_fingerprint(tokenizer),
         "loss": criterion.spec(),
+        "batches": {
+            "data": dataset.tokenized_data_identity(train_split),
+            "seed": config.seed,
+            "training_parameters.batch_size": config.training_parameters.batch_size,
+            "data.group_by_length": config.data.group_by_length,
+            "data.packing": config.data.packing,
+        },
     }

@@ -382,6 +382,14 @@ def _hash_files(files: list[Path]) -> str:
     return digest.hexdigest()
 
 
+def tokenized_data_identity(split) -> str:
+    """The tokenized split's own cache key (it covers the data, the tokenizer and max_length)."""
+    files = getattr(split, "cache_files", None)
+    if files:
+        return Path(files[0]["filename"]).parent.parent.name
+    return split._fingerprint
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     description = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))

@@ -85,21 +85,13 @@ def teacher_fingerprint(name: str) -> str:
     return "|".join(parts) or name
 
 
-def tokenized_data_identity(split) -> str:
-    """The tokenized split's own cache key (it covers the data, the tokenizer and max_length)."""
-    files = getattr(split, "cache_files", None)
-    if files:
-        return Path(files[0]["filename"]).parent.parent.name
-    return split._fingerprint
-
-
 def cache_directory(root: Path, teacher_name: str, teacher_dtype: torch.dtype, splits, top_k: int,
                     vocab_size: int) -> Path:
     description = {
         "version": CACHE_FORMAT_VERSION,
         "teacher": teacher_fingerprint(teacher_name),
         "dtype": str(teacher_dtype),
-        "data": {name: [tokenized_data_identity(split), len(split)] for name, split in splits.items()},
+        "data": {name: [dataset.tokenized_data_identity(split), len(split)] for name, split in splits.items()},
         "top_k": top_k,
         "vocab_size": vocab_size,
     }

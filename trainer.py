@@ -144,7 +144,7 @@ class Trainer:
         self.sums = records.RunningSums.zeros(accelerator.device)
         self.last_saved_step: Optional[int] = None
         self.stop_signals = StopSignals()
-        self.identity = run_identity(self.student_model.config, tokenizer, criterion)
+        self.identity = run_identity(self.student_model.config, tokenizer, criterion, config, splits["train"])
         self.metrics = records.MetricsLog(run.directory / "metrics.jsonl", accelerator)
         self.started_at, self.elapsed_before = time.time(), 0.0
         self.teacher_results: dict[str, dict] = {}  # the frozen teacher's figures per split, computed once

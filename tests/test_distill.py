@@ -160,3 +160,22 @@ def test_resume_with_another_model_shape_is_refused(tmp_path, config_file, teach
     assert not (tmp_path / "checkpoints" / "one" / "config.resumed.yaml").exists()
     after = weights(tmp_path / "checkpoints" / "one" / "last")
     assert all(torch.equal(before[key], after[key]) for key in before)
+
+
+@pytest.mark.parametrize("change, named", [
+    ("training_parameters.batch_size=4", "training_parameters.batch_size"),
+    ("seed=4", "seed"),
+    ("data.max_length=48", "the tokenized data"),
+    ("data.group_by_length=false", "data.group_by_length"),
+])
+def test_resume_with_other_batches_is_refused(tmp_path, config_file, caplog, change, named):
+    """A checkpoint saves how many of the epoch's batches are done; the same count of other batches is no resume."""
+    common = ["--config", str(config_file), "--run-name", "first"]
+    assert distill.main([*common, "--set", "training_parameters.max_steps=3"]) == 0
+    last = tmp_path / "checkpoints" / "first" / "last"
+    before = weights(last)
+    caplog.clear()
+    assert distill.main([*common, "--resume", "--set", change]) == 2
+    assert named in caplog.text and "start a new run without --resume" in caplog.text
+    after = weights(last)
+    assert all(torch.equal(before[key], after[key]) for key in before)  # nothing trained or saved
