@@ -72,7 +72,8 @@ def locate_run(checkpoints_root: str, config_name: str, run_name: Optional[str],
     """Decide which run directory to use, without creating anything.
 
     A new run gets `<config name>-<timestamp>` unless named; an existing directory is only continued by a resume.
-    A resume without a name continues the most recent run of this config that has a last checkpoint.
+    A resume without a name continues the most recent run of this config that has a last checkpoint (a run, not the
+    plain baseline trained after it).
     """
     root = Path(checkpoints_root)
     if run_name is not None:
@@ -87,7 +88,8 @@ def locate_run(checkpoints_root: str, config_name: str, run_name: Optional[str],
                 )
             return RunLocation(run_name, directory, True)
         candidates = sorted(
-            (path for path in root.glob(f"{config_name}-*") if has_checkpoint(path / last_name)),
+            (path for path in root.glob(f"{config_name}-*")
+             if has_checkpoint(path / last_name) and not _is_plain_baseline(path)),
             key=lambda path: (path / last_name / TRAINER_STATE_FILE).stat().st_mtime,
         )
         if not candidates:
@@ -111,6 +113,12 @@ def locate_run(checkpoints_root: str, config_name: str, run_name: Optional[str],
         name = f"{config_name}-{stamp}-{suffix}"
         suffix += 1
     return RunLocation(name, root / name, False)
+
+
+def _is_plain_baseline(directory: Path) -> bool:
+    """`<run>-plain` beside `<run>`: the baseline that `--plain-baseline` trains after the run, and continues after
+    it when resumed (distill.main), so a resume without a name picks the run, not its baseline."""
+    return directory.name.endswith("-plain") and directory.with_name(directory.name[: -len("-plain")]).is_dir()
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

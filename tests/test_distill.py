@@ -179,3 +179,17 @@ def test_resume_with_other_batches_is_refused(tmp_path, config_file, caplog, cha
     assert named in caplog.text and "start a new run without --resume" in caplog.text
     after = weights(last)
     assert all(torch.equal(before[key], after[key]) for key in before)  # nothing trained or saved
+
+
+def test_resume_after_a_plain_baseline_continues_both_runs_in_order(tmp_path, config_file):
+    """The README's `--plain-baseline` command, then the same command with `--resume`: the distilled run continues
+    first, then its plain baseline; no new run is started."""
+    command = ["--config", str(config_file), "--plain-baseline"]
+    assert distill.main([*command, "--set", "training_parameters.max_steps=2"]) == 0
+    distilled, plain = run_directories(tmp_path / "checkpoints")
+    assert plain.name == f"{distilled.name}-plain"
+    assert distill.main([*command, "--resume", "--set", "training_parameters.max_steps=4"]) == 0
+    assert run_directories(tmp_path / "checkpoints") == [distilled, plain]
+    for run in (distilled, plain):
+        assert json.loads((run / "last" / "trainer_state.json").read_text())["global_step"] == 4
+    assert json.loads((plain / "summary.json").read_text())["test"]["kd"] is None  # still the plain baseline
