@@ -32,6 +32,8 @@ from config import check_simple_name
 from storage import atomic_directory, recover_interrupted_write
 
 TRAINER_STATE_FILE = "trainer_state.json"
+# `--plain-baseline` trains the run's plain baseline in `<run name>-plain`, beside the run.
+PLAIN_BASELINE_SUFFIX = "-plain"
 TRAINING_STATE_FILE = "training_state.pt"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -118,7 +120,8 @@ def locate_run(checkpoints_root: str, config_name: str, run_name: Optional[str],
 def _is_plain_baseline(directory: Path) -> bool:
     """`<run>-plain` beside `<run>`: the baseline that `--plain-baseline` trains after the run, and continues after
     it when resumed (distill.main), so a resume without a name picks the run, not its baseline."""
-    return directory.name.endswith("-plain") and directory.with_name(directory.name[: -len("-plain")]).is_dir()
+    run_name = directory.name.removesuffix(PLAIN_BASELINE_SUFFIX)
+    return run_name != directory.name and directory.with_name(run_name).is_dir()
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -229,7 +232,7 @@ def keep_step_snapshot(last: Path, step: int, keep: int, best_name: str) -> None
 
 
 def _check_identity(directory: Path, saved: dict, identity: dict) -> None:
-    """Refuse to resume a checkpoint of another model shape, tokenizer or loss than the config describes."""
+    """Refuse to resume a checkpoint of other batches, model shape, tokenizer or loss than the config describes."""
     _check_batches(directory, saved.get("batches", {}), identity["batches"])
     for part, what in (("model", "model shape"), ("tokenizer", "tokenizer"), ("loss", "loss")):
         if part in saved and saved[part] != identity[part]:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+import loss
+
 LOSS_SECTION = ("training_parameters", "loss")
 
 
@@ -53,17 +55,13 @@ def _check_node(node: yaml.Node, keys: tuple, path: Path, seen: frozenset) -> No
 
 
 def _check_constructor(node: yaml.Node, keys: tuple, where: str) -> None:
-    import loss
-
     named = node.value if isinstance(node, yaml.ScalarNode) else "?"
     if keys != LOSS_SECTION:
         raise UnsafeConfig(
             f"{where}: {'.'.join(map(str, keys)) or 'the top level'} has a `()` entry ({named}), which would run "
             f"Python code while the file loads; only training_parameters.loss names a class. Remove the entry."
         )
-    module_name, _, class_name = str(named).rpartition(".")
-    kind = getattr(loss, class_name, None) if module_name in ("", "loss") else None
-    if not (isinstance(kind, type) and issubclass(kind, loss.Criterion)):
+    if loss.criterion_class(named) is None:
         raise UnsafeConfig(
             f"{where}: training_parameters.loss names {named!r}, which is not a loss class of this project; use "
             f"loss.DistillationLoss, loss.ChunkedDistillationLoss or loss.ClassicLoss."

@@ -22,7 +22,7 @@ import hardware
 import models
 import records
 import teacher_cache
-from checkpoints import CheckpointError, locate_run
+from checkpoints import PLAIN_BASELINE_SUFFIX, CheckpointError, locate_run
 from config import Config, ConfigError, load_config
 from dataset import DataError
 from models import ModelError
@@ -44,7 +44,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     status, run = train(arguments.config, arguments.set, arguments.run_name, arguments.resume)
     if status == 0 and arguments.plain_baseline:
         # The same config, seed, data and steps, with plain next-token training: the comparison distillation needs.
-        baseline = run.directory.parent / f"{run.name}-plain"
+        baseline = run.directory.with_name(run.name + PLAIN_BASELINE_SUFFIX)
         resume = arguments.resume and baseline.exists()
         status, _ = train(arguments.config, [*arguments.set, PLAIN_LOSS_OVERRIDE], baseline.name, resume)
     hardware.end_processes(status)

@@ -14,7 +14,6 @@ Conventions, defined here once for the whole project:
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Union
@@ -220,6 +219,14 @@ def as_number(value) -> Optional[float]:
         return float(value)
     except (TypeError, ValueError):
         return None
+
+
+def criterion_class(class_path) -> Optional[type]:
+    """The criterion that a config's `()` entry names (`loss.DistillationLoss`, or the bare class name), or None:
+    only this module's criteria can be named."""
+    module_name, _, class_name = str(class_path).rpartition(".")
+    kind = globals().get(class_name) if module_name in ("", "loss") else None
+    return kind if isinstance(kind, type) and issubclass(kind, Criterion) else None
 
 
 def argument_problem(error: Exception) -> str:
@@ -447,12 +454,8 @@ class LossSpec:
             )
         arguments = dict(section)
         class_path = arguments.pop("()")
-        module_name, _, class_name = str(class_path).rpartition(".")
-        try:
-            kind = getattr(importlib.import_module(module_name or "loss"), class_name)
-        except (ImportError, AttributeError, ValueError):
-            kind = None
-        if not (isinstance(kind, type) and issubclass(kind, Criterion)):
+        kind = criterion_class(class_path)
+        if kind is None:
             raise TypeError(f"{class_path!r} is not a loss class; use loss.DistillationLoss or loss.ClassicLoss")
         try:
             checked = kind.check_arguments(**arguments)

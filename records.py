@@ -161,8 +161,8 @@ class MetricsLog:
         self.path.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
 
 
-def log_setup(student, teacher, cached_top_k: Optional[int], criterion, splits, total_steps: int, training,
-              accelerator) -> None:
+def log_setup(student, teacher, cached_top_k: Optional[int], criterion, splits, total_steps: int,
+              batches_per_step: int, training, accelerator) -> None:
     """What the run trains, against what, on which data, in how many steps and processes."""
     logger.info(
         "Student: %s parameters, %d layers; teacher: %s; loss: %r",
@@ -172,7 +172,6 @@ def log_setup(student, teacher, cached_top_k: Optional[int], criterion, splits, 
         else f"its cached top-{cached_top_k} distributions" if cached_top_k else "not loaded",
         criterion,
     )
-    batches_per_step = training.gradient_accumulation_steps * accelerator.num_processes
     logger.info(
         "Data: %s; %d optimizer steps of %d samples (%d per process and micro-batch, %d micro-batches, %d "
         "processes, %s)",

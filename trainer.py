@@ -150,7 +150,7 @@ class Trainer:
         self.teacher_results: dict[str, dict] = {}  # the frozen teacher's figures per split, computed once
         cached_top_k = config.teacher.cache_top_k if cached_teacher is not None else None
         records.log_setup(self.student_model, self.teacher_model, cached_top_k, criterion, splits, self.total_steps,
-                          self.training, accelerator)
+                          self.batches_per_step, self.training, accelerator)
 
     def _build_loaders(self, splits) -> None:
         collate = batching.collator(self.tokenizer.pad_token_id, self.config.data)
