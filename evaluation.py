@@ -39,8 +39,12 @@ def padded_batches(loader, stand_in: dict, num_processes: int, place: Callable[[
 
 
 def logits_of(output: ModelOutput) -> torch.Tensor:
-    """`(B, T, V)` logits, projected from the hidden states for a criterion that never materialises them."""
-    return output.logits if output.logits is not None else output.hidden @ output.head.T
+    """`(B, T, V)` logits, projected from the hidden states for a criterion that never materialises them. In
+    float32, as the chunked loss projects them: under bf16 autocast the hidden states are bf16 and the student's
+    head float32, and this runs outside autocast."""
+    if output.logits is not None:
+        return output.logits
+    return output.hidden.float() @ output.head.float().T
 
 
 @torch.no_grad()
