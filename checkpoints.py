@@ -1,6 +1,6 @@
-"""Run directories and checkpoints: nothing a user trained is ever overwritten, and a stopped run can continue.
+"""Checkpoints: nothing a user trained is ever overwritten, and a stopped run can continue.
 
-A run lives in `<paths.checkpoints>/<run name>/`. Inside it, the last and the best checkpoints are Hugging Face model
+A run lives in `<paths.checkpoints>/<run name>/` (runs.py). Inside it, the last and the best checkpoints are Hugging Face model
 directories (config.json, model.safetensors, tokenizer files) that `AutoModelForCausalLM.from_pretrained` loads,
 plus what resuming needs: `trainer_state.json` (plain JSON: epoch, position in the epoch, step, best validation loss)
 and `training_state.pt` (optimizer, scheduler and RNG states, read back with `torch.load(weights_only=True)`, which
@@ -12,13 +12,11 @@ during a write leaves the previous checkpoint whole (storage.py).
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import os
 import random
 import re
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -28,12 +26,10 @@ import safetensors.torch
 import torch
 
 import dataset
-from config import check_simple_name
-from storage import atomic_directory, recover_interrupted_write
+from models import first_line
+from storage import atomic_directory, is_disk_full
 
 TRAINER_STATE_FILE = "trainer_state.json"
-# `--plain-baseline` trains the run's plain baseline in `<run name>-plain`, beside the run.
-PLAIN_BASELINE_SUFFIX = "-plain"
 TRAINING_STATE_FILE = "training_state.pt"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -60,68 +56,6 @@ class TrainerState:
     interval_sums: Optional[list] = None
     # Seconds of the run up to this checkpoint, over every process that worked on it (resumes add theirs).
     elapsed_s: float = 0.0
-
-
-@dataclass(frozen=True)
-class RunLocation:
-    name: str
-    directory: Path
-    resume: bool
-
-
-def locate_run(checkpoints_root: str, config_name: str, run_name: Optional[str], resume: bool,
-               last_name: str) -> RunLocation:
-    """Decide which run directory to use, without creating anything.
-
-    A new run gets `<config name>-<timestamp>` unless named; an existing directory is only continued by a resume.
-    A resume without a name continues the most recent run of this config that has a last checkpoint (a run, not the
-    plain baseline trained after it).
-    """
-    root = Path(checkpoints_root)
-    if run_name is not None:
-        check_simple_name(run_name, "--run-name")
-    if resume:
-        if run_name is not None:
-            directory = root / run_name
-            if not has_checkpoint(directory / last_name):
-                raise CheckpointError(
-                    f"there is no checkpoint to resume in {directory / last_name}; "
-                    f"check --run-name, or start a new run without --resume."
-                )
-            return RunLocation(run_name, directory, True)
-        candidates = sorted(
-            (path for path in root.glob(f"{config_name}-*")
-             if has_checkpoint(path / last_name) and not _is_plain_baseline(path)),
-            key=lambda path: (path / last_name / TRAINER_STATE_FILE).stat().st_mtime,
-        )
-        if not candidates:
-            raise CheckpointError(
-                f"there is no run of {config_name!r} with a checkpoint to resume in {root}; "
-                f"start a new run without --resume, or name the run with --run-name."
-            )
-        return RunLocation(candidates[-1].name, candidates[-1], True)
-    if run_name is not None:
-        directory = root / run_name
-        if directory.exists():
-            raise CheckpointError(
-                f"the run directory {directory} already exists; pass --resume to continue it, "
-                f"or choose another --run-name."
-            )
-        return RunLocation(run_name, directory, False)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    name = f"{config_name}-{stamp}"
-    suffix = 2
-    while (root / name).exists():  # two runs started in the same second
-        name = f"{config_name}-{stamp}-{suffix}"
-        suffix += 1
-    return RunLocation(name, root / name, False)
-
-
-def _is_plain_baseline(directory: Path) -> bool:
-    """`<run>-plain` beside `<run>`: the baseline that `--plain-baseline` trains after the run, and continues after
-    it when resumed (distill.main), so a resume without a name picks the run, not its baseline."""
-    run_name = directory.name.removesuffix(PLAIN_BASELINE_SUFFIX)
-    return run_name != directory.name and directory.with_name(run_name).is_dir()
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -197,21 +131,18 @@ def save_checkpoint(
             training_state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": _rng_states()}
             if scaler is not None:
                 training_state["scaler"] = scaler.state_dict()
-            torch.save(training_state, staging / TRAINING_STATE_FILE)
+            # Through a Python file, so that a full disk raises an OSError that says so (not only a RuntimeError).
+            with open(staging / TRAINING_STATE_FILE, "wb") as handle:
+                torch.save(training_state, handle)
             record = {**dataclasses.asdict(state), "identity": identity}
             (staging / TRAINER_STATE_FILE).write_text(json.dumps(record, indent=2))
-    except OSError as error:
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+    except Exception as error:
+        if is_disk_full(error):
             raise CheckpointError(
                 f"the disk is full: the checkpoint {directory} could not be written, and the previous one there is "
-                f"intact; free some space and continue with --resume."
+                f"intact; free some space and continue with --resume --run-name {directory.parent.name}."
             ) from None
         raise
-
-
-def has_checkpoint(directory: Path) -> bool:
-    recover_interrupted_write(directory)
-    return (directory / TRAINER_STATE_FILE).is_file()
 
 
 def keep_step_snapshot(last: Path, step: int, keep: int, best_name: str) -> None:
@@ -220,11 +151,12 @@ def keep_step_snapshot(last: Path, step: int, keep: int, best_name: str) -> None
     names."""
     snapshot = last.with_name(f"step-{step:08d}")
     if not snapshot.exists():
-        try:
-            shutil.copytree(last, snapshot, copy_function=os.link)
-        except OSError:  # a file system without hard links
-            shutil.rmtree(snapshot, ignore_errors=True)
-            shutil.copytree(last, snapshot)
+        with atomic_directory(snapshot) as staging:  # a full disk or a kill leaves no half copy behind
+            try:
+                shutil.copytree(last, staging, dirs_exist_ok=True, copy_function=os.link)
+            except OSError:  # a file system without hard links
+                shutil.rmtree(staging)
+                shutil.copytree(last, staging)
     snapshots = sorted(path for path in last.parent.glob("step-*")
                        if re.fullmatch(r"step-\d{8}", path.name) and path.name not in (last.name, best_name))
     for old in snapshots[: max(len(snapshots) - keep, 0)]:
@@ -268,13 +200,57 @@ def load_trainer_state(directory: Path, identity: dict) -> TrainerState:
     try:
         values = json.loads((directory / TRAINER_STATE_FILE).read_text())
         saved_identity = values.pop("identity", {})
-        state = TrainerState(**values)
-    except (OSError, ValueError, TypeError) as error:
+        state = _checked_state(TrainerState(**values))
+    except (OSError, ValueError, TypeError, AttributeError) as error:
         raise CheckpointError(
-            f"the training state in {directory / TRAINER_STATE_FILE} is unreadable ({error}); the checkpoint is "
-            f"damaged, so start a new run or copy one of the run's step-* checkpoints over it."
+            f"the training state in {directory / TRAINER_STATE_FILE} is unreadable ({first_line(error)}); "
+            f"{_damaged_advice(directory)}"
         ) from None
     _check_identity(directory, saved_identity, identity)
+    return state
+
+
+def _damaged_advice(checkpoint: Path) -> str:
+    """What to do about a damaged checkpoint: put back the run's newest good step copy, if it kept any."""
+    copies = sorted(path for path in checkpoint.parent.glob("step-*")
+                    if re.fullmatch(r"step-\d{8}", path.name) and path != checkpoint)
+    if copies:
+        return (f"the checkpoint is damaged: move it away (mv {checkpoint} {checkpoint}.damaged), put the run's newest "
+                f"step copy in its place (cp -a {copies[-1]} {checkpoint}) and resume again.")
+    return (f"the checkpoint is damaged and the run kept no step copies: move it away "
+            f"(mv {checkpoint} {checkpoint}.damaged) and start a new run.")
+
+
+def check_best(directory: Path) -> bool:
+    """On a resume, before any training: whether the best checkpoint is there (False: it was removed), refusing a
+    damaged one now rather than when the test reads it at the end."""
+    if not directory.exists():
+        return False
+    try:
+        json.loads((directory / TRAINER_STATE_FILE).read_text())
+        safetensors.torch.load_file(str(directory / WEIGHTS_FILE))
+    except (OSError, ValueError, safetensors.SafetensorError) as error:
+        raise CheckpointError(
+            f"the best checkpoint {directory} is damaged ({first_line(error)}); move it away "
+            f"(mv {directory} {directory}.damaged) and resume: the best validation after the resume becomes the best."
+        ) from None
+    return True
+
+
+def _checked_state(state: TrainerState) -> TrainerState:
+    """The saved state's values, of the types the loop counts with (a hand-edited or damaged file may hold others)."""
+    for field in dataclasses.fields(TrainerState):
+        value, kind = getattr(state, field.name), str(field.type)
+        if value is None and kind.startswith("Optional"):
+            continue
+        if "list" in kind:
+            valid = isinstance(value, list) and len(value) == 4 and all(isinstance(item, (int, float)) for item in value)
+        elif "float" in kind:
+            valid = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            valid = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        if not valid:
+            raise ValueError(f"{field.name} is {value!r}")
     return state
 
 
@@ -284,8 +260,8 @@ def load_model_weights(directory: Path, model: torch.nn.Module) -> None:
         weights = safetensors.torch.load_file(str(directory / WEIGHTS_FILE))
     except (OSError, safetensors.SafetensorError) as error:
         raise CheckpointError(
-            f"the weights in {directory / WEIGHTS_FILE} are unreadable ({error}); the checkpoint is damaged, "
-            f"so start a new run or copy one of the run's step-* checkpoints over it."
+            f"the weights in {directory / WEIGHTS_FILE} are unreadable ({first_line(error)}); "
+            f"{_damaged_advice(directory)}"
         ) from None
     expected = model.state_dict()
     mismatched = [
@@ -321,8 +297,8 @@ def load_training_state(directory: Path, model, optimizer, scheduler, scaler=Non
             scaler.load_state_dict(saved["scaler"])
     except Exception as error:  # an unpickling refusal, a truncated file or a mismatched optimizer
         raise CheckpointError(
-            f"the optimizer state in {directory / TRAINING_STATE_FILE} cannot be used ({str(error).splitlines()[0]}); "
-            f"the checkpoint is damaged or comes from another configuration."
+            f"the optimizer state in {directory / TRAINING_STATE_FILE} cannot be used ({first_line(error)}); "
+            f"it comes from another configuration, or {_damaged_advice(directory)}"
         ) from None
     _restore_rng_states(saved.get("rng", {}))
 

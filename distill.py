@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from typing import Optional
 
@@ -21,11 +22,14 @@ import dataset
 import hardware
 import models
 import records
+import runs
+import storage
 import teacher_cache
-from checkpoints import PLAIN_BASELINE_SUFFIX, CheckpointError, locate_run
+from checkpoints import CheckpointError
 from config import Config, ConfigError, load_config
 from dataset import DataError
 from models import ModelError
+from runs import PLAIN_BASELINE_SUFFIX, locate_run
 from trainer import NonFiniteLoss, StoppedBySignal, Trainer
 
 logger = logging.getLogger("distill")
@@ -59,11 +63,12 @@ def train(config_file: str, overrides: list[str], run_name: Optional[str], resum
         config = load_config(config_file, overrides)
         trainer = setup(config, run_name, resume)
         run, accelerator = trainer.run, trainer.accelerator
-        records.start_run_directory(run, config, early_records, accelerator)
-        records.start_trackers(accelerator, config, trainer.state)
-        trainer.fit()
-        trainer.test_best()
-        records.report_where(run, accelerator)
+        with trainer.stop_signals:  # from the first file written in the run directory to the last
+            records.start_run_directory(run, config, early_records, accelerator)
+            records.start_trackers(accelerator, config, trainer.state)
+            trainer.fit()
+            trainer.test_best()
+            records.report_where(run, accelerator)
     except USER_ERRORS as error:
         logger.error("error: %s", error)
         return EXIT_USER_ERROR, run
@@ -73,12 +78,28 @@ def train(config_file: str, overrides: list[str], run_name: Optional[str], resum
     except NonFiniteLoss as error:
         logger.error("error: %s", error)
         return EXIT_NON_FINITE_LOSS, run
-    except KeyboardInterrupt:
-        logger.error("interrupted; the last checkpoint written is kept, continue with --resume")
-        return 130, run
+    except KeyboardInterrupt as interrupt:  # Ctrl-C before the run started, a second signal, or one outside the loop
+        number = getattr(interrupt, "signal_number", signal.SIGINT)
+        then = f"every checkpoint written is kept, continue with --resume --run-name {run.name}" if run is not None \
+            else "the run had not started, run the same command again"
+        logger.error("stopped by %s; %s", signal.Signals(number).name, then)
+        return 128 + number, run
+    except Exception as error:  # a full disk, whichever writer met it (each writes whole files or nothing)
+        if not storage.is_disk_full(error):
+            raise
+        logger.error("error: %s", disk_full_message(error, run))
+        return EXIT_USER_ERROR, run
     finally:
         records.close_log_handlers()
+        runs.release_runs()
     return 0, run
+
+
+def disk_full_message(error: Exception, run) -> str:
+    where = storage.written_path(error)
+    then = f"continue with --resume --run-name {run.name}" if run is not None else "run the same command again"
+    return (f"the disk is full{f' (writing {where})' if where else ''}, and everything written before is intact; "
+            f"free some space, then {then}.")
 
 
 def setup(config: Config, run_name: Optional[str], resume: bool) -> Trainer:

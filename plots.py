@@ -18,6 +18,8 @@ from typing import Optional
 
 import yaml
 
+import storage
+
 CURVES_FILE = "loss_curves.png"
 
 
@@ -60,7 +62,7 @@ def load_run(directory) -> Run:
     metrics = directory / "metrics.jsonl"
     if not metrics.is_file():
         raise FileNotFoundError(f"{directory} has no metrics.jsonl; give the directory of a run made by distill.py")
-    records = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records, _damaged = storage.read_json_lines(metrics)  # a line cut by a crash does not hide the rest
     config_file = directory / "config.yaml"
     config = yaml.safe_load(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
     summary_file = directory / "summary.json"

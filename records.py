@@ -20,7 +20,9 @@ import torch
 import dataset
 import hardware
 import models
-from checkpoints import RunLocation, TrainerState
+import storage
+from checkpoints import TrainerState
+from runs import RunLocation
 from config import Config, ConfigError, dump_config, report_to_names, to_plain_dict
 
 logger = logging.getLogger("distill")
@@ -69,10 +71,10 @@ def _quiet_libraries() -> None:
 def start_run_directory(run: RunLocation, config: Config, early_records, accelerator) -> None:
     """Create the run directory (all checks passed), save the resolved config and send the log to train.log."""
     if accelerator.is_main_process:
-        run.directory.mkdir(parents=True, exist_ok=run.resume)
+        run.directory.mkdir(parents=True, exist_ok=True)  # locate_run created and holds it
         config_file = run.directory / ("config.resumed.yaml" if run.resume else "config.yaml")
         dump_config(config, config_file)
-        log_file = logging.FileHandler(run.directory / "train.log", encoding="utf-8")
+        log_file = _LogFile(run.directory / "train.log", encoding="utf-8")
         log_file.setFormatter(early_records.formatter)
         log_file._distill = True
         logging.getLogger().addHandler(log_file)
@@ -81,6 +83,14 @@ def start_run_directory(run: RunLocation, config: Config, early_records, acceler
     logging.getLogger().removeHandler(early_records)
     early_records.close()
     logger.info("%s run %s in %s", "Resuming" if run.resume else "Starting", run.name, run.directory)
+
+
+class _LogFile(logging.FileHandler):
+    """train.log. A line it cannot write (a full disk) is left out without printing a traceback: the console has
+    it, and the next checkpoint or metrics record meets the same full disk and stops the run with one sentence."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
 
 
 def trackers(config: Config, run: RunLocation) -> list:
@@ -147,18 +157,21 @@ class MetricsLog:
             "wall_time_s": round(elapsed_s, 3),
         }
         if self.accelerator.is_main_process:
-            with self.path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+            storage.append_line(self.path, json.dumps(record) + "\n")
         numbers = {f"{split}/{key}": value for key, value in values.items() if isinstance(value, (int, float))}
         self.accelerator.log(numbers, step=state.global_step)  # a no-op without trackers
 
     def drop_after(self, step: int) -> None:
-        """A resumed run replays the steps after its last checkpoint: forget their records, so none is doubled."""
+        """A resumed run replays the steps after its last checkpoint: forget their records, so none is doubled.
+        The file is replaced whole, so a kill or a full disk at this moment leaves the history as it was."""
         if not (self.accelerator.is_main_process and self.path.is_file()):
             return
-        records = [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        kept = [record for record in records if record["step"] <= step and record["split"] != "test"]
-        self.path.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
+        records, damaged = storage.read_json_lines(self.path)
+        if damaged:
+            logger.warning("%s: lines %s are not JSON records (cut by a crash or edited) and are dropped",
+                           self.path, ", ".join(map(str, damaged)))
+        kept = [record for record in records if record.get("step", 0) <= step and record.get("split") != "test"]
+        storage.atomic_write_text(self.path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
 def log_setup(student, teacher, cached_top_k: Optional[int], criterion, splits, total_steps: int,
@@ -205,7 +218,7 @@ def write_summary(run: RunLocation, state: TrainerState, best_metric: str, test:
         "wall_time_s": round(elapsed_s, 2),
     }
     if accelerator.is_main_process:
-        (run.directory / "summary.json").write_text(json.dumps(summary, indent=2))
+        storage.atomic_write_text(run.directory / "summary.json", json.dumps(summary, indent=2))
 
 
 def report_where(run: RunLocation, accelerator) -> None:

@@ -3,17 +3,23 @@
 The directory is written under a hidden staging name beside its destination, flushed to disk, then renamed into
 place: a rename within one file system is atomic, so the destination is absent, the previous version or the whole
 new one, never a part of one. Caches (the tokenized data, the teacher's distributions) and checkpoints are written
-this way.
+this way; a single file (a config, a summary, the rewritten metrics) is written beside its destination and renamed
+the same way.
+
+A full disk shows as different exceptions depending on the writer (OSError, torch's RuntimeError, safetensors'
+SafetensorError): `is_disk_full` recognises them all, so the run can stop with one sentence.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import ContextManager, Iterator
+from typing import ContextManager, Iterator, Optional
 
 
 def atomic_directory(destination: Path, replace: bool = False) -> ContextManager[Path]:
@@ -29,6 +35,87 @@ def atomic_directory(destination: Path, replace: bool = False) -> ContextManager
     """
     destination = Path(destination)
     return _replacing(destination) if replace else _creating(destination)
+
+
+def atomic_write_text(destination: Path, text: str) -> None:
+    """Write `destination` whole or not at all: a kill or a full disk leaves the previous version in place."""
+    destination = Path(destination)
+    descriptor, staging = tempfile.mkstemp(prefix=f".{destination.name}-", dir=destination.parent)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(staging, 0o644)  # mkstemp's file is private to its owner
+        os.replace(staging, destination)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.unlink(staging)
+        if isinstance(error, OSError) and not error.filename:  # a failed write names no file: name the one it was
+            raise OSError(error.errno, error.strerror, str(destination)) from error
+        raise
+    _fsync_directory(destination.parent)
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line to a log whole or not at all: on a full disk the part already written is cut off again,
+    so the file never ends in half a record."""
+    data = line.encode("utf-8")
+    with open(path, "ab", buffering=0) as handle:
+        start = handle.seek(0, os.SEEK_END)
+        try:
+            written = 0
+            while written < len(data):
+                written += handle.write(data[written:])
+        except BaseException:
+            os.ftruncate(handle.fileno(), start)  # freeing space never needs space
+            raise
+
+
+def read_json_lines(path: Path) -> tuple[list[dict], list[int]]:
+    """The records of a JSON-lines file, and the numbers of the lines that are not a JSON object (a line cut by a
+    crash or damaged by hand): those are skipped, so one bad line does not hide the rest."""
+    records, damaged = [], []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            damaged.append(number)
+    return records, damaged
+
+
+# The messages of writers that do not keep the OSError (safetensors, from Rust) when the disk is full.
+_FULL_DISK_MESSAGES = ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error`, or an exception that caused it, says the file system is full (or the quota spent)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(message in str(error) for message in _FULL_DISK_MESSAGES):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def written_path(error: BaseException) -> Optional[str]:
+    """The file named by the first OSError in `error`'s chain, if any: where a failed write went."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.filename:
+            return str(error.filename)
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def recover_interrupted_write(destination: Path) -> None:
@@ -48,8 +135,13 @@ def _creating(destination: Path) -> Iterator[Path]:
         staging.mkdir()
         yield staging
         _fsync_tree(staging)
-        if not destination.exists():  # another process may have finished the same directory first
+        try:
             os.replace(staging, destination)
+        except OSError:
+            if not destination.is_dir():
+                raise
+            # Another process finished the same directory first (a rename cannot replace a non-empty one): keep it.
+        else:
             _fsync_directory(destination.parent)
     finally:
         shutil.rmtree(holder, ignore_errors=True)

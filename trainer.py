@@ -13,7 +13,7 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -26,10 +26,10 @@ import models
 import records
 import teacher_cache
 from checkpoints import (
-    RunLocation,
     TrainerState,
     run_identity,
     gather_training_states,
+    check_best,
     keep_step_snapshot,
     load_model_weights,
     load_trainer_state,
@@ -37,6 +37,7 @@ from checkpoints import (
     save_checkpoint,
 )
 from config import Config
+from runs import RunLocation
 from loss import Criterion, ModelOutput
 
 logger = logging.getLogger("distill")
@@ -63,13 +64,15 @@ class NonFiniteLoss(Exception):
 
 
 class StopSignals:
-    """While active, SIGINT and SIGTERM only ask the loop to stop after the current optimizer step and checkpoint.
-
-    A second signal stops at once (the last checkpoint written stays valid).
+    """SIGINT and SIGTERM while a run writes to its directory. During the training loop (`deferred`), a signal asks
+    the loop to stop after the current optimizer step and its checkpoint; a second one, or one at any other moment
+    (a resume rewriting metrics.jsonl, an evaluation, the test), stops at once with `Interrupted`: every file is
+    written whole or not at all, so what was written before stays valid.
     """
 
     def __init__(self) -> None:
         self.received: Optional[int] = None
+        self._deferring = False
         self._previous: dict = {}
 
     def __enter__(self) -> "StopSignals":
@@ -82,11 +85,27 @@ class StopSignals:
             signal.signal(number, handler)
         self._previous.clear()
 
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+
     def _handle(self, number: int, _frame) -> None:
-        if self.received is not None:
-            raise KeyboardInterrupt
+        if not self._deferring or self.received is not None:
+            raise Interrupted(number)
         self.received = number
         logger.warning("Received %s: finishing this step, then writing a checkpoint", signal.Signals(number).name)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal that stops the run at once (a KeyboardInterrupt, so that no `except Exception` swallows it)."""
+
+    def __init__(self, signal_number: int) -> None:
+        super().__init__(signal.Signals(signal_number).name)
+        self.signal_number = signal_number
 
 
 def build_optimizer(student: torch.nn.Module, training) -> torch.optim.Optimizer:
@@ -221,7 +240,7 @@ class Trainer:
         if self.run.resume:
             self.metrics.drop_after(state.global_step)
         if state.global_step < self.total_steps:  # a resumed run may already be complete
-            with self.stop_signals:
+            with self.stop_signals.deferred():
                 for epoch in range(state.epoch, self.training.nb_epochs):
                     if self._train_one_epoch(epoch):
                         break
@@ -461,6 +480,11 @@ class Trainer:
         if not self.run.resume:
             return
         self.state = load_trainer_state(self.last_directory, self.identity)
+        if not check_best(self.best_directory) and self.state.best_step is not None:
+            logger.warning("The best checkpoint %s is missing: the best validation from now on will be kept there",
+                           self.best_directory)
+            self.state.best_validation_loss = self.state.best_validation_perplexity = self.state.best_step = None
+            self.state.last_evaluated_step = None  # a complete run validates once more, to have a best to test
         self.last_saved_step = self.state.global_step
         self.elapsed_before = self.state.elapsed_s
         if self.state.interval_sums is not None:

@@ -7,6 +7,10 @@ POINT is where the process dies, with SIGKILL (no handler, no cleanup: what an O
 - `staging`: while the checkpoint of STEP is half written (weights written, training state not yet);
 - `swap`: between the two renames that put the checkpoint of STEP in place;
 or, for `sigterm` and `sigint`, that signal arrives as the step after STEP begins (the graceful stop).
+Two points hold processes together, for the tests of concurrent runs:
+- `hold`: as the step after STEP begins, create the file $HELD and wait until the file $RELEASE exists;
+- `together`: before choosing its run directory, wait until STEP processes have reached that point (files in the
+  folder $BARRIER), then until the start of the next second, so that they all take the same timestamp.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -36,6 +41,10 @@ def main() -> int:
         if self.state.global_step == step:
             if point == "step":
                 die()
+            if point == "hold":
+                Path(os.environ["HELD"]).touch()
+                while not Path(os.environ["RELEASE"]).exists():
+                    time.sleep(0.05)
             if point in ("sigterm", "sigint") and self.stop_signals.received is None:
                 os.kill(os.getpid(), signal.SIGTERM if point == "sigterm" else signal.SIGINT)
         return optimizer_step(self, step_batches, step_targets)
@@ -54,7 +63,7 @@ def main() -> int:
         torch_save = torch.save
 
         def save_then_crash(payload, path, *args, **kwargs):
-            if at_target() and Path(path).name == "training_state.pt":
+            if at_target() and Path(getattr(path, "name", path)).name == "training_state.pt":  # a path or a file
                 die()
             return torch_save(payload, path, *args, **kwargs)
 
@@ -68,6 +77,18 @@ def main() -> int:
                 die()
 
         os.replace = replace_then_crash
+    if point == "together":
+        locate_run = distill.locate_run
+
+        def locate_run_together(*args, **kwargs):
+            barrier = Path(os.environ["BARRIER"])
+            (barrier / str(os.getpid())).touch()
+            while len(list(barrier.iterdir())) < step:
+                time.sleep(0.01)
+            time.sleep(1.02 - time.time() % 1)
+            return locate_run(*args, **kwargs)
+
+        distill.locate_run = locate_run_together
     return distill.main(arguments)
 
 

@@ -9,6 +9,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -92,7 +93,7 @@ def test_killed_run_resumes_to_the_same_weights(setup, point, step, expected_che
     resumed_from = (checkpoints / name / "train.log").read_text().split("Resumed from", 1)[1].splitlines()[0]
     assert f"step {expected_checkpoint_step}," in resumed_from
     assert_same_as_straight(checkpoints, name)
-    leftovers = [path.name for path in (checkpoints / name).iterdir() if path.name.startswith(".")]
+    leftovers = [path.name for path in (checkpoints / name).iterdir() if path.name.startswith(".") and path.name != ".lock"]
     assert leftovers == []
 
 
@@ -249,3 +250,89 @@ def test_pruning_step_copies_never_deletes_the_last_or_the_best_checkpoint(tmp_p
     assert trainer_state(run / "step-last")["global_step"] == 6
     summary = json.loads((run / "summary.json").read_text())
     assert trainer_state(run / "step-best")["global_step"] == summary["best_step"]
+
+
+@pytest.mark.parametrize("number", [signal.SIGKILL, signal.SIGTERM])
+def test_a_signal_while_a_resume_rewrites_the_history_loses_none_of_it(setup, number):
+    """The resume drops the records after its checkpoint by rewriting metrics.jsonl; a real signal, sent by this
+    process the moment the file changes on disk, must leave the whole history up to the checkpoint."""
+    config_file, checkpoints = setup
+    name = f"history-{signal.Signals(number).name}"
+    assert run_process("--config", str(config_file), "--run-name", name, point="step", step=7) == -signal.SIGKILL
+    metrics = checkpoints / name / "metrics.jsonl"
+    # A long history (a long run's worth of records before the checkpoint of step 5), so the rewrite takes a while.
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    old = [{**records[0], "loss": index / 1e5, "note": "x" * 100} for index in range(150_000)]
+    metrics.write_text("".join(json.dumps(record) + "\n" for record in old + records))
+    expected_history = old + [record for record in records if record["step"] <= 5]
+
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.Popen([sys.executable, "distill.py", "--config", str(config_file), "--run-name", name,
+                                "--resume"], cwd=REPO, env=environment, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    before = metrics.stat()
+    while process.poll() is None:
+        now = metrics.stat() if metrics.exists() else None
+        if now is None or (now.st_ino, now.st_size, now.st_mtime_ns) != (before.st_ino, before.st_size, before.st_mtime_ns):
+            process.send_signal(number)
+            break
+        time.sleep(0.0002)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode in (-number, 128 + number), stderr[-3000:]
+    assert "Traceback" not in stderr
+    kept = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert kept[: len(expected_history)] == expected_history
+
+    assert run_process("--config", str(config_file), "--run-name", name, "--resume") == 0
+    final = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert final[: len(old)] == old
+    assert history(checkpoints / name)[len(old):] == history(checkpoints / "straight")
+
+
+def start_process(*arguments: str, point: str = "none", step: int = -1, **environment: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(RUNNER), point, str(step), *arguments], cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **environment},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def test_a_second_process_on_a_run_in_use_is_refused_and_the_run_ends_whole(setup, tmp_path):
+    config_file, checkpoints = setup
+    name = "in-use"
+    assert run_process("--config", str(config_file), "--run-name", name, point="step", step=7) == -signal.SIGKILL
+    held, release = tmp_path / "held", tmp_path / "release"
+    first = start_process("--config", str(config_file), "--run-name", name, "--resume", point="hold", step=10,
+                          HELD=str(held), RELEASE=str(release))
+    try:
+        while not held.exists():  # the first process is training, after its resume
+            assert first.poll() is None, first.communicate()[1][-3000:]
+            time.sleep(0.05)
+        second = subprocess.run([sys.executable, "distill.py", "--config", str(config_file), "--run-name", name,
+                                 "--resume"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert second.returncode == 2, second.stderr[-3000:]
+        errors = [line for line in second.stderr.splitlines() if " error: " in line]
+        assert len(errors) == 1 and f"in use by another process (pid {first.pid})" in errors[0], second.stderr
+    finally:
+        release.touch()
+    assert first.wait(timeout=300) == 0, first.communicate()[1][-3000:]
+    assert_same_as_straight(checkpoints, name)
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(setup, tmp_path):
+    config_file, checkpoints = setup
+    root = tmp_path / "checkpoints"
+    arguments = ("--config", str(config_file), "--set", f"paths.checkpoints={root}",
+                 "--set", "training_parameters.max_steps=3")
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    processes = [start_process(*arguments, point="together", step=2, BARRIER=str(barrier)) for _ in range(2)]
+    for process in processes:
+        assert process.wait(timeout=300) == 0, process.communicate()[1][-3000:]
+    runs = sorted(path.name for path in root.iterdir())
+    assert len(runs) == 2 and runs[1] == runs[0] + "-2", runs  # the same timestamp, and a suffix
+    for run in runs:
+        assert trainer_state(root / run / "last")["global_step"] == 3
+        assert [record[0] for record in history(root / run)].count("test") == 1
+        assert len(list((root / run).glob("config*.yaml"))) == 1

@@ -1,0 +1,173 @@
+"""Run directories: which one a run uses, and one process at a time in it.
+
+A new run's directory is created when its name is chosen, so two runs started at once never share one; a run's
+directory is locked (an exclusive lock on its `.lock` file) for as long as a process works on it, so a second
+process is refused with one sentence instead of mixing its checkpoints and records with the first one's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from checkpoints import TRAINER_STATE_FILE, CheckpointError
+from config import check_simple_name
+from storage import recover_interrupted_write
+
+# `--plain-baseline` trains the run's plain baseline in `<run name>-plain`, beside the run.
+PLAIN_BASELINE_SUFFIX = "-plain"
+
+
+@dataclass(frozen=True)
+class RunLocation:
+    name: str
+    directory: Path
+    resume: bool
+
+
+def locate_run(checkpoints_root: str, config_name: str, run_name: Optional[str], resume: bool,
+               last_name: str) -> RunLocation:
+    """Decide which run directory to use, and hold its lock (see `hold_run`) until `release_runs`.
+
+    A new run gets `<config name>-<timestamp>` unless named; its directory is created here, so two runs started at
+    once never share one. An existing directory is only continued by a resume. A resume without a name continues
+    the most recent run of this config that has a last checkpoint (a run, not the plain baseline trained after it).
+    """
+    root = Path(checkpoints_root)
+    if run_name is not None:
+        check_simple_name(run_name, "--run-name")
+    if resume:
+        directory = root / run_name if run_name is not None else _latest_run(root, config_name, last_name)
+        hold_run(directory, created=False)
+        recover_interrupted_write(directory / last_name)
+        if not (directory / last_name / TRAINER_STATE_FILE).is_file():
+            raise CheckpointError(_no_checkpoint_message(directory, last_name))
+        return RunLocation(directory.name, directory, True)
+    _check_checkpoints_root(root)
+    if run_name is not None:
+        if not _reserve(root / run_name):
+            raise CheckpointError(
+                f"the run directory {root / run_name} already exists; pass --resume to continue it, "
+                f"or choose another --run-name."
+            )
+        return RunLocation(run_name, root / run_name, False)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name, suffix = f"{config_name}-{stamp}", 2
+    while not _reserve(root / name):  # another run started in the same second
+        name, suffix = f"{config_name}-{stamp}-{suffix}", suffix + 1
+    return RunLocation(name, root / name, False)
+
+
+def _check_checkpoints_root(root: Path) -> None:
+    try:
+        problem = "it is a file" if root.exists() and not root.is_dir() else None
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        problem = problem or error.strerror
+    if problem:
+        raise CheckpointError(
+            f"paths.checkpoints {root} cannot be used as a folder ({problem}); set paths.checkpoints to a folder "
+            f"this user can write to."
+        )
+
+
+def _latest_run(root: Path, config_name: str, last_name: str) -> Path:
+    # Read only: the runs looked at here may be in use by another process, which alone may repair them.
+    candidates = [path for path in root.glob(f"{config_name}-*")
+                  if _saved_state(path / last_name) is not None and not _is_plain_baseline(path)]
+    if not candidates:
+        raise CheckpointError(
+            f"there is no run of {config_name!r} with a checkpoint to resume in {root}; "
+            f"start a new run without --resume, or name the run with --run-name."
+        )
+    return max(candidates, key=lambda path: _saved_state(path / last_name).stat().st_mtime)
+
+
+def _saved_state(checkpoint: Path) -> Optional[Path]:
+    """The checkpoint's trainer state, or its previous version's during a replacing write (storage.py)."""
+    for candidate in (checkpoint, checkpoint.with_name(f".{checkpoint.name}.previous")):
+        if (candidate / TRAINER_STATE_FILE).is_file():
+            return candidate / TRAINER_STATE_FILE
+    return None
+
+
+def _no_checkpoint_message(directory: Path, last_name: str) -> str:
+    copies = sorted(path for path in directory.glob("step-*") if _saved_state(path) is not None)
+    if copies:
+        return (f"there is no checkpoint to resume in {directory / last_name}, but the run kept step copies (the newest "
+                f"is {copies[-1].name}); copy it into place (cp -a {copies[-1]} {directory / last_name}) and resume "
+                f"again.")
+    return (f"there is no checkpoint to resume in {directory / last_name}; check --run-name, or start a new run "
+            f"without --resume.")
+
+
+# Run directory -> (its open lock file, whether this process created the directory).
+_HELD_RUNS: dict[Path, tuple[int, bool]] = {}
+LOCK_FILE = ".lock"
+
+
+def _reserve(directory: Path) -> bool:
+    """Create a new run's directory and hold it; False if it exists (another run, perhaps started this second)."""
+    try:
+        directory.mkdir()
+    except FileExistsError:
+        return False
+    except OSError as error:
+        raise CheckpointError(
+            f"the run directory {directory} cannot be created ({error.strerror}); set paths.checkpoints to a folder "
+            f"this user can write to, or choose a shorter --run-name."
+        ) from None
+    hold_run(directory, created=True)
+    return True
+
+
+def hold_run(directory: Path, created: bool) -> None:
+    """Take the run's exclusive lock, or say which process has it. The lock is held until `release_runs`, and the
+    operating system releases it when the process dies, however it dies: no stale lock to remove by hand."""
+    if directory in _HELD_RUNS:  # this process already holds it (a second setup of the same run, in a notebook)
+        return
+    try:
+        descriptor = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except FileNotFoundError:
+        return  # no such run: the caller says so
+    except OSError as error:
+        raise CheckpointError(
+            f"the run directory {directory} cannot be used ({error.strerror}); check that it is a folder this user "
+            f"can write to."
+        ) from None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(descriptor, 32).decode(errors="replace").strip()
+        os.close(descriptor)
+        raise CheckpointError(
+            f"the run {directory.name} is in use by another process{f' (pid {holder})' if holder else ''}; wait for "
+            f"it to end or stop it, then resume, or start a new run without --resume."
+        ) from None
+    os.ftruncate(descriptor, 0)
+    os.write(descriptor, f"{os.getpid()}\n".encode())
+    _HELD_RUNS[directory] = (descriptor, created)
+
+
+def release_runs() -> None:
+    """Release the runs this process holds. A directory created for a run that stopped before writing anything
+    (a mistake found after its name was taken) is removed again: a mistake leaves no empty run behind."""
+    for directory, (descriptor, created) in list(_HELD_RUNS.items()):
+        with contextlib.suppress(OSError):  # a directory the user removed meanwhile
+            if created and [path.name for path in directory.iterdir()] == [LOCK_FILE]:
+                (directory / LOCK_FILE).unlink()
+                directory.rmdir()
+        os.close(descriptor)
+        del _HELD_RUNS[directory]
+
+
+def _is_plain_baseline(directory: Path) -> bool:
+    """`<run>-plain` beside `<run>`: the baseline that `--plain-baseline` trains after the run, and continues after
+    it when resumed (distill.main), so a resume without a name picks the run, not its baseline."""
+    run_name = directory.name.removesuffix(PLAIN_BASELINE_SUFFIX)
+    return run_name != directory.name and directory.with_name(run_name).is_dir()
