@@ -45,7 +45,7 @@ def locate_run(checkpoints_root: str, config_name: str, run_name: Optional[str],
         directory = root / run_name if run_name is not None else _latest_run(root, config_name, last_name)
         hold_run(directory, created=False)
         recover_interrupted_write(directory / last_name)
-        if not (directory / last_name / TRAINER_STATE_FILE).is_file():
+        if not (directory / last_name).is_dir():  # a damaged checkpoint is there, and its loading names the damage
             raise CheckpointError(_no_checkpoint_message(directory, last_name))
         return RunLocation(directory.name, directory, True)
     _check_checkpoints_root(root)
@@ -137,8 +137,8 @@ def hold_run(directory: Path, created: bool) -> None:
         return  # no such run: the caller says so
     except OSError as error:
         raise CheckpointError(
-            f"the run directory {directory} cannot be used ({error.strerror}); check that it is a folder this user "
-            f"can write to."
+            f"the run's lock file {directory / LOCK_FILE} cannot be opened ({error.strerror}); the run directory "
+            f"must be a folder this user can write to, and its {LOCK_FILE} a file (remove anything else there)."
         ) from None
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
