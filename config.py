@@ -24,6 +24,7 @@ import yaml
 
 import config_guard
 import loss as loss_module
+import storage
 
 
 class ConfigError(ValueError):
@@ -209,13 +210,17 @@ DEFAULT_LOSS = {"()": "loss.DistillationLoss", "alpha": 1.0, "beta": 0.1, "tempe
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     """Read `path` with configue, apply `key.path=value` overrides, validate, and return the frozen Config."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; pass a YAML file with --config.")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass an existing YAML file with --config.")
     raw = _read_with_configue(path)
-    if raw is None:
-        raw = {}
+    if raw is None:  # an empty file, or only comments: most likely a truncated or unsaved one
+        raise ConfigError(f"config file {path} is empty; write its settings (config.yaml shows every section) or "
+                          f"pass another file with --config.")
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping of sections (paths, training_parameters, ...) at top level.")
+        raise ConfigError(f"{path} holds a {type(raw).__name__}, not a mapping of sections; write its settings as "
+                          f"sections (paths:, training_parameters:, ...) at the top level.")
     tree = _to_plain_tree(raw)
     for override in overrides:
         _apply_override(tree, override)
@@ -233,7 +238,7 @@ def to_plain_dict(config: Config) -> dict:
 
 
 def dump_config(config: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_plain_dict(config), sort_keys=False), encoding="utf-8")
+    storage.atomic_write_text(path, yaml.safe_dump(to_plain_dict(config), sort_keys=False))
 
 
 def _read_with_configue(path: Path) -> Any:
@@ -250,11 +255,11 @@ def _read_with_configue(path: Path) -> Any:
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        problem = getattr(error, "problem", None) or _first_line(error)
         raise ConfigError(f"{path} is not valid YAML{where} ({problem}); fix the syntax there.") from None
     except ConfigueError as error:
         raise ConfigError(
-            f"{path}: {str(error).splitlines()[0]}; the `()` entry must name an existing class such as "
+            f"{path}: {_first_line(error)}; the `()` entry must name an existing class such as "
             f"loss.DistillationLoss or loss.ClassicLoss."
         ) from None
     except (TypeError, ValueError) as error:
@@ -263,6 +268,12 @@ def _read_with_configue(path: Path) -> Any:
             f"{path}: training_parameters.loss: {loss_module.argument_problem(error)}; fix it under "
             f"training_parameters.loss."
         ) from None
+
+
+def _first_line(error: BaseException) -> str:
+    from models import first_line  # here: models imports transformers, seconds that a config check does not need
+
+    return first_line(error)
 
 
 def _to_plain_tree(value: Any) -> Any:
@@ -291,7 +302,14 @@ def _apply_override(tree: dict, override: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {key_path}: {key} is a single value, not a section.")
         node = child
-    node[keys[-1]] = yaml.safe_load(text) if text else None
+    try:
+        node[keys[-1]] = yaml.safe_load(text) if text else None
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or _first_line(error)
+        raise ConfigError(
+            f"--set {key_path}: the value {text!r} is not valid YAML ({problem}); quote a text, e.g. "
+            f"{key_path}='\"{text}\"', or fix the value."
+        ) from None
 
 
 def _check_override_path(keys: list[str], key_path: str) -> None:
@@ -337,15 +355,15 @@ def _build(schema: type, values: Any, source: str, prefix: str) -> Any:
             )
     kwargs = {}
     for name, item in known.items():
-        if name not in values:
-            continue
         key = f"{prefix}{name}"
         kind = _field_schema(schema, item)
         if kind is _LOSS_SECTION:
-            kwargs[name] = _loss_spec(values[name], source, key)
+            if name in values:
+                kwargs[name] = _loss_spec(values[name], source, key)
         elif dataclasses.is_dataclass(kind):
-            kwargs[name] = _build(kind, values[name] if values[name] is not None else {}, source, f"{key}.")
-        else:
+            # A section the file leaves out is built too, so that training_parameters gets its default loss.
+            kwargs[name] = _build(kind, values.get(name) if values.get(name) is not None else {}, source, f"{key}.")
+        elif name in values:
             kwargs[name] = _check_value(values[name], kind, item.metadata, source, key)
     if schema is TrainingParameters and "loss" not in kwargs:
         kwargs["loss"] = _loss_spec(dict(DEFAULT_LOSS), source, f"{prefix}loss")

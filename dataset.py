@@ -4,12 +4,12 @@ batches are batching.py's.
 The tokenized splits are saved with `datasets` (Arrow, memory-mapped) under `paths.token_dataset`, in a folder
 keyed by everything that produced them: the data itself, the tokenizer, the max length, the template and the
 split. Change any of these and the cache is rebuilt; change none and it is reused without touching the raw data.
+A damaged cache (a file missing, truncated or not the size it was written with) is rebuilt too, with a warning.
 """
 
 from __future__ import annotations
 
 import bisect
-import codecs
 import hashlib
 import json
 import logging
@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
 import numpy as np
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+import pyarrow
+from datasets import Dataset, DatasetDict, Value, load_from_disk
 
+import data_files
+from data_files import DataError, remove_damaged_cache
 from models import first_line
 from storage import atomic_directory
 
@@ -29,12 +32,7 @@ logger = logging.getLogger(__name__)
 # Bump when the formatting or tokenization below changes, so that old caches are not reused.
 CACHE_FORMAT_VERSION = 3
 SPLIT_NAMES = ("train", "validation", "test")
-LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 ALPACA_FIELDS = ("instruction", "input", "output")
-
-
-class DataError(ValueError):
-    """Data that cannot be used as configured; the message is shown to the user as it is."""
 
 
 class PromptTemplate(NamedTuple):
@@ -138,21 +136,22 @@ def spec_from_config(config) -> DataSpec:
 
 def prepare_splits(spec: DataSpec, tokenizer, data_folder: str, token_dataset: str, num_proc: int = 1) -> DatasetDict:
     """The tokenized train/validation/test splits, from the cache when it holds exactly this data and tokenizer."""
-    local_files = resolve_local_files(spec.dataset, data_folder)
+    local_files = data_files.resolve_local_files(spec.dataset, data_folder)
     raw = None
     if local_files is not None:
-        data_fingerprint = _hash_files(local_files)
+        data_fingerprint = data_files.hash_files(local_files)
     else:
-        raw = _load_hub_dataset(spec.dataset, data_folder)
+        raw = data_files.load_hub_dataset(spec.dataset, data_folder)
         data_fingerprint = f"hub:{spec.dataset}:{raw._fingerprint}"
     key = _cache_key(spec, data_fingerprint, tokenizer)
     cache_dir = _cache_root(data_folder, token_dataset) / key
-    if (cache_dir / "dataset_dict.json").is_file():
+    cached = _open_cache(cache_dir)
+    if cached is not None:
         logger.info("Using the tokenized data cached in %s", cache_dir)
-        return load_from_disk(str(cache_dir))
+        return cached
 
     if raw is None:
-        raw = _load_local_dataset(local_files, data_folder, data_fingerprint)
+        raw = data_files.load_local_dataset(local_files, data_folder, data_fingerprint)
     texts = format_rows(raw, spec, num_proc)
     splits = split_rows(texts, spec.split, spec.seed)
     tokenized = DatasetDict(
@@ -177,49 +176,19 @@ def prepare_splits(spec: DataSpec, tokenizer, data_folder: str, token_dataset: s
 def load_text_splits(spec: DataSpec, data_folder: str, num_proc: int = 1) -> dict[str, Dataset]:
     """The formatted `prompt` and `response` texts of each split, before tokenization: the same rows and the same
     split as training uses (for exploring the data; nothing is cached)."""
-    local_files = resolve_local_files(spec.dataset, data_folder)
+    local_files = data_files.resolve_local_files(spec.dataset, data_folder)
     if local_files is not None:
-        raw = _load_local_dataset(local_files, data_folder, _hash_files(local_files))
+        raw = data_files.load_local_dataset(local_files, data_folder, data_files.hash_files(local_files))
     else:
-        raw = _load_hub_dataset(spec.dataset, data_folder)
+        raw = data_files.load_hub_dataset(spec.dataset, data_folder)
     return split_rows(format_rows(raw, spec, num_proc), spec.split, spec.seed)
-
-
-def resolve_local_files(dataset: str, data_folder: str) -> Optional[list[Path]]:
-    """The local data files that `dataset` names (as given, or inside `data_folder`), or None for a Hub name."""
-    for candidate in (Path(dataset), Path(data_folder) / dataset):
-        if candidate.is_file():
-            _local_format([candidate])
-            return [candidate]
-        if candidate.is_dir():
-            files = sorted(path for path in candidate.iterdir() if path.suffix in LOCAL_FORMATS)
-            if not files:
-                raise DataError(
-                    f"the folder {candidate} holds no data file; put .json, .jsonl, .csv, .parquet or .txt files there."
-                )
-            _local_format(files)
-            return files
-    if dataset.startswith((".", "/", "~")) or Path(dataset).suffix in LOCAL_FORMATS:
-        raise DataError(f"the data file {dataset} does not exist; fix data.dataset or paths.data_folder.")
-    return None
 
 
 def format_rows(raw: Dataset, spec: DataSpec, num_proc: int = 1) -> Dataset:
     """Rows -> `prompt` and `response` texts; empty or all-whitespace samples are dropped and counted."""
     if spec.max_samples is not None:
         raw = raw.select(range(min(spec.max_samples, len(raw))))
-    columns = set(raw.column_names)
-    if spec.text_column is not None:
-        if spec.text_column not in columns:
-            raise DataError(
-                f"the data set has no column {spec.text_column!r} (it has {', '.join(sorted(columns))}); "
-                f"fix data.text_column."
-            )
-    elif not {"instruction", "output"} <= columns:
-        hint = "set data.text_column: text" if "text" in columns else "set data.text_column to the column with the text"
-        raise DataError(
-            f"the data set has no Alpaca columns instruction/output (it has {', '.join(sorted(columns))}); {hint}."
-        )
+    _check_columns(raw, spec)
 
     def to_texts(batch: dict) -> dict:
         if spec.text_column is not None:
@@ -230,14 +199,52 @@ def format_rows(raw: Dataset, spec: DataSpec, num_proc: int = 1) -> Dataset:
             "response": [_text(o) for o in batch["output"]],
         }
 
-    texts = raw.map(to_texts, batched=True, remove_columns=raw.column_names, num_proc=_procs(num_proc, raw))
-    kept = texts.filter(lambda batch: [bool(r.strip()) for r in batch["response"]], batched=True)
+    # Never from `datasets`' own cache of a step (load_from_cache_file), here or in tokenize: prepare_splits caches
+    # the tokenized splits whole, and checks them; a damaged file of theirs would fail, or serve wrong rows, unseen.
+    texts = raw.map(to_texts, batched=True, remove_columns=raw.column_names, num_proc=_procs(num_proc, raw),
+                    load_from_cache_file=False)
+    kept = texts.filter(lambda batch: [bool(r.strip()) for r in batch["response"]], batched=True,
+                        load_from_cache_file=False)
     dropped = len(texts) - len(kept)
     if dropped:
         logger.info("Dropped %d empty or all-whitespace samples out of %d", dropped, len(texts))
     if len(kept) == 0:
         raise DataError(f"the data set {spec.dataset!r} has no non-empty sample; check data.dataset and its columns.")
     return kept
+
+
+def _check_columns(raw: Dataset, spec: DataSpec) -> None:
+    """The columns that make the texts exist and hold text: a number or a record would be quoted into the samples
+    as its Python form."""
+    columns = set(raw.column_names)
+    listed = ", ".join(sorted(columns))
+    if spec.text_column is not None:
+        if spec.text_column not in columns:
+            raise DataError(f"the data set {spec.dataset} has no column {spec.text_column!r} (it has {listed}); "
+                            f"fix data.text_column.")
+        used = [spec.text_column]
+    elif {"instruction", "output"} <= columns:
+        used = [name for name in ALPACA_FIELDS if name in columns]
+    else:
+        texts = [name for name in sorted(columns) if _holds_text(raw, name)]
+        hint = ("set data.text_column: text" if "text" in texts else
+                f"set data.text_column to the column with the text ({', '.join(texts)})" if texts else
+                'write one record {"instruction": ..., "input": ..., "output": ...} per sample')
+        raise DataError(f"the data set {spec.dataset} has no Alpaca columns instruction/output (it has {listed}); "
+                        f"{hint}.")
+    for name in used:
+        empty = raw.data.column(name).null_count == raw.data.num_rows
+        if _holds_text(raw, name) or (empty and name == "input"):  # csv reads empty inputs as missing values
+            continue
+        feature = raw.features[name]
+        found = ("null in every row" if empty else f"{feature.dtype} values" if isinstance(feature, Value)
+                 else "records or lists")
+        raise DataError(f"the column {name!r} of {spec.dataset} holds {found}, not text; write each {name} as a "
+                        f"text (a JSON string \"...\"), or fix data.dataset.")
+
+
+def _holds_text(raw: Dataset, name: str) -> bool:
+    return getattr(raw.features[name], "dtype", None) in ("string", "large_string")
 
 
 def split_rows(rows: Dataset, fractions: tuple[float, float, float], seed: int) -> dict[str, Dataset]:
@@ -278,13 +285,14 @@ def tokenize(rows: Dataset, tokenizer, spec: DataSpec, num_proc: int = 1) -> Dat
             "length": [len(sample) for sample in input_ids],  # read by the length-grouped sampler without the ids
         }
 
-    encoded = rows.map(encode, batched=True, remove_columns=rows.column_names, num_proc=_procs(num_proc, rows))
+    encoded = rows.map(encode, batched=True, remove_columns=rows.column_names, num_proc=_procs(num_proc, rows),
+                       load_from_cache_file=False)
 
     def has_target(batch: dict) -> list[bool]:
         first_target = [max(1, p) if spec.mask_instruction else 1 for p in batch["prompt_length"]]
         return [len(ids) > first for ids, first in zip(batch["input_ids"], first_target)]
 
-    kept = encoded.filter(has_target, batched=True)
+    kept = encoded.filter(has_target, batched=True, load_from_cache_file=False)
     if len(kept) < len(encoded):
         logger.info("Dropped %d samples left with no target token after truncation", len(encoded) - len(kept))
     return kept
@@ -313,73 +321,6 @@ def _text(value) -> str:
 def _procs(num_proc: int, rows: Dataset) -> Optional[int]:
     # Worker processes only pay off on large data; below that they cost more to start than they save.
     return num_proc if num_proc > 1 and len(rows) >= 10_000 else None
-
-
-def _local_format(files: list[Path]) -> str:
-    kinds = {LOCAL_FORMATS.get(path.suffix) for path in files}
-    if None in kinds:
-        raise DataError(
-            f"{files[0]} is not a supported data file; use .json, .jsonl, .csv, .parquet or .txt (one sample a line)."
-        )
-    if len(kinds) > 1:
-        raise DataError(f"the data files {', '.join(map(str, files))} mix formats; keep one format per data set.")
-    return kinds.pop()
-
-
-def _load_local_dataset(files: list[Path], data_folder: str, content_hash: str) -> Dataset:
-    kind = _local_format(files)
-    if kind != "parquet":
-        _check_utf8(files)
-    try:
-        return load_dataset(
-            kind,
-            data_files=[str(path) for path in files],
-            split="train",
-            # `datasets` knows a local file by path and modification time only: a cache folder per content hash
-            # keeps it from serving old rows for a file rewritten within the same clock tick or copied with `cp -p`.
-            cache_dir=str(Path(data_folder) / "hf_cache" / content_hash[:16]),
-        )
-    except UnicodeDecodeError:
-        raise DataError(f"{files[0]} is not UTF-8 text; convert it to UTF-8.") from None
-    except Exception as error:  # datasets wraps parser errors in several exception types
-        cause = error.__cause__ or error
-        if isinstance(cause, UnicodeDecodeError) or "utf-8" in str(cause).lower():
-            raise DataError(f"{files[0]} is not UTF-8 text; convert it to UTF-8.") from None
-        raise DataError(f"could not read {', '.join(map(str, files))} as {kind} ({first_line(cause)}); fix the file.") from None
-
-
-def _check_utf8(files: list[Path]) -> None:
-    # The JSON reader under `datasets` does not validate UTF-8; bad bytes would only fail later, deep in a map.
-    for path in files:
-        decoder = codecs.getincrementaldecoder("utf-8")()
-        with path.open("rb") as handle:
-            try:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    decoder.decode(block)
-                decoder.decode(b"", final=True)
-            except UnicodeDecodeError:
-                raise DataError(f"{path} is not UTF-8 text; convert it to UTF-8.") from None
-
-
-def _load_hub_dataset(name: str, data_folder: str) -> Dataset:
-    try:
-        return load_dataset(name, split="train", cache_dir=str(Path(data_folder) / "hf_cache"))
-    except Exception as error:  # network, missing data set and offline mode surface as different types
-        raise DataError(
-            f"could not load the data set {name!r} from the Hugging Face Hub ({first_line(error)}); "
-            f"set data.dataset to a local .json/.jsonl/.csv/.parquet/.txt file, "
-            f"or run the embedded demo with --config configs/tiny.yaml."
-        ) from None
-
-
-def _hash_files(files: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode())
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def tokenized_data_identity(split) -> str:
@@ -413,9 +354,56 @@ def _cache_root(data_folder: str, token_dataset: str) -> Path:
 
 def _save_atomically(tokenized: DatasetDict, cache_dir: Path, spec: DataSpec, data_fingerprint: str) -> None:
     """Write the cache so that an interrupted write never looks like a valid one; when another process finished
-    the same cache first, theirs is kept."""
+    the same cache first, theirs is kept. produced_by.json lists every file's size and every split's rows, which
+    `_open_cache` checks."""
     with atomic_directory(cache_dir) as staging:
         tokenized.save_to_disk(str(staging))
-        (staging / "produced_by.json").write_text(
-            json.dumps({"spec": spec.__dict__, "data": data_fingerprint}, indent=2, default=str)
-        )
+        files = {path.relative_to(staging).as_posix(): path.stat().st_size
+                 for path in sorted(staging.rglob("*")) if path.is_file()}
+        rows = {name: len(split) for name, split in tokenized.items()}
+        (staging / "produced_by.json").write_text(json.dumps(
+            {"spec": spec.__dict__, "data": data_fingerprint, "rows": rows, "files": files}, indent=2, default=str
+        ))
+
+
+def _open_cache(cache_dir: Path) -> Optional[DatasetDict]:
+    """The cached splits; None when there are none, or when they are damaged (a file truncated, missing or not
+    what was written): a damaged cache is removed, to be rebuilt from the data, with a warning."""
+    if not cache_dir.exists():
+        return None
+    splits = None
+    try:
+        produced_by = json.loads((cache_dir / "produced_by.json").read_text(encoding="utf-8"))
+        problem = _manifest_problem(cache_dir, produced_by)
+        if problem is None:
+            splits = load_from_disk(str(cache_dir))
+            problem = _rows_problem(splits, produced_by.get("rows"))
+    except (OSError, ValueError, KeyError, TypeError, pyarrow.ArrowException) as error:  # what a damaged file raises
+        problem = first_line(error)
+    if problem is None:
+        return splits
+    remove_damaged_cache(cache_dir, "tokenized-data cache", problem)
+    return None
+
+
+def _manifest_problem(cache_dir: Path, produced_by: Any) -> Optional[str]:
+    # Caches written before the sizes were recorded have no "files": load_from_disk alone checks them.
+    if not isinstance(produced_by, dict) or not isinstance(produced_by.get("files", {}), dict) \
+            or not isinstance(produced_by.get("rows", {}), dict):
+        return "produced_by.json is not the record that was written"
+    for name, size in produced_by.get("files", {}).items():
+        path = cache_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} when written"
+    return None
+
+
+def _rows_problem(splits: Any, rows: Optional[dict]) -> Optional[str]:
+    if not isinstance(splits, DatasetDict) or set(splits) != set(SPLIT_NAMES):
+        return f"it does not hold the splits {', '.join(SPLIT_NAMES)}"
+    for name, count in (rows or {}).items():
+        if len(splits[name]) != count:
+            return f"its {name} split has {len(splits[name])} rows, {count} when written"
+    return None

@@ -6,10 +6,13 @@ raises `ModelError` with one sentence naming the problem and the fix.
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 logger = logging.getLogger(__name__)
@@ -24,12 +27,18 @@ class ModelError(ValueError):
     """A model, tokenizer or their combination that cannot be used; the message is shown as it is."""
 
 
-def load_tokenizer(name: str):
+def load_tokenizer(name: str, key: str = "teacher.name"):
     """The tokenizer of `name`; GPT-2 has no pad token, so padding uses EOS (labels mask padding by attention)."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as error:
-        raise ModelError(f"could not load a tokenizer from {name!r} ({first_line(error)}); {OFFLINE_HINT}.") from None
+    except (OSError, ValueError, KeyError, TypeError) as error:  # the last two: tokenizer files of another shape
+        raise _load_error("a tokenizer", name, key, error) from None
+    if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
+        # transformers builds an empty tokenizer from config.json alone when the tokenizer files are missing
+        raise ModelError(
+            f"the tokenizer of {key} {name!r} holds no token but its special ones, so its files (tokenizer.json, or "
+            f"vocab.json and merges.txt) are missing or empty; put them back, or set {key} to another model."
+        )
     if tokenizer.eos_token_id is None:
         raise ModelError(f"the tokenizer of {name!r} has no EOS token; samples need one to mark their end.")
     if tokenizer.pad_token_id is None:
@@ -37,11 +46,74 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
-def load_model_config(name: str) -> PretrainedConfig:
+def load_model_config(name: str, key: str = "teacher.name") -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as error:
-        raise ModelError(f"could not load a model config from {name!r} ({first_line(error)}); {OFFLINE_HINT}.") from None
+        raise _load_error("a model config", name, key, error) from None
+
+
+def _load_error(what: str, name: str, key: str, error: BaseException) -> ModelError:
+    """A loading error of transformers in one sentence: for a local directory the fix is in its files, for a Hub
+    name it is the network or a local copy."""
+    if Path(name).expanduser().exists():
+        fix = f"repair or replace the files in {name}, or set {key} to another model"
+    else:
+        fix = OFFLINE_HINT
+    return ModelError(f"could not load {what} from {key} {name!r} ({first_line(error)}); {fix}.")
+
+
+# The JSON files of a model directory that transformers reads; each must hold one JSON object.
+MODEL_JSON_FILES = ("config.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def check_model_directory(name: str, key: str) -> None:
+    """Refuse a damaged local model directory in one sentence naming the damaged file. transformers' own errors
+    name neither the file (a truncated safetensors) nor the config key, or escape as other types (a tokenizer.json
+    that holds no tokenizer). A Hub name, or a directory that does not exist, is left to from_pretrained."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        raise ModelError(f"{key} is {name}, a file; set it to a model directory (config.json, weights and tokenizer "
+                         f"files) or a Hugging Face Hub name.")
+    if not path.is_dir():
+        return
+    for filename in MODEL_JSON_FILES:
+        _check_json_object(path / filename, key)
+    _check_tokenizer_file(path / "tokenizer.json", key)
+    for weights in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="pt"):  # reads the header and checks the file covers it
+                pass
+        except (SafetensorError, OSError) as error:
+            raise ModelError(f"{weights} is damaged ({first_line(error)}); copy or download it again, or set {key} "
+                             f"to another model.") from None
+
+
+def _check_json_object(file: Path, key: str) -> None:
+    if not file.exists():
+        return
+    try:
+        content = json.loads(file.read_text(encoding="utf-8"))
+        problem = None if isinstance(content, dict) else f"it holds a JSON {type(content).__name__}, not an object"
+    except (OSError, ValueError) as error:  # unreadable, not UTF-8 or not JSON
+        problem = first_line(error)
+    if problem is None and file.name == "config.json" and "model_type" not in content:
+        problem = "it has no model_type, which names the architecture"
+    if problem is not None:
+        raise ModelError(f"{file} is not a valid model file ({problem}); put back the model's own {file.name}, or "
+                         f"set {key} to another model.")
+
+
+def _check_tokenizer_file(file: Path, key: str) -> None:
+    if not file.is_file():
+        return
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_file(str(file))
+    except Exception as error:  # tokenizers raises a bare Exception for a file it cannot parse
+        raise ModelError(f"{file} is not a valid tokenizer file ({first_line(error)}); put back the model's own "
+                         f"tokenizer.json, or set {key} to another model.") from None
 
 
 # GPT-2's "gelu_new" (and "gelu_fast") is the tanh approximation of GELU written as six elementwise operations;
@@ -286,12 +358,39 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
+ROLE_KEYS = {"teacher": "teacher.name", "student": "student.pretrained"}
+
+
 def _load_pretrained(name: str, role: str, dtype: Optional[torch.dtype]) -> PreTrainedModel:
+    key = ROLE_KEYS[role]
     try:
         config = with_fused_activation(AutoConfig.from_pretrained(name))
-        return AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype)
-    except (OSError, ValueError) as error:
-        raise ModelError(f"could not load the {role} model from {name!r} ({first_line(error)}); {OFFLINE_HINT}.") from None
+        model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype)
+    except (OSError, ValueError, SafetensorError) as error:
+        raise _load_error(f"the {role} model", name, key, error) from None
+    _check_weights_fit(model, name, key)
+    return model
+
+
+def _check_weights_fit(model: PreTrainedModel, name: str, key: str) -> None:
+    """Refuse a local model whose weight files share no tensor name with the model its config.json builds (a
+    config.json of another architecture): transformers would only warn, and leave every weight random."""
+    directory = Path(name).expanduser()
+    files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
+    if not files:
+        return
+    prefix = f"{model.base_model_prefix}."
+    stored = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as weights:
+            stored.update(tensor.removeprefix(prefix) for tensor in weights.keys())
+    expected = {tensor.removeprefix(prefix) for tensor in model.state_dict()}
+    if stored and not stored & expected:
+        raise ModelError(
+            f"the weights in {name} do not fit its config.json (model_type {model.config.model_type}): none of their "
+            f"tensors, e.g. {min(stored)}, is one of that model's, so all would be random; put back the config.json "
+            f"that came with the weights, or set {key} to another model."
+        )
 
 
 def first_line(error: BaseException) -> str:
@@ -352,14 +451,19 @@ def build_models(config, criterion, teacher_dtype: torch.dtype):
     """Tokenizer, teacher (frozen; None for plain training or a cached teacher) and student, checked against each
     other, the criterion and the config."""
     pretrained_student = config.student.pretrained
-    tokenizer = load_tokenizer(pretrained_student if (pretrained_student and not criterion.requires_teacher)
-                               else config.teacher.name)
+    uses_teacher = pretrained_student is None or criterion.requires_teacher
+    if pretrained_student is not None:
+        check_model_directory(pretrained_student, "student.pretrained")
+    if uses_teacher:
+        check_model_directory(config.teacher.name, "teacher.name")
+    tokenizer = (load_tokenizer(config.teacher.name) if uses_teacher
+                 else load_tokenizer(pretrained_student, "student.pretrained"))
     # With a cached teacher, the teacher's weights are only loaded if the cache must be built (after the data).
     loads_teacher = criterion.requires_teacher and config.teacher.cache_top_k is None
     teacher = load_teacher(config.teacher.name, teacher_dtype) if loads_teacher else None
     if teacher is not None:
         teacher_config = teacher.config
-    elif pretrained_student is None or criterion.requires_teacher:
+    elif uses_teacher:
         teacher_config = load_model_config(config.teacher.name)  # its shape only, no weights
     else:
         teacher_config = None
@@ -372,7 +476,8 @@ def build_models(config, criterion, teacher_dtype: torch.dtype):
         has_float32 = teacher is not None and teacher.dtype == torch.float32
         initialise_from_teacher(student, teacher if has_float32 else load_teacher(config.teacher.name, torch.float32),
                                 layers)
-    student_tokenizer = load_tokenizer(pretrained_student) if pretrained_student and teacher else None
+    student_tokenizer = (load_tokenizer(pretrained_student, "student.pretrained") if pretrained_student and teacher
+                         else None)
     check_compatible(tokenizer, student.config, teacher_config if criterion.requires_teacher else None, student_tokenizer)
     _check_against_config(config, criterion, student, teacher, teacher_config)
     return tokenizer, teacher, student

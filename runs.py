@@ -64,9 +64,15 @@ def locate_run(checkpoints_root: str, config_name: str, run_name: Optional[str],
 
 
 def _check_checkpoints_root(root: Path) -> None:
+    problem = "it is a file" if root.exists() and not root.is_dir() else None
+    missing = []
+    for folder in (root, *root.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
     try:
-        problem = "it is a file" if root.exists() and not root.is_dir() else None
         root.mkdir(parents=True, exist_ok=True)
+        _CREATED_FOLDERS.extend(missing)  # deepest first, removed again by release_runs if still empty
     except OSError as error:
         problem = problem or error.strerror
     if problem:
@@ -109,6 +115,8 @@ def _no_checkpoint_message(directory: Path, last_name: str) -> str:
 # Run directory -> (its open lock file, whether this process created the directory).
 _HELD_RUNS: dict[Path, tuple[int, bool]] = {}
 LOCK_FILE = ".lock"
+# The folders above the runs that this process created (paths.checkpoints and its missing parents).
+_CREATED_FOLDERS: list[Path] = []
 
 
 def _reserve(directory: Path) -> bool:
@@ -164,6 +172,10 @@ def release_runs() -> None:
                 directory.rmdir()
         os.close(descriptor)
         del _HELD_RUNS[directory]
+    for folder in _CREATED_FOLDERS:
+        with contextlib.suppress(OSError):  # not empty: another run is there
+            folder.rmdir()
+    _CREATED_FOLDERS.clear()
 
 
 def _is_plain_baseline(directory: Path) -> bool:

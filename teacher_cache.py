@@ -11,7 +11,8 @@ else int32), `log_probs.npy (rows, K)` float16, `rest.npy (rows,)` and `target.n
 `offsets.npy (samples + 1,)`: sample i owns rows offsets[i] to offsets[i + 1], one per position 0 .. length - 2 (the
 positions that predict a next token). The key hashes the teacher's files, its dtype, the tokenized data (whose own
 key covers the data, tokenizer and max_length), K and the vocabulary; a finished cache is renamed into place, so an
-interrupted build never looks valid. The arrays are memory-mapped, never loaded whole.
+interrupted build never looks valid, and one damaged later (a file missing, truncated, or not matching the data) is
+built again, with a warning. The arrays are memory-mapped, never loaded whole.
 """
 
 from __future__ import annotations
@@ -99,10 +100,44 @@ def cache_directory(root: Path, teacher_name: str, teacher_dtype: torch.dtype, s
     return root / key
 
 
-def load(directory: Path, split_names) -> Optional[dict[str, CachedSplit]]:
-    if not (directory / "meta.json").is_file():
+def load(directory: Path, splits, top_k: int, vocab_size: int) -> Optional[dict[str, CachedSplit]]:
+    """The cached distributions of `splits` (name -> tokenized split); None when there are none, or when they are
+    damaged (a file missing, truncated or not what was written): a damaged cache is removed, to be built again, with
+    a warning."""
+    if not directory.exists():
         return None
-    return {name: CachedSplit.open(directory / name) for name in split_names}
+    cached = None
+    try:
+        meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+        cached = {name: CachedSplit.open(directory / name) for name in splits}
+        problem = _damage(meta, cached, splits, top_k, vocab_size)
+    except (OSError, ValueError, KeyError, TypeError) as error:  # what a missing, truncated or garbled file raises
+        problem = models.first_line(error)
+    if problem is None:
+        return cached
+    dataset.remove_damaged_cache(directory, "teacher cache", problem)
+    return None
+
+
+def _damage(meta, cached: dict[str, CachedSplit], splits, top_k: int, vocab_size: int) -> Optional[str]:
+    """What does not match the splits the cache was built from; None when all does. The offsets follow from the
+    samples' lengths, and every array has one row per position they count."""
+    expected = {"top_k": top_k, "vocab_size": vocab_size,
+                "splits": {name: len(split) for name, split in splits.items()}}
+    if not isinstance(meta, dict) or any(meta.get(key) != value for key, value in expected.items()):
+        return "meta.json does not describe these splits"
+    for name, split in splits.items():
+        arrays = cached[name]
+        lengths = np.asarray(split["length"], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(np.maximum(lengths - 1, 0))])
+        rows = int(offsets[-1])
+        shapes = {"ids": (rows, top_k), "log_probs": (rows, top_k), "rest": (rows,), "target": (rows,)}
+        if not np.array_equal(arrays.offsets, offsets):
+            return f"{name}/offsets.npy does not follow the samples' lengths"
+        for array_name, shape in shapes.items():
+            if getattr(arrays, array_name).shape != shape:
+                return f"{name}/{array_name}.npy has shape {getattr(arrays, array_name).shape}, not {shape}"
+    return None
 
 
 @torch.no_grad()
@@ -117,7 +152,7 @@ def build(directory: Path, teacher, splits, top_k: int, vocab_size: int, pad_tok
                 "seconds": round(time.time() - started, 2)}
         (staging / "meta.json").write_text(json.dumps(meta, indent=2))
     logger.info("Cached the teacher's top-%d distributions in %s (%.1f s)", top_k, directory, time.time() - started)
-    return load(directory, splits.keys())
+    return load(directory, splits, top_k, vocab_size)
 
 
 def _build_split(directory: Path, teacher, split, top_k: int, vocab_size: int, pad_token_id: int, batch_size: int,
@@ -220,13 +255,14 @@ def prepare(config, accelerator, tokenizer, vocab_size: int, splits, teacher_dty
     directory = cache_directory(
         Path(config.paths.data_folder) / "teacher_cache", config.teacher.name, teacher_dtype, splits, top_k, vocab_size
     )
+    splits = {name: splits[name] for name in dataset.SPLIT_NAMES}
     with accelerator.main_process_first():  # the main process builds it, the others then read it
-        cached = load(directory, dataset.SPLIT_NAMES)
+        cached = load(directory, splits, top_k, vocab_size)
         if cached is not None:
             logger.info("Using the teacher's top-%d distributions cached in %s", top_k, directory)
             return cached
         teacher = models.load_teacher(config.teacher.name, teacher_dtype).to(accelerator.device)
         return build(
-            directory, teacher, {name: splits[name] for name in dataset.SPLIT_NAMES}, top_k, vocab_size,
-            tokenizer.pad_token_id, config.training_parameters.batch_size, accelerator.device, accelerator.autocast,
+            directory, teacher, splits, top_k, vocab_size, tokenizer.pad_token_id,
+            config.training_parameters.batch_size, accelerator.device, accelerator.autocast,
         )

@@ -44,7 +44,7 @@ def test_gpu_benchmark_says_it_needs_a_gpu_without_one():
 def test_quality_benchmark_runs_every_method_and_ends_with_its_json():
     """A few steps per method: the table and the JSON line hold every method; the distilled runs see the teacher."""
     completed = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "quality.py"), "--quick", "--steps", "3"],
+        [sys.executable, str(ROOT / "bench" / "quality.py"), "--quick", "--steps", "3", "--samples", "300"],
         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]

@@ -13,6 +13,7 @@ import torch
 from datasets import Dataset
 
 import batching
+import data_files
 import dataset
 from loss import IGNORE_INDEX
 
@@ -216,7 +217,7 @@ def test_cache_is_reused_without_reading_the_data(tmp_path, tokenizer, data_file
     def must_not_load(*args, **kwargs):
         raise AssertionError("the raw data was read although the cache holds it")
 
-    monkeypatch.setattr(dataset, "_load_local_dataset", must_not_load)
+    monkeypatch.setattr(data_files, "load_local_dataset", must_not_load)
     second = prepare(spec, tokenizer, tmp_path)
     for name in dataset.SPLIT_NAMES:
         assert sequences(second[name]) == sequences(first[name])
@@ -241,8 +242,8 @@ def test_cache_rebuilt_when_data_content_changes(tmp_path, tokenizer, rows, monk
 
     write_jsonl(path, rows[:60])  # same name and path, new content
     loads = []
-    real_load = dataset._load_local_dataset
-    monkeypatch.setattr(dataset, "_load_local_dataset", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    real_load = data_files.load_local_dataset
+    monkeypatch.setattr(data_files, "load_local_dataset", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     assert split_sizes(prepare(make_spec(path), tokenizer, data_folder)) == (36, 12, 12)
     assert len(loads) == 1
     folders_after = cache_folders(data_folder)

@@ -93,10 +93,11 @@ def test_a_full_disk_stops_with_one_sentence_keeps_every_checkpoint_and_the_run_
         fill_leaving {free}
         {resume} 2> {shlex.quote(str(out / "full.err"))}; echo $? > {shlex.quote(str(out / "full.status"))}
         cp -a "$MOUNT/checkpoints/run" {shlex.quote(str(out / "after-full"))}
+    """ + ("" if where != "training state" else f"""
         rm "$MOUNT/filler"
         {resume} 2> {shlex.quote(str(out / "freed.err"))}; echo $? > {shlex.quote(str(out / "freed.status"))}
         cp -a "$MOUNT/checkpoints/run" {shlex.quote(str(out / "after-freed"))}
-    """)
+    """))
     assert result.returncode == 0, result.stderr
 
     stderr = (out / "full.err").read_text()
@@ -116,6 +117,8 @@ def test_a_full_disk_stops_with_one_sentence_keeps_every_checkpoint_and_the_run_
     lines = (after_full / "metrics.jsonl").read_text().splitlines()
     assert all(isinstance(json.loads(line), dict) for line in lines)  # no half record
 
+    if where != "training state":  # the checkpoints are whole: resuming once, below, is enough
+        return
     assert (out / "freed.status").read_text().strip() == "0", (out / "freed.err").read_text()[-3000:]
     resumed = out / "after-freed"
     assert trainer_state(resumed / "last")["global_step"] == 4

@@ -252,36 +252,42 @@ def test_pruning_step_copies_never_deletes_the_last_or_the_best_checkpoint(tmp_p
     assert trainer_state(run / "step-best")["global_step"] == summary["best_step"]
 
 
-@pytest.mark.parametrize("number", [signal.SIGKILL, signal.SIGTERM])
-def test_a_signal_while_a_resume_rewrites_the_history_loses_none_of_it(setup, number):
-    """The resume drops the records after its checkpoint by rewriting metrics.jsonl; a real signal, sent by this
-    process the moment the file changes on disk, must leave the whole history up to the checkpoint."""
-    config_file, checkpoints = setup
-    name = f"history-{signal.Signals(number).name}"
-    assert run_process("--config", str(config_file), "--run-name", name, point="step", step=7) == -signal.SIGKILL
-    metrics = checkpoints / name / "metrics.jsonl"
-    # A long history (a long run's worth of records before the checkpoint of step 5), so the rewrite takes a while.
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
-    old = [{**records[0], "loss": index / 1e5, "note": "x" * 100} for index in range(150_000)]
-    metrics.write_text("".join(json.dumps(record) + "\n" for record in old + records))
-    expected_history = old + [record for record in records if record["step"] <= 5]
-
+def signal_when_changed(path: Path, number: int, *arguments: str) -> subprocess.CompletedProcess:
+    """Run distill.py and send it the real signal `number` the moment `path` changes on disk."""
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    process = subprocess.Popen([sys.executable, "distill.py", "--config", str(config_file), "--run-name", name,
-                                "--resume"], cwd=REPO, env=environment, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-    before = metrics.stat()
+    process = subprocess.Popen([sys.executable, "distill.py", *arguments], cwd=REPO, env=environment,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    before = path.stat()
     while process.poll() is None:
-        now = metrics.stat() if metrics.exists() else None
+        now = path.stat() if path.exists() else None
         if now is None or (now.st_ino, now.st_size, now.st_mtime_ns) != (before.st_ino, before.st_size, before.st_mtime_ns):
             process.send_signal(number)
             break
         time.sleep(0.0002)
     _, stderr = process.communicate(timeout=300)
-    assert process.returncode in (-number, 128 + number), stderr[-3000:]
-    assert "Traceback" not in stderr
-    kept = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert kept[: len(expected_history)] == expected_history
+    return subprocess.CompletedProcess(process.args, process.returncode, None, stderr)
+
+
+def test_a_signal_while_a_resume_rewrites_the_history_loses_none_of_it(setup):
+    """The resume drops the records after its checkpoint by rewriting metrics.jsonl; a real signal (SIGTERM, then
+    SIGKILL), sent by this process the moment the file changes on disk, must leave the whole history up to the
+    checkpoint, and the run must then resume to the same end as the straight one."""
+    config_file, checkpoints = setup
+    name = "history"
+    assert run_process("--config", str(config_file), "--run-name", name, point="step", step=7) == -signal.SIGKILL
+    metrics = checkpoints / name / "metrics.jsonl"
+    # A long history (a long run's worth of records before the checkpoint of step 5), so the rewrite takes a while.
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    old = [{**records[0], "loss": index / 1e5, "note": "x" * 100} for index in range(30_000)]
+    metrics.write_text("".join(json.dumps(record) + "\n" for record in old + records))
+    expected_history = old + [record for record in records if record["step"] <= 5]
+
+    for number in (signal.SIGTERM, signal.SIGKILL):
+        stopped = signal_when_changed(metrics, number, "--config", str(config_file), "--run-name", name, "--resume")
+        assert stopped.returncode in (-number, 128 + number), stopped.stderr[-3000:]
+        assert "Traceback" not in stopped.stderr
+        kept = [json.loads(line) for line in metrics.read_text().splitlines()]
+        assert kept[: len(expected_history)] == expected_history, signal.Signals(number).name
 
     assert run_process("--config", str(config_file), "--run-name", name, "--resume") == 0
     final = [json.loads(line) for line in metrics.read_text().splitlines()]
@@ -300,12 +306,11 @@ def start_process(*arguments: str, point: str = "none", step: int = -1, **enviro
 def test_a_second_process_on_a_run_in_use_is_refused_and_the_run_ends_whole(setup, tmp_path):
     config_file, checkpoints = setup
     name = "in-use"
-    assert run_process("--config", str(config_file), "--run-name", name, point="step", step=7) == -signal.SIGKILL
     held, release = tmp_path / "held", tmp_path / "release"
-    first = start_process("--config", str(config_file), "--run-name", name, "--resume", point="hold", step=10,
+    first = start_process("--config", str(config_file), "--run-name", name, point="hold", step=10,
                           HELD=str(held), RELEASE=str(release))
     try:
-        while not held.exists():  # the first process is training, after its resume
+        while not held.exists():  # the first process is training, past its first checkpoint
             assert first.poll() is None, first.communicate()[1][-3000:]
             time.sleep(0.05)
         second = subprocess.run([sys.executable, "distill.py", "--config", str(config_file), "--run-name", name,
