@@ -84,10 +84,11 @@ def train(config_file: str, overrides: list[str], run_name: Optional[str], resum
             else "the run had not started, run the same command again"
         logger.error("stopped by %s; %s", signal.Signals(number).name, then)
         return 128 + number, run
-    except Exception as error:  # a full disk, whichever writer met it (each writes whole files or nothing)
-        if not storage.is_disk_full(error):
+    except Exception as error:  # a file system that refuses a write: full, read-only or another user's
+        message = file_system_message(error, run)
+        if message is None:
             raise
-        logger.error("error: %s", disk_full_message(error, run))
+        logger.error("error: %s", message)
         return EXIT_USER_ERROR, run
     finally:
         records.close_log_handlers()
@@ -95,17 +96,24 @@ def train(config_file: str, overrides: list[str], run_name: Optional[str], resum
     return 0, run
 
 
-def disk_full_message(error: Exception, run) -> str:
+def file_system_message(error: Exception, run) -> Optional[str]:
+    """One sentence for a write that the file system refused (every file is written whole or not at all, so what
+    was written before is intact); None for any other error."""
     where = storage.written_path(error)
     then = f"continue with --resume --run-name {run.name}" if run is not None else "run the same command again"
-    return (f"the disk is full{f' (writing {where})' if where else ''}, and everything written before is intact; "
-            f"free some space, then {then}.")
+    if storage.is_disk_full(error):
+        return (f"the disk is full{f' (writing {where})' if where else ''}, and everything written before is intact; "
+                f"free some space, then {then}.")
+    if storage.is_refused_write(error):
+        return (f"{where or 'a file of the run'} cannot be written ({error.strerror}), and everything written before "
+                f"is intact; make it writable by this user, then {then}.")
+    return None
 
 
 def setup(config: Config, run_name: Optional[str], resume: bool) -> Trainer:
-    """Everything a run needs, checked, and nothing written yet: where its directory goes, the processes and the
-    device, the criterion, the models, the data and the teacher's cache; on a resume, the trainer is restored from
-    the last checkpoint."""
+    """Everything a run needs, checked: its directory (created for a new run and locked, nothing written in it yet;
+    `runs.release_runs` removes it again if a check fails), the processes and the device, the criterion, the models,
+    the data and the teacher's cache; on a resume, the trainer is restored from the last checkpoint."""
     criterion = config.training_parameters.loss.build(cached_teacher=teacher_cache.is_used(config))
     processes = hardware.start_processes(config)
     run = decided_by_main_process(processes, lambda: locate_run(

@@ -38,9 +38,13 @@ def atomic_directory(destination: Path, replace: bool = False) -> ContextManager
 
 
 def atomic_write_text(destination: Path, text: str) -> None:
-    """Write `destination` whole or not at all: a kill or a full disk leaves the previous version in place."""
+    """Write `destination` whole or not at all: a kill or a full disk leaves the previous version in place. An
+    OSError names `destination` (not its hidden staging file)."""
     destination = Path(destination)
-    descriptor, staging = tempfile.mkstemp(prefix=f".{destination.name}-", dir=destination.parent)
+    try:
+        descriptor, staging = tempfile.mkstemp(prefix=f".{destination.name}-", dir=destination.parent)
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, str(destination)) from error
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -51,7 +55,7 @@ def atomic_write_text(destination: Path, text: str) -> None:
     except BaseException as error:
         with contextlib.suppress(OSError):
             os.unlink(staging)
-        if isinstance(error, OSError) and not error.filename:  # a failed write names no file: name the one it was
+        if isinstance(error, OSError):
             raise OSError(error.errno, error.strerror, str(destination)) from error
         raise
     _fsync_directory(destination.parent)
@@ -105,6 +109,11 @@ def is_disk_full(error: BaseException) -> bool:
             return True
         error = error.__cause__ or error.__context__
     return False
+
+
+def is_refused_write(error: BaseException) -> bool:
+    """Whether the file system refused a file to this user: a read-only or immutable one, or another owner's."""
+    return isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def written_path(error: BaseException) -> Optional[str]:

@@ -5,8 +5,7 @@
 POINT is where the process dies, with SIGKILL (no handler, no cleanup: what an OOM killer or a lost node does):
 - `step`: as the optimizer step after STEP begins;
 - `staging`: while the checkpoint of STEP is half written (weights written, training state not yet);
-- `swap`: between the two renames that put the checkpoint of STEP in place;
-or, for `sigterm` and `sigint`, that signal arrives as the step after STEP begins (the graceful stop).
+- `swap`: between the two renames that put the checkpoint of STEP in place.
 Two points hold processes together, for the tests of concurrent runs:
 - `hold`: as the step after STEP begins, create the file $HELD and wait until the file $RELEASE exists;
 - `together`: before choosing its run directory, wait until STEP processes have reached that point (files in the
@@ -45,8 +44,6 @@ def main() -> int:
                 Path(os.environ["HELD"]).touch()
                 while not Path(os.environ["RELEASE"]).exists():
                     time.sleep(0.05)
-            if point in ("sigterm", "sigint") and self.stop_signals.received is None:
-                os.kill(os.getpid(), signal.SIGTERM if point == "sigterm" else signal.SIGINT)
         return optimizer_step(self, step_batches, step_targets)
 
     def save_noting_step(self, directory):

@@ -3,12 +3,14 @@ that names the file and the fix that works, exit code 2, nothing of the run chan
 repaired without losing anything (a missing best checkpoint, a cut metrics record), a resume that completes.
 
 (The files a run reads before its directory exists, config, data, caches and models, are in
-test_damaged_inputs.py; a full disk and a read-only file system are in test_full_disk.py.)"""
+test_damaged_inputs.py; a full disk is in test_full_disk.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Callable
 
@@ -180,3 +182,37 @@ def test_an_unusable_output_path_is_one_sentence(earlier, tmp_path, capsys, over
     assert distill.main(arguments) == 2
     message = the_error(capsys.readouterr().err)
     assert fragment in message and "; " in message, message
+
+
+@contextlib.contextmanager
+def immutable(directory: Path):
+    """The directory made immutable (chattr +i): the kernel refuses to create, change or remove anything in it,
+    even for root, as on a read-only file system."""
+    if subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available on this file system")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(directory)], check=True)
+
+
+def test_a_run_directory_that_cannot_be_written_is_one_sentence(earlier, capsys):
+    run = copy_of(earlier, "unwritable")
+    before = run_digest(run)
+    with immutable(run):
+        capsys.readouterr()
+        assert resume(earlier, run.name) == 2
+    message = the_error(capsys.readouterr().err)
+    assert str(run) in message and "Operation not permitted" in message, message
+    assert run_digest(run) == before
+
+
+def test_a_checkpoints_folder_that_cannot_be_written_is_one_sentence(earlier, tmp_path, capsys):
+    _, config_file = earlier
+    with immutable(tmp_path):
+        capsys.readouterr()
+        assert distill.main(["--config", str(config_file), "--run-name", "new",
+                             "--set", f"paths.checkpoints={tmp_path}"]) == 2
+    message = the_error(capsys.readouterr().err)
+    assert "Operation not permitted" in message and "paths.checkpoints" in message, message
+    assert list(tmp_path.iterdir()) == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,36 +75,64 @@ def assert_same_as_straight(checkpoints: Path, name: str) -> None:
     assert trainer_state(checkpoints / name / "last")["global_step"] == 24
 
 
-@pytest.mark.parametrize(
-    "point, step, expected_checkpoint_step",
-    [
-        ("step", 7, 5),  # SIGKILL in the first epoch, two steps after a checkpoint
-        ("step", 17, 15),  # SIGKILL in the middle of the second epoch (12 steps an epoch)
-        ("staging", 15, 12),  # SIGKILL while the checkpoint of step 15 is half written (12: epoch end)
-        ("swap", 10, 5),  # SIGKILL between the two renames that put the checkpoint of step 10 in place
-    ],
-)
-def test_killed_run_resumes_to_the_same_weights(setup, point, step, expected_checkpoint_step):
+@pytest.fixture(scope="module")
+def killed_at_step_7(setup):
+    """A run killed with SIGKILL two steps after its checkpoint of step 5; tests continue copies of it."""
     config_file, checkpoints = setup
-    name = f"killed-{point}-{step}"
-    assert run_process("--config", str(config_file), "--run-name", name, point=point, step=step) == -signal.SIGKILL
-    assert not (checkpoints / name / "summary.json").exists()
+    assert run_process("--config", str(config_file), "--run-name", "killed-7", point="step", step=7) == -signal.SIGKILL
+    assert not (checkpoints / "killed-7" / "summary.json").exists()
+    return checkpoints / "killed-7"
 
-    assert run_process("--config", str(config_file), "--run-name", name, "--resume") == 0
-    resumed_from = (checkpoints / name / "train.log").read_text().split("Resumed from", 1)[1].splitlines()[0]
-    assert f"step {expected_checkpoint_step}," in resumed_from
-    assert_same_as_straight(checkpoints, name)
-    leftovers = [path.name for path in (checkpoints / name).iterdir() if path.name.startswith(".") and path.name != ".lock"]
+
+def copy_run(run: Path, name: str) -> Path:
+    return Path(shutil.copytree(run, run.with_name(name)))
+
+
+def resumed_from(run: Path) -> str:
+    return (run / "train.log").read_text().rsplit("Resumed from", 1)[1].splitlines()[0]
+
+
+def test_a_run_killed_again_and_again_resumes_to_the_same_weights(setup, killed_at_step_7):
+    """SIGKILL at every kind of moment, one after the other, each resumed from the checkpoint it left."""
+    config_file, checkpoints = setup
+    run = copy_run(killed_at_step_7, "killed")
+    kills = [
+        ("staging", 15, 5),  # while the checkpoint of step 15 is half written (resuming from 5, the one step 7 left)
+        ("swap", 20, 12),  # between the two renames that put the checkpoint of step 20 in place (from 12: epoch end)
+        ("step", 22, 15),  # mid-epoch, two steps after a checkpoint (from 15: the swap's checkpoint put back)
+    ]
+    for point, step, expected_checkpoint_step in kills:
+        status = run_process("--config", str(config_file), "--run-name", run.name, "--resume", point=point, step=step)
+        assert status == -signal.SIGKILL, point
+        assert f"step {expected_checkpoint_step}," in resumed_from(run), point
+        assert not (run / "summary.json").exists()
+
+    assert run_process("--config", str(config_file), "--run-name", run.name, "--resume") == 0
+    assert "step 20," in resumed_from(run)
+    assert_same_as_straight(checkpoints, run.name)
+    leftovers = [path.name for path in run.iterdir() if path.name.startswith(".") and path.name != ".lock"]
     assert leftovers == []
 
 
-@pytest.mark.parametrize("point, number", [("sigterm", signal.SIGTERM), ("sigint", signal.SIGINT)])
-def test_a_signal_finishes_the_step_writes_a_checkpoint_and_resumes_to_the_same_weights(setup, point, number):
+def test_signals_finish_the_step_write_a_checkpoint_and_resume_to_the_same_weights(setup, monkeypatch):
+    """Real SIGTERM and SIGINT, sent to this process as an optimizer step begins, in one run after the other."""
     config_file, checkpoints = setup
-    name = f"stopped-{point}"
-    assert run_process("--config", str(config_file), "--run-name", name, point=point, step=8) == 128 + number
-    assert trainer_state(checkpoints / name / "last")["global_step"] == 9
-    assert run_process("--config", str(config_file), "--run-name", name, "--resume") == 0
+    name, at_step = "stopped", {"value": None}
+    optimizer_step = Trainer.step
+
+    def step_then_signal(self, step_batches, step_targets):
+        if self.state.global_step == at_step["value"] and self.stop_signals.received is None:
+            os.kill(os.getpid(), at_step["signal"])
+        return optimizer_step(self, step_batches, step_targets)
+
+    monkeypatch.setattr(Trainer, "step", step_then_signal)
+    arguments = ["--config", str(config_file), "--run-name", name]
+    for number, step, resume in ((signal.SIGTERM, 8, []), (signal.SIGINT, 16, ["--resume"])):
+        at_step.update(value=step, signal=number)
+        assert distill.main(arguments + resume) == 128 + number
+        assert trainer_state(checkpoints / name / "last")["global_step"] == step + 1  # the step it was in, finished
+    at_step["value"] = None
+    assert distill.main(arguments + ["--resume"]) == 0
     assert_same_as_straight(checkpoints, name)
 
 
@@ -140,29 +169,6 @@ def test_a_malicious_training_state_is_refused_without_running_it(tmp_path, conf
     ])
     assert status == 2
     assert not marker.exists()
-
-
-def test_full_disk_keeps_the_previous_checkpoint(tmp_path, config_file, monkeypatch):
-    import errno
-
-    assert distill.main(["--config", str(config_file), "--run-name", "full", "--set", "training_parameters.max_steps=2"]) == 0
-    last = tmp_path / "checkpoints" / "full" / "last"
-    before = weights(last)
-    original = torch.save
-
-    def disk_full(*_arguments, **_options):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", disk_full)
-    status = distill.main([
-        "--config", str(config_file), "--run-name", "full", "--resume", "--set", "training_parameters.max_steps=4",
-    ])
-    monkeypatch.setattr(torch, "save", original)
-    assert status == 2
-    after = weights(last)
-    assert all(torch.equal(before[key], after[key]) for key in before)
-    assert trainer_state(last)["global_step"] == 2
-    assert not list(last.parent.glob(".*staging"))
 
 
 def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, config_file, monkeypatch, caplog):
@@ -268,13 +274,12 @@ def signal_when_changed(path: Path, number: int, *arguments: str) -> subprocess.
     return subprocess.CompletedProcess(process.args, process.returncode, None, stderr)
 
 
-def test_a_signal_while_a_resume_rewrites_the_history_loses_none_of_it(setup):
+def test_a_signal_while_a_resume_rewrites_the_history_loses_none_of_it(setup, killed_at_step_7):
     """The resume drops the records after its checkpoint by rewriting metrics.jsonl; a real signal (SIGTERM, then
     SIGKILL), sent by this process the moment the file changes on disk, must leave the whole history up to the
     checkpoint, and the run must then resume to the same end as the straight one."""
     config_file, checkpoints = setup
-    name = "history"
-    assert run_process("--config", str(config_file), "--run-name", name, point="step", step=7) == -signal.SIGKILL
+    name = copy_run(killed_at_step_7, "history").name
     metrics = checkpoints / name / "metrics.jsonl"
     # A long history (a long run's worth of records before the checkpoint of step 5), so the rewrite takes a while.
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
