@@ -25,6 +25,19 @@ class DataError(ValueError):
     """Data that cannot be used as configured; the message is shown to the user as it is."""
 
 
+def check_data_folder(data_folder: str) -> None:
+    """paths.data_folder holds the caches (tokenized data, `datasets`' copies): it must be, or become, a folder."""
+    folder = Path(data_folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        problem = None if folder.is_dir() else "it is a file"
+    except OSError as error:
+        problem = "it is a file" if folder.is_file() else error.strerror
+    if problem is not None:
+        raise DataError(f"paths.data_folder {folder} cannot hold the data caches ({problem}); set paths.data_folder "
+                        f"to a folder this user can write to.")
+
+
 def resolve_local_files(dataset: str, data_folder: str) -> Optional[list[Path]]:
     """The local data files that `dataset` names (as given, or inside `data_folder`), or None for a Hub name."""
     for candidate in (Path(dataset), Path(data_folder) / dataset):

@@ -136,6 +136,7 @@ def spec_from_config(config) -> DataSpec:
 
 def prepare_splits(spec: DataSpec, tokenizer, data_folder: str, token_dataset: str, num_proc: int = 1) -> DatasetDict:
     """The tokenized train/validation/test splits, from the cache when it holds exactly this data and tokenizer."""
+    data_files.check_data_folder(data_folder)
     local_files = data_files.resolve_local_files(spec.dataset, data_folder)
     raw = None
     if local_files is not None:
@@ -176,6 +177,7 @@ def prepare_splits(spec: DataSpec, tokenizer, data_folder: str, token_dataset: s
 def load_text_splits(spec: DataSpec, data_folder: str, num_proc: int = 1) -> dict[str, Dataset]:
     """The formatted `prompt` and `response` texts of each split, before tokenization: the same rows and the same
     split as training uses (for exploring the data; nothing is cached)."""
+    data_files.check_data_folder(data_folder)
     local_files = data_files.resolve_local_files(spec.dataset, data_folder)
     if local_files is not None:
         raw = data_files.load_local_dataset(local_files, data_folder, data_files.hash_files(local_files))

@@ -164,6 +164,8 @@ UNWRITABLE: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("checkpoints folder a file", lambda root: [f"paths.checkpoints={file_at(root / 'a-file')}"], "a-file"),
     ("checkpoints folder under a file", lambda root: [f"paths.checkpoints={file_at(root / 'f') / 'sub'}"], "sub"),
     ("run name too long", lambda root: [], "x" * 300),
+    ("data folder a file", lambda root: [f"paths.data_folder={file_at(root / 'd')}"], "paths.data_folder"),
+    ("data folder under a file", lambda root: [f"paths.data_folder={file_at(root / 'g') / 'sub'}"], "paths.data_folder"),
 ]
 
 
