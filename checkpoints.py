@@ -157,10 +157,16 @@ def keep_step_snapshot(last: Path, step: int, keep: int, best_name: str) -> None
             except OSError:  # a file system without hard links
                 shutil.rmtree(staging)
                 shutil.copytree(last, staging)
-    snapshots = sorted(path for path in last.parent.glob("step-*")
-                       if re.fullmatch(r"step-\d{8}", path.name) and path.name not in (last.name, best_name))
+    snapshots = step_copies(last.parent, excluding=(last.name, best_name))
     for old in snapshots[: max(len(snapshots) - keep, 0)]:
         shutil.rmtree(old)
+
+
+def step_copies(run_directory: Path, excluding: tuple[str, ...] = ()) -> list[Path]:
+    """The run's `step-<8 digits>` copies (keep_step_checkpoints), oldest first; a last or best checkpoint whose
+    configured name looks like one is given in `excluding`."""
+    return sorted(path for path in run_directory.glob("step-*")
+                  if re.fullmatch(r"step-\d{8}", path.name) and path.name not in excluding)
 
 
 def _check_identity(directory: Path, saved: dict, identity: dict) -> None:
@@ -212,8 +218,7 @@ def load_trainer_state(directory: Path, identity: dict) -> TrainerState:
 
 def _damaged_advice(checkpoint: Path) -> str:
     """What to do about a damaged checkpoint: put back the run's newest good step copy, if it kept any."""
-    copies = sorted(path for path in checkpoint.parent.glob("step-*")
-                    if re.fullmatch(r"step-\d{8}", path.name) and path != checkpoint)
+    copies = step_copies(checkpoint.parent, excluding=(checkpoint.name,))
     if copies:
         return (f"the checkpoint is damaged: move it away (mv {checkpoint} {checkpoint}.damaged), put the run's newest "
                 f"step copy in its place (cp -a {copies[-1]} {checkpoint}) and resume again.")

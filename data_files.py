@@ -14,6 +14,7 @@ from typing import Iterator, Optional
 
 from datasets import Dataset, load_dataset
 
+import storage
 from models import first_line
 
 logger = logging.getLogger("dataset")
@@ -27,15 +28,10 @@ class DataError(ValueError):
 
 def check_data_folder(data_folder: str) -> None:
     """paths.data_folder holds the caches (tokenized data, `datasets`' copies): it must be, or become, a folder."""
-    folder = Path(data_folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        problem = None if folder.is_dir() else "it is a file"
-    except OSError as error:
-        problem = "it is a file" if folder.is_file() else error.strerror
+    problem, _created = storage.make_folder(Path(data_folder))
     if problem is not None:
-        raise DataError(f"paths.data_folder {folder} cannot hold the data caches ({problem}); set paths.data_folder "
-                        f"to a folder this user can write to.")
+        raise DataError(f"paths.data_folder {data_folder} cannot hold the data caches ({problem}); set "
+                        f"paths.data_folder to a folder this user can write to.")
 
 
 def resolve_local_files(dataset: str, data_folder: str) -> Optional[list[Path]]:

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from checkpoints import TRAINER_STATE_FILE, CheckpointError
+from checkpoints import TRAINER_STATE_FILE, CheckpointError, step_copies
 from config import check_simple_name
-from storage import recover_interrupted_write
+from storage import make_folder, previous_version, recover_interrupted_write
 
 # `--plain-baseline` trains the run's plain baseline in `<run name>-plain`, beside the run.
 PLAIN_BASELINE_SUFFIX = "-plain"
@@ -64,22 +64,13 @@ def locate_run(checkpoints_root: str, config_name: str, run_name: Optional[str],
 
 
 def _check_checkpoints_root(root: Path) -> None:
-    problem = "it is a file" if root.exists() and not root.is_dir() else None
-    missing = []
-    for folder in (root, *root.parents):
-        if folder.exists():
-            break
-        missing.append(folder)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        _CREATED_FOLDERS.extend(missing)  # deepest first, removed again by release_runs if still empty
-    except OSError as error:
-        problem = problem or error.strerror
+    problem, created = make_folder(root)
     if problem:
         raise CheckpointError(
             f"paths.checkpoints {root} cannot be used as a folder ({problem}); set paths.checkpoints to a folder "
             f"this user can write to."
         )
+    _CREATED_FOLDERS.extend(created)  # deepest first, removed again by release_runs if still empty
 
 
 def _latest_run(root: Path, config_name: str, last_name: str) -> Path:
@@ -96,14 +87,14 @@ def _latest_run(root: Path, config_name: str, last_name: str) -> Path:
 
 def _saved_state(checkpoint: Path) -> Optional[Path]:
     """The checkpoint's trainer state, or its previous version's during a replacing write (storage.py)."""
-    for candidate in (checkpoint, checkpoint.with_name(f".{checkpoint.name}.previous")):
+    for candidate in (checkpoint, previous_version(checkpoint)):
         if (candidate / TRAINER_STATE_FILE).is_file():
             return candidate / TRAINER_STATE_FILE
     return None
 
 
 def _no_checkpoint_message(directory: Path, last_name: str) -> str:
-    copies = sorted(path for path in directory.glob("step-*") if _saved_state(path) is not None)
+    copies = [path for path in step_copies(directory, excluding=(last_name,)) if _saved_state(path) is not None]
     if copies:
         return (f"there is no checkpoint to resume in {directory / last_name}, but the run kept step copies (the newest "
                 f"is {copies[-1].name}); copy it into place (cp -a {copies[-1]} {directory / last_name}) and resume "

@@ -100,15 +100,8 @@ _FULL_DISK_MESSAGES = ("No space left on device", "Disk quota exceeded", "os err
 
 def is_disk_full(error: BaseException) -> bool:
     """Whether `error`, or an exception that caused it, says the file system is full (or the quota spent)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if any(message in str(error) for message in _FULL_DISK_MESSAGES):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
+    return any((isinstance(link, OSError) and link.errno in (errno.ENOSPC, errno.EDQUOT))
+               or any(message in str(link) for message in _FULL_DISK_MESSAGES) for link in _chain(error))
 
 
 def is_refused_write(error: BaseException) -> bool:
@@ -118,18 +111,38 @@ def is_refused_write(error: BaseException) -> bool:
 
 def written_path(error: BaseException) -> Optional[str]:
     """The file named by the first OSError in `error`'s chain, if any: where a failed write went."""
+    return next((str(link.filename) for link in _chain(error) if isinstance(link, OSError) and link.filename), None)
+
+
+def _chain(error: Optional[BaseException]) -> Iterator[BaseException]:
+    """`error` and the exceptions that caused it, or were being handled when it was raised."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, OSError) and error.filename:
-            return str(error.filename)
+        yield error
         error = error.__cause__ or error.__context__
-    return None
+
+
+def make_folder(folder: Path) -> tuple[Optional[str], list[Path]]:
+    """Create `folder` and its missing parents: (None, the folders created, deepest first), or (why it cannot be a
+    folder, []) for a configured path that is a file, lies under one, or cannot be written."""
+    if folder.exists() and not folder.is_dir():
+        return "it is a file", []
+    missing = []
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            break
+        missing.append(parent)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return error.strerror, []
+    return None, missing
 
 
 def recover_interrupted_write(destination: Path) -> None:
     """Put back the previous `destination` if a crash came between the two renames of a replacing write."""
-    previous = _previous(destination)
+    previous = previous_version(destination)
     if not destination.exists() and previous.is_dir():
         os.replace(previous, destination)
 
@@ -174,7 +187,7 @@ def _replacing(destination: Path) -> Iterator[Path]:
 def _swap_into_place(staging: Path, destination: Path) -> None:
     # A directory cannot be renamed over a non-empty one, so the swap takes two renames; a crash between them
     # leaves the old directory under its hidden name, which recover_interrupted_write puts back.
-    previous = _previous(destination)
+    previous = previous_version(destination)
     if destination.exists():
         shutil.rmtree(previous, ignore_errors=True)
         os.replace(destination, previous)
@@ -183,7 +196,8 @@ def _swap_into_place(staging: Path, destination: Path) -> None:
     shutil.rmtree(previous, ignore_errors=True)
 
 
-def _previous(destination: Path) -> Path:
+def previous_version(destination: Path) -> Path:
+    """Where a replacing write keeps the previous `destination` between its two renames."""
     return destination.with_name(f".{destination.name}.previous")
 
 
