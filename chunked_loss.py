@@ -1,84 +1,161 @@
-"""The chunked KD + CE kernel behind `loss.ChunkedDistillationLoss`: the full-vocabulary loss of
-`hidden @ head.T`, projected a chunk of positions at a time, so that no `(N, V)` tensor outlives its chunk.
+"""The fused KD + CE loss behind `loss.ChunkedDistillationLoss` (which `loss.DistillationLoss` becomes where it is
+faster): the full-vocabulary loss of `hidden @ head.T`, projected a chunk of positions at a time, so that no `(N, V)`
+tensor outlives its chunk, for every divergence of `divergences.DIVERGENCES`.
 
 Shapes: N real target positions (already gathered), d and d' hidden widths, V student and V' >= V teacher
-vocabularies. The normalisation is `loss.py`'s: `T**2` times the mean KL over targets, the mean CE.
+vocabularies, C positions per chunk. The normalisation is `loss.py`'s: `T**2` times the mean divergence over targets,
+the mean CE. Precision: the projections run in the autocast dtype when autocast is on at the call (bf16 on a GPU or
+an AMX CPU: most of the step's matmul FLOPs are the heads'), the softmaxes and every sum in float32.
 """
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
+from divergences import token_divergence
 
-class ChunkedKDCE(torch.autograd.Function):
+
+@dataclass(frozen=True)
+class FusedTerms:
+    """What the fused loss computes: `alpha * T**2 * mean divergence + beta * mean CE`."""
+
+    temperature: float
+    alpha: float
+    beta: float
+    divergence: str = "forward_kl"
+    jsd_beta: float = 0.5
+    skew: float = 0.1
+    chunk_size: int = 128
+
+    @property
+    def has_closed_form(self) -> bool:
+        """Forward KL (jsd with jsd_beta 0 is the same) has a closed-form gradient, which saves the autograd graph
+        of the chunk: d(T**2 KL)/ds = T (softmax(s / T) - softmax(t / T))."""
+        return self.divergence == "forward_kl" or (self.divergence == "jsd" and self.jsd_beta == 0.0)
+
+
+def _forward_kl_chunk(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+                      terms: FusedTerms, count: int, wants_gradient: bool):
+    """(KL sum, CE sum, gradient of the objective with respect to the chunk's logits `(C, V)` or None), in place
+    wherever a tensor is used for the last time: at most four `(C, V)` tensors are alive at once."""
+    temperature, alpha, beta = terms.temperature, terms.alpha, terms.beta
+    shared_softmax = temperature == 1.0  # one log-softmax serves both terms: the loss is memory-bound
+    teacher_log_probs_t = F.log_softmax(teacher_logits if shared_softmax else teacher_logits / temperature, dim=-1)
+    log_probs = F.log_softmax(student_logits, dim=-1)
+    student_log_probs_t = log_probs if shared_softmax else F.log_softmax(student_logits / temperature, dim=-1)
+    teacher_probs_t = teacher_log_probs_t.exp()
+    kd_sum = (teacher_probs_t * teacher_log_probs_t.sub_(student_log_probs_t)).sum()
+    del teacher_log_probs_t
+    ce_sum = -log_probs.gather(1, targets[:, None]).sum()
+    if not wants_gradient:
+        return kd_sum, ce_sum, None
+    probabilities = log_probs.exp_()  # softmax(s), and also softmax(s / T) when they are the same tensor
+    if shared_softmax:
+        gradient = probabilities.mul_(alpha + beta).sub_(teacher_probs_t, alpha=alpha)
+    else:
+        gradient = student_log_probs_t.exp_().sub_(teacher_probs_t).mul_(alpha * temperature)
+        gradient.add_(probabilities, alpha=beta)
+    del teacher_probs_t, probabilities, log_probs, student_log_probs_t
+    gradient[torch.arange(gradient.size(0), device=gradient.device), targets] -= beta
+    return kd_sum, ce_sum, gradient.div_(count)
+
+
+def _any_divergence_chunk(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+                          terms: FusedTerms, count: int, wants_gradient: bool):
+    """As `_forward_kl_chunk` for any divergence, by autograd over the chunk's logits only: the divergence is
+    `divergences.token_divergence`, the very function of the full-logits loss."""
+    temperature = terms.temperature
+    with torch.enable_grad() if wants_gradient else contextlib.nullcontext():
+        logits = student_logits.requires_grad_(wants_gradient)
+        log_probs = F.log_softmax(logits, dim=-1)
+        student_log_probs_t = log_probs if temperature == 1.0 else F.log_softmax(logits / temperature, dim=-1)
+        teacher_log_probs_t = F.log_softmax(teacher_logits / temperature, dim=-1)
+        kd_sum = token_divergence(student_log_probs_t, teacher_log_probs_t, terms.divergence, terms.jsd_beta,
+                                  terms.skew).sum()
+        ce_sum = -log_probs.gather(1, targets[:, None]).sum()
+        if not wants_gradient:
+            return kd_sum, ce_sum, None
+        objective = (terms.alpha * temperature**2 * kd_sum + terms.beta * ce_sum) / count
+        (gradient,) = torch.autograd.grad(objective, logits)
+    return kd_sum.detach(), ce_sum.detach(), gradient
+
+
+class FusedDivergenceCE(torch.autograd.Function):
     """KD + CE from hidden states, projecting to the vocabulary a chunk of positions at a time.
 
     The gradients with respect to the student's hidden states and head are computed in the forward pass, chunk by
-    chunk, from the closed forms d(T**2 KL)/d(student logits) = T (softmax(s / T) - softmax(t / T)) and
-    d(CE)/d(student logits) = softmax(s) - onehot(target); so no `(N, V)` tensor outlives its chunk, and backward
-    only scales the stored gradients.
+    chunk, from the gradient with respect to each chunk's logits; so no `(N, V)` tensor outlives its chunk, and
+    backward only scales the stored gradients.
     """
 
     @staticmethod
-    def forward(ctx, student_hidden, student_head, teacher_hidden, teacher_head, targets, temperature, alpha, beta,
-                chunk_size):
+    def forward(ctx, student_hidden, student_head, teacher_hidden, teacher_head, targets, terms: FusedTerms,
+                compute_dtype: torch.dtype):
         count = max(targets.numel(), 1)  # no target: both terms are 0
         vocab_size = student_head.size(0)
-        hidden_gradient = torch.zeros_like(student_hidden, dtype=torch.float32)
-        head_gradient = torch.zeros_like(student_head, dtype=torch.float32)
+        wants_gradient = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]  # not during evaluation
+        # Cast once, not per chunk: a (V, d) copy each.
+        head = student_head.to(compute_dtype)
+        teacher_head = teacher_head[:vocab_size].to(compute_dtype)
+        hidden_gradient = torch.zeros_like(student_hidden, dtype=torch.float32) if wants_gradient else None
+        head_gradient = torch.zeros_like(student_head, dtype=torch.float32) if wants_gradient else None
         kd_total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
         ce_total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
-        head = student_head.float()
-        wants_gradients = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]  # not during evaluation
-        shared_softmax = temperature == 1.0
-        for start in range(0, count, chunk_size):
-            rows = slice(start, start + chunk_size)
-            hidden = student_hidden[rows].float()
-            student_logits = hidden @ head.T  # (C, V)
-            teacher_logits = teacher_hidden[rows].float() @ teacher_head[:vocab_size].float().T
-            teacher_log_probs_t = F.log_softmax(teacher_logits if shared_softmax else teacher_logits / temperature, dim=-1)
-            del teacher_logits
-            log_probs = F.log_softmax(student_logits, dim=-1)
-            # At temperature 1 one log-softmax serves both terms: the loss is memory-bound, so each pass costs time.
-            student_log_probs_t = log_probs if shared_softmax else F.log_softmax(student_logits / temperature, dim=-1)
-            del student_logits
-            teacher_probs_t = teacher_log_probs_t.exp()
-            # In place from here on: at most four (C, V) tensors are alive at once.
-            kd_total += (teacher_probs_t * teacher_log_probs_t.sub_(student_log_probs_t)).sum()
-            del teacher_log_probs_t
-            ce_total -= log_probs.gather(1, targets[rows, None]).sum()
-            if not wants_gradients:
-                continue
-            probabilities = log_probs.exp_()  # softmax(s), and also softmax(s / T) when they are the same tensor
-            if shared_softmax:
-                logits_gradient = probabilities.mul_(alpha + beta).sub_(teacher_probs_t, alpha=alpha)
-            else:
-                logits_gradient = student_log_probs_t.exp_().sub_(teacher_probs_t).mul_(alpha * temperature)
-                logits_gradient.add_(probabilities, alpha=beta)
-            del teacher_probs_t, probabilities, log_probs, student_log_probs_t
-            logits_gradient[torch.arange(logits_gradient.size(0), device=logits_gradient.device), targets[rows]] -= beta
-            logits_gradient.div_(count)
-            hidden_gradient[rows] = logits_gradient @ head
-            head_gradient.addmm_(logits_gradient.T, hidden)
-        kd = temperature**2 * kd_total / count
+        chunk_terms = _forward_kl_chunk if terms.has_closed_form else _any_divergence_chunk
+        for start in range(0, targets.numel(), terms.chunk_size):
+            rows = slice(start, start + terms.chunk_size)
+            hidden = student_hidden[rows].to(compute_dtype)
+            student_logits = (hidden @ head.T).float()  # (C, V)
+            teacher_logits = (teacher_hidden[rows].to(compute_dtype) @ teacher_head.T).float()
+            kd_sum, ce_sum, logits_gradient = chunk_terms(student_logits, teacher_logits, targets[rows], terms,
+                                                          count, wants_gradient)
+            del student_logits, teacher_logits
+            kd_total += kd_sum
+            ce_total += ce_sum
+            if logits_gradient is not None:
+                _accumulate(logits_gradient.to(compute_dtype), hidden, head, hidden_gradient[rows], head_gradient)
+        kd = terms.temperature**2 * kd_total / count
         ce = ce_total / count
-        ctx.save_for_backward(hidden_gradient.to(student_hidden.dtype), head_gradient.to(student_head.dtype))
-        return alpha * kd + beta * ce, kd.detach(), ce.detach()
+        # Kept on ctx rather than saved, so that backward hands them over without a copy.
+        ctx.gradients = (hidden_gradient, head_gradient, student_hidden.dtype, student_head.dtype)
+        return terms.alpha * kd + terms.beta * ce, kd, ce
 
     @staticmethod
     def backward(ctx, loss_gradient, _kd_gradient, _ce_gradient):
-        hidden_gradient, head_gradient = ctx.saved_tensors
+        hidden_gradient, head_gradient, hidden_dtype, head_dtype = ctx.gradients
+        ctx.gradients = None
         # In place: the stored gradients are used once, and a copy of the head's gradient would cost (V, d) again.
-        return (hidden_gradient.mul_(loss_gradient), head_gradient.mul_(loss_gradient),
-                None, None, None, None, None, None, None)
+        return (hidden_gradient.mul_(loss_gradient).to(hidden_dtype), head_gradient.mul_(loss_gradient).to(head_dtype),
+                None, None, None, None, None)
 
 
-def chunked_kd_ce(student_hidden: torch.Tensor, student_head: torch.Tensor, teacher_hidden: torch.Tensor,
-                  teacher_head: torch.Tensor, targets: torch.Tensor, temperature: float, alpha: float, beta: float,
-                  chunk_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _accumulate(logits_gradient: torch.Tensor, hidden: torch.Tensor, head: torch.Tensor,
+                hidden_gradient_rows: torch.Tensor, head_gradient: torch.Tensor) -> None:
+    """The chain rule through `hidden @ head.T` for one chunk, into the float32 buffers: `(C, d)` rows of the
+    hidden states' gradient and the whole `(V, d)` head's."""
+    hidden_gradient_rows.copy_(logits_gradient @ head)
+    if logits_gradient.dtype == head_gradient.dtype:
+        head_gradient.addmm_(logits_gradient.T, hidden)
+    else:  # a 16-bit product, summed over chunks in float32 (CPUs have no mixed-dtype addmm)
+        head_gradient += logits_gradient.T @ hidden
+
+
+def fused_divergence_ce(student_hidden: torch.Tensor, student_head: torch.Tensor, teacher_hidden: torch.Tensor,
+                        teacher_head: torch.Tensor, targets: torch.Tensor, terms: FusedTerms,
+                        compute_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(alpha * KD + beta * CE, KD, CE)` of `student_hidden (N, d) @ student_head (V, d).T` against
     `teacher_hidden (N, d') @ teacher_head (V', d').T` with the targets `(N,)`; differentiable in the student's
-    hidden states and head."""
-    return ChunkedKDCE.apply(student_hidden, student_head, teacher_hidden, teacher_head, targets,
-                             float(temperature), float(alpha), float(beta), chunk_size)
+    hidden states and head. The projections run in `compute_dtype`; by default the autocast dtype where autocast is
+    on at the call, else float32."""
+    device_type = student_hidden.device.type
+    if compute_dtype is None:
+        autocast_on = torch.is_autocast_enabled(device_type)
+        compute_dtype = torch.get_autocast_dtype(device_type) if autocast_on else torch.float32
+    with torch.autocast(device_type, enabled=False):  # the casts are explicit here
+        return FusedDivergenceCE.apply(student_hidden, student_head, teacher_hidden, teacher_head, targets, terms,
+                                       compute_dtype)

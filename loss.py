@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from chunked_loss import chunked_kd_ce
+from chunked_loss import FusedTerms, fused_divergence_ce
 from divergences import SKEW_DIVERGENCES, check_divergence, token_divergence
 
 IGNORE_INDEX = -100
@@ -346,25 +346,25 @@ class DistillationLoss(Criterion):
 
     def forward(self, student: ModelOutput, teacher: Optional[TeacherOutput], labels: torch.Tensor) -> LossOutput:
         if teacher is None:
-            raise ValueError("DistillationLoss needs the teacher's output")
-        if self.divergence == "forward_kl":
-            output = kd_and_cross_entropy(
-                student.logits, teacher.logits, labels, self.temperature, self.alpha, self.beta
-            )
-        else:
-            output = divergence_and_cross_entropy(
-                student.logits, teacher.logits, labels, self.temperature, self.alpha, self.beta,
-                self.divergence, self.jsd_beta, self.skew,
-            )
+            raise ValueError(f"{type(self).__name__} needs the teacher's output")
+        output = self._kd_and_cross_entropy(student, teacher, labels)
         if self.hidden_weight == 0:
             return output
         if student.hidden is None or teacher.hidden is None:
             raise ValueError(
-                "DistillationLoss with hidden_weight > 0 needs the student's and the teacher's last hidden states "
-                "(ModelOutput.hidden)"
+                f"{type(self).__name__} with hidden_weight > 0 needs the student's and the teacher's last hidden "
+                f"states (ModelOutput.hidden)"
             )
         hidden = hidden_cosine_distance(student.hidden, teacher.hidden, labels)
         return LossOutput(output.loss + self.hidden_weight * hidden, output.kd, output.ce, hidden)
+
+    def _kd_and_cross_entropy(self, student: ModelOutput, teacher: ModelOutput, labels: torch.Tensor) -> LossOutput:
+        if self.divergence == "forward_kl":
+            return kd_and_cross_entropy(student.logits, teacher.logits, labels, self.temperature, self.alpha, self.beta)
+        return divergence_and_cross_entropy(
+            student.logits, teacher.logits, labels, self.temperature, self.alpha, self.beta,
+            self.divergence, self.jsd_beta, self.skew,
+        )
 
 
 class CachedTeacherDistillationLoss(DistillationLoss):
@@ -401,15 +401,20 @@ class ClassicLoss(Criterion):
 
 
 class ChunkedDistillationLoss(DistillationLoss):
-    """DistillationLoss computed from the last hidden states and output heads a chunk of positions at a time (same
-    values and gradients), so that its peak memory is a fraction of the full-logits one. Forward KL only, without
-    the hidden-state term."""
+    """DistillationLoss computed from the last hidden states and output heads a chunk of positions at a time
+    (`chunked_loss.py`; the same values and gradients), so that no `(B, T, V)` logits are ever materialised: its
+    peak memory is a fraction of the full-logits one, and it is faster where the vocabulary is large. Every
+    divergence and the hidden-state term. `loss.DistillationLoss` runs this way by itself where it is faster (see
+    `LossSpec.build`); naming this class forces it."""
 
     projects_hidden_states = True
 
-    def __init__(self, alpha: float = 1.0, beta: float = 0.1, temperature: float = 1.0, chunk_size: int = 128) -> None:
-        super().__init__(alpha, beta, temperature)
-        self.chunk_size = self._checked(alpha=alpha, beta=beta, temperature=temperature, chunk_size=chunk_size)["chunk_size"]
+    def __init__(self, alpha: float = 1.0, beta: float = 0.1, temperature: float = 1.0, divergence: str = "forward_kl",
+                 jsd_beta: float = 0.5, skew: float = 0.1, hidden_weight: float = 0.0, chunk_size: int = 128) -> None:
+        super().__init__(alpha, beta, temperature, divergence, jsd_beta, skew, hidden_weight)
+        self.chunk_size = self._checked(chunk_size=chunk_size)["chunk_size"]
+        self.terms = FusedTerms(self.temperature, self.alpha, self.beta, self.divergence, self.jsd_beta, self.skew,
+                                self.chunk_size)
 
     @classmethod
     def _checked(cls, chunk_size=128, **others) -> dict:
@@ -421,14 +426,27 @@ class ChunkedDistillationLoss(DistillationLoss):
     def _arguments(self) -> dict:
         return {**super()._arguments(), "chunk_size": self.chunk_size}
 
-    def forward(self, student: ModelOutput, teacher: Optional[TeacherOutput], labels: torch.Tensor) -> LossOutput:
-        if teacher is None or teacher.hidden is None or teacher.head is None:
-            raise ValueError("ChunkedDistillationLoss needs the teacher's last hidden states and output head")
-        total, kd, ce = chunked_kd_ce(
+    def _kd_and_cross_entropy(self, student: ModelOutput, teacher: ModelOutput, labels: torch.Tensor) -> LossOutput:
+        if teacher.hidden is None or teacher.head is None:
+            raise ValueError(f"{type(self).__name__} needs the teacher's last hidden states and output head")
+        total, kd, ce = fused_divergence_ce(
             at_targets(student.hidden, labels), student.head, at_targets(teacher.hidden, labels), teacher.head,
-            target_ids(labels), self.temperature, self.alpha, self.beta, self.chunk_size,
+            target_ids(labels), self.terms,
         )
         return LossOutput(total, kd, ce)
+
+
+class FusedDistillationLoss(ChunkedDistillationLoss):
+    """DistillationLoss as `LossSpec.build` runs it where the fused path is faster: ChunkedDistillationLoss with its
+    default chunk size, configured and identified as loss.DistillationLoss (the values are the same)."""
+
+    def _arguments(self) -> dict:
+        arguments = super()._arguments()
+        del arguments["chunk_size"]
+        return arguments
+
+    def spec(self) -> dict:
+        return {**super().spec(), "()": "loss.DistillationLoss"}
 
 
 @dataclass(frozen=True)
@@ -466,9 +484,12 @@ class LossSpec:
     def to_config(self) -> dict:
         return {"()": f"loss.{self.kind.__name__}", **self.arguments}
 
-    def build(self, cached_teacher: bool = False) -> Criterion:
-        """The criterion; with `cached_teacher`, the variant that reads the teacher's cached distributions."""
-        return self._criterion_class(cached_teacher)(**self.arguments)
+    def build(self, cached_teacher: bool = False, fused: bool = False) -> Criterion:
+        """The criterion; with `cached_teacher`, the variant that reads the teacher's cached distributions; with
+        `fused`, DistillationLoss computed from hidden states a chunk at a time (`FusedDistillationLoss`), which the
+        caller asks for where it is faster (`chunked_loss.fused_is_faster`)."""
+        kind = self._criterion_class(cached_teacher)
+        return (FusedDistillationLoss if fused and kind is DistillationLoss else kind)(**self.arguments)
 
     def check(self, cached_teacher: bool = False) -> None:
         """Raise ValueError, without building anything, when `build(cached_teacher)` would refuse."""

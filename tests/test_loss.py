@@ -186,11 +186,11 @@ def test_numeric_strings_are_accepted_as_yaml_1_1_reads_them():
     }
 
 
-def test_chunked_loss_matches_the_full_logits_loss_in_value_and_gradient():
-    from loss import ChunkedDistillationLoss
-
-    generator = torch.Generator().manual_seed(7)
-    batch, length, width, teacher_width, vocab = 3, 9, 16, 24, 50
+def hidden_state_case(seed: int = 7, teacher_width: int = 24):
+    """Hidden states and heads of two models (of different widths by default), the teacher with 3 extra tokens; a
+    padded row and a masked prompt."""
+    generator = torch.Generator().manual_seed(seed)
+    batch, length, width, vocab = 3, 9, 16, 50
     student_hidden = torch.randn(batch, length, width, generator=generator, requires_grad=True)
     student_head = torch.randn(vocab, width, generator=generator, requires_grad=True)
     teacher_hidden = torch.randn(batch, length, teacher_width, generator=generator)
@@ -198,22 +198,82 @@ def test_chunked_loss_matches_the_full_logits_loss_in_value_and_gradient():
     labels = torch.randint(0, vocab, (batch, length), generator=generator)
     labels[0, 6:] = IGNORE_INDEX
     labels[2, :4] = IGNORE_INDEX
+    return student_hidden, student_head, teacher_hidden, teacher_head, labels
 
-    reference = DistillationLoss(alpha=0.7, beta=0.4, temperature=2.0)(
-        ModelOutput(student_hidden @ student_head.T), ModelOutput(teacher_hidden @ teacher_head.T), labels
+
+FUSED_CASES = {
+    **{divergence: {"divergence": divergence} for divergence in DIVERGENCES},
+    "jsd 0.2 at T 2": {"divergence": "jsd", "jsd_beta": 0.2, "temperature": 2.0},
+    "skew_reverse_kl 0.3": {"divergence": "skew_reverse_kl", "skew": 0.3},
+    "forward_kl at T 2": {"temperature": 2.0},
+    "tv at T 3 with hidden states": {"divergence": "tv", "temperature": 3.0, "hidden_weight": 0.5},
+    "forward_kl with hidden states": {"hidden_weight": 2.0},
+}
+
+
+@pytest.mark.parametrize("arguments", FUSED_CASES.values(), ids=FUSED_CASES.keys())
+def test_the_fused_loss_matches_the_full_logits_loss_in_value_and_gradient(arguments):
+    student_hidden, student_head, teacher_hidden, teacher_head, labels = hidden_state_case(
+        teacher_width=16 if "hidden_weight" in arguments else 24
+    )
+    settings = {"alpha": 0.7, "beta": 0.4, **arguments}
+    reference = DistillationLoss(**settings)(
+        ModelOutput(student_hidden @ student_head.T, student_hidden), ModelOutput(teacher_hidden @ teacher_head.T,
+                                                                                    teacher_hidden), labels
     )
     reference_gradients = torch.autograd.grad(reference.loss, (student_hidden, student_head))
-    chunked = ChunkedDistillationLoss(alpha=0.7, beta=0.4, temperature=2.0, chunk_size=5)(
+    fused = ChunkedDistillationLoss(**settings, chunk_size=5)(
         ModelOutput(hidden=student_hidden, head=student_head), ModelOutput(hidden=teacher_hidden, head=teacher_head),
         labels,
     )
-    chunked_gradients = torch.autograd.grad(chunked.loss, (student_hidden, student_head))
-    for term in ("loss", "kd", "ce"):
-        assert torch.allclose(getattr(chunked, term), getattr(reference, term), atol=1e-5), term
-    for expected, actual in zip(reference_gradients, chunked_gradients):
-        cosine = F.cosine_similarity(expected.flatten(), actual.flatten(), dim=0)
-        assert cosine.item() >= 0.9999
+    fused_gradients = torch.autograd.grad(fused.loss, (student_hidden, student_head))
+    for term in ("loss", "kd", "ce", "hidden"):
+        if getattr(reference, term) is None:
+            assert getattr(fused, term) is None
+            continue
+        assert torch.allclose(getattr(fused, term), getattr(reference, term), atol=1e-5), term
+    for expected, actual in zip(reference_gradients, fused_gradients):
         assert torch.allclose(expected, actual, atol=1e-5)
+    with torch.no_grad():  # evaluation: the same values without the gradients
+        evaluated = ChunkedDistillationLoss(**settings, chunk_size=5)(
+            ModelOutput(hidden=student_hidden, head=student_head), ModelOutput(hidden=teacher_hidden, head=teacher_head),
+            labels,
+        )
+    assert torch.allclose(evaluated.loss, fused.loss)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_the_fused_loss_under_bf16_autocast_projects_in_bf16_and_sums_in_float32(divergence):
+    """The GPU default (bf16 autocast, a bf16 teacher): the fused loss agrees with the full-logits loss computed
+    from the same bf16 logits, and its gradients reach the float32 student in float32."""
+    student_hidden, student_head, teacher_hidden, teacher_head, labels = hidden_state_case(11)
+    teacher_head = teacher_head.bfloat16()
+    criterion_settings = {"alpha": 1.0, "beta": 0.1, "divergence": divergence}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = ChunkedDistillationLoss(**criterion_settings, chunk_size=4)(
+            ModelOutput(hidden=student_hidden, head=student_head),
+            ModelOutput(hidden=teacher_hidden.bfloat16(), head=teacher_head), labels,
+        )
+        student_logits = student_hidden @ student_head.T  # bf16 under autocast, as the fused projection
+        teacher_logits = teacher_hidden.bfloat16() @ teacher_head.T
+    reference = DistillationLoss(**criterion_settings)(ModelOutput(student_logits), ModelOutput(teacher_logits), labels)
+    assert fused.loss.dtype == torch.float32
+    assert torch.allclose(fused.loss, reference.loss, rtol=1e-3)
+    fused_gradients = torch.autograd.grad(fused.loss, (student_hidden, student_head))
+    reference_gradients = torch.autograd.grad(reference.loss, (student_hidden, student_head))
+    for expected, actual in zip(reference_gradients, fused_gradients):
+        assert actual.dtype == torch.float32
+        assert F.cosine_similarity(expected.flatten().float(), actual.flatten(), dim=0) > 0.999
+
+
+def test_distillation_loss_is_fused_only_when_asked_and_keeps_its_identity():
+    spec = loss.LossSpec.from_section({"()": "loss.DistillationLoss", "alpha": 0.5, "divergence": "jsd"})
+    plain, fused = spec.build(), spec.build(fused=True)
+    assert not plain.projects_hidden_states and fused.projects_hidden_states
+    assert fused.spec() == plain.spec()
+    assert not spec.build(cached_teacher=True, fused=True).projects_hidden_states  # the cache holds no hidden states
+    classic = loss.LossSpec.from_section({"()": "loss.ClassicLoss"})
+    assert not classic.build(fused=True).projects_hidden_states
 
 
 # Divergences and the hidden-state term.
