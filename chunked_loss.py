@@ -39,17 +39,26 @@ class FusedTerms:
         return self.divergence == "forward_kl" or (self.divergence == "jsd" and self.jsd_beta == 0.0)
 
 
+def _log_softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the last dimension, in place: no new `(C, V)` tensor (the chunk's peak memory is the count
+    of those, and on a CPU each fresh one also costs its page faults)."""
+    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+
+
 def _forward_kl_chunk(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
                       terms: FusedTerms, count: int, wants_gradient: bool):
-    """(KL sum, CE sum, gradient of the objective with respect to the chunk's logits `(C, V)` or None), in place
-    wherever a tensor is used for the last time: at most four `(C, V)` tensors are alive at once."""
+    """(KL sum, CE sum, gradient of the objective with respect to the chunk's logits `(C, V)` or None). Both
+    logits tensors are the callee's to overwrite: at temperature 1 at most three `(C, V)` tensors exist at once."""
     temperature, alpha, beta = terms.temperature, terms.alpha, terms.beta
     shared_softmax = temperature == 1.0  # one log-softmax serves both terms: the loss is memory-bound
-    teacher_log_probs_t = F.log_softmax(teacher_logits if shared_softmax else teacher_logits / temperature, dim=-1)
-    log_probs = F.log_softmax(student_logits, dim=-1)
-    student_log_probs_t = log_probs if shared_softmax else F.log_softmax(student_logits / temperature, dim=-1)
+    teacher_log_probs_t = _log_softmax_(teacher_logits if shared_softmax else teacher_logits.div_(temperature))
+    student_log_probs_t = None if shared_softmax else _log_softmax_(student_logits / temperature)
+    log_probs = _log_softmax_(student_logits)
+    if shared_softmax:
+        student_log_probs_t = log_probs
     teacher_probs_t = teacher_log_probs_t.exp()
-    kd_sum = (teacher_probs_t * teacher_log_probs_t.sub_(student_log_probs_t)).sum()
+    # sum of p (log p - log q), as a dot product: no (C, V) product tensor.
+    kd_sum = torch.dot(teacher_probs_t.flatten(), teacher_log_probs_t.sub_(student_log_probs_t).flatten())
     del teacher_log_probs_t
     ce_sum = -log_probs.gather(1, targets[:, None]).sum()
     if not wants_gradient:
@@ -97,32 +106,26 @@ class FusedDivergenceCE(torch.autograd.Function):
     def forward(ctx, student_hidden, student_head, teacher_hidden, teacher_head, targets, terms: FusedTerms,
                 compute_dtype: torch.dtype):
         count = max(targets.numel(), 1)  # no target: both terms are 0
-        vocab_size = student_head.size(0)
         wants_gradient = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]  # not during evaluation
         # Cast once, not per chunk: a (V, d) copy each.
-        head = student_head.to(compute_dtype)
-        teacher_head = teacher_head[:vocab_size].to(compute_dtype)
-        hidden_gradient = torch.zeros_like(student_hidden, dtype=torch.float32) if wants_gradient else None
-        head_gradient = torch.zeros_like(student_head, dtype=torch.float32) if wants_gradient else None
+        heads = student_head.to(compute_dtype), teacher_head[: student_head.size(0)].to(compute_dtype)
+        hidden_gradient = head_gradient = None
+        if wants_gradient:
+            hidden_gradient = torch.zeros_like(student_hidden, dtype=torch.float32)
+            head_gradient = torch.zeros_like(student_head, dtype=torch.float32)
         kd_total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
         ce_total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
-        chunk_terms = _forward_kl_chunk if terms.has_closed_form else _any_divergence_chunk
-        for start in range(0, targets.numel(), terms.chunk_size):
-            rows = slice(start, start + terms.chunk_size)
-            hidden = student_hidden[rows].to(compute_dtype)
-            student_logits = (hidden @ head.T).float()  # (C, V)
-            teacher_logits = (teacher_hidden[rows].to(compute_dtype) @ teacher_head.T).float()
-            kd_sum, ce_sum, logits_gradient = chunk_terms(student_logits, teacher_logits, targets[rows], terms,
-                                                          count, wants_gradient)
-            del student_logits, teacher_logits
+        for group in _groups(targets.numel(), terms.chunk_size, compute_dtype):
+            gradients = (hidden_gradient[group], head_gradient) if wants_gradient else None
+            kd_sum, ce_sum = _project_group(student_hidden[group], teacher_hidden[group], targets[group], heads,
+                                            terms, count, gradients)
             kd_total += kd_sum
             ce_total += ce_sum
-            if logits_gradient is not None:
-                _accumulate(logits_gradient.to(compute_dtype), hidden, head, hidden_gradient[rows], head_gradient)
         kd = terms.temperature**2 * kd_total / count
         ce = ce_total / count
         # Kept on ctx rather than saved, so that backward hands them over without a copy.
-        ctx.gradients = (hidden_gradient, head_gradient, student_hidden.dtype, student_head.dtype)
+        ctx.gradients = hidden_gradient, head_gradient, student_hidden.dtype, student_head.dtype
+        ctx.mark_non_differentiable(kd, ce)
         return terms.alpha * kd + terms.beta * ce, kd, ce
 
     @staticmethod
@@ -134,15 +137,52 @@ class FusedDivergenceCE(torch.autograd.Function):
                 None, None, None, None, None)
 
 
-def _accumulate(logits_gradient: torch.Tensor, hidden: torch.Tensor, head: torch.Tensor,
-                hidden_gradient_rows: torch.Tensor, head_gradient: torch.Tensor) -> None:
-    """The chain rule through `hidden @ head.T` for one chunk, into the float32 buffers: `(C, d)` rows of the
-    hidden states' gradient and the whole `(V, d)` head's."""
-    hidden_gradient_rows.copy_(logits_gradient @ head)
-    if logits_gradient.dtype == head_gradient.dtype:
-        head_gradient.addmm_(logits_gradient.T, hidden)
-    else:  # a 16-bit product, summed over chunks in float32 (CPUs have no mixed-dtype addmm)
-        head_gradient += logits_gradient.T @ hidden
+# Rows whose 16-bit logits gradients are kept for one product with the head: (rows, V) 16-bit values, 200 MiB at
+# V = 50257. A float32 (V, d) head gradient cannot be accumulated in place from 16-bit operands (CPUs have no
+# mixed-dtype addmm), and converting and adding it once per chunk cost more than the products themselves.
+ROWS_PER_HEAD_PRODUCT = 2048
+
+
+def _groups(count: int, chunk_size: int, compute_dtype: torch.dtype) -> list[slice]:
+    """Slices of the N positions, each projected chunk by chunk and multiplied by the head once: one chunk each in
+    float32 (the product accumulates in place), several in 16 bits."""
+    rows = chunk_size if compute_dtype == torch.float32 else max(chunk_size, ROWS_PER_HEAD_PRODUCT)
+    return [slice(start, start + rows) for start in range(0, count, rows)]
+
+
+def _project_group(student_hidden, teacher_hidden, targets, heads, terms: FusedTerms, count: int, gradients):
+    """The KD and CE sums of a group of G positions (`(G, d)` hidden states), and with `gradients` (the group's
+    `(G, d)` rows of the hidden states' float32 gradient, and the `(V, d)` head's) their gradients added in."""
+    student_head, teacher_head = heads
+    hidden, teacher_hidden = student_hidden.to(student_head.dtype), teacher_hidden.to(teacher_head.dtype)
+    chunk_terms = _forward_kl_chunk if terms.has_closed_form else _any_divergence_chunk
+    chunks = range(0, targets.numel(), terms.chunk_size)
+    logits_gradient = None  # (G, V) in the compute dtype
+    if gradients is not None and len(chunks) > 1:
+        logits_gradient = hidden.new_empty(targets.numel(), student_head.size(0))
+    kd_total = ce_total = 0.0
+    for start in chunks:
+        rows = slice(start, start + terms.chunk_size)
+        student_logits = (hidden[rows] @ student_head.T).float()  # (C, V)
+        teacher_logits = (teacher_hidden[rows] @ teacher_head.T).float()
+        kd_sum, ce_sum, chunk_gradient = chunk_terms(student_logits, teacher_logits, targets[rows], terms, count,
+                                                     gradients is not None)
+        del student_logits, teacher_logits
+        kd_total, ce_total = kd_total + kd_sum, ce_total + ce_sum
+        if chunk_gradient is None:
+            continue
+        if logits_gradient is None:
+            logits_gradient = chunk_gradient.to(hidden.dtype)
+        else:
+            logits_gradient[rows] = chunk_gradient
+    if gradients is not None:
+        hidden_gradient_rows, head_gradient = gradients
+        hidden_gradient_rows.copy_(logits_gradient @ student_head)
+        if logits_gradient.dtype == head_gradient.dtype:
+            head_gradient.addmm_(logits_gradient.T, hidden)
+        else:
+            head_gradient += logits_gradient.T @ hidden
+    return kd_total, ce_total
 
 
 def fused_divergence_ce(student_hidden: torch.Tensor, student_head: torch.Tensor, teacher_hidden: torch.Tensor,
@@ -159,3 +199,4 @@ def fused_divergence_ce(student_hidden: torch.Tensor, student_head: torch.Tensor
     with torch.autocast(device_type, enabled=False):  # the casts are explicit here
         return FusedDivergenceCE.apply(student_hidden, student_head, teacher_hidden, teacher_head, targets, terms,
                                        compute_dtype)
+

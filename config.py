@@ -176,7 +176,8 @@ class TrainingParameters:
 @dataclass(frozen=True)
 class Hardware:
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # auto: bf16 autocast where the device has native bfloat16 (a recent GPU; a CPU with AMX or AVX-512 BF16), else no.
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     # torch.compile the student and teacher: faster steps once compiled, at a start-up cost of a minute or more.
     compile: bool = False
     # How several processes (torchrun, accelerate launch) hold the models: ddp (each process a whole copy) or fsdp
@@ -396,6 +397,8 @@ def _check_value(value: Any, kind: Any, metadata: typing.Mapping, source: str, k
         kind = next(argument for argument in arguments if argument is not type(None))
         origin, arguments = typing.get_origin(kind), typing.get_args(kind)
     if origin is Literal:
+        if value is False and "no" in arguments:  # YAML 1.1 reads an unquoted `no` (as in `--set ...=no`) as false
+            value = "no"
         if value not in arguments:
             choices = ", ".join(repr(choice) for choice in arguments)
             raise ConfigError(f"{source}: {key} is {value!r}; it must be one of {choices}.")

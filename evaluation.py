@@ -56,7 +56,8 @@ def evaluate(criterion, forward, batches: WeightedBatches, accelerator, has_teac
     totals = torch.zeros(6, device=accelerator.device)
     for batch, weight in batches:
         student, teacher = forward(batch)
-        output = criterion(student, teacher, batch["labels"])
+        with accelerator.autocast():  # as in training: the fused loss projects in the autocast dtype
+            output = criterion(student, teacher, batch["labels"])
         targets = target_mask(batch["labels"]).sum() * weight
         kd = output.kd if output.kd is not None else torch.zeros_like(output.ce)
         totals[:3] += torch.stack([output.loss, kd, output.ce]).float() * targets

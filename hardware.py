@@ -39,12 +39,46 @@ def runs_on_cpu(hardware) -> bool:
     )
 
 
+def device_type(hardware) -> str:
+    """The device the run computes on: cuda, mps or cpu."""
+    if hardware.device != "auto":
+        return hardware.device
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def has_native_bf16(device: str) -> bool:
+    """Whether `device` multiplies bfloat16 matrices in hardware: a CUDA GPU that supports it (Ampere and later),
+    or a CPU with AMX or AVX-512 BF16 instructions (Intel Xeon from Sapphire Rapids and AMD from Zen 4 on, the AMX
+    ones at about 3 times their float32 rate). Elsewhere bfloat16 is emulated and slower than float32."""
+    if device == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device == "cpu":
+        capabilities = torch.cpu.get_capabilities()
+        return bool(capabilities.get("amx_bf16") or capabilities.get("avx512_bf16"))
+    return False
+
+
+def mixed_precision(config: Config) -> str:
+    """`hardware.mixed_precision`, with auto decided: bf16 autocast where the device has native bfloat16, else no.
+    Losses and softmaxes stay float32 either way (loss.py and chunked_loss.py compute them so)."""
+    if config.hardware.mixed_precision != "auto":
+        return config.hardware.mixed_precision
+    return "bf16" if has_native_bf16(device_type(config.hardware)) else "no"
+
+
 def teacher_dtype(config: Config) -> torch.dtype:
-    """The teacher only runs forward passes, so a 16-bit copy halves its memory and time where the device has it."""
+    """The teacher only runs forward passes, so a 16-bit copy halves its memory and time where the device has
+    native bfloat16 (with `teacher.dtype: auto`)."""
     if config.teacher.dtype != "auto":
         return getattr(torch, config.teacher.dtype)
-    on_gpu = config.hardware.device in ("auto", "cuda") and torch.cuda.is_available()
-    return torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if has_native_bf16(device_type(config.hardware)) else torch.float32
+
+
+def fused_loss(accelerator) -> bool:
+    """Whether loss.DistillationLoss runs fused (`LossSpec.build(fused=...)`): always, but with FSDP, which keeps
+    only a shard of the output head. Measured on CPUs from the demo's shape (vocabulary 2048, width 128) to GPT-2's
+    (50257, 768), in float32 and bf16, it was faster at every one (bench/throughput.py, docs/benchmarks.md)."""
+    return not accelerator.is_fsdp2
 
 
 def build_accelerator(config: Config, run_directory: Path, trackers: list, projects_hidden_states: bool):
@@ -58,21 +92,21 @@ def build_accelerator(config: Config, run_directory: Path, trackers: list, proje
         raise ConfigError("hardware.device is 'cuda' but no CUDA GPU is available; set hardware.device to auto or cpu.")
     if hardware.device == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("hardware.device is 'mps' but this machine has no MPS device; set hardware.device to auto or cpu.")
-    uses_cuda = hardware.device == "cuda" or (hardware.device == "auto" and torch.cuda.is_available())
-    if hardware.mixed_precision == "fp16" and not uses_cuda:
+    if hardware.mixed_precision == "fp16" and device_type(hardware) != "cuda":
         raise ConfigError("hardware.mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this machine.")
     sharding = fsdp_plugin(config, projects_hidden_states)
+    precision = mixed_precision(config)
     accelerator = Accelerator(
         cpu=runs_on_cpu(hardware),
-        mixed_precision=hardware.mixed_precision,
+        mixed_precision=precision,
         fsdp_plugin=sharding,
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(run_directory), logging_dir=str(run_directory)),
     )
     if sharding is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
         # Accelerate turns FSDP on for accelerator devices only; PyTorch's FSDP2 shards over gloo on CPUs as well.
-        if hardware.mixed_precision != "no":  # as Accelerate does for GPUs
-            sharding.set_mixed_precision(hardware.mixed_precision)
+        if precision != "no":  # as Accelerate does for GPUs
+            sharding.set_mixed_precision(precision)
         accelerator.state.fsdp_plugin = sharding
         # Both shared states, as Accelerate sets them: a later AcceleratorState() copies the process state's type.
         accelerator.state.distributed_type = PartialState().distributed_type = DistributedType.FSDP

@@ -196,6 +196,14 @@ def log_setup(student, teacher, cached_top_k: Optional[int], criterion, splits, 
         accelerator.num_processes,
         {"fsdp": "models sharded with FSDP2", "ddp": "DDP", "none": "alone"}[hardware.distribution(accelerator)],
     )
+    logger.info(
+        "Precision: %s on %s; teacher %s; loss %s",
+        "bf16 autocast" if accelerator.mixed_precision == "bf16" else "fp16 autocast"
+        if accelerator.mixed_precision == "fp16" else "float32",
+        accelerator.device.type,
+        str(teacher.dtype).removeprefix("torch.") if teacher is not None else "not loaded",
+        "fused (from hidden states, chunk by chunk)" if criterion.projects_hidden_states else "from full logits",
+    )
 
 
 def write_summary(run: RunLocation, state: TrainerState, best_metric: str, test: dict, teacher: Optional[dict],
@@ -215,6 +223,7 @@ def write_summary(run: RunLocation, state: TrainerState, best_metric: str, test:
         "skipped_batches": state.skipped_batches,
         "processes": accelerator.num_processes,
         "distributed": hardware.distribution(accelerator),
+        "mixed_precision": accelerator.mixed_precision,
         "wall_time_s": round(elapsed_s, 2),
     }
     if accelerator.is_main_process:

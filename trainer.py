@@ -118,7 +118,9 @@ def build_optimizer(student: torch.nn.Module, training) -> torch.optim.Optimizer
     ]
     if training.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=training.learning_rate, momentum=training.momentum)
-    return torch.optim.AdamW(groups, lr=training.learning_rate)
+    # Fused: one kernel for all the tensors' updates instead of a dozen passes over them (a tenth of the step's time
+    # at GPT-2's shapes on a CPU; PyTorch has it for CPUs and GPUs).
+    return torch.optim.AdamW(groups, lr=training.learning_rate, fused=True)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, training, total_steps: int):
@@ -344,7 +346,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def _loss(self, batch: dict):
-        return self.criterion(*self.forward(batch), batch["labels"])
+        with self.accelerator.autocast():  # the fused loss projects in the autocast dtype
+            return self.criterion(*self.forward(batch), batch["labels"])
 
     def _skip(self, last: bool) -> bool:
         """Count a skipped batch; True when this process must still join the step's gradient reduction (with a

@@ -95,21 +95,24 @@ def seed_step(teacher, student, optimizer, batch_ids: list[list[int]], max_lengt
     return loss.item()
 
 
-def project_loss(teacher, student, criterion, batch: dict):
-    """The loss as trainer.Trainer computes it: no KV cache; hidden states and heads for the chunked loss."""
+def project_loss(teacher, student, criterion, batch: dict, bf16: bool = False):
+    """The loss as trainer.Trainer computes it: no KV cache; hidden states and heads for the fused loss; the
+    forward passes and the loss under bf16 autocast with `bf16` (the fused loss projects in bf16 there)."""
     inputs = models.model_inputs(batch)
-    if criterion.projects_hidden_states:
+    device_type = batch["input_ids"].device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+        if criterion.projects_hidden_states:
+            with torch.no_grad():
+                teacher_output = ModelOutput(hidden=models.HiddenStates(teacher)(**inputs), head=teacher.lm_head.weight)
+            student_output = ModelOutput(hidden=models.HiddenStates(student)(**inputs), head=student.lm_head.weight)
+            return criterion(student_output, teacher_output, batch["labels"])
         with torch.no_grad():
-            teacher_output = ModelOutput(hidden=models.HiddenStates(teacher)(**inputs), head=teacher.lm_head.weight)
-        student_output = ModelOutput(hidden=models.HiddenStates(student)(**inputs), head=student.lm_head.weight)
-        return criterion(student_output, teacher_output, batch["labels"])
-    with torch.no_grad():
-        teacher_logits = teacher(**inputs).logits
-    return criterion(ModelOutput(student(**inputs).logits), ModelOutput(teacher_logits), batch["labels"])
+            teacher_logits = teacher(**inputs).logits
+        return criterion(ModelOutput(student(**inputs).logits), ModelOutput(teacher_logits), batch["labels"])
 
 
-def project_step(teacher, student, optimizer, criterion, batch: dict) -> float:
-    output = project_loss(teacher, student, criterion, batch)
+def project_step(teacher, student, optimizer, criterion, batch: dict, bf16: bool = False) -> float:
+    output = project_loss(teacher, student, criterion, batch, bf16)
     output.loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

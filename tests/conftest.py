@@ -53,3 +53,14 @@ def config_values(tmp_path, teacher_dir, data_file) -> dict:
 @pytest.fixture
 def config_file(tmp_path, config_values) -> Path:
     return write_config(tmp_path / "config.yaml", config_values)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps one precision per process, and a run in float32 (the tests' configs) may follow one in bf16
+    (the demo's config and `mixed_precision: auto` on a CPU with native bf16, the GPU-default tests): each test
+    starts with a fresh state, as Accelerate's own tests do between cases. (A user's process runs one config.)"""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield

@@ -52,7 +52,7 @@ def base_config(tmp_path: Path, teacher_dir: Path, data_file: Path) -> dict:
             "token_dataset": "tokenized",
             "checkpoints": str(tmp_path / "checkpoints"),
         },
-        "teacher": {"name": str(teacher_dir)},
+        "teacher": {"name": str(teacher_dir), "dtype": "float32"},
         "distilled_model": {"nb_layers": 1},
         "data": {"dataset": str(data_file), "max_length": 64, "template": "alpaca_short", "group_by_length": True},
         "training_parameters": {
@@ -68,7 +68,9 @@ def base_config(tmp_path: Path, teacher_dir: Path, data_file: Path) -> dict:
             "checkpoints_name_best": "best",
             "loss": {"()": "loss.DistillationLoss", "alpha": 1.0, "beta": 0.5, "temperature": 2.0},
         },
-        "hardware": {"device": "cpu"},
+        # float32 (as the teacher above), so that the figures do not depend on whether this CPU has native bf16
+        # (the auto defaults); the bf16 runs are the GPU-default tests'.
+        "hardware": {"device": "cpu", "mixed_precision": "no"},
     }
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -61,4 +63,29 @@ def test_demo_config_runs(tmp_path):
     ])
     assert status == 0
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoints" / "demo" / "best").config.n_layer == 2
+    # mixed_precision: auto chose by this CPU's instructions, as /proc/cpuinfo lists them (an independent reading).
+    summary = json.loads((tmp_path / "checkpoints" / "demo" / "summary.json").read_text())
+    assert summary["mixed_precision"] == ("bf16" if cpu_has_native_bf16() else "no")
+
+
+def cpu_has_native_bf16() -> bool:
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads Linux's /proc/cpuinfo")
+def test_auto_precision_follows_the_cpu_and_an_explicit_choice_wins(tmp_path):
+    import hardware
+    from config import load_config
+
+    native = cpu_has_native_bf16()
+    auto = load_config(REPO / "configs" / "tiny.yaml", ["hardware.device=cpu"])
+    assert hardware.mixed_precision(auto) == ("bf16" if native else "no")
+    assert hardware.teacher_dtype(auto) == (torch.bfloat16 if native else torch.float32)
+    chosen = load_config(REPO / "configs" / "tiny.yaml", ["hardware.device=cpu", "hardware.mixed_precision=no",
+                                                          "teacher.dtype=float32"])
+    assert (hardware.mixed_precision(chosen), hardware.teacher_dtype(chosen)) == ("no", torch.float32)
 

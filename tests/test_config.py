@@ -272,3 +272,9 @@ def test_a_config_file_cannot_import_code_or_hide_a_call_in_an_imported_file(tmp
     with pytest.raises(ConfigError, match="`\\(\\)` entry"):
         load_config(tmp_path / "import.yaml")
     assert not marker.exists()
+
+
+def test_an_unquoted_no_is_the_choice_no_not_false(config_file):
+    """YAML 1.1 reads `no` as false: `--set hardware.mixed_precision=no`, as a user types it, still means no."""
+    assert load_config(config_file, ["hardware.mixed_precision=no"]).hardware.mixed_precision == "no"
+    assert load_config(config_file, ["hardware.mixed_precision=auto"]).hardware.mixed_precision == "auto"

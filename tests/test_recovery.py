@@ -171,13 +171,20 @@ def test_a_malicious_training_state_is_refused_without_running_it(tmp_path, conf
     assert not marker.exists()
 
 
+def scaled_outputs(student, factor: float):
+    """The student's outputs as the criterion reads them (logits, or hidden states for the fused loss) times
+    `factor`."""
+    name = "logits" if student.logits is not None else "hidden"
+    return student._replace(**{name: getattr(student, name) * factor})
+
+
 def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, config_file, monkeypatch, caplog):
     original = Trainer.forward
 
     def poisoned(self, batch):
         student, teacher = original(self, batch)
-        if self.student.training and self.state.global_step >= 6:  # the student's logits turn NaN
-            return student._replace(logits=student.logits * float("nan")), teacher
+        if self.student.training and self.state.global_step >= 6:  # the student's outputs turn NaN
+            return scaled_outputs(student, float("nan")), teacher
         return student, teacher
 
     monkeypatch.setattr(Trainer, "forward", poisoned)
@@ -196,8 +203,8 @@ def test_nan_loss_can_skip_the_batch(tmp_path, config_file, monkeypatch):
 
     def poisoned(self, batch):
         student, teacher = original(self, batch)
-        if self.student.training and self.state.global_step in (3, 7):  # the student's logits overflow
-            return student._replace(logits=student.logits * float("inf")), teacher
+        if self.student.training and self.state.global_step in (3, 7):  # the student's outputs overflow
+            return scaled_outputs(student, float("inf")), teacher
         return student, teacher
 
     monkeypatch.setattr(Trainer, "forward", poisoned)

@@ -1,0 +1,170 @@
+"""GPT-2's real shapes on this machine: this project's training step against TRL's GKDTrainer, and where the time goes.
+
+    python3 bench/real_shape.py              # about 6 minutes on 2 CPU cores (run by bench/throughput.py too)
+    python3 bench/real_shape.py --profile    # the top operators of the project's step (torch.profiler)
+
+A GPT-2 (124M)-shaped teacher and a 6-layer student of GPT-2's shape (random weights, vocabulary 50257, width 768,
+12 heads, no dropout), batches of 8 Alpaca-like samples of at most 256 tokens, length-grouped as the project batches
+them. Side by side, from the same initial student on the same batches: this project's step (trainer.Trainer's: the
+fused loss, fused AdamW) in float32 and with bf16 autocast and a bf16 teacher, and TRL's `GKDTrainer` with lmbda=0
+(no generation) and beta=0 (forward KL) in both precisions (bench/trl_peer.py; skipped without TRL, which
+bench/requirements.txt installs). Each row gives real tokens/s and the fraction of this machine's matmul rate in
+the row's precision (measured in the same run) that the model FLOPs of those tokens make up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import hardware  # noqa: E402
+import models  # noqa: E402
+from gpu import length_grouped_batches  # noqa: E402
+from loss import LossSpec  # noqa: E402
+from throughput import alpaca_like_samples, project_step, training_flops_per_token  # noqa: E402
+from trl_peer import trl_gkd_seconds  # noqa: E402
+
+VOCABULARY, WIDTH, HEADS, TEACHER_LAYERS, STUDENT_LAYERS, MAX_LENGTH, BATCH = 50257, 768, 12, 12, 6, 256, 8
+
+
+def build_models():
+    """Teacher (float32 and a bfloat16 copy) and student, GPT-2's shape, the project's fused GELU, no dropout."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    def gpt2(layers: int):
+        config = GPT2Config(vocab_size=VOCABULARY, n_positions=1024, n_embd=WIDTH, n_layer=layers, n_head=HEADS,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+        return AutoModelForCausalLM.from_config(models.with_fused_activation(config))
+
+    torch.manual_seed(0)
+    teacher = gpt2(TEACHER_LAYERS).eval().requires_grad_(False)
+    teacher_bf16 = gpt2(TEACHER_LAYERS).to(torch.bfloat16).eval().requires_grad_(False)
+    teacher_bf16.load_state_dict(teacher.state_dict())
+    return {"float32": teacher, "bf16": teacher_bf16}, gpt2(STUDENT_LAYERS)
+
+
+def matmul_rate(dtype: torch.dtype, size: int = 4096, repeats: int = 3) -> float:
+    """This machine's matmul FLOP/s in `dtype`: the best of three timings (other work only slows it)."""
+    left, right = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    left @ right
+    best = math.inf
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            left @ right
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 * repeats / best
+
+
+def project_seconds(teacher, student, batches: list[dict], bf16: bool, warmup: int = 1) -> float:
+    """Seconds of this project's steps over `batches[warmup:]`: forward passes and loss (under bf16 autocast with
+    `bf16`), backward, fused AdamW. The loss as distill.py builds config.yaml's: DistillationLoss, fused."""
+    criterion = LossSpec.from_section({"()": "loss.DistillationLoss", "alpha": 1.0, "beta": 0.1}).build(fused=True)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=True)  # as trainer.build_optimizer
+    for batch in batches[:warmup]:
+        project_step(teacher, student, optimizer, criterion, batch, bf16)
+    start = time.perf_counter()
+    for batch in batches[warmup:]:
+        project_step(teacher, student, optimizer, criterion, batch, bf16)
+    return time.perf_counter() - start
+
+
+def measure_rows(teachers: dict, student, batches: list[dict]) -> dict:
+    """Seconds per row, each from the same initial student; None for a TRL row without TRL."""
+    initial_state = {key: value.clone() for key, value in student.state_dict().items()}
+    rows = {}
+    for precision in ("float32", "bf16"):
+        bf16 = precision == "bf16"
+        student.load_state_dict(initial_state)
+        rows[f"this project, {precision}"] = project_seconds(teachers[precision], student, batches, bf16)
+        student.load_state_dict(initial_state)
+        rows[f"TRL GKDTrainer, {precision}"] = trl_gkd_seconds(teachers[precision], student, batches, bf16=bf16)
+    return rows
+
+
+def report(rows: dict, batches: list[dict], student, teacher, rates: dict) -> dict:
+    """The table; the figures for the JSON line."""
+    timed = batches[1:]
+    real_tokens = sum(int(batch["attention_mask"].sum()) for batch in timed)
+    lengths = [int(length) for batch in timed for length in batch["attention_mask"].sum(dim=1)]
+    flops_per_token = training_flops_per_token(student, teacher, sum(n * n for n in lengths) / 2 / real_tokens)
+    computed = sum(batch["input_ids"].numel() for batch in timed)
+    print(f"GPT-2 shapes: teacher {TEACHER_LAYERS} layers, student {STUDENT_LAYERS}, width {WIDTH}, vocabulary "
+          f"{VOCABULARY}; {len(timed)} timed batches of {BATCH} (after 1 warm-up), {real_tokens} real tokens, "
+          f"computed/real {computed / real_tokens:.2f}; {flops_per_token / 1e9:.2f} GFLOP per token; "
+          f"{torch.get_num_threads()} threads")
+    print(f"machine matmul: float32 {rates['float32'] / 1e9:.0f} GFLOP/s, bf16 {rates['bf16'] / 1e9:.0f} GFLOP/s "
+          f"(best of three, 4096 x 4096)")
+    print(f"{'step':<30}{'real tokens/s':>15}{'of matmul rate':>16}")
+    rates_by_row = {}
+    for name, seconds in rows.items():
+        if seconds is None:
+            print(f"{name:<30}{'skipped':>15}")
+            continue
+        rate = real_tokens / seconds
+        rates_by_row[name] = rate
+        share = flops_per_token * rate / rates["bf16" if name.endswith("bf16") else "float32"]
+        print(f"{name:<30}{rate:>15.0f}{share:>16.2f}")
+    ours = max(rate for name, rate in rates_by_row.items() if name.startswith("this project"))
+    theirs = [rate for name, rate in rates_by_row.items() if name.startswith("TRL")]
+    best_precision = "bf16" if rates_by_row["this project, bf16"] >= rates_by_row["this project, float32"] else "float32"
+    return {
+        "real_shape_tokens_per_s": round(ours),
+        "real_shape_matmul_share": round(flops_per_token * ours / rates[best_precision], 3),
+        "ratio_vs_trl": round(ours / max(theirs), 2) if theirs else None,
+    }
+
+
+def profile_step(teachers: dict, student, batches: list[dict], rows: int = 15) -> None:
+    """The project's bf16 step under torch.profiler: its top operators by their own time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    project_seconds(teachers["bf16"], student, batches[:1], bf16=True, warmup=1)  # warm-up outside the profile
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        project_seconds(teachers["bf16"], student, batches[1:3], bf16=True, warmup=0)
+    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=44))
+
+
+def run(quick: bool, profile: bool = False) -> dict:
+    """The real-shape rows (or the profile); the figures for bench/throughput.py's JSON line."""
+    teachers, student = build_models()
+    timed_batches = 3 if quick else 6
+    samples = alpaca_like_samples((timed_batches + 1) * BATCH, MAX_LENGTH, VOCABULARY, seed=1)
+    batches = length_grouped_batches(samples, BATCH, torch.device("cpu"))
+    if profile:
+        profile_step(teachers, student, batches)
+        return {}
+    rates = {"float32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
+    rows = measure_rows(teachers, student, batches)
+    rates = {name: max(rate, matmul_rate(getattr(torch, name if name == "float32" else "bfloat16")))
+             for name, rate in rates.items()}  # before and after the rows: the best
+    figures = report(rows, batches, student, teachers["float32"], rates)
+    figures["native_bf16"] = hardware.has_native_bf16("cpu")
+    return figures
+
+
+def main(argv=None) -> int:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 timed batches per row instead of 6")
+    parser.add_argument("--profile", action="store_true", help="print the top operators of the bf16 step instead")
+    arguments = parser.parse_args(argv)
+    figures = run(arguments.quick, arguments.profile)
+    if figures:
+        print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
