@@ -39,10 +39,15 @@ class FusedTerms:
         return self.divergence == "forward_kl" or (self.divergence == "jsd" and self.jsd_beta == 0.0)
 
 
-def _log_softmax_(logits: torch.Tensor) -> torch.Tensor:
-    """log_softmax over the last dimension, in place: no new `(C, V)` tensor (the chunk's peak memory is the count
-    of those, and on a CPU each fresh one also costs its page faults)."""
-    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+def _log_softmax_(logits: torch.Tensor, rows_at_once: int = 16) -> torch.Tensor:
+    """log_softmax over the last dimension, written over its input: no new `(C, V)` tensor (the chunk's peak memory
+    is the count of those, and on a CPU each fresh one also costs its page faults). PyTorch's kernel takes its input
+    as its output but goes through a temporary of the output's size, so a few rows at a time: the temporary stays
+    small (16 x V), and it is twice as fast as a logsumexp and a subtraction."""
+    for start in range(0, logits.size(0), rows_at_once):
+        rows = logits[start : start + rows_at_once]
+        torch.log_softmax(rows, dim=-1, out=rows)
+    return logits
 
 
 def _forward_kl_chunk(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
@@ -109,16 +114,16 @@ class FusedDivergenceCE(torch.autograd.Function):
         wants_gradient = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]  # not during evaluation
         # Cast once, not per chunk: a (V, d) copy each.
         heads = student_head.to(compute_dtype), teacher_head[: student_head.size(0)].to(compute_dtype)
-        hidden_gradient = head_gradient = None
-        if wants_gradient:
-            hidden_gradient = torch.zeros_like(student_hidden, dtype=torch.float32)
-            head_gradient = torch.zeros_like(student_head, dtype=torch.float32)
+        hidden_gradient = torch.zeros_like(student_hidden, dtype=torch.float32) if wants_gradient else None
+        # The head's gradient is the first group's product, then the sum: no (V, d) zeros to write and add.
+        head_gradient = torch.zeros_like(student_head, dtype=torch.float32) if targets.numel() == 0 else None
         kd_total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
         ce_total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
         for group in _groups(targets.numel(), terms.chunk_size, compute_dtype):
-            gradients = (hidden_gradient[group], head_gradient) if wants_gradient else None
-            kd_sum, ce_sum = _project_group(student_hidden[group], teacher_hidden[group], targets[group], heads,
-                                            terms, count, gradients)
+            hidden_gradient_rows = hidden_gradient[group] if wants_gradient else None
+            kd_sum, ce_sum, head_gradient = _project_group(student_hidden[group], teacher_hidden[group],
+                                                           targets[group], heads, terms, count, hidden_gradient_rows,
+                                                           head_gradient)
             kd_total += kd_sum
             ce_total += ce_sum
         kd = terms.temperature**2 * kd_total / count
@@ -150,15 +155,18 @@ def _groups(count: int, chunk_size: int, compute_dtype: torch.dtype) -> list[sli
     return [slice(start, start + rows) for start in range(0, count, rows)]
 
 
-def _project_group(student_hidden, teacher_hidden, targets, heads, terms: FusedTerms, count: int, gradients):
-    """The KD and CE sums of a group of G positions (`(G, d)` hidden states), and with `gradients` (the group's
-    `(G, d)` rows of the hidden states' float32 gradient, and the `(V, d)` head's) their gradients added in."""
+def _project_group(student_hidden, teacher_hidden, targets, heads, terms: FusedTerms, count: int,
+                   hidden_gradient_rows: Optional[torch.Tensor], head_gradient: Optional[torch.Tensor]):
+    """The KD and CE sums of a group of G positions (`(G, d)` hidden states) and the head's float32 gradient so far
+    (None before the first group); with `hidden_gradient_rows` (the group's `(G, d)` rows of the hidden states'
+    float32 gradient), the group's gradients are written there and added to the head's."""
     student_head, teacher_head = heads
     hidden, teacher_hidden = student_hidden.to(student_head.dtype), teacher_hidden.to(teacher_head.dtype)
     chunk_terms = _forward_kl_chunk if terms.has_closed_form else _any_divergence_chunk
     chunks = range(0, targets.numel(), terms.chunk_size)
+    wants_gradient = hidden_gradient_rows is not None
     logits_gradient = None  # (G, V) in the compute dtype
-    if gradients is not None and len(chunks) > 1:
+    if wants_gradient and len(chunks) > 1:
         logits_gradient = hidden.new_empty(targets.numel(), student_head.size(0))
     kd_total = ce_total = 0.0
     for start in chunks:
@@ -166,7 +174,7 @@ def _project_group(student_hidden, teacher_hidden, targets, heads, terms: FusedT
         student_logits = (hidden[rows] @ student_head.T).float()  # (C, V)
         teacher_logits = (teacher_hidden[rows] @ teacher_head.T).float()
         kd_sum, ce_sum, chunk_gradient = chunk_terms(student_logits, teacher_logits, targets[rows], terms, count,
-                                                     gradients is not None)
+                                                     wants_gradient)
         del student_logits, teacher_logits
         kd_total, ce_total = kd_total + kd_sum, ce_total + ce_sum
         if chunk_gradient is None:
@@ -175,14 +183,16 @@ def _project_group(student_hidden, teacher_hidden, targets, heads, terms: FusedT
             logits_gradient = chunk_gradient.to(hidden.dtype)
         else:
             logits_gradient[rows] = chunk_gradient
-    if gradients is not None:
-        hidden_gradient_rows, head_gradient = gradients
-        hidden_gradient_rows.copy_(logits_gradient @ student_head)
-        if logits_gradient.dtype == head_gradient.dtype:
-            head_gradient.addmm_(logits_gradient.T, hidden)
-        else:
-            head_gradient += logits_gradient.T @ hidden
-    return kd_total, ce_total
+    if not wants_gradient:
+        return kd_total, ce_total, head_gradient
+    hidden_gradient_rows.copy_(logits_gradient @ student_head)
+    if head_gradient is None:
+        head_gradient = (logits_gradient.T @ hidden).float()
+    elif logits_gradient.dtype == head_gradient.dtype:
+        head_gradient.addmm_(logits_gradient.T, hidden)
+    else:
+        head_gradient += logits_gradient.T @ hidden
+    return kd_total, ce_total, head_gradient
 
 
 def fused_divergence_ce(student_hidden: torch.Tensor, student_head: torch.Tensor, teacher_hidden: torch.Tensor,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import hardware  # noqa: E402
 import models  # noqa: E402
 from gpu import length_grouped_batches  # noqa: E402
 from loss import LossSpec  # noqa: E402
-from throughput import alpaca_like_samples, project_step, training_flops_per_token  # noqa: E402
+from throughput import alpaca_like_samples, matmul_rates, project_step, training_flops_per_token  # noqa: E402
 from trl_peer import trl_gkd_seconds  # noqa: E402
 
 VOCABULARY, WIDTH, HEADS, TEACHER_LAYERS, STUDENT_LAYERS, MAX_LENGTH, BATCH = 50257, 768, 12, 12, 6, 256, 8
@@ -50,19 +49,6 @@ def build_models():
     teacher_bf16 = gpt2(TEACHER_LAYERS).to(torch.bfloat16).eval().requires_grad_(False)
     teacher_bf16.load_state_dict(teacher.state_dict())
     return {"float32": teacher, "bf16": teacher_bf16}, gpt2(STUDENT_LAYERS)
-
-
-def matmul_rate(dtype: torch.dtype, size: int = 4096, repeats: int = 3) -> float:
-    """This machine's matmul FLOP/s in `dtype`: the best of three timings (other work only slows it)."""
-    left, right = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    left @ right
-    best = math.inf
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            left @ right
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 * repeats / best
 
 
 def project_seconds(teacher, student, batches: list[dict], bf16: bool, warmup: int = 1) -> float:
@@ -124,14 +110,14 @@ def report(rows: dict, batches: list[dict], student, teacher, rates: dict) -> di
     }
 
 
-def profile_step(teachers: dict, student, batches: list[dict], rows: int = 15) -> None:
+def profile_step(teachers: dict, student, batches: list[dict], rows: int = 15, shapes: bool = False) -> None:
     """The project's bf16 step under torch.profiler: its top operators by their own time."""
     from torch.profiler import ProfilerActivity, profile
 
     project_seconds(teachers["bf16"], student, batches[:1], bf16=True, warmup=1)  # warm-up outside the profile
-    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=shapes) as profiler:
         project_seconds(teachers["bf16"], student, batches[1:3], bf16=True, warmup=0)
-    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=44))
+    print(profiler.key_averages(group_by_input_shape=shapes).table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=44, max_shapes_column_width=50))
 
 
 def run(quick: bool, profile: bool = False) -> dict:
@@ -143,10 +129,9 @@ def run(quick: bool, profile: bool = False) -> dict:
     if profile:
         profile_step(teachers, student, batches)
         return {}
-    rates = {"float32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
+    before = matmul_rates()
     rows = measure_rows(teachers, student, batches)
-    rates = {name: max(rate, matmul_rate(getattr(torch, name if name == "float32" else "bfloat16")))
-             for name, rate in rates.items()}  # before and after the rows: the best
+    rates = {name: max(rate, after) for (name, rate), after in zip(before.items(), matmul_rates().values())}
     figures = report(rows, batches, student, teachers["float32"], rates)
     figures["native_bf16"] = hardware.has_native_bf16("cpu")
     return figures

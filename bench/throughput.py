@@ -1,22 +1,27 @@
-"""Training-step throughput of this project against a faithful re-creation of the seed project's step.
+"""Training-step throughput of this project against a faithful re-creation of the seed project's step, then at
+GPT-2's real shapes against TRL's GKDTrainer (bench/real_shape.py).
 
-    python3 bench/throughput.py            # about 4 minutes on 2 CPU cores
-    python3 bench/throughput.py --quick    # about 2 minutes
+    python3 bench/throughput.py            # about 8 minutes on 2 CPU cores
+    python3 bench/throughput.py --quick    # about 4 minutes
 
 Every step trains the same GPT-2-shaped student (random weights, width 512) against the same teacher, on the same
 samples, whose lengths follow a distribution like Alpaca-GPT4's (log-normal, median about 200 tokens, cut at max
 length), measured side by side in this one process:
-- seed: samples loaded from a JSON file of token lists, every sample padded to the max length, the fp32 teacher,
-  GPT-2's unfused GELU, and a full-vocabulary fp32 loss over every position, padding included;
-- project step: the Arrow-backed tokenized data, length-grouped batches padded to their longest sample, the
-  teacher without autograd, the fused GELU, no KV cache, and loss.DistillationLoss over real target tokens only;
-- + chunked loss: the same with loss.ChunkedDistillationLoss (hidden states projected chunk by chunk);
+- seed step: samples loaded from a JSON file of token lists, every sample padded to the max length, the fp32
+  teacher, GPT-2's unfused GELU, and a full-vocabulary fp32 loss over every position, padding included;
+- full logits: the Arrow-backed tokenized data, length-grouped batches padded to their longest sample, the teacher
+  without autograd, the fused GELU, no KV cache, fused AdamW, and the full-logits KD + CE over real target tokens,
+  in float32;
+- fused loss: the same with the loss computed from hidden states a chunk at a time (loss.DistillationLoss as
+  distill.py runs it);
+- + bf16 (auto): the same in the precision `mixed_precision: auto` picks on this machine (bf16 autocast and a bf16
+  teacher where the CPU has native bf16, else float32 again);
 - + packing: the same with data.packing (rows of max length, block-diagonal attention).
-Throughput counts real (non-padding) tokens only. The machine's matmul FLOP/s is measured in the same run, so that
-the matmul efficiency says what fraction of the machine's arithmetic a step turns into model FLOPs (those of the
-real tokens, attending within their own sample). Separately, the peak memory of the chunked KD + CE loss is
-compared with the full-logits one at GPT-2's vocabulary (V = 50257) and T = 1024. The last line is one JSON object
-with the figures.
+Throughput counts real (non-padding) tokens only. The machine's matmul FLOP/s in float32 and bf16 is measured in the
+same run, so that the matmul efficiency says what fraction of the machine's arithmetic in the row's precision a step
+turns into model FLOPs (those of the real tokens, attending within their own sample). Separately, the peak memory of
+the fused KD + CE loss is compared with the full-logits one at GPT-2's vocabulary (V = 50257) and T = 1024, in
+float32. The last line is one JSON object with the figures of both parts.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import batching  # noqa: E402
 import models  # noqa: E402
-from loss import ChunkedDistillationLoss, DistillationLoss, ModelOutput  # noqa: E402
+import hardware  # noqa: E402
+from loss import DistillationLoss, LossSpec, ModelOutput  # noqa: E402
 
 
 WIDTH = 512  # a mid-size student: 8 heads of 64, as in the larger GPT-2s
@@ -125,9 +131,10 @@ def held_out_loss(teacher, student, batch: dict) -> float:
         return project_loss(teacher, student, DistillationLoss(alpha=1.0, beta=0.1, temperature=1.0), batch).loss.item()
 
 
-def matmul_flops_per_second(size: int = 2048, repeats: int = 5) -> float:
-    """The machine's fp32 matmul rate: the best of three timings, since other work on a shared machine only slows it."""
-    left, right = torch.randn(size, size), torch.randn(size, size)
+def matmul_rate(dtype: torch.dtype = torch.float32, size: int = 4096, repeats: int = 3) -> float:
+    """The machine's matmul FLOP/s in `dtype`: the best of three timings, since other work on a shared machine only
+    slows it."""
+    left, right = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     left @ right  # warm-up
     best = math.inf
     for _ in range(3):
@@ -136,6 +143,10 @@ def matmul_flops_per_second(size: int = 2048, repeats: int = 5) -> float:
             left @ right
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 * repeats / best
+
+
+def matmul_rates() -> dict:
+    return {"float32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
 
 
 def training_flops_per_token(model, teacher, context: float) -> float:
@@ -193,8 +204,14 @@ def _peak_resident_bytes() -> int:
 def measured_in_subprocess(variant: str) -> int:
     import subprocess
 
+    # glibc keeps freed blocks of a few MiB in its heap and reuses them in patterns that vary from run to run, and so
+    # does the peak resident size (0.086 to 0.116 of the full-logits peak for the same fused loss); with a fixed mmap
+    # threshold every block over 1 MiB is mapped and unmapped, and the peak is that of the live tensors (stable).
+    import os
+
     completed = subprocess.run(
-        [sys.executable, __file__, "--loss-memory", variant], capture_output=True, text=True, check=True
+        [sys.executable, __file__, "--loss-memory", variant], capture_output=True, text=True, check=True,
+        env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)},
     )
     return int(completed.stdout.strip().splitlines()[-1])
 
@@ -211,12 +228,15 @@ def time_seed_steps(seed_teacher, teacher, student, train_samples, held_out_batc
     for begin in range(0, len(train_samples), batch_size):
         last_loss = seed_step(seed_teacher, student, optimizer, seed_data[begin : begin + batch_size], max_length, 0)
     return ("seed step", time.perf_counter() - start, len(train_samples) * max_length, last_loss,
-            held_out_loss(teacher, student, held_out_batch))
+            held_out_loss(teacher, student, held_out_batch), "float32")
 
 
-def time_project_steps(teacher, student, initial_state: dict, train_samples, held_out_batch, work: Path,
+def time_project_steps(teachers: dict, student, initial_state: dict, train_samples, held_out_batch, work: Path,
                        batch_size: int, max_length: int) -> list[tuple]:
-    """This project's step, then with the chunked loss, then with packing, each from the same initial student."""
+    """This project's step in float32 with the full-logits loss, then with the fused loss (config.yaml's default),
+    then with its precision on this machine (`mixed_precision: auto`: bf16 autocast and a bf16 teacher where the
+    CPU has native bf16), then also packed; each from the same initial student:
+    (name, seconds, computed tokens, last loss, held-out loss, precision)."""
     from datasets import Dataset
 
     Dataset.from_dict({
@@ -225,63 +245,71 @@ def time_project_steps(teacher, student, initial_state: dict, train_samples, hel
         "length": [len(ids) for ids in train_samples],
     }).save_to_disk(str(work / "arrow"))
     padding = batching.PaddingCollator(pad_token_id=0)
+    spec = LossSpec.from_section({"()": "loss.DistillationLoss", "alpha": 1.0, "beta": 0.1})
+    auto = "bf16" if hardware.has_native_bf16("cpu") else "float32"
     project_steps = (
-        ("project step", DistillationLoss(1.0, 0.1, 1.0), padding),
-        ("+ chunked loss", ChunkedDistillationLoss(1.0, 0.1, 1.0), padding),
-        ("+ packing", ChunkedDistillationLoss(1.0, 0.1, 1.0), batching.PackingCollator(0, max_length)),
+        ("full logits", spec.build(), padding, "float32"),
+        ("fused loss", spec.build(fused=True), padding, "float32"),
+        (f"+ {auto} (auto)", spec.build(fused=True), padding, auto),
+        ("+ packing", spec.build(fused=True), batching.PackingCollator(0, max_length), auto),
     )
     rows = []
-    for name, criterion, collate in project_steps:
+    for name, criterion, collate, precision in project_steps:
         student = as_project_builds_it(student)
         student.load_state_dict(initial_state)
         start = time.perf_counter()
         tokenized = Dataset.load_from_disk(str(work / "arrow"))
         sampler = batching.LengthGroupedBatchSampler(tokenized["length"], batch_size, seed=0)
         loader = torch.utils.data.DataLoader(tokenized, batch_sampler=sampler, collate_fn=collate)
-        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3, fused=True)  # as trainer.build_optimizer
         computed_tokens = 0
         for batch in loader:
             computed_tokens += batch["input_ids"].numel()
-            last_loss = project_step(teacher, student, optimizer, criterion, batch)
+            last_loss = project_step(teachers[precision], student, optimizer, criterion, batch, precision == "bf16")
         seconds = time.perf_counter() - start
-        rows.append((name, seconds, computed_tokens, last_loss, held_out_loss(teacher, student, held_out_batch)))
+        rows.append((name, seconds, computed_tokens, last_loss,
+                     held_out_loss(teachers["float32"], student, held_out_batch), precision))
     return rows
 
 
-def report(rows: list[tuple], train_samples, student, teacher, matmul: float, memory: tuple[int, int],
-           width: int) -> None:
-    """The table, then the JSON line the tests and the README read."""
+def report(rows: list[tuple], train_samples, student, teacher, matmul: dict, memory: tuple[int, int],
+           width: int) -> dict:
+    """The table; the figures for the JSON line."""
     real_tokens = sum(len(ids) for ids in train_samples)
-    print(f"{'step':<16}{'real tokens/s':>15}{'vs seed':>9}{'computed/real':>15}{'matmul eff.':>13}"
+    print(f"{'step':<18}{'real tokens/s':>15}{'vs seed':>9}{'computed/real':>15}{'matmul eff.':>13}"
           f"{'last loss':>11}{'held-out loss':>15}")
     seed_rate = real_tokens / rows[0][1]
     # Model FLOPs count real tokens attending to their own sample only: padding and masked attention are waste.
     real_context = sum(len(ids) ** 2 for ids in train_samples) / 2 / real_tokens
     flops_per_token = training_flops_per_token(student, teacher, real_context)
     efficiencies = {}
-    for name, seconds, computed, last, held in rows:
+    for name, seconds, computed, last, held, precision in rows:
         rate = real_tokens / seconds
-        efficiencies[name] = flops_per_token * rate / matmul
-        print(f"{name:<16}{rate:>15.0f}{rate / seed_rate:>9.2f}{computed / real_tokens:>15.2f}"
+        efficiencies[name] = flops_per_token * rate / matmul[precision]  # of the matmul rate in the row's precision
+        print(f"{name:<18}{rate:>15.0f}{rate / seed_rate:>9.2f}{computed / real_tokens:>15.2f}"
               f"{efficiencies[name]:>13.2f}{last:>11.4f}{held:>15.4f}")
     naive_memory, chunked_memory = memory
-    print(f"machine matmul (fp32, best of two measurements): {matmul / 1e9:.1f} GFLOP/s")
-    print(f"KD + CE loss at V=50257, T=1024, d=768, forward and backward: naive peak {naive_memory / 2**20:.0f} MiB, "
-          f"chunked (loss.ChunkedDistillationLoss) peak {chunked_memory / 2**20:.0f} MiB")
-    by_name = {row[0]: row for row in rows}
-    print(json.dumps({
-        "real_tokens_per_s_ratio": round(by_name["seed step"][1] / by_name["project step"][1], 2),
-        "real_tokens_per_s_ratio_chunked": round(by_name["seed step"][1] / by_name["+ chunked loss"][1], 2),
-        "real_tokens_per_s_ratio_packed": round(by_name["seed step"][1] / by_name["+ packing"][1], 2),
+    print(f"machine matmul (best of two measurements): float32 {matmul['float32'] / 1e9:.0f} GFLOP/s, bf16 "
+          f"{matmul['bf16'] / 1e9:.0f} GFLOP/s")
+    print(f"KD + CE loss at V=50257, T=1024, d=768, forward and backward: full-logits peak "
+          f"{naive_memory / 2**20:.0f} MiB, fused (loss.ChunkedDistillationLoss) peak {chunked_memory / 2**20:.0f} MiB")
+    seconds = {row[0]: row[1] for row in rows}
+    held_out = {row[0]: row[4] for row in rows}
+    default = rows[3][0]  # config.yaml's step on this machine
+    return {
+        "real_tokens_per_s_ratio": round(seconds["seed step"] / seconds[default], 2),
+        "real_tokens_per_s_ratio_float32": round(seconds["seed step"] / seconds["fused loss"], 2),
+        "real_tokens_per_s_ratio_full_logits": round(seconds["seed step"] / seconds["full logits"], 2),
+        "real_tokens_per_s_ratio_packed": round(seconds["seed step"] / seconds["+ packing"], 2),
         "kd_loss_peak_memory_ratio": round(chunked_memory / naive_memory, 3),
-        "matmul_efficiency": round(efficiencies["+ chunked loss"], 3),
-        "matmul_efficiency_plain_loss": round(efficiencies["project step"], 3),
-        "seed_held_out_loss": round(by_name["seed step"][4], 4),
-        "project_held_out_loss": round(by_name["project step"][4], 4),
-        "chunked_held_out_loss": round(by_name["+ chunked loss"][4], 4),
+        "matmul_efficiency": round(efficiencies[default], 3),
+        "matmul_efficiency_float32": round(efficiencies["fused loss"], 3),
+        "seed_held_out_loss": round(held_out["seed step"], 4),
+        "project_held_out_loss": round(held_out[default], 4),
+        "float32_held_out_loss": round(held_out["fused loss"], 4),
         "real_tokens": real_tokens,
         "width": width,
-    }))
+    }
 
 
 def main(argv=None) -> int:
@@ -304,22 +332,28 @@ def main(argv=None) -> int:
 
     seed_teacher, student = build_models(vocab_size, width, teacher_layers=4, student_layers=2, positions=max_length)
     teacher = as_project_builds_it(seed_teacher)
+    teachers = {"float32": teacher, "bf16": as_project_builds_it(seed_teacher).to(torch.bfloat16)}
     initial_state = {key: value.clone() for key, value in student.state_dict().items()}
     samples = alpaca_like_samples(samples_count + batch_size, max_length, vocab_size)
     train_samples, held_out = samples[:samples_count], samples[samples_count:]
     held_out_batch = batching.PaddingCollator(pad_token_id=0)([{"input_ids": ids, "prompt_length": 0} for ids in held_out])
-    matmul_rates = [matmul_flops_per_second()]
+    before = matmul_rates()
     with tempfile.TemporaryDirectory() as work:
         rows = [time_seed_steps(seed_teacher, teacher, student, train_samples, held_out_batch, Path(work), batch_size,
                                 max_length)]
-        rows += time_project_steps(teacher, student, initial_state, train_samples, held_out_batch, Path(work),
+        rows += time_project_steps(teachers, student, initial_state, train_samples, held_out_batch, Path(work),
                                    batch_size, max_length)
-    matmul_rates.append(matmul_flops_per_second())
+    rates = {name: max(rate, after) for (name, rate), after in zip(before.items(), matmul_rates().values())}
     memory = measured_in_subprocess("naive"), measured_in_subprocess("chunked")
     print(f"{samples_count} samples, {sum(len(ids) for ids in train_samples)} real tokens, batch {batch_size}, "
           f"max length {max_length}, vocabulary {vocab_size}, width {width}, teacher 4 layers, student 2 layers, "
           f"{torch.get_num_threads()} threads")
-    report(rows, train_samples, student, teacher, max(matmul_rates), memory, width)
+    figures = report(rows, train_samples, student, teacher, rates, memory, width)
+    print()
+    import real_shape
+
+    figures.update(real_shape.run(arguments.quick))
+    print(json.dumps(figures))
     return 0
 
 
