@@ -1,6 +1,6 @@
-"""The fused KD + CE loss behind `loss.ChunkedDistillationLoss` (which `loss.DistillationLoss` becomes where it is
-faster): the full-vocabulary loss of `hidden @ head.T`, projected a chunk of positions at a time, so that no `(N, V)`
-tensor outlives its chunk, for every divergence of `divergences.DIVERGENCES`.
+"""The fused KD + CE loss behind `loss.ChunkedDistillationLoss` (as which `loss.DistillationLoss` runs, unless FSDP
+shards the output head): the full-vocabulary loss of `hidden @ head.T`, projected a chunk of positions at a time, so
+that no `(N, V)` tensor outlives its chunk, for every divergence of `divergences.DIVERGENCES`.
 
 Shapes: N real target positions (already gathered), d and d' hidden widths, V student and V' >= V teacher
 vocabularies, C positions per chunk. The normalisation is `loss.py`'s: `T**2` times the mean divergence over targets,

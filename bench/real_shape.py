@@ -32,23 +32,29 @@ from loss import LossSpec  # noqa: E402
 from throughput import alpaca_like_samples, matmul_rates, project_step, training_flops_per_token  # noqa: E402
 from trl_peer import trl_gkd_seconds  # noqa: E402
 
-VOCABULARY, WIDTH, HEADS, TEACHER_LAYERS, STUDENT_LAYERS, MAX_LENGTH, BATCH = 50257, 768, 12, 12, 6, 256, 8
+SHAPES = {  # vocabulary, width, heads, teacher layers, student layers, max length, batch size
+    "gpt2": (50257, 768, 12, 12, 6, 256, 8),
+    "tiny": (512, 64, 2, 2, 1, 64, 4),  # the same code in seconds (the test suite runs it)
+}
 
 
-def build_models():
-    """Teacher (float32 and a bfloat16 copy) and student, GPT-2's shape, the project's fused GELU, no dropout."""
+def build_models(shape: str = "gpt2"):
+    """Teacher (float32 and a bfloat16 copy) and student of GPT-2's architecture, the project's fused GELU, no
+    dropout."""
     from transformers import AutoModelForCausalLM, GPT2Config
 
+    vocabulary, width, heads, teacher_layers, student_layers, *_ = SHAPES[shape]
+
     def gpt2(layers: int):
-        config = GPT2Config(vocab_size=VOCABULARY, n_positions=1024, n_embd=WIDTH, n_layer=layers, n_head=HEADS,
+        config = GPT2Config(vocab_size=vocabulary, n_positions=1024, n_embd=width, n_layer=layers, n_head=heads,
                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
         return AutoModelForCausalLM.from_config(models.with_fused_activation(config))
 
     torch.manual_seed(0)
-    teacher = gpt2(TEACHER_LAYERS).eval().requires_grad_(False)
-    teacher_bf16 = gpt2(TEACHER_LAYERS).to(torch.bfloat16).eval().requires_grad_(False)
+    teacher = gpt2(teacher_layers).eval().requires_grad_(False)
+    teacher_bf16 = gpt2(teacher_layers).to(torch.bfloat16).eval().requires_grad_(False)
     teacher_bf16.load_state_dict(teacher.state_dict())
-    return {"float32": teacher, "bf16": teacher_bf16}, gpt2(STUDENT_LAYERS)
+    return {"float32": teacher, "bf16": teacher_bf16}, gpt2(student_layers)
 
 
 def project_seconds(teacher, student, batches: list[dict], bf16: bool, warmup: int = 1) -> float:
@@ -84,8 +90,10 @@ def report(rows: dict, batches: list[dict], student, teacher, rates: dict) -> di
     lengths = [int(length) for batch in timed for length in batch["attention_mask"].sum(dim=1)]
     flops_per_token = training_flops_per_token(student, teacher, sum(n * n for n in lengths) / 2 / real_tokens)
     computed = sum(batch["input_ids"].numel() for batch in timed)
-    print(f"GPT-2 shapes: teacher {TEACHER_LAYERS} layers, student {STUDENT_LAYERS}, width {WIDTH}, vocabulary "
-          f"{VOCABULARY}; {len(timed)} timed batches of {BATCH} (after 1 warm-up), {real_tokens} real tokens, "
+    config = student.config
+    print(f"GPT-2's architecture: teacher {teacher.config.n_layer} layers, student {config.n_layer}, width "
+          f"{config.n_embd}, vocabulary {config.vocab_size}; {len(timed)} timed batches of {len(timed[0]['input_ids'])} "
+          f"(after 1 warm-up), {real_tokens} real tokens, "
           f"computed/real {computed / real_tokens:.2f}; {flops_per_token / 1e9:.2f} GFLOP per token; "
           f"{torch.get_num_threads()} threads")
     print(f"machine matmul: float32 {rates['float32'] / 1e9:.0f} GFLOP/s, bf16 {rates['bf16'] / 1e9:.0f} GFLOP/s "
@@ -120,12 +128,13 @@ def profile_step(teachers: dict, student, batches: list[dict], rows: int = 15, s
     print(profiler.key_averages(group_by_input_shape=shapes).table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=44, max_shapes_column_width=50))
 
 
-def run(quick: bool, profile: bool = False) -> dict:
+def run(quick: bool, profile: bool = False, shape: str = "gpt2") -> dict:
     """The real-shape rows (or the profile); the figures for bench/throughput.py's JSON line."""
-    teachers, student = build_models()
+    teachers, student = build_models(shape)
+    vocabulary, *_, max_length, batch_size = SHAPES[shape]
     timed_batches = 3 if quick else 6
-    samples = alpaca_like_samples((timed_batches + 1) * BATCH, MAX_LENGTH, VOCABULARY, seed=1)
-    batches = length_grouped_batches(samples, BATCH, torch.device("cpu"))
+    samples = alpaca_like_samples((timed_batches + 1) * batch_size, max_length, vocabulary, seed=1)
+    batches = length_grouped_batches(samples, batch_size, torch.device("cpu"))
     if profile:
         profile_step(teachers, student, batches)
         return {}
@@ -144,8 +153,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 timed batches per row instead of 6")
     parser.add_argument("--profile", action="store_true", help="print the top operators of the bf16 step instead")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="gpt2", help="gpt2 (default) or tiny (seconds)")
     arguments = parser.parse_args(argv)
-    figures = run(arguments.quick, arguments.profile)
+    figures = run(arguments.quick, arguments.profile, arguments.shape)
     if figures:
         print(json.dumps(figures))
     return 0

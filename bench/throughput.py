@@ -1,7 +1,7 @@
 """Training-step throughput of this project against a faithful re-creation of the seed project's step, then at
 GPT-2's real shapes against TRL's GKDTrainer (bench/real_shape.py).
 
-    python3 bench/throughput.py            # about 8 minutes on 2 CPU cores
+    python3 bench/throughput.py            # about 10 minutes on 2 CPU cores
     python3 bench/throughput.py --quick    # about 4 minutes
 
 Every step trains the same GPT-2-shaped student (random weights, width 512) against the same teacher, on the same

@@ -54,3 +54,19 @@ def test_quality_benchmark_runs_every_method_and_ends_with_its_json():
     assert 1.0 < figures["teacher"] < figures["plain"]  # the trained teacher is far ahead of 3 steps of training
     assert figures["teacher_layers"] < figures["forward_kl"]  # starting from the teacher's blocks is far ahead
     assert figures["cached_speedup"] > 0
+
+
+def test_real_shape_benchmark_runs_at_toy_size_with_or_without_trl():
+    """bench/real_shape.py's code path in seconds: both precisions of the project's step, and TRL's rows where TRL
+    (the optional bench/requirements.txt) is installed, else skipped and no ratio claimed."""
+    import importlib.util
+
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "real_shape.py"), "--shape", "tiny", "--quick"],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    figures = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert figures["real_shape_tokens_per_s"] > 0 and 0 < figures["real_shape_matmul_share"]
+    has_trl = importlib.util.find_spec("trl") is not None
+    assert (figures["ratio_vs_trl"] is not None and figures["ratio_vs_trl"] > 0) == has_trl
