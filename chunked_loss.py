@@ -116,7 +116,8 @@ class FusedDivergenceCE(torch.autograd.Function):
         heads = student_head.to(compute_dtype), teacher_head[: student_head.size(0)].to(compute_dtype)
         hidden_gradient = torch.zeros_like(student_hidden, dtype=torch.float32) if wants_gradient else None
         # The head's gradient is the first group's product, then the sum: no (V, d) zeros to write and add.
-        head_gradient = torch.zeros_like(student_head, dtype=torch.float32) if targets.numel() == 0 else None
+        no_target = wants_gradient and targets.numel() == 0
+        head_gradient = torch.zeros_like(student_head, dtype=torch.float32) if no_target else None
         kd_total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
         ce_total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
         for group in _groups(targets.numel(), terms.chunk_size, compute_dtype):

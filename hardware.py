@@ -33,17 +33,15 @@ def end_processes(status: int) -> None:
         os._exit(status)
 
 
-def runs_on_cpu(hardware) -> bool:
-    return hardware.device == "cpu" or (
-        hardware.device == "auto" and not torch.cuda.is_available() and not torch.backends.mps.is_available()
-    )
-
-
 def device_type(hardware) -> str:
     """The device the run computes on: cuda, mps or cpu."""
     if hardware.device != "auto":
         return hardware.device
     return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def runs_on_cpu(hardware) -> bool:
+    return device_type(hardware) == "cpu"
 
 
 def has_native_bf16(device: str) -> bool:

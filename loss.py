@@ -403,9 +403,9 @@ class ClassicLoss(Criterion):
 class ChunkedDistillationLoss(DistillationLoss):
     """DistillationLoss computed from the last hidden states and output heads a chunk of positions at a time
     (`chunked_loss.py`; the same values and gradients), so that no `(B, T, V)` logits are ever materialised: its
-    peak memory is a fraction of the full-logits one, and it is faster where the vocabulary is large. Every
-    divergence and the hidden-state term. `loss.DistillationLoss` runs this way by itself where it is faster (see
-    `LossSpec.build`); naming this class forces it."""
+    peak memory is a fraction of the full-logits one, and it is faster. Every divergence and the hidden-state term.
+    `loss.DistillationLoss` runs this way by itself unless FSDP shards the output head (see `LossSpec.build`);
+    naming this class forces it and sets `chunk_size`."""
 
     projects_hidden_states = True
 
@@ -437,8 +437,8 @@ class ChunkedDistillationLoss(DistillationLoss):
 
 
 class FusedDistillationLoss(ChunkedDistillationLoss):
-    """DistillationLoss as `LossSpec.build` runs it where the fused path is faster: ChunkedDistillationLoss with its
-    default chunk size, configured and identified as loss.DistillationLoss (the values are the same)."""
+    """DistillationLoss as `LossSpec.build(fused=True)` builds it: ChunkedDistillationLoss with its default chunk
+    size, configured and identified as loss.DistillationLoss (the values are the same)."""
 
     def _arguments(self) -> dict:
         arguments = super()._arguments()
@@ -486,8 +486,8 @@ class LossSpec:
 
     def build(self, cached_teacher: bool = False, fused: bool = False) -> Criterion:
         """The criterion; with `cached_teacher`, the variant that reads the teacher's cached distributions; with
-        `fused`, DistillationLoss computed from hidden states a chunk at a time (`FusedDistillationLoss`), which the
-        caller asks for where it is faster (`chunked_loss.fused_is_faster`)."""
+        `fused`, DistillationLoss computed from hidden states a chunk at a time (`FusedDistillationLoss`), which
+        distill.py asks for unless FSDP shards the output head (`hardware.fused_loss`)."""
         kind = self._criterion_class(cached_teacher)
         return (FusedDistillationLoss if fused and kind is DistillationLoss else kind)(**self.arguments)
 

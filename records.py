@@ -198,8 +198,7 @@ def log_setup(student, teacher, cached_top_k: Optional[int], criterion, splits, 
     )
     logger.info(
         "Precision: %s on %s; teacher %s; loss %s",
-        "bf16 autocast" if accelerator.mixed_precision == "bf16" else "fp16 autocast"
-        if accelerator.mixed_precision == "fp16" else "float32",
+        {"bf16": "bf16 autocast", "fp16": "fp16 autocast", "no": "float32"}[accelerator.mixed_precision],
         accelerator.device.type,
         str(teacher.dtype).removeprefix("torch.") if teacher is not None else "not loaded",
         "fused (from hidden states, chunk by chunk)" if criterion.projects_hidden_states else "from full logits",

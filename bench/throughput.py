@@ -145,8 +145,11 @@ def matmul_rate(dtype: torch.dtype = torch.float32, size: int = 4096, repeats: i
     return 2 * size**3 * repeats / best
 
 
-def matmul_rates() -> dict:
-    return {"float32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
+def matmul_rates(earlier: dict | None = None) -> dict:
+    """The matmul rate in float32 and bf16, or the better of it and `earlier` (measured before the rows): other
+    work on a shared machine only slows it."""
+    rates = {"float32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
+    return {name: max(rate, (earlier or {}).get(name, 0.0)) for name, rate in rates.items()}
 
 
 def training_flops_per_token(model, teacher, context: float) -> float:
@@ -202,13 +205,12 @@ def _peak_resident_bytes() -> int:
 
 
 def measured_in_subprocess(variant: str) -> int:
+    import os
     import subprocess
 
     # glibc keeps freed blocks of a few MiB in its heap and reuses them in patterns that vary from run to run, and so
     # does the peak resident size (0.086 to 0.116 of the full-logits peak for the same fused loss); with a fixed mmap
     # threshold every block over 1 MiB is mapped and unmapped, and the peak is that of the live tensors (stable).
-    import os
-
     completed = subprocess.run(
         [sys.executable, __file__, "--loss-memory", variant], capture_output=True, text=True, check=True,
         env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)},
@@ -343,7 +345,7 @@ def main(argv=None) -> int:
                                 max_length)]
         rows += time_project_steps(teachers, student, initial_state, train_samples, held_out_batch, Path(work),
                                    batch_size, max_length)
-    rates = {name: max(rate, after) for (name, rate), after in zip(before.items(), matmul_rates().values())}
+    rates = matmul_rates(before)
     memory = measured_in_subprocess("naive"), measured_in_subprocess("chunked")
     print(f"{samples_count} samples, {sum(len(ids) for ids in train_samples)} real tokens, batch {batch_size}, "
           f"max length {max_length}, vocabulary {vocab_size}, width {width}, teacher 4 layers, student 2 layers, "
