@@ -34,9 +34,19 @@ def run_process(*arguments: str, point: str = "none", step: int = -1) -> int:
 
 
 def history(run_directory: Path) -> list[tuple]:
-    """The metrics that must not depend on a crash: which step, which split, and the loss terms, exactly."""
+    """The metrics that must not depend on a crash: which step, which split, and the loss terms."""
     records = [json.loads(line) for line in (run_directory / "metrics.jsonl").read_text().splitlines()]
     return [(r["split"], r["step"], r["epoch"], r["samples_seen"], r["loss"], r["kd"], r["ce"]) for r in records]
+
+
+def assert_same_history(resumed: list[tuple], straight: list[tuple]) -> None:
+    """The same records (split, step, epoch, samples seen) exactly, and the same loss terms to 1e-5: the last-bit
+    rounding that `assert_same_as_straight` tolerates in the weights moves a loss by about 5e-7 (seen once in CI, on
+    a CPU whose kernels round differently in a new process), while another batch, learning rate or random state
+    moves it by 1e-3 or more."""
+    assert [record[:4] for record in resumed] == [record[:4] for record in straight]
+    for resumed_record, straight_record in zip(resumed, straight):
+        assert resumed_record[4:] == pytest.approx(straight_record[4:], rel=0, abs=1e-5), resumed_record[:2]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +81,7 @@ def assert_same_as_straight(checkpoints: Path, name: str) -> None:
         # far more.
         difference = (expected_tensor - resumed_tensor).abs().max().item()
         assert difference <= 1e-6, f"{key} differs after the resume by {difference:.2e}"
-    assert history(checkpoints / name) == history(checkpoints / "straight")
+    assert_same_history(history(checkpoints / name), history(checkpoints / "straight"))
     assert trainer_state(checkpoints / name / "last")["global_step"] == 24
 
 
@@ -304,7 +314,7 @@ def test_a_signal_while_a_resume_rewrites_the_history_loses_none_of_it(setup, ki
     assert run_process("--config", str(config_file), "--run-name", name, "--resume") == 0
     final = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert final[: len(old)] == old
-    assert history(checkpoints / name)[len(old):] == history(checkpoints / "straight")
+    assert_same_history(history(checkpoints / name)[len(old):], history(checkpoints / "straight"))
 
 
 def start_process(*arguments: str, point: str = "none", step: int = -1, **environment: str) -> subprocess.Popen:
