@@ -39,64 +39,75 @@ class FusedTerms:
         return self.divergence == "forward_kl" or (self.divergence == "jsd" and self.jsd_beta == 0.0)
 
 
-def _log_softmax_(logits: torch.Tensor, rows_at_once: int = 16) -> torch.Tensor:
-    """log_softmax over the last dimension, written over its input: no new `(C, V)` tensor (the chunk's peak memory
-    is the count of those, and on a CPU each fresh one also costs its page faults). PyTorch's kernel takes its input
-    as its output but goes through a temporary of the output's size, so a few rows at a time: the temporary stays
-    small (16 x V), and it is twice as fast as a logsumexp and a subtraction."""
-    for start in range(0, logits.size(0), rows_at_once):
-        rows = logits[start : start + rows_at_once]
-        torch.log_softmax(rows, dim=-1, out=rows)
-    return logits
+# Rows of a chunk that the float32 softmaxes handle at a time: their few (16, V) float32 tensors stay in the cache
+# (3 MiB each at V = 50257), where whole-chunk float32 tensors made a dozen passes over memory and spent a fifth of
+# the step there.
+ROWS_AT_ONCE = 16
 
 
-def _forward_kl_chunk(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
-                      terms: FusedTerms, count: int, wants_gradient: bool):
-    """(KL sum, CE sum, gradient of the objective with respect to the chunk's logits `(C, V)` or None). Both
-    logits tensors are the callee's to overwrite: at temperature 1 at most three `(C, V)` tensors exist at once."""
+class _Scratch:
+    """Float32 `(ROWS_AT_ONCE, V)` tensors, allocated once per loss call and reused for every block of rows."""
+
+    def __init__(self, vocabulary: int, device: torch.device, count: int) -> None:
+        self.tensors = [torch.empty(ROWS_AT_ONCE, vocabulary, device=device) for _ in range(count)]
+
+    def take(self, rows: int) -> list[torch.Tensor]:
+        return [tensor[:rows] for tensor in self.tensors]
+
+
+def _forward_kl_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+                     terms: FusedTerms, count: int, gradient_out: Optional[torch.Tensor], scratch: _Scratch):
+    """(KL sum, CE sum) of at most ROWS_AT_ONCE rows of logits `(R, V)` in the compute dtype, and the gradient of the
+    objective with respect to those logits written into `gradient_out` `(R, V)` when given."""
     temperature, alpha, beta = terms.temperature, terms.alpha, terms.beta
-    shared_softmax = temperature == 1.0  # one log-softmax serves both terms: the loss is memory-bound
-    teacher_log_probs_t = _log_softmax_(teacher_logits if shared_softmax else teacher_logits.div_(temperature))
-    student_log_probs_t = None if shared_softmax else _log_softmax_(student_logits / temperature)
-    log_probs = _log_softmax_(student_logits)
-    if shared_softmax:
+    log_probs, teacher_log_probs_t, teacher_probs_t, student_log_probs_t = scratch.take(student_logits.size(0))
+    torch.log_softmax(student_logits, dim=-1, dtype=torch.float32, out=log_probs)
+    if temperature == 1.0:  # one log-softmax serves both terms
         student_log_probs_t = log_probs
-    teacher_probs_t = teacher_log_probs_t.exp()
-    # sum of p (log p - log q), as a dot product: no (C, V) product tensor.
-    kd_sum = torch.dot(teacher_probs_t.flatten(), teacher_log_probs_t.sub_(student_log_probs_t).flatten())
-    del teacher_log_probs_t
-    ce_sum = -log_probs.gather(1, targets[:, None]).sum()
-    if not wants_gradient:
-        return kd_sum, ce_sum, None
-    probabilities = log_probs.exp_()  # softmax(s), and also softmax(s / T) when they are the same tensor
-    if shared_softmax:
-        gradient = probabilities.mul_(alpha + beta).sub_(teacher_probs_t, alpha=alpha)
+        torch.log_softmax(teacher_logits, dim=-1, dtype=torch.float32, out=teacher_log_probs_t)
     else:
-        gradient = student_log_probs_t.exp_().sub_(teacher_probs_t).mul_(alpha * temperature)
-        gradient.add_(probabilities, alpha=beta)
-    del teacher_probs_t, probabilities, log_probs, student_log_probs_t
-    gradient[torch.arange(gradient.size(0), device=gradient.device), targets] -= beta
-    return kd_sum, ce_sum, gradient.div_(count)
+        torch.log_softmax(student_log_probs_t.copy_(student_logits).div_(temperature), dim=-1, out=student_log_probs_t)
+        torch.log_softmax(teacher_log_probs_t.copy_(teacher_logits).div_(temperature), dim=-1, out=teacher_log_probs_t)
+    torch.exp(teacher_log_probs_t, out=teacher_probs_t)
+    # sum of p (log p - log q), as a dot product: no product tensor.
+    kd_sum = torch.dot(teacher_probs_t.flatten(), teacher_log_probs_t.sub_(student_log_probs_t).flatten())
+    ce_sum = -log_probs.gather(1, targets[:, None]).sum()
+    if gradient_out is None:
+        return kd_sum, ce_sum
+    # d(T**2 KL)/ds = T (softmax(s / T) - softmax(t / T)); d CE/ds = softmax(s) - onehot; all over the count. The
+    # last operation writes the compute dtype: no float32 pass of its own for the cast.
+    rows = torch.arange(targets.numel(), device=targets.device)
+    if temperature == 1.0:
+        scaled = log_probs.exp_().mul_((alpha + beta) / count)
+    else:
+        scaled = student_log_probs_t.exp_().mul_(alpha * temperature / count)
+        scaled.add_(log_probs.exp_(), alpha=beta / count)
+    scaled[rows, targets] -= beta / count
+    torch.add(scaled, teacher_probs_t, alpha=-alpha * temperature / count, out=gradient_out)
+    return kd_sum, ce_sum
 
 
-def _any_divergence_chunk(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
-                          terms: FusedTerms, count: int, wants_gradient: bool):
-    """As `_forward_kl_chunk` for any divergence, by autograd over the chunk's logits only: the divergence is
+def _any_divergence_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+                         terms: FusedTerms, count: int, gradient_out: Optional[torch.Tensor], scratch: _Scratch):
+    """As `_forward_kl_rows` for any divergence, by autograd over these rows' logits only: the divergence is
     `divergences.token_divergence`, the very function of the full-logits loss."""
-    temperature = terms.temperature
+    temperature, wants_gradient = terms.temperature, gradient_out is not None
+    student_logits_32, teacher_logits_32 = (tensor.copy_(logits) for tensor, logits in
+                                            zip(scratch.take(student_logits.size(0)), (student_logits, teacher_logits)))
     with torch.enable_grad() if wants_gradient else contextlib.nullcontext():
-        logits = student_logits.requires_grad_(wants_gradient)
+        logits = student_logits_32.requires_grad_(wants_gradient)
         log_probs = F.log_softmax(logits, dim=-1)
         student_log_probs_t = log_probs if temperature == 1.0 else F.log_softmax(logits / temperature, dim=-1)
-        teacher_log_probs_t = F.log_softmax(teacher_logits / temperature, dim=-1)
+        teacher_log_probs_t = F.log_softmax(teacher_logits_32 / temperature, dim=-1)
         kd_sum = token_divergence(student_log_probs_t, teacher_log_probs_t, terms.divergence, terms.jsd_beta,
                                   terms.skew).sum()
         ce_sum = -log_probs.gather(1, targets[:, None]).sum()
         if not wants_gradient:
-            return kd_sum, ce_sum, None
+            return kd_sum, ce_sum
         objective = (terms.alpha * temperature**2 * kd_sum + terms.beta * ce_sum) / count
         (gradient,) = torch.autograd.grad(objective, logits)
-    return kd_sum.detach(), ce_sum.detach(), gradient
+    gradient_out.copy_(gradient)
+    return kd_sum.detach(), ce_sum.detach()
 
 
 class FusedDivergenceCE(torch.autograd.Function):
@@ -114,17 +125,21 @@ class FusedDivergenceCE(torch.autograd.Function):
         wants_gradient = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]  # not during evaluation
         # Cast once, not per chunk: a (V, d) copy each.
         heads = student_head.to(compute_dtype), teacher_head[: student_head.size(0)].to(compute_dtype)
-        hidden_gradient = torch.zeros_like(student_hidden, dtype=torch.float32) if wants_gradient else None
+        # Every row is written by its group.
+        hidden_gradient = torch.empty_like(student_hidden, dtype=torch.float32) if wants_gradient else None
         # The head's gradient is the first group's product, then the sum: no (V, d) zeros to write and add.
         no_target = wants_gradient and targets.numel() == 0
         head_gradient = torch.zeros_like(student_head, dtype=torch.float32) if no_target else None
         kd_total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
         ce_total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
-        for group in _groups(targets.numel(), terms.chunk_size, compute_dtype):
+        workspace = _Workspace(targets.numel(), heads, terms, wants_gradient)
+        group_rows = _group_rows(terms.chunk_size, compute_dtype)
+        for start in range(0, targets.numel(), group_rows):
+            group = slice(start, start + group_rows)
             hidden_gradient_rows = hidden_gradient[group] if wants_gradient else None
             kd_sum, ce_sum, head_gradient = _project_group(student_hidden[group], teacher_hidden[group],
                                                            targets[group], heads, terms, count, hidden_gradient_rows,
-                                                           head_gradient)
+                                                           head_gradient, workspace)
             kd_total += kd_sum
             ce_total += ce_sum
         kd = terms.temperature**2 * kd_total / count
@@ -143,47 +158,78 @@ class FusedDivergenceCE(torch.autograd.Function):
                 None, None, None, None, None)
 
 
-# Rows whose 16-bit logits gradients are kept for one product with the head: (rows, V) 16-bit values, 200 MiB at
-# V = 50257. A float32 (V, d) head gradient cannot be accumulated in place from 16-bit operands (CPUs have no
+# In 16 bits, rows whose logits gradients are kept for one product with the head: (rows, V) 16-bit values, 200 MiB
+# at V = 50257. A float32 (V, d) head gradient cannot be accumulated in place from 16-bit operands (CPUs have no
 # mixed-dtype addmm), and converting and adding it once per chunk cost more than the products themselves.
 ROWS_PER_HEAD_PRODUCT = 2048
+# In 16 bits, rows projected at a time, at least: a (512, d) @ (d, V) bf16 product ran at 1.03 TFLOP/s on an AMX
+# CPU against 0.72 for 128 rows, and the (rows, V) logits stay 16-bit (50 MiB each at V = 50257).
+ROWS_PER_PROJECTION = 512
 
 
-def _groups(count: int, chunk_size: int, compute_dtype: torch.dtype) -> list[slice]:
-    """Slices of the N positions, each projected chunk by chunk and multiplied by the head once: one chunk each in
-    float32 (the product accumulates in place), several in 16 bits."""
-    rows = chunk_size if compute_dtype == torch.float32 else max(chunk_size, ROWS_PER_HEAD_PRODUCT)
-    return [slice(start, start + rows) for start in range(0, count, rows)]
+def _chunk_rows(chunk_size: int, compute_dtype: torch.dtype) -> int:
+    """Positions projected at a time: the chunk size in float32, at least ROWS_PER_PROJECTION in 16 bits."""
+    return chunk_size if compute_dtype == torch.float32 else max(chunk_size, ROWS_PER_PROJECTION)
+
+
+def _group_rows(chunk_size: int, compute_dtype: torch.dtype) -> int:
+    """Positions projected chunk by chunk and multiplied by the head once: one chunk in float32 (the product
+    accumulates in place), several in 16 bits."""
+    return chunk_size if compute_dtype == torch.float32 else max(chunk_size, ROWS_PER_HEAD_PRODUCT)
+
+
+class _Workspace:
+    """What one loss call reuses for every chunk: the chunk's logits `(C, V)` in the compute dtype (the products
+    write there), the group's logits gradient `(G, V)` in the compute dtype, and the float32 scratch rows."""
+
+    def __init__(self, targets: int, heads: tuple[torch.Tensor, torch.Tensor], terms: FusedTerms,
+                 wants_gradient: bool) -> None:
+        student_head = heads[0]
+        vocabulary, dtype, device = student_head.size(0), student_head.dtype, student_head.device
+        rows = min(targets, _chunk_rows(terms.chunk_size, dtype))
+        self.student_logits, self.teacher_logits = (torch.empty(rows, vocabulary, dtype=dtype, device=device)
+                                                    for _ in range(2))
+        group_rows = min(targets, _group_rows(terms.chunk_size, dtype))
+        self.logits_gradient = (torch.empty(group_rows, vocabulary, dtype=dtype, device=device) if wants_gradient
+                                else None)
+        self.scratch = _Scratch(vocabulary, device, count=4)
+
+
+def _chunk_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, terms: FusedTerms,
+                count: int, logits_gradient: Optional[torch.Tensor], scratch: _Scratch):
+    """The KD and CE sums of a chunk's logits `(C, V)`, ROWS_AT_ONCE rows at a time; with `logits_gradient` (the
+    chunk's `(C, V)` rows of it), the gradient of the objective with respect to the logits is written there."""
+    row_sums = _forward_kl_rows if terms.has_closed_form else _any_divergence_rows
+    kd_total = ce_total = 0.0
+    for start in range(0, targets.numel(), ROWS_AT_ONCE):
+        rows = slice(start, start + ROWS_AT_ONCE)
+        gradient_out = None if logits_gradient is None else logits_gradient[rows]
+        kd_sum, ce_sum = row_sums(student_logits[rows], teacher_logits[rows], targets[rows], terms, count,
+                                  gradient_out, scratch)
+        kd_total, ce_total = kd_total + kd_sum, ce_total + ce_sum
+    return kd_total, ce_total
 
 
 def _project_group(student_hidden, teacher_hidden, targets, heads, terms: FusedTerms, count: int,
-                   hidden_gradient_rows: Optional[torch.Tensor], head_gradient: Optional[torch.Tensor]):
+                   hidden_gradient_rows: Optional[torch.Tensor], head_gradient: Optional[torch.Tensor],
+                   workspace: _Workspace):
     """The KD and CE sums of a group of G positions (`(G, d)` hidden states) and the head's float32 gradient so far
     (None before the first group); with `hidden_gradient_rows` (the group's `(G, d)` rows of the hidden states'
     float32 gradient), the group's gradients are written there and added to the head's."""
     student_head, teacher_head = heads
     hidden, teacher_hidden = student_hidden.to(student_head.dtype), teacher_hidden.to(teacher_head.dtype)
-    chunk_terms = _forward_kl_chunk if terms.has_closed_form else _any_divergence_chunk
-    chunks = range(0, targets.numel(), terms.chunk_size)
     wants_gradient = hidden_gradient_rows is not None
-    logits_gradient = None  # (G, V) in the compute dtype
-    if wants_gradient and len(chunks) > 1:
-        logits_gradient = hidden.new_empty(targets.numel(), student_head.size(0))
+    logits_gradient = workspace.logits_gradient[: targets.numel()] if wants_gradient else None  # (G, V)
     kd_total = ce_total = 0.0
-    for start in chunks:
-        rows = slice(start, start + terms.chunk_size)
-        student_logits = (hidden[rows] @ student_head.T).float()  # (C, V)
-        teacher_logits = (teacher_hidden[rows] @ teacher_head.T).float()
-        kd_sum, ce_sum, chunk_gradient = chunk_terms(student_logits, teacher_logits, targets[rows], terms, count,
-                                                     wants_gradient)
-        del student_logits, teacher_logits
+    chunk_rows = _chunk_rows(terms.chunk_size, student_head.dtype)
+    for start in range(0, targets.numel(), chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        chunk = targets[rows].numel()
+        student_logits = torch.mm(hidden[rows], student_head.T, out=workspace.student_logits[:chunk])
+        teacher_logits = torch.mm(teacher_hidden[rows], teacher_head.T, out=workspace.teacher_logits[:chunk])
+        kd_sum, ce_sum = _chunk_sums(student_logits, teacher_logits, targets[rows], terms, count,
+                                     None if logits_gradient is None else logits_gradient[rows], workspace.scratch)
         kd_total, ce_total = kd_total + kd_sum, ce_total + ce_sum
-        if chunk_gradient is None:
-            continue
-        if logits_gradient is None:
-            logits_gradient = chunk_gradient.to(hidden.dtype)
-        else:
-            logits_gradient[rows] = chunk_gradient
     if not wants_gradient:
         return kd_total, ce_total, head_gradient
     hidden_gradient_rows.copy_(logits_gradient @ student_head)

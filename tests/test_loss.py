@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import batching
+import chunked_loss
 import loss
 from divergences import DIVERGENCES, token_divergence
 from loss import (
@@ -186,11 +187,11 @@ def test_numeric_strings_are_accepted_as_yaml_1_1_reads_them():
     }
 
 
-def hidden_state_case(seed: int = 7, teacher_width: int = 24):
+def hidden_state_case(seed: int = 7, teacher_width: int = 24, length: int = 9):
     """Hidden states and heads of two models (of different widths by default), the teacher with 3 extra tokens; a
     padded row and a masked prompt."""
     generator = torch.Generator().manual_seed(seed)
-    batch, length, width, vocab = 3, 9, 16, 50
+    batch, width, vocab = 3, 16, 50
     student_hidden = torch.randn(batch, length, width, generator=generator, requires_grad=True)
     student_head = torch.randn(vocab, width, generator=generator, requires_grad=True)
     teacher_hidden = torch.randn(batch, length, teacher_width, generator=generator)
@@ -264,6 +265,40 @@ def test_the_fused_loss_under_bf16_autocast_projects_in_bf16_and_sums_in_float32
     for expected, actual in zip(reference_gradients, fused_gradients):
         assert actual.dtype == torch.float32
         assert F.cosine_similarity(expected.flatten().float(), actual.flatten(), dim=0) > 0.999
+
+
+BF16_CASES = {"forward_kl": {}, "forward_kl at T 2": {"temperature": 2.0}, "jsd": {"divergence": "jsd"}}
+
+
+@pytest.mark.parametrize("arguments", BF16_CASES.values(), ids=BF16_CASES.keys())
+def test_the_bf16_fused_loss_over_several_projections_and_head_products(arguments):
+    """In 16 bits the positions go by ROWS_PER_PROJECTION to the vocabulary and by ROWS_PER_HEAD_PRODUCT into the
+    head's gradient: with more targets than two of each (and a last block of fewer than ROWS_AT_ONCE rows), every
+    boundary is crossed, and the loss still agrees with the full-logits one from the same bf16 logits."""
+    length = chunked_loss.ROWS_PER_HEAD_PRODUCT + chunked_loss.ROWS_PER_PROJECTION // 2 + 3  # 2 of the 3 rows are full
+    student_hidden, student_head, teacher_hidden, teacher_head, labels = hidden_state_case(12, length=length)
+    targets = int((labels != IGNORE_INDEX).sum())
+    assert targets > 2 * chunked_loss.ROWS_PER_HEAD_PRODUCT and targets % chunked_loss.ROWS_AT_ONCE != 0
+    settings = {"alpha": 0.8, "beta": 0.3, **arguments}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = ChunkedDistillationLoss(**settings)(
+            ModelOutput(hidden=student_hidden, head=student_head),
+            ModelOutput(hidden=teacher_hidden.bfloat16(), head=teacher_head.bfloat16()), labels,
+        )
+        student_logits = student_hidden @ student_head.T
+        teacher_logits = teacher_hidden.bfloat16() @ teacher_head.bfloat16().T
+    reference = DistillationLoss(**settings)(ModelOutput(student_logits), ModelOutput(teacher_logits), labels)
+    for term in ("loss", "kd", "ce"):
+        assert torch.allclose(getattr(fused, term), getattr(reference, term), rtol=1e-3), term
+    fused_gradients = torch.autograd.grad(fused.loss, (student_hidden, student_head))
+    reference_gradients = torch.autograd.grad(reference.loss, (student_hidden, student_head))
+    for expected, actual in zip(reference_gradients, fused_gradients):
+        assert F.cosine_similarity(expected.flatten().float(), actual.flatten(), dim=0) > 0.999
+        # Row by row too: a block, chunk or group written to the wrong rows would not move the cosine of the whole.
+        # (rows without a target have no gradient: 0 both ways)
+        expected_rows, actual_rows = expected.float().flatten(0, -2), actual.flatten(0, -2)
+        row_errors = (expected_rows - actual_rows).norm(dim=-1)
+        assert (row_errors <= 0.05 * expected_rows.norm(dim=-1) + 1e-12).all()
 
 
 def test_distillation_loss_is_fused_only_when_asked_and_keeps_its_identity():
