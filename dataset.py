@@ -106,6 +106,31 @@ def alpaca_prompt(instruction: str, context: str, template: PromptTemplate = DEF
     return template.without_input.format(instruction=instruction)
 
 
+def alpaca_chat_template(template: PromptTemplate = DEFAULT_TEMPLATE) -> str:
+    """A Jinja chat template (the tokenizer's `chat_template`) that renders role/content messages in `template`'s
+    format: each user turn as the prompt without input (the instruction), each assistant turn as its text then EOS,
+    a system message before the first prompt. A single user/assistant exchange renders byte for byte as
+    `alpaca_prompt(instruction, "") + response + EOS`, the training text of an Alpaca sample without input; the
+    assistant turns are marked as generation (`return_assistant_tokens_mask`). The prompt ends where the response
+    begins, so the generation prompt adds nothing."""
+    prefix, suffix = template.without_input.split("{instruction}")
+    prefix, suffix = (part.replace("{{", "{").replace("}}", "}") for part in (prefix, suffix))
+
+    def literal(text: str) -> str:
+        return json.dumps(text)  # a Jinja string literal with the same escapes
+
+    return (
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'system' -%}{{ message['content'] }}{{ " + literal("\n\n") + " }}"
+        "{%- elif message['role'] == 'user' -%}{{ " + literal(prefix) + " }}{{ message['content'] }}{{ "
+        + literal(suffix) + " }}"
+        "{%- elif message['role'] == 'assistant' -%}{% generation %}{{ message['content'] }}{{ eos_token }}"
+        "{% endgeneration %}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    )
+
+
 @dataclass(frozen=True)
 class DataSpec:
     """What defines the tokenized data; every field is part of the cache key."""

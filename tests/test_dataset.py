@@ -366,3 +366,25 @@ def test_non_utf8_jsonl_file_is_a_data_error(tmp_path, tokenizer):
     path.write_bytes(text.encode("latin-1"))
     with pytest.raises(dataset.DataError, match=r"latin1\.jsonl is not UTF-8"):
         prepare(make_spec(path), tokenizer, tmp_path / "data")
+
+
+CUSTOM_TEMPLATE = {"with_input": "Q {{braces}}: {instruction} / {input}\nA: ", "without_input": "Q {{braces}}: {instruction}\nA: "}
+
+
+@pytest.mark.parametrize("template", [*dataset.PROMPT_TEMPLATES, "custom"])
+def test_the_alpaca_chat_template_renders_the_training_text(tokenizer, template):
+    """One exchange through the chat template is the training text of an Alpaca sample without input, byte for byte;
+    the generation prompt is the prompt; the assistant mask covers the response and EOS."""
+    prompt_template = dataset.prompt_template(CUSTOM_TEMPLATE if template == "custom" else template)
+    chat_template = dataset.alpaca_chat_template(prompt_template)
+    messages = [{"role": "user", "content": 'Say "{hi}"\n twice.'}, {"role": "assistant", "content": "hi hi"}]
+    prompt = dataset.alpaca_prompt('Say "{hi}"\n twice.', "", prompt_template)
+    rendered = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False)
+    assert rendered == prompt + "hi hi" + tokenizer.eos_token
+    assert tokenizer.apply_chat_template(messages[:1], chat_template=chat_template, tokenize=False,
+                                         add_generation_prompt=True) == prompt
+    encoded = tokenizer.apply_chat_template(messages, chat_template=chat_template, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+    response = [token for token, marked in zip(encoded["input_ids"], encoded["assistant_masks"]) if marked]
+    # A token that merges the prompt's last space with the response's first word belongs to the response.
+    assert tokenizer.decode(response).lstrip(" ") == "hi hi" + tokenizer.eos_token
