@@ -405,7 +405,8 @@ class ChunkedDistillationLoss(DistillationLoss):
     (`chunked_loss.py`; the same values and gradients), so that no `(B, T, V)` logits are ever materialised: its
     peak memory is a fraction of the full-logits one, and it is faster. Every divergence and the hidden-state term.
     `loss.DistillationLoss` runs this way by itself unless FSDP shards the output head (see `LossSpec.build`);
-    naming this class forces it and sets `chunk_size`."""
+    naming this class forces it and sets `chunk_size` (positions projected at a time in float32; at least
+    chunked_loss.ROWS_PER_PROJECTION in 16 bits)."""
 
     projects_hidden_states = True
 
