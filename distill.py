@@ -18,6 +18,7 @@ import signal
 import sys
 from typing import Optional
 
+import checkpoints
 import dataset
 import hardware
 import models
@@ -125,6 +126,8 @@ def setup(config: Config, run_name: Optional[str], resume: bool) -> Trainer:
                                              criterion.projects_hidden_states)
     teacher_dtype = hardware.teacher_dtype(config)
     tokenizer, teacher, student = models.build_models(config, criterion, teacher_dtype)
+    template = dataset.prompt_template(config.data.template) if config.data.text_column is None else None
+    checkpoints.set_generation_defaults(tokenizer, student, template, config.data.max_length)
     criterion = loss_spec.build(cached_teacher=cached, fused=hardware.fused_loss(accelerator))
     with accelerator.main_process_first():  # the main process fills the tokenized-data cache, the others read it
         splits = dataset.prepare_splits(dataset.spec_from_config(config), tokenizer, config.paths.data_folder,
