@@ -1,7 +1,8 @@
 """Checkpoints: nothing a user trained is ever overwritten, and a stopped run can continue.
 
 A run lives in `<paths.checkpoints>/<run name>/` (runs.py). Inside it, the last and the best checkpoints are Hugging Face model
-directories (config.json, model.safetensors, tokenizer files) that `AutoModelForCausalLM.from_pretrained` loads,
+directories (config.json, generation_config.json, model.safetensors, tokenizer files with the prompt format as a chat
+template) that `AutoModelForCausalLM.from_pretrained` and `pipeline("text-generation", ...)` load,
 plus what resuming needs: `trainer_state.json` (plain JSON: epoch, position in the epoch, step, best validation loss)
 and `training_state.pt` (optimizer, scheduler and RNG states, read back with `torch.load(weights_only=True)`, which
 runs no code from the file). The optimizer state is keyed by parameter name, whole (never sharded), so a checkpoint
@@ -110,6 +111,22 @@ def _keyed_by_index(optimizer_state: dict, names: list[str]) -> dict:
 
 def _is_keyed_by_name(optimizer_state: dict) -> bool:
     return any(isinstance(key, str) for group in optimizer_state["param_groups"] for key in group["params"])
+
+
+def set_generation_defaults(tokenizer, model, template: Optional[dataset.PromptTemplate], max_length: int) -> None:
+    """What every checkpoint carries so that `pipeline("text-generation", model=checkpoint)` prompts the student as it
+    was trained and stops at its end: the tokenizer's chat template (its own if it has one, else one that renders
+    `template`, the run's data.template; none for a text_column run, whose prompt format is unknown) and a greedy
+    generation config with the tokenizer's EOS and pad tokens. Neither changes how a text is tokenized."""
+    if tokenizer.chat_template is None and template is not None:
+        tokenizer.chat_template = dataset.alpaca_chat_template(template)
+    from transformers import GenerationConfig
+
+    # A response is at most what the student saw whole in training, and leaves room for a prompt of as much.
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, do_sample=False, max_new_tokens=min(256, max(max_length // 2, 1)),
+    )
 
 
 def save_checkpoint(

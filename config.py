@@ -192,6 +192,14 @@ class Hardware:
 
 
 @dataclass(frozen=True)
+class Hub:
+    # A Hugging Face Hub model repository (user/name, org/name, or name in the token's own namespace) that the best
+    # checkpoint, its model card and loss curves are pushed to at the end of a run; needs a token (`hf auth login` or
+    # HF_TOKEN). None: nothing is pushed (`python3 distill.py --push RUN_DIR --model-id ID` pushes a run later).
+    model_id: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class Config:
     # Prefix of the run names; defaults to the config file's stem.
     name: Optional[str] = None
@@ -203,6 +211,7 @@ class Config:
     data: Data = field(default_factory=Data)
     training_parameters: TrainingParameters = field(default_factory=TrainingParameters)
     hardware: Hardware = field(default_factory=Hardware)
+    hub: Hub = field(default_factory=Hub)
 
 
 DEFAULT_LOSS = {"()": "loss.DistillationLoss", "alpha": 1.0, "beta": 0.1, "temperature": 1.0}
@@ -481,6 +490,22 @@ def _check_cross_field(config: Config, source: str) -> None:
             f"set data.text_column to null or mask_instruction to false."
         )
     _check_cached_teacher(config, source)
+    if config.hub.model_id is not None:
+        check_model_id(config.hub.model_id, f"{source}: hub.model_id")
+
+
+def check_model_id(value: str, what: str) -> None:
+    """A Hub repository name, checked before a run spends hours to reach the push."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        raise ConfigError(
+            f"{what} is {value!r}, which is not a Hub repository name; write it as user/name or org/name (letters, "
+            f"digits, '-', '_' and '.', at most 96 characters)."
+        ) from None
 
 
 def _check_template(config: Config, source: str) -> None:

@@ -4,10 +4,12 @@
     python3 distill.py --config configs/tiny.yaml --plain-baseline   # the offline demo: distilled and plain
     python3 distill.py --resume --run-name NAME          # continue a stopped run
     python3 distill.py --set training_parameters.batch_size=8 --set training_parameters.loss.temperature=2
+    python3 distill.py --push checkpoints/RUN --model-id user/name   # push a run's best checkpoint to the Hub
 
 Every run writes `<paths.checkpoints>/<run name>/`: config.yaml (resolved), train.log, metrics.jsonl, summary.json,
-loss_curves.png, TensorBoard events, and the last and best checkpoints. A configuration or data mistake stops the
-program with one sentence and exit code 2 before anything is written.
+loss_curves.png, TensorBoard events, and the last and best checkpoints (best/ with its model card, README.md; pushed
+to the Hub when hub.model_id is set). A configuration or data mistake stops the program with one sentence and exit
+code 2 before anything is written.
 """
 
 from __future__ import annotations
@@ -16,18 +18,22 @@ import argparse
 import logging
 import signal
 import sys
+from pathlib import Path
 from typing import Optional
 
+import checkpoints
 import dataset
 import hardware
+import model_card
 import models
 import records
 import runs
 import storage
 import teacher_cache
 from checkpoints import CheckpointError
-from config import Config, ConfigError, load_config
+from config import Config, ConfigError, check_model_id, load_config
 from dataset import DataError
+from hub_push import PushError, push_checkpoint
 from models import ModelError
 from runs import PLAIN_BASELINE_SUFFIX, locate_run
 from trainer import NonFiniteLoss, StoppedBySignal, Trainer
@@ -35,22 +41,27 @@ from trainer import NonFiniteLoss, StoppedBySignal, Trainer
 logger = logging.getLogger("distill")
 
 # Mistakes a user can fix: shown as one sentence, exit code 2.
-USER_ERRORS = (ConfigError, ModelError, DataError, CheckpointError)
+USER_ERRORS = (ConfigError, ModelError, DataError, CheckpointError, PushError)
 EXIT_USER_ERROR = 2
 EXIT_NON_FINITE_LOSS = 3
 
 _KEPT_UNTIL_EXIT: list = []
 PLAIN_LOSS_OVERRIDE = "training_parameters.loss={'()': loss.ClassicLoss}"
+# The baseline is a comparison, not the student the user shares: `--push RUN-plain --model-id ID` pushes it.
+BASELINE_NOT_PUSHED = "hub.model_id=null"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     arguments = parse_arguments(argv)
+    if arguments.push is not None:
+        return push_run(Path(arguments.push), arguments.model_id)
     status, run = train(arguments.config, arguments.set, arguments.run_name, arguments.resume)
     if status == 0 and arguments.plain_baseline:
         # The same config, seed, data and steps, with plain next-token training: the comparison distillation needs.
         baseline = run.directory.with_name(run.name + PLAIN_BASELINE_SUFFIX)
         resume = arguments.resume and baseline.exists()
-        status, _ = train(arguments.config, [*arguments.set, PLAIN_LOSS_OVERRIDE], baseline.name, resume)
+        status, _ = train(arguments.config, [*arguments.set, PLAIN_LOSS_OVERRIDE, BASELINE_NOT_PUSHED],
+                          baseline.name, resume)
     hardware.end_processes(status)
     return status
 
@@ -69,6 +80,7 @@ def train(config_file: str, overrides: list[str], run_name: Optional[str], resum
             trainer.fit()
             trainer.test_best()
             records.report_where(run, accelerator)
+            share(run, config, accelerator)
     except USER_ERRORS as error:
         logger.error("error: %s", error)
         return EXIT_USER_ERROR, run
@@ -94,6 +106,62 @@ def train(config_file: str, overrides: list[str], run_name: Optional[str], resum
         records.close_log_handlers()
         runs.release_runs()
     return 0, run
+
+
+def share(run, config: Config, accelerator) -> None:
+    """The end of a run: the best checkpoint's model card, and its push to the Hub when hub.model_id names a
+    repository. A push that fails leaves the run complete as it is, and names the command that retries it."""
+    if not accelerator.is_main_process:
+        return
+    card = model_card.write_model_card(run.directory, config)
+    logger.info("Model card: %s", card)
+    if config.hub.model_id is not None:
+        push_checkpoint(card.parent, config.hub.model_id, push_command(run.directory, config.hub.model_id))
+
+
+def push_command(run_directory: Path, model_id: str) -> str:
+    return f"python3 distill.py --push {run_directory} --model-id {model_id}"
+
+
+def push_run(run_directory: Path, model_id: Optional[str]) -> int:
+    """`--push RUN_DIR`: push a finished run's best checkpoint (with its model card, written if it has none) to
+    `model_id`, or to the run's own hub.model_id."""
+    records.setup_console_logging()
+    try:
+        config, model_id = read_push_target(run_directory, model_id)
+        runs.hold_run(run_directory, created=False)  # not while a process trains it
+        best = run_directory / config.training_parameters.checkpoints_name_best
+        if not (run_directory / model_card.SUMMARY_FILE).is_file() or not best.is_dir():
+            raise CheckpointError(f"the run {run_directory} has not finished (no summary.json or best checkpoint); "
+                                  f"finish it with --resume --run-name {run_directory.name}, then push it.")
+        if not (best / model_card.CARD_FILE).is_file():  # a card the user edited is pushed as it is
+            model_card.write_model_card(run_directory, config)
+        push_checkpoint(best, model_id, push_command(run_directory, model_id))
+    except USER_ERRORS as error:
+        logger.error("error: %s", error)
+        return EXIT_USER_ERROR
+    except (OSError, ValueError) as error:  # a damaged summary.json or checkpoint; a card the disk refused
+        logger.error("error: the run %s cannot be pushed (%s); %s", run_directory, models.first_line(error),
+                     "check its best checkpoint and summary.json, or free disk space, then run the same command again.")
+        return EXIT_USER_ERROR
+    finally:
+        records.close_log_handlers()
+        runs.release_runs()
+    return 0
+
+
+def read_push_target(run_directory: Path, model_id: Optional[str]) -> tuple[Config, str]:
+    """The run's config and the Hub repository to push it to, checked."""
+    if not (run_directory / "config.yaml").is_file():
+        raise CheckpointError(f"{run_directory} is not a run directory (it has no config.yaml); pass one, e.g. "
+                              f"checkpoints/<run name>.")
+    config = load_config(run_directory / "config.yaml")
+    model_id = model_id or config.hub.model_id
+    if model_id is None:
+        raise ConfigError(f"the run {run_directory} names no Hub repository (its hub.model_id is null); pass one "
+                          f"with --model-id user/name.")
+    check_model_id(model_id, "--model-id")
+    return config, model_id
 
 
 def file_system_message(error: Exception, run) -> Optional[str]:
@@ -125,6 +193,8 @@ def setup(config: Config, run_name: Optional[str], resume: bool) -> Trainer:
                                              criterion.projects_hidden_states)
     teacher_dtype = hardware.teacher_dtype(config)
     tokenizer, teacher, student = models.build_models(config, criterion, teacher_dtype)
+    template = dataset.prompt_template(config.data.template) if config.data.text_column is None else None
+    checkpoints.set_generation_defaults(tokenizer, student, template, config.data.max_length)
     criterion = loss_spec.build(cached_teacher=cached, fused=hardware.fused_loss(accelerator))
     with accelerator.main_process_first():  # the main process fills the tokenized-data cache, the others read it
         splits = dataset.prepare_splits(dataset.spec_from_config(config), tokenizer, config.paths.data_folder,
@@ -151,6 +221,8 @@ def parse_arguments(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override one config value (repeatable)"
     )
+    parser.add_argument("--push", metavar="RUN_DIR", help="push a finished run's best checkpoint to the Hub, and stop")
+    parser.add_argument("--model-id", help="with --push: the Hub repository (default: the run's hub.model_id)")
     return parser.parse_args(argv)
 
 

@@ -40,14 +40,19 @@ def atomic_directory(destination: Path, replace: bool = False) -> ContextManager
 def atomic_write_text(destination: Path, text: str) -> None:
     """Write `destination` whole or not at all: a kill or a full disk leaves the previous version in place. An
     OSError names `destination` (not its hidden staging file)."""
+    atomic_write_bytes(destination, text.encode("utf-8"))
+
+
+def atomic_write_bytes(destination: Path, data: bytes) -> None:
+    """As `atomic_write_text`, for bytes (a copied figure)."""
     destination = Path(destination)
     try:
         descriptor, staging = tempfile.mkstemp(prefix=f".{destination.name}-", dir=destination.parent)
     except OSError as error:
         raise OSError(error.errno, error.strerror, str(destination)) from error
     try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(staging, 0o644)  # mkstemp's file is private to its owner

@@ -1,0 +1,211 @@
+"""Sharing the student: best/ prompts as the student was trained and stops at EOS, carries a model card whose figures
+are summary.json's, and is pushed to the Hub (a stand-in HfApi here; the refusals through the real client)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import dataset
+import distill
+from checkpoints import set_generation_defaults
+from config import ConfigError, load_config
+from helpers import REPO, SHORT, base_config, write_config
+
+MODEL_ID = "someone/tiny-student"
+INSTRUCTION = "List two colours."
+
+
+class StandInHub:
+    """Records what huggingface_hub.HfApi would send: the repositories created and each uploaded folder's files,
+    after the ignore patterns, as the real upload_folder filters them."""
+
+    def __init__(self) -> None:
+        self.created, self.uploads = [], []
+
+    def install(self, patch: pytest.MonkeyPatch) -> None:
+        import huggingface_hub
+
+        hub = self
+
+        def create_repo(_api, repo_id, *, repo_type=None, exist_ok=False, **_):
+            hub.created.append((repo_id, repo_type, exist_ok))
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(_api, *, repo_id, folder_path, ignore_patterns=None, **_):
+            from huggingface_hub.utils import filter_repo_objects
+
+            names = sorted(path.name for path in Path(folder_path).iterdir())
+            hub.uploads.append((repo_id, Path(folder_path), sorted(filter_repo_objects(
+                names, ignore_patterns=ignore_patterns))))
+
+        patch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+        patch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the tests run offline otherwise
+        patch.setenv("HF_TOKEN", "hf_stand_in")
+
+
+@pytest.fixture(scope="module")
+def shared_runs(tmp_path_factory, teacher_dir, data_file):
+    """A distilled run with hub.model_id set, then its plain baseline, against the stand-in Hub."""
+    root = tmp_path_factory.mktemp("shared")
+    values = base_config(root, teacher_dir, data_file)
+    values["training_parameters"]["max_steps"] = 6
+    values["hub"] = {"model_id": MODEL_ID}
+    config_file = write_config(root / "config.yaml", values)
+    hub = StandInHub()
+    with pytest.MonkeyPatch.context() as patch:
+        hub.install(patch)
+        assert distill.main(["--config", str(config_file), "--run-name", "shared", "--plain-baseline"]) == 0
+    return root / "checkpoints" / "shared", root / "checkpoints" / "shared-plain", hub
+
+
+def test_set_generation_defaults_keeps_tokenization_and_an_own_template(tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=len(tokenizer)))
+    text = dataset.alpaca_prompt(INSTRUCTION, "", SHORT) + "red and blue"
+    fresh = copy.deepcopy(tokenizer)
+    set_generation_defaults(fresh, model, SHORT, max_length=64)
+    assert fresh.chat_template == dataset.alpaca_chat_template(SHORT)
+    assert fresh(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert (model.generation_config.eos_token_id, model.generation_config.pad_token_id) == (
+        tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert model.generation_config.do_sample is False and model.generation_config.max_new_tokens == 32
+    own = copy.deepcopy(tokenizer)
+    own.chat_template = "{{ messages[0]['content'] }}"
+    set_generation_defaults(own, model, SHORT, max_length=64)
+    assert own.chat_template == "{{ messages[0]['content'] }}"
+    whole_texts = copy.deepcopy(tokenizer)
+    set_generation_defaults(whole_texts, model, None, max_length=64)  # a text_column run: no known prompt format
+    assert whole_texts.chat_template is None
+
+
+def test_best_checkpoint_prompts_as_trained_through_a_pipeline(shared_runs):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    best = shared_runs[0] / "best"
+    tokenizer = AutoTokenizer.from_pretrained(best)
+    messages = [{"role": "user", "content": INSTRUCTION}]
+    prompt = dataset.alpaca_prompt(INSTRUCTION, "", SHORT)
+    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == prompt
+    generation = json.loads((best / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == tokenizer.eos_token_id and generation["pad_token_id"] == tokenizer.pad_token_id
+    assert generation["do_sample"] is False
+
+    generator = pipeline("text-generation", model=str(best), tokenizer=str(best))
+    reply = generator(messages, max_new_tokens=6)[0]["generated_text"][-1]
+    assert reply["role"] == "assistant"
+    # Greedy: the pipeline's reply is the model's own continuation of exactly the training prompt.
+    model = AutoModelForCausalLM.from_pretrained(best)
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        continued = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6)
+    assert reply["content"] == tokenizer.decode(continued[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("run_index", [0, 1], ids=["distilled", "plain"])
+def test_model_card_parses_and_holds_the_summary_figures(shared_runs, run_index):
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForCausalLM
+
+    run = shared_runs[run_index]
+    summary = json.loads((run / "summary.json").read_text())
+    card = ModelCard.load(run / "best" / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
+    figures = {result.metric_name: result.metric_value for result in card.data.eval_results}
+    expected = {"Test perplexity": summary["test"]["perplexity"]}
+    if run_index == 0:
+        expected.update({"Teacher test perplexity": summary["teacher"]["test"]["perplexity"],
+                         "KL(teacher || student) at T=1": summary["test"]["kl_teacher"],
+                         "Top-1 agreement with the teacher": summary["test"]["top1_agreement"]})
+    assert figures == expected
+    assert ("knowledge-distillation" if run_index == 0 else "distillation-baseline") in card.data.tags
+    assert (run / "best" / "loss_curves.png").read_bytes() == (run / "loss_curves.png").read_bytes()
+    assert "](loss_curves.png)" in card.text and f"--config {run / 'config.yaml'}" in card.text
+    parameters = AutoModelForCausalLM.from_pretrained(run / "best").num_parameters()
+    assert f"| 1 | 32 | {summary_vocabulary(run)} | {parameters:,} |" in card.text
+    assert ("`ClassicLoss`" if run_index else "`DistillationLoss`: alpha=1.0, beta=0.5, temperature=2.0") in card.text
+
+
+def summary_vocabulary(run: Path) -> int:
+    return json.loads((run / "best" / "config.json").read_text())["vocab_size"]
+
+
+def test_end_of_run_push_uploads_best_without_the_resume_state(shared_runs):
+    distilled, _, hub = shared_runs
+    assert hub.created == [(MODEL_ID, "model", True)]  # the plain baseline is not pushed over the student
+    ((repo_id, folder, files),) = hub.uploads
+    assert repo_id == MODEL_ID and folder == distilled / "best"
+    assert {"README.md", "loss_curves.png", "model.safetensors", "config.json", "generation_config.json",
+            "tokenizer.json", "chat_template.jinja"} <= set(files)
+    assert not {"training_state.pt", "trainer_state.json"} & set(files)
+
+
+def test_push_command_pushes_a_finished_run_later(shared_runs, monkeypatch):
+    _, plain, _ = shared_runs
+    hub = StandInHub()
+    hub.install(monkeypatch)
+    assert distill.main(["--push", str(plain), "--model-id", "someone/plain"]) == 0
+    assert hub.created == [("someone/plain", "model", True)] and hub.uploads[0][:2] == ("someone/plain", plain / "best")
+    # The baseline's own config names no repository: --model-id is needed.
+    assert distill.main(["--push", str(plain)]) == distill.EXIT_USER_ERROR
+    assert distill.main(["--push", str(plain), "--model-id", "a/b/c"]) == distill.EXIT_USER_ERROR
+    assert len(hub.uploads) == 1
+
+
+def tree_digest(directory: Path) -> dict:
+    return {str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(directory.rglob("*")) if path.is_file() and path.name != ".lock"}
+
+
+def test_push_to_an_unreachable_hub_is_one_sentence_and_exit_2(shared_runs):
+    """The real client against a closed port: no traceback, the run unchanged, the retry command named."""
+    distilled = shared_runs[0]
+    before = tree_digest(distilled)
+    environment = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "hf_fake"}
+    result = subprocess.run([sys.executable, str(REPO / "distill.py"), "--push", str(distilled)], cwd=REPO,
+                            env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    (error,) = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert f"--push {distilled} --model-id {MODEL_ID}" in error
+    assert tree_digest(distilled) == before
+
+
+def test_failed_push_at_the_end_of_a_run_keeps_the_run(tmp_path, teacher_dir, data_file, caplog):
+    """Offline (as the tests run): the run is complete, its card written, and the push can be retried."""
+    values = base_config(tmp_path, teacher_dir, data_file)
+    values["training_parameters"]["max_steps"] = 2
+    values["hub"] = {"model_id": MODEL_ID}
+    config_file = write_config(tmp_path / "config.yaml", values)
+    assert distill.main(["--config", str(config_file), "--run-name", "offline"]) == distill.EXIT_USER_ERROR
+    run = tmp_path / "checkpoints" / "offline"
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2
+    assert (run / "best" / "README.md").is_file() and (run / "best" / "model.safetensors").is_file()
+    errors = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+    assert len(errors) == 1 and f"--push {run} --model-id {MODEL_ID}" in errors[0]
+
+
+@pytest.mark.parametrize("hub, fragment", [
+    ({"model_id": "a/b/c"}, "hub.model_id"),
+    ({"model_id": 3}, "hub.model_id"),
+    ({"model": "a/b"}, "unknown key hub.model"),
+])
+def test_bad_hub_section_is_refused(tmp_path, config_values, hub, fragment):
+    config_values["hub"] = hub
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(write_config(tmp_path / "config.yaml", config_values))
+
+
+def test_hub_section_defaults_to_no_push(config_file):
+    assert load_config(config_file).hub.model_id is None
+    assert load_config(REPO / "config.yaml").hub.model_id is None
