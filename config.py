@@ -156,6 +156,9 @@ class TrainingParameters:
     log_every_steps: int = field(default=10, metadata=_range(1))
     # Validation runs at the end of every epoch, and also every N optimizer steps when set.
     eval_every_steps: Optional[int] = field(default=None, metadata=_range(1))
+    # At each validation, the student's greedy continuations of this many validation prompts (the teacher's at the
+    # first) go to samples.jsonl and the trackers; 0: none.
+    sample_prompts: int = field(default=3, metadata=_range(0))
     # The last checkpoint is written at the end of every epoch, and also every N optimizer steps when set.
     checkpoint_every_steps: Optional[int] = field(default=None, metadata=_range(1))
     # Also keep the checkpoints of the last N `checkpoint_every_steps` steps as step-<N> (0: only last and best).

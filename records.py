@@ -1,5 +1,5 @@
 """A run's records: the console and train.log, metrics.jsonl, summary.json, the trackers (TensorBoard, W&B) and the
-loss curves. The main process writes them; the others only log warnings."""
+loss curves (samples.jsonl is samples.py's). The main process writes them; the others only log warnings."""
 
 from __future__ import annotations
 
@@ -162,16 +162,22 @@ class MetricsLog:
         self.accelerator.log(numbers, step=state.global_step)  # a no-op without trackers
 
     def drop_after(self, step: int) -> None:
-        """A resumed run replays the steps after its last checkpoint: forget their records, so none is doubled.
-        The file is replaced whole, so a kill or a full disk at this moment leaves the history as it was."""
-        if not (self.accelerator.is_main_process and self.path.is_file()):
-            return
-        records, damaged = storage.read_json_lines(self.path)
-        if damaged:
-            logger.warning("%s: lines %s are not JSON records (cut by a crash or edited) and are dropped",
-                           self.path, ", ".join(map(str, damaged)))
-        kept = [record for record in records if record.get("step", 0) <= step and record.get("split") != "test"]
-        storage.atomic_write_text(self.path, "".join(json.dumps(record) + "\n" for record in kept))
+        """A resumed run replays the steps after its last checkpoint: forget their records, so none is doubled."""
+        rewrite_records(self.path, self.accelerator,
+                        lambda record: record.get("step", 0) <= step and record.get("split") != "test")
+
+
+def rewrite_records(path: Path, accelerator, keep) -> None:
+    """Keep the records of a JSON-lines file for which `keep(record)` is true. The file is replaced whole, so a
+    kill or a full disk at this moment leaves the history as it was."""
+    if not (accelerator.is_main_process and path.is_file()):
+        return
+    records, damaged = storage.read_json_lines(path)
+    if damaged:
+        logger.warning("%s: lines %s are not JSON records (cut by a crash or edited) and are dropped",
+                       path, ", ".join(map(str, damaged)))
+    kept = [record for record in records if keep(record)]
+    storage.atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
 def log_setup(student, teacher, cached_top_k: Optional[int], criterion, splits, total_steps: int,

@@ -24,6 +24,7 @@ import evaluation
 import hardware
 import models
 import records
+import samples
 import teacher_cache
 from checkpoints import (
     TrainerState,
@@ -167,6 +168,8 @@ class Trainer:
         self.stop_signals = StopSignals()
         self.identity = run_identity(self.student_model.config, tokenizer, criterion, config, splits["train"])
         self.metrics = records.MetricsLog(run.directory / "metrics.jsonl", accelerator)
+        self.samples = samples.SamplesLog(run.directory, accelerator, tokenizer, samples.validation_prompts(
+            splits["validation"], tokenizer, self.training.sample_prompts))
         self.started_at, self.elapsed_before = time.time(), 0.0
         self.teacher_results: dict[str, dict] = {}  # the frozen teacher's figures per split, computed once
         cached_top_k = config.teacher.cache_top_k if cached_teacher is not None else None
@@ -241,6 +244,7 @@ class Trainer:
         state = self.state
         if self.run.resume:
             self.metrics.drop_after(state.global_step)
+            self.samples.drop_after(state.global_step)
         if state.global_step < self.total_steps:  # a resumed run may already be complete
             with self.stop_signals.deferred():
                 for epoch in range(state.epoch, self.training.nb_epochs):
@@ -423,6 +427,8 @@ class Trainer:
         self._check_finite()
         state = self.state
         result = self.evaluate("validation")
+        self.samples.write(state.global_step, samples.sampled_networks(
+            self.samples.prompts, self.student_model, self.teacher_model, state.last_evaluated_step is None))
         state.last_evaluated_step = state.global_step
         if self.training.best_metric == "perplexity":
             improved = state.best_validation_perplexity is None or result["perplexity"] < state.best_validation_perplexity

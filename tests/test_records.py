@@ -249,28 +249,50 @@ def figures_by_cell(notebook) -> list[int]:
     ]
 
 
+def notebook_outputs(notebook) -> tuple[str, list[str]]:
+    """The printed text of a notebook's code cells, and the HTML tables they displayed."""
+    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
+    printed = "".join(output.get("text", "") for output in outputs)
+    return printed, [output["data"]["text/html"] for output in outputs if "text/html" in output.get("data", {})]
+
+
 def test_data_exploration_notebook_runs_and_draws_every_figure(compared_runs):
     _, config_file, _, _ = compared_runs
     notebook = execute_notebook("data_exploration.ipynb", f"CONFIG = {str(config_file)!r}")
     counts = figures_by_cell(notebook)
-    assert len(counts) == 3 and all(count == 1 for count in counts), counts
-    text = "".join(output.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs)
-    assert "### Instruction:" in text  # the formatted examples
+    assert len(counts) == 4 and all(count == 1 for count in counts), counts
+    printed, tables = notebook_outputs(notebook)
+    assert "### Instruction:" in printed  # the formatted examples
+    assert any("share kept by the mask" in table for table in tables)
+    top_k = next(table for table in tables if "mean top-k mass" in table)
+    assert "<th>1</th>" in top_k and "<th>10</th>" in top_k
 
 
 def test_experiments_notebook_compares_the_runs_and_generates(compared_runs):
     _, _, distilled, plain = compared_runs
     notebook = execute_notebook(
         "experiments_exploration.ipynb",
-        f"RUN_DIRS = [{str(distilled)!r}, {str(plain)!r}]\nCHECKPOINTS, DEMO_PREFIX = 'checkpoints', 'tiny'\n"
+        f"RUNS = [{str(distilled)!r}, {str(plain)!r}]\nCHECKPOINTS, DEMO_PREFIX = 'checkpoints', 'tiny'\n"
         "PROMPTS = [{'instruction': 'Add the two numbers.', 'input': '3 and 4'}]\nMAX_NEW_TOKENS = 8",
     )
-    assert figures_by_cell(notebook) == [2, 1]  # one figure per run, then the comparison
-    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
-    table = next(output["data"]["text/html"] for output in outputs if "text/html" in output.get("data", {}))
-    assert "demo-plain" in table and "ClassicLoss" in table
-    printed = "".join(output.get("text", "") for output in outputs)
+    # One figure per run, the comparison, then kl_teacher and top1_agreement (the distilled run has them).
+    assert figures_by_cell(notebook) == [2, 1, 1]
+    printed, tables = notebook_outputs(notebook)
+    assert any("demo-plain" in table and "ClassicLoss" in table for table in tables)
     assert "--- demo:" in printed and "--- demo-plain:" in printed
+    # samples.jsonl side by side: a table per prompt, a column per run, the teacher's row once.
+    sample_tables = [table for table in tables if ">teacher<" in table]
+    assert len(sample_tables) == 3 and "=== prompt 2:" in printed
+    assert all(">demo<" in table and ">demo-plain<" in table and ">24<" in table for table in sample_tables)
+
+
+def test_experiments_notebook_without_runs_says_so(tmp_path):
+    notebook = execute_notebook(
+        "experiments_exploration.ipynb",
+        f"RUNS = []\nCHECKPOINTS, DEMO_PREFIX = {str(tmp_path)!r}, 'tiny'\nPROMPTS = []\nMAX_NEW_TOKENS = 8",
+    )
+    printed, _ = notebook_outputs(notebook)
+    assert "No finished run under" in printed and figures_by_cell(notebook) == [0, 0, 0]
 
 
 def test_report_to_wandb_logs_through_accelerate(tmp_path, teacher_dir, data_file, monkeypatch):
