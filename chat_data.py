@@ -118,13 +118,19 @@ def _check_conversation(conversation: list[dict], index: int, dataset: str) -> N
 def rendering_template(tokenizer, template: Any) -> str:
     """The Jinja chat template that renders conversations: the tokenizer's own when it has one, else the prompt
     template's (`dataset.alpaca_chat_template`, so that chat data reads as the Alpaca samples the teacher saw)."""
-    own = getattr(tokenizer, "chat_template", None)
-    if isinstance(own, dict):  # several named templates: the one apply_chat_template would use
-        own = own.get("default")
+    own = tokenizer_template(tokenizer)
     if own:
         return own
     from dataset import alpaca_chat_template  # dataset.py imports this module
     return alpaca_chat_template(template)
+
+
+def tokenizer_template(tokenizer) -> Optional[str]:
+    """The tokenizer's own chat template, if it has one."""
+    own = getattr(tokenizer, "chat_template", None)
+    if isinstance(own, dict):  # several named templates: the one apply_chat_template would use
+        own = own.get("default")
+    return own or None
 
 
 def tokenize_conversations(rows: Dataset, tokenizer, chat_template: str, max_length: int, mask_instruction: bool,

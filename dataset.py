@@ -31,7 +31,7 @@ from storage import atomic_directory
 logger = logging.getLogger(__name__)
 
 # Bump when the formatting or tokenization below changes, so that old caches are not reused.
-CACHE_FORMAT_VERSION = 4
+CACHE_FORMAT_VERSION = 3
 SPLIT_NAMES = ("train", "validation", "test")
 ALPACA_FIELDS = ("instruction", "input", "output")
 
@@ -403,9 +403,13 @@ def _cache_key(spec: DataSpec, data_fingerprint: str, tokenizer) -> str:
         "spec": spec.__dict__,
         "data": data_fingerprint,
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        # What renders chat data (for Alpaca rows it is the template already in the spec, or the tokenizer's own).
-        "chat_template": chat_data.rendering_template(tokenizer, spec.template),
     }
+    # What renders chat data: the tokenizer's own chat template, else the Alpaca one, which spec.template and this
+    # code decide. Only a tokenizer template is added, so that the keys of earlier runs' data (and their resumes)
+    # stay as they were.
+    own_template = chat_data.tokenizer_template(tokenizer)
+    if own_template is not None:
+        description["chat_template"] = own_template
     return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
