@@ -14,8 +14,10 @@ from typing import Any, Optional
 
 from datasets import Dataset
 from datasets.features import List, Value
+from jinja2 import TemplateError
 
 from data_files import DataError
+from models import first_line
 
 ALPACA = "alpaca"
 MESSAGES = "messages"
@@ -60,7 +62,8 @@ def check_columns(raw: Dataset, kind: str, dataset: str) -> None:
 
 
 def to_messages(batch: dict, indices: list[int], kind: str, dataset: str) -> dict:
-    """A batch of rows in format `kind` -> `messages`: lists of {"role", "content"} turns, each checked."""
+    """A batch of rows in format `kind` -> `messages`: lists of {"role", "content"} turns, each checked; and the
+    `row` each comes from."""
     if kind == MESSAGES:
         turns = [[_turn(turn, "role", "content", index, dataset) for turn in row or []]
                  for row, index in zip(batch["messages"], indices)]
@@ -72,7 +75,7 @@ def to_messages(batch: dict, indices: list[int], kind: str, dataset: str) -> dic
                  for prompt, completion, index in zip(batch["prompt"], batch["completion"], indices)]
     for conversation, index in zip(turns, indices):
         _check_conversation(conversation, index, dataset)
-    return {"messages": turns}
+    return {"messages": turns, "row": [index + 1 for index in indices]}  # counted from 1, for the refusals
 
 
 def has_response(batch: dict) -> list[bool]:
@@ -133,28 +136,30 @@ def tokenizer_template(tokenizer) -> Optional[str]:
     return own or None
 
 
-def tokenize_conversations(rows: Dataset, tokenizer, chat_template: str, max_length: int, mask_instruction: bool,
-                           num_proc) -> Dataset:
-    """`messages` -> `input_ids` (the rendered conversation, cut at max_length), `target_mask` (with
-    `mask_instruction`, True on the tokens of assistant turns: their text and the end of turn the template writes;
-    else True everywhere), `prompt_length` and `length`.
+def tokenize_conversations(rows: Dataset, tokenizer, chat_template: str, spec, num_proc) -> Dataset:
+    """`messages` -> `input_ids` (the rendered conversation, cut at `spec.max_length`), `target_mask` (with
+    `spec.mask_instruction`, True on the tokens of assistant turns: their text and the end of turn the template
+    writes; else True everywhere), `prompt_length` and `length`.
 
     `prompt_length` counts the tokens that are not targets when the instruction is masked (position 0 always, as
     nothing predicts it): for an Alpaca sample that is its prompt, here every token outside the assistant turns."""
     tagged = bool(GENERATION_TAG.search(chat_template))
 
     def encode(batch: dict) -> dict:
-        if not mask_instruction:
-            texts = [_render(tokenizer, messages, chat_template) for messages in batch["messages"]]
-            ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-            masks = [[True] * len(sample) for sample in ids]
-        elif tagged:
-            encoded = tokenizer.apply_chat_template(batch["messages"], chat_template=chat_template, return_dict=True,
-                                                    return_assistant_tokens_mask=True)
-            ids, masks = encoded["input_ids"], encoded["assistant_masks"]
-        else:
-            ids, masks = _tokenize_by_prefixes(tokenizer, batch["messages"], chat_template)
-        ids = [sample[:max_length] for sample in ids]
+        try:
+            if not spec.mask_instruction:
+                texts = [_render(tokenizer, messages, chat_template) for messages in batch["messages"]]
+                ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+                masks = [[True] * len(sample) for sample in ids]
+            elif tagged:
+                encoded = tokenizer.apply_chat_template(batch["messages"], chat_template=chat_template,
+                                                        return_dict=True, return_assistant_tokens_mask=True)
+                ids, masks = encoded["input_ids"], encoded["assistant_masks"]
+            else:
+                ids, masks = _tokenize_by_prefixes(tokenizer, batch, chat_template, spec.dataset)
+        except TemplateError as error:
+            raise _unrenderable(tokenizer, batch, chat_template, spec.dataset, error) from None
+        ids = [sample[: spec.max_length] for sample in ids]
         masks = [[bool(marked) for marked in mask[: len(sample)]] for mask, sample in zip(masks, ids)]
         return {
             "input_ids": ids,
@@ -167,12 +172,12 @@ def tokenize_conversations(rows: Dataset, tokenizer, chat_template: str, max_len
                     load_from_cache_file=False)
 
 
-def _tokenize_by_prefixes(tokenizer, conversations: list, chat_template: str) -> tuple[list, list]:
+def _tokenize_by_prefixes(tokenizer, batch: dict, chat_template: str, dataset: str) -> tuple[list, list]:
     """Token ids and assistant masks for a template without generation tags: each assistant turn's characters lie
     between the conversation rendered up to it (with the generation prompt) and rendered through it; a token that
     overlaps them is a target, as `return_assistant_tokens_mask` decides."""
     texts, spans = [], []
-    for messages in conversations:
+    for messages, row in zip(batch["messages"], batch["row"]):
         text = _render(tokenizer, messages, chat_template)
         turns = []
         for position, turn in enumerate(messages):
@@ -181,9 +186,10 @@ def _tokenize_by_prefixes(tokenizer, conversations: list, chat_template: str) ->
             before = _render(tokenizer, messages[:position], chat_template, True) if position else ""
             through = _render(tokenizer, messages[: position + 1], chat_template)
             if not (text.startswith(through) and through.startswith(before)):
-                raise DataError("the tokenizer's chat template renders a conversation's first turns differently "
-                                "when more follow, so its assistant turns cannot be found; add {% generation %} "
-                                "tags around its assistant turns, or set data.mask_instruction to false.")
+                raise DataError(f"the tokenizer's chat template renders the first turns of row {row} of {dataset} "
+                                f"differently when more follow, so its assistant turns cannot be found; add "
+                                f"{{% generation %}} tags around its assistant turns, or set data.mask_instruction "
+                                f"to false.")
             turns.append((len(before), len(through)))
         texts.append(text)
         spans.append(turns)
@@ -191,6 +197,21 @@ def _tokenize_by_prefixes(tokenizer, conversations: list, chat_template: str) ->
     masks = [[any(end > low and start < high for low, high in turns) for start, end in offsets]
              for offsets, turns in zip(encoded["offset_mapping"], spans)]
     return encoded["input_ids"], masks
+
+
+def _unrenderable(tokenizer, batch: dict, chat_template: str, dataset: str, error: TemplateError) -> DataError:
+    """The template's refusal (a `raise_exception`, say roles that do not alternate), naming the first row it
+    refuses on its own."""
+    row = None
+    for messages, number in zip(batch["messages"], batch["row"]):
+        try:
+            _render(tokenizer, messages, chat_template)
+        except TemplateError as own_error:
+            row, error = number, own_error
+            break
+    where = f"row {row} of {dataset}" if row is not None else f"a conversation of {dataset}"
+    return DataError(f"the chat template cannot render {where} ({first_line(error)}); fix the conversation, or "
+                     f"the tokenizer's chat_template.")
 
 
 def _render(tokenizer, messages: list, chat_template: str, add_generation_prompt: bool = False) -> str:

@@ -323,8 +323,7 @@ def tokenize(rows: Dataset, tokenizer, spec: DataSpec, num_proc: int = 1) -> Dat
     if "messages" in rows.column_names:
         _check_offsets(tokenizer)
         template = chat_data.rendering_template(tokenizer, spec.template)
-        encoded = chat_data.tokenize_conversations(rows, tokenizer, template, spec.max_length, spec.mask_instruction,
-                                                   _procs(num_proc, rows))
+        encoded = chat_data.tokenize_conversations(rows, tokenizer, template, spec, _procs(num_proc, rows))
         return _keep_samples_with_targets(encoded, spec)
     eos = tokenizer.eos_token_id
 

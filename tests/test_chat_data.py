@@ -185,9 +185,22 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_when_masking(tmp_path
     rewriting = own_template_tokenizer(tokenizer, PLAIN_TEMPLATE.replace(
         "eos_token if m['role'] == 'assistant'", "eos_token if m['role'] == 'assistant' and not loop.last"))
     path = multi_turn_file(tmp_path, "messages")
-    with pytest.raises(dataset.DataError, match=r"generation %\} tags"):
+    with pytest.raises(dataset.DataError, match=r"first turns of row \d+ of .*generation %\} tags"):
         prepare(spec(path, max_length=128), rewriting, tmp_path / "data")
     assert len(prepare(spec(path, max_length=128, mask_instruction=False), rewriting, tmp_path / "data")["train"]) > 0
+
+
+def test_a_conversation_the_template_refuses_is_named(tmp_path, tokenizer):
+    """A template's own refusal (`raise_exception`) is a DataError naming the row, with or without masking."""
+    refusing = own_template_tokenizer(tokenizer, "{% if messages[0]['role'] == 'system' %}"
+                                                 "{{ raise_exception('no system messages here') }}{% endif %}"
+                                      + PLAIN_TEMPLATE)
+    rows = [{"messages": MULTI_TURN[1:]}] * 9
+    rows.insert(2, {"messages": MULTI_TURN})
+    path = write_jsonl(tmp_path / "system.jsonl", rows)
+    for mask_instruction in (True, False):
+        with pytest.raises(dataset.DataError, match=r"cannot render row 3 of .*system\.jsonl \(no system messages"):
+            prepare(spec(path, max_length=128, mask_instruction=mask_instruction), refusing, tmp_path / "data")
 
 
 def test_format_precedence_and_empty_answers(tmp_path, tokenizer):
