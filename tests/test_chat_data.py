@@ -125,7 +125,8 @@ def multi_turn_file(tmp_path: Path, shape: str) -> Path:
     turns = [dict(turn) for turn in MULTI_TURN]
     if shape == "sharegpt":
         names = {"system": "system", "user": "human", "assistant": "gpt"}
-        rows = [{"conversations": [{"from": names[t["role"]], "value": t["content"]} for t in turns]}] * 10
+        # Other keys of a turn (ShareGPT's weight) are not part of the text.
+        rows = [{"conversations": [{"from": names[t["role"]], "value": t["content"], "weight": 1} for t in turns]}] * 10
     elif shape == "conversational":
         rows = [{"prompt": turns[:4], "completion": turns[4:]}] * 10
     else:
