@@ -1,9 +1,9 @@
 """Batches: which samples go together (length-grouped, dealt out to the processes of a distributed run) and how
 they become tensors (padded to the longest of a batch, or packed into rows of `data.max_length` tokens).
 
-The tokenized splits come from dataset.py, one sample a row with `input_ids`, `prompt_length` and `length`; what
-leaves here is a DataLoader of dicts of tensors ready for the models and the losses, plus the batch's token counts
-counted on the CPU.
+The tokenized splits come from dataset.py, one sample a row with `input_ids`, `prompt_length` and `length` (and
+`target_mask` for chat data); what leaves here is a DataLoader of dicts of tensors ready for the models and the
+losses, plus the batch's token counts counted on the CPU.
 """
 
 from __future__ import annotations
@@ -117,9 +117,20 @@ class PaddingCollator:
             ids = torch.as_tensor(sample["input_ids"], dtype=torch.long)
             input_ids[row, : len(ids)] = ids
             attention_mask[row, : len(ids)] = 1
-            first_target = sample["prompt_length"] if self.mask_instruction else 0
-            labels[row, first_target : len(ids)] = ids[first_target:]
+            labels[row, : len(ids)] = self.sample_labels(sample, ids, first=0)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **self.token_counts(samples)}
+
+    def sample_labels(self, sample: dict, ids: torch.Tensor, first: int) -> torch.Tensor:
+        """A sample's labels: its ids from position `first` on, and with `mask_instruction` only its targets: a chat
+        sample's `target_mask` (its assistant turns), else the tokens after its `prompt_length`."""
+        labels = ids.clone()
+        if self.mask_instruction and "target_mask" in sample:
+            labels[~torch.as_tensor(sample["target_mask"], dtype=torch.bool)] = IGNORE_INDEX
+            first_target = first
+        else:
+            first_target = max(first, sample["prompt_length"] if self.mask_instruction else 0)
+        labels[:first_target] = IGNORE_INDEX
+        return labels
 
     def token_counts(self, samples: list[dict]) -> dict[str, int]:
         lengths = np.array([len(sample["input_ids"]) for sample in samples])
@@ -129,7 +140,9 @@ class PaddingCollator:
 
 def target_counts(lengths: np.ndarray, prompt_lengths: np.ndarray, mask_instruction: bool) -> np.ndarray:
     """Scored tokens per sample. Position 0 is predicted by nothing, so a sample has (length - first target
-    position) targets; with `mask_instruction` the first target is the first response token."""
+    position) targets; with `mask_instruction` the first target is the first response token. (A chat sample's
+    `prompt_length` counts all its tokens outside the assistant turns, position 0 included, so the same count
+    holds for it.)"""
     first_target = np.maximum(1, prompt_lengths if mask_instruction else 0)
     return np.maximum(0, lengths - first_target)
 
@@ -175,8 +188,7 @@ class PackingCollator(PaddingCollator):
                 input_ids[row, start:end] = ids
                 position_ids[row, start:end] = torch.arange(len(ids))
                 segments[row, start:end] = segment
-                first_target = max(1, sample["prompt_length"] if self.mask_instruction else 0)
-                labels[row, start + first_target : end] = ids[first_target:]
+                labels[row, start:end] = self.sample_labels(sample, ids, first=1)
                 start = end
             position_ids[row, start:] = torch.arange(longest - start)
         causal = torch.tril(torch.ones(longest, longest, dtype=torch.bool))

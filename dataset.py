@@ -20,8 +20,9 @@ from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import pyarrow
-from datasets import Dataset, DatasetDict, Value, load_from_disk
+from datasets import Dataset, DatasetDict, List, Value, load_from_disk
 
+import chat_data
 import data_files
 from data_files import DataError, remove_damaged_cache
 from models import first_line
@@ -200,8 +201,8 @@ def prepare_splits(spec: DataSpec, tokenizer, data_folder: str, token_dataset: s
 
 
 def load_text_splits(spec: DataSpec, data_folder: str, num_proc: int = 1) -> dict[str, Dataset]:
-    """The formatted `prompt` and `response` texts of each split, before tokenization: the same rows and the same
-    split as training uses (for exploring the data; nothing is cached)."""
+    """The formatted `prompt` and `response` texts of each split (for chat data its `messages`), before
+    tokenization: the same rows and the same split as training uses (for exploring the data; nothing is cached)."""
     data_files.check_data_folder(data_folder)
     local_files = data_files.resolve_local_files(spec.dataset, data_folder)
     if local_files is not None:
@@ -212,10 +213,16 @@ def load_text_splits(spec: DataSpec, data_folder: str, num_proc: int = 1) -> dic
 
 
 def format_rows(raw: Dataset, spec: DataSpec, num_proc: int = 1) -> Dataset:
-    """Rows -> `prompt` and `response` texts; empty or all-whitespace samples are dropped and counted."""
+    """Rows -> `prompt` and `response` texts, or for chat data (chat_data.py) `messages`, lists of role/content
+    turns; empty or all-whitespace samples are dropped and counted."""
     if spec.max_samples is not None:
         raw = raw.select(range(min(spec.max_samples, len(raw))))
-    _check_columns(raw, spec)
+    kind = _check_columns(raw, spec)
+    if kind not in (None, chat_data.ALPACA):
+        messages = raw.map(chat_data.to_messages, batched=True, with_indices=True, remove_columns=raw.column_names,
+                           fn_kwargs={"kind": kind, "dataset": spec.dataset}, num_proc=_procs(num_proc, raw),
+                           load_from_cache_file=False)
+        return _drop_empty(messages, chat_data.has_response, spec)
 
     def to_texts(batch: dict) -> dict:
         if spec.text_column is not None:
@@ -230,8 +237,11 @@ def format_rows(raw: Dataset, spec: DataSpec, num_proc: int = 1) -> Dataset:
     # the tokenized splits whole, and checks them; a damaged file of theirs would fail, or serve wrong rows, unseen.
     texts = raw.map(to_texts, batched=True, remove_columns=raw.column_names, num_proc=_procs(num_proc, raw),
                     load_from_cache_file=False)
-    kept = texts.filter(lambda batch: [bool(r.strip()) for r in batch["response"]], batched=True,
-                        load_from_cache_file=False)
+    return _drop_empty(texts, lambda batch: [bool(r.strip()) for r in batch["response"]], spec)
+
+
+def _drop_empty(texts: Dataset, non_empty, spec: DataSpec) -> Dataset:
+    kept = texts.filter(non_empty, batched=True, load_from_cache_file=False)
     dropped = len(texts) - len(kept)
     if dropped:
         logger.info("Dropped %d empty or all-whitespace samples out of %d", dropped, len(texts))
@@ -240,25 +250,33 @@ def format_rows(raw: Dataset, spec: DataSpec, num_proc: int = 1) -> Dataset:
     return kept
 
 
-def _check_columns(raw: Dataset, spec: DataSpec) -> None:
-    """The columns that make the texts exist and hold text: a number or a record would be quoted into the samples
-    as its Python form."""
+def _check_columns(raw: Dataset, spec: DataSpec) -> Optional[str]:
+    """The data format (chat_data.FORMAT_COLUMNS; None for a text_column), once its columns are found to hold what
+    it reads: text, where a number or a record would be quoted into the samples as its Python form."""
     columns = set(raw.column_names)
     listed = ", ".join(sorted(columns))
+    kind = chat_data.data_format(columns)
     if spec.text_column is not None:
         if spec.text_column not in columns:
             raise DataError(f"the data set {spec.dataset} has no column {spec.text_column!r} (it has {listed}); "
                             f"fix data.text_column.")
-        used = [spec.text_column]
-    elif {"instruction", "output"} <= columns:
+        if isinstance(raw.features[spec.text_column], List):
+            raise DataError(f"the column {spec.text_column!r} of {spec.dataset} holds lists, not text; set "
+                            f"data.text_column: null so that it is read as a conversation.")
+        kind, used = None, [spec.text_column]
+    elif kind == chat_data.ALPACA:
         used = [name for name in ALPACA_FIELDS if name in columns]
+    elif kind is not None:
+        chat_data.check_columns(raw, kind, spec.dataset)
+        return kind
     else:
         texts = [name for name in sorted(columns) if _holds_text(raw, name)]
-        hint = ("set data.text_column: text" if "text" in texts else
-                f"set data.text_column to the column with the text ({', '.join(texts)})" if texts else
-                'write one record {"instruction": ..., "input": ..., "output": ...} per sample')
-        raise DataError(f"the data set {spec.dataset} has no Alpaca columns instruction/output (it has {listed}); "
-                        f"{hint}.")
+        hint = "write the rows in one of these formats"
+        if texts:
+            hint += (", or set data.text_column: text" if "text" in texts else
+                     f", or set data.text_column to the column with the whole text ({', '.join(texts)})")
+        raise DataError(f"the data set {spec.dataset} is in none of the formats read here ({chat_data.ACCEPTED}): "
+                        f"its columns are {listed}; {hint}.")
     for name in used:
         empty = raw.data.column(name).null_count == raw.data.num_rows
         if _holds_text(raw, name) or (empty and name == "input"):  # csv reads empty inputs as missing values
@@ -268,6 +286,7 @@ def _check_columns(raw: Dataset, spec: DataSpec) -> None:
                  else "records or lists")
         raise DataError(f"the column {name!r} of {spec.dataset} holds {found}, not text; write each {name} as a "
                         f"text (a JSON string \"...\"), or fix data.dataset.")
+    return kind
 
 
 def _holds_text(raw: Dataset, name: str) -> bool:
@@ -292,7 +311,8 @@ def split_rows(rows: Dataset, fractions: tuple[float, float, float], seed: int) 
 
 
 def tokenize(rows: Dataset, tokenizer, spec: DataSpec, num_proc: int = 1) -> Dataset:
-    """Texts -> `input_ids` (prompt, response, EOS; cut at max_length), `prompt_length` and `length`.
+    """Texts -> `input_ids` (prompt, response, EOS; cut at max_length), `prompt_length` and `length`; conversations
+    (a `messages` column) as chat_data.tokenize_conversations writes them, with a `target_mask` too.
 
     The whole text (prompt then response) is tokenized at once, so the ids are exactly those of the joined text,
     as a data set's pre-rendered `text` column gives them: a merge across the boundary stays (before a response that
@@ -300,6 +320,11 @@ def tokenize(rows: Dataset, tokenizer, spec: DataSpec, num_proc: int = 1) -> Dat
     wholly in the prompt; a token that reaches into the response is a target. Samples left with no target (a single
     token, or only prompt tokens when the prompt is masked) are dropped.
     """
+    if "messages" in rows.column_names:
+        _check_offsets(tokenizer)
+        template = chat_data.rendering_template(tokenizer, spec.template)
+        encoded = chat_data.tokenize_conversations(rows, tokenizer, template, spec, _procs(num_proc, rows))
+        return _keep_samples_with_targets(encoded, spec)
     eos = tokenizer.eos_token_id
 
     def encode(batch: dict) -> dict:
@@ -314,7 +339,10 @@ def tokenize(rows: Dataset, tokenizer, spec: DataSpec, num_proc: int = 1) -> Dat
 
     encoded = rows.map(encode, batched=True, remove_columns=rows.column_names, num_proc=_procs(num_proc, rows),
                        load_from_cache_file=False)
+    return _keep_samples_with_targets(encoded, spec)
 
+
+def _keep_samples_with_targets(encoded: Dataset, spec: DataSpec) -> Dataset:
     def has_target(batch: dict) -> list[bool]:
         first_target = [max(1, p) if spec.mask_instruction else 1 for p in batch["prompt_length"]]
         return [len(ids) > first for ids, first in zip(batch["input_ids"], first_target)]
@@ -328,17 +356,21 @@ def tokenize(rows: Dataset, tokenizer, spec: DataSpec, num_proc: int = 1) -> Dat
 def _tokenize_with_prompt_lengths(tokenizer, texts: list[str], prompts: list[str]) -> tuple[list, list[int]]:
     """Token ids of each text, and how many of its first tokens end within its prompt (from the tokens' character
     offsets, which a `tokenizers`-backed tokenizer gives)."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise DataError(
-            f"the tokenizer ({type(tokenizer).__name__}) gives no character offsets, which find where a prompt ends; "
-            f"use a teacher whose tokenizer has a tokenizer.json (a `tokenizers` one)."
-        )
+    _check_offsets(tokenizer)
     encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     prompt_lengths = [
         bisect.bisect_right([end for _, end in offsets], len(prompt))
         for offsets, prompt in zip(encoded["offset_mapping"], prompts)
     ]
     return encoded["input_ids"], prompt_lengths
+
+
+def _check_offsets(tokenizer) -> None:
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(
+            f"the tokenizer ({type(tokenizer).__name__}) gives no character offsets, which find where a prompt ends; "
+            f"use a teacher whose tokenizer has a tokenizer.json (a `tokenizers` one)."
+        )
 
 
 def _text(value) -> str:
@@ -371,6 +403,12 @@ def _cache_key(spec: DataSpec, data_fingerprint: str, tokenizer) -> str:
         "data": data_fingerprint,
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }
+    # What renders chat data: the tokenizer's own chat template, else the Alpaca one, which spec.template and this
+    # code decide. Only a tokenizer template is added, so that the keys of earlier runs' data (and their resumes)
+    # stay as they were.
+    own_template = chat_data.tokenizer_template(tokenizer)
+    if own_template is not None:
+        description["chat_template"] = own_template
     return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

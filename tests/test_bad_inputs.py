@@ -87,6 +87,18 @@ def empty_after_filtering(context: Context) -> list[str]:
     return ["--config", context.config(**{"data.dataset": context.data("empty.jsonl", alpaca_lines(rows))})]
 
 
+GOOD_CHAT = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
+
+
+def chat_data(row_two: dict, good: dict = GOOD_CHAT, **changes) -> Callable[[Context], list[str]]:
+    """A data file of 30 rows `good`, but the second, `row_two`."""
+    def build(context: Context) -> list[str]:
+        rows = [good, row_two] + [good] * 28
+        path = context.data(f"chat-{hashlib.sha1(repr(row_two).encode()).hexdigest()[:8]}.jsonl", alpaca_lines(rows))
+        return ["--config", context.config(**{"data.dataset": path, **changes})]
+    return build
+
+
 def non_utf8(context: Context) -> list[str]:
     text = "".join(f"caf\xe9 line {i}\n" for i in range(30)).encode("latin-1")
     return ["--config", context.config(**{"data.dataset": context.data("latin1.txt", text), "data.text_column": "text"})]
@@ -119,6 +131,16 @@ CASES: list[tuple[str, str, Callable[[Context], list[str]]]] = [
     ("data file missing", "missing.jsonl", lambda c: ["--config", c.config(**{"data.dataset": str(c.root / "missing.jsonl")})]),
     ("text column absent", "body", lambda c: ["--config", c.config(**{"data.text_column": "body"})]),
     ("data empty after filtering", "no non-empty sample", empty_after_filtering),
+    ("conversation column as text_column", "text_column: null", chat_data(
+        {"messages": [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"}]},
+        **{"data.text_column": "messages"})),
+    ("turn without content", "row 2", chat_data({"messages": [{"role": "user"}, {"role": "assistant", "content": "B"}]})),
+    ("unknown role", "'tool'", chat_data({"messages": [{"role": "tool", "content": "A"}, {"role": "assistant", "content": "B"}]})),
+    ("unknown ShareGPT speaker", "'narrator'", chat_data({"conversations": [{"from": "narrator", "value": "A"}]}, {
+        "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]})),
+    ("empty conversation", "row 2 of", chat_data({"messages": []})),
+    ("conversation without an answer", "no assistant turn", chat_data({"messages": [{"role": "user", "content": "A"}]})),
+    ("no known data format", "none of the formats", chat_data({"question": "A", "answer": "B"}, {"question": "C", "answer": "D"})),
     ("non-UTF-8 text file", "latin1.txt is not UTF-8", non_utf8),
     ("splits not summing to 1", "sum to", lambda c: ["--config", c.config(**{"data.split.test": 0.5})]),
     ("max length above positions", "max_length", lambda c: ["--config", c.config(**{"data.max_length": 100000})]),

@@ -1,0 +1,223 @@
+"""Chat data: conversations as people bring them (`messages`, ShareGPT `conversations`, `prompt`/`completion`),
+read into one `messages` column of role/content turns, rendered with a chat template and tokenized with a mask of
+the assistant turns' tokens.
+
+dataset.py picks the format from the columns (`data_format`), calls `to_messages` when formatting the rows and
+`tokenize_conversations` when tokenizing them; the template that renders them (`rendering_template`) is part of the
+tokenized-data cache key. Any malformed conversation is a DataError naming its row (counted from 1).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+from datasets import Dataset
+from datasets.features import List, Value
+from jinja2 import TemplateError
+
+from data_files import DataError
+from models import first_line
+
+ALPACA = "alpaca"
+MESSAGES = "messages"
+SHAREGPT = "conversations"
+PROMPT_COMPLETION = "prompt/completion"
+# In order of precedence: the first whose columns a data set has is its format.
+FORMAT_COLUMNS = {
+    ALPACA: ("instruction", "output"),
+    MESSAGES: ("messages",),
+    SHAREGPT: ("conversations",),
+    PROMPT_COMPLETION: ("prompt", "completion"),
+}
+ACCEPTED = ("Alpaca columns instruction/output (and input), a messages column of "
+            "{\"role\": ..., \"content\": ...} turns, a ShareGPT conversations column of "
+            "{\"from\": ..., \"value\": ...} turns, or prompt/completion columns")
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user",
+                  **{name: "assistant" for name in ("gpt", "assistant", "chatgpt", "bing", "bard", "model")}}
+GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
+
+
+def data_format(columns) -> Optional[str]:
+    """The format a data set's columns say (FORMAT_COLUMNS, first match), or None."""
+    return next((name for name, needed in FORMAT_COLUMNS.items() if set(needed) <= set(columns)), None)
+
+
+def check_columns(raw: Dataset, kind: str, dataset: str) -> None:
+    """The columns of a chat format hold lists of turns (or, for prompt/completion, both texts or both lists)."""
+    features = {name: raw.features[name] for name in FORMAT_COLUMNS[kind]}
+    if kind == PROMPT_COMPLETION:
+        if all(_is_text(feature) for feature in features.values()):
+            return
+        if all(isinstance(feature, List) for feature in features.values()):
+            return
+        raise DataError(f"the columns 'prompt' and 'completion' of {dataset} must both be texts or both be lists of "
+                        f"{{\"role\": ..., \"content\": ...}} messages; write each row's two the same way.")
+    (name, feature), = features.items()
+    if not isinstance(feature, List):
+        turn = '{"role": ..., "content": ...}' if kind == MESSAGES else '{"from": ..., "value": ...}'
+        raise DataError(f"the column {name!r} of {dataset} does not hold lists of turns; write each row's {name} as "
+                        f"a list of {turn} records.")
+
+
+def to_messages(batch: dict, indices: list[int], kind: str, dataset: str) -> dict:
+    """A batch of rows in format `kind` -> `messages`: lists of {"role", "content"} turns, each checked; and the
+    `row` each comes from."""
+    if kind == MESSAGES:
+        turns = [[_turn(turn, "role", "content", index, dataset) for turn in row or []]
+                 for row, index in zip(batch["messages"], indices)]
+    elif kind == SHAREGPT:
+        turns = [[_sharegpt_turn(turn, index, dataset) for turn in row or []]
+                 for row, index in zip(batch["conversations"], indices)]
+    else:
+        turns = [_prompt_completion(prompt, completion, index, dataset)
+                 for prompt, completion, index in zip(batch["prompt"], batch["completion"], indices)]
+    for conversation, index in zip(turns, indices):
+        _check_conversation(conversation, index, dataset)
+    return {"messages": turns, "row": [index + 1 for index in indices]}  # counted from 1, for the refusals
+
+
+def has_response(batch: dict) -> list[bool]:
+    """Conversations whose assistant turns hold some text: the others are empty samples, dropped as Alpaca's are."""
+    return [any(turn["role"] == "assistant" and turn["content"].strip() for turn in row) for row in batch["messages"]]
+
+
+def _turn(turn: Any, role_key: str, content_key: str, index: int, dataset: str) -> dict:
+    where = f"row {index + 1} of {dataset}"
+    if not isinstance(turn, dict) or not isinstance(turn.get(role_key), str) \
+            or not isinstance(turn.get(content_key), str):
+        raise DataError(f"{where} has a turn without a text {role_key} and {content_key} ({turn!r}); write each "
+                        f"turn as {{\"{role_key}\": ..., \"{content_key}\": \"...\"}}.")
+    if role_key == "role" and turn["role"] not in ROLES:
+        raise DataError(f"{where} has a turn of role {turn['role']!r}; use one of the roles {', '.join(ROLES)}.")
+    return {"role": turn[role_key], "content": turn[content_key]}
+
+
+def _sharegpt_turn(turn: Any, index: int, dataset: str) -> dict:
+    checked = _turn(turn, "from", "value", index, dataset)
+    if checked["role"] not in SHAREGPT_ROLES:
+        raise DataError(f"row {index + 1} of {dataset} has a turn from {checked['role']!r}; use one of "
+                        f"{', '.join(SHAREGPT_ROLES)}.")
+    return {"role": SHAREGPT_ROLES[checked["role"]], "content": checked["content"]}
+
+
+def _prompt_completion(prompt: Any, completion: Any, index: int, dataset: str) -> list[dict]:
+    if isinstance(prompt, list) or isinstance(completion, list):
+        return [_turn(turn, "role", "content", index, dataset) for turn in (prompt or []) + (completion or [])]
+    # Texts, as Alpaca's fields: a missing one is empty.
+    return [{"role": "user", "content": "" if prompt is None else str(prompt)},
+            {"role": "assistant", "content": "" if completion is None else str(completion)}]
+
+
+def _check_conversation(conversation: list[dict], index: int, dataset: str) -> None:
+    if not conversation:
+        raise DataError(f"row {index + 1} of {dataset} is an empty conversation; give it turns, or remove it.")
+    if not any(turn["role"] == "assistant" for turn in conversation):
+        raise DataError(f"row {index + 1} of {dataset} has no assistant turn, so nothing to learn; add the answer, "
+                        f"or remove the row.")
+
+
+def rendering_template(tokenizer, template: Any) -> str:
+    """The Jinja chat template that renders conversations: the tokenizer's own when it has one, else the prompt
+    template's (`dataset.alpaca_chat_template`, so that chat data reads as the Alpaca samples the teacher saw)."""
+    own = tokenizer_template(tokenizer)
+    if own:
+        return own
+    from dataset import alpaca_chat_template  # dataset.py imports this module
+    return alpaca_chat_template(template)
+
+
+def tokenizer_template(tokenizer) -> Optional[str]:
+    """The tokenizer's own chat template, if it has one."""
+    own = getattr(tokenizer, "chat_template", None)
+    if isinstance(own, dict):  # several named templates: the one apply_chat_template would use
+        own = own.get("default")
+    return own or None
+
+
+def tokenize_conversations(rows: Dataset, tokenizer, chat_template: str, spec, num_proc) -> Dataset:
+    """`messages` -> `input_ids` (the rendered conversation, cut at `spec.max_length`), `target_mask` (with
+    `spec.mask_instruction`, True on the tokens of assistant turns: their text and the end of turn the template
+    writes; else True everywhere), `prompt_length` and `length`.
+
+    `prompt_length` counts the tokens that are not targets when the instruction is masked (position 0 always, as
+    nothing predicts it): for an Alpaca sample that is its prompt, here every token outside the assistant turns."""
+    tagged = bool(GENERATION_TAG.search(chat_template))
+
+    def encode(batch: dict) -> dict:
+        try:
+            if not spec.mask_instruction:
+                texts = [_render(tokenizer, messages, chat_template) for messages in batch["messages"]]
+                ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+                masks = [[True] * len(sample) for sample in ids]
+            elif tagged:
+                encoded = tokenizer.apply_chat_template(batch["messages"], chat_template=chat_template,
+                                                        return_dict=True, return_assistant_tokens_mask=True)
+                ids, masks = encoded["input_ids"], encoded["assistant_masks"]
+            else:
+                ids, masks = _tokenize_by_prefixes(tokenizer, batch, chat_template, spec.dataset)
+        except TemplateError as error:
+            raise _unrenderable(tokenizer, batch, chat_template, spec.dataset, error) from None
+        ids = [sample[: spec.max_length] for sample in ids]
+        masks = [[bool(marked) for marked in mask[: len(sample)]] for mask, sample in zip(masks, ids)]
+        return {
+            "input_ids": ids,
+            "prompt_length": [1 + mask[1:].count(False) for mask in masks],
+            "length": [len(sample) for sample in ids],
+            "target_mask": masks,
+        }
+
+    return rows.map(encode, batched=True, remove_columns=rows.column_names, num_proc=num_proc,
+                    load_from_cache_file=False)
+
+
+def _tokenize_by_prefixes(tokenizer, batch: dict, chat_template: str, dataset: str) -> tuple[list, list]:
+    """Token ids and assistant masks for a template without generation tags: each assistant turn's characters lie
+    between the conversation rendered up to it (with the generation prompt) and rendered through it; a token that
+    overlaps them is a target, as `return_assistant_tokens_mask` decides."""
+    texts, spans = [], []
+    for messages, row in zip(batch["messages"], batch["row"]):
+        text = _render(tokenizer, messages, chat_template)
+        turns = []
+        for position, turn in enumerate(messages):
+            if turn["role"] != "assistant":
+                continue
+            before = _render(tokenizer, messages[:position], chat_template, True) if position else ""
+            through = _render(tokenizer, messages[: position + 1], chat_template)
+            if not (text.startswith(through) and through.startswith(before)):
+                raise DataError(f"the tokenizer's chat template renders the first turns of row {row} of {dataset} "
+                                f"differently when more follow, so its assistant turns cannot be found; add "
+                                f"{{% generation %}} tags around its assistant turns, or set data.mask_instruction "
+                                f"to false.")
+            turns.append((len(before), len(through)))
+        texts.append(text)
+        spans.append(turns)
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    masks = [[any(end > low and start < high for low, high in turns) for start, end in offsets]
+             for offsets, turns in zip(encoded["offset_mapping"], spans)]
+    return encoded["input_ids"], masks
+
+
+def _unrenderable(tokenizer, batch: dict, chat_template: str, dataset: str, error: TemplateError) -> DataError:
+    """The template's refusal (a `raise_exception`, say roles that do not alternate), naming the first row it
+    refuses on its own."""
+    row = None
+    for messages, number in zip(batch["messages"], batch["row"]):
+        try:
+            _render(tokenizer, messages, chat_template)
+        except TemplateError as own_error:
+            row, error = number, own_error
+            break
+    where = f"row {row} of {dataset}" if row is not None else f"a conversation of {dataset}"
+    return DataError(f"the chat template cannot render {where} ({first_line(error)}); fix the conversation, or "
+                     f"the tokenizer's chat_template.")
+
+
+def _render(tokenizer, messages: list, chat_template: str, add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+def _is_text(feature) -> bool:
+    return isinstance(feature, Value) and feature.dtype in ("string", "large_string")
