@@ -113,13 +113,13 @@ def _is_keyed_by_name(optimizer_state: dict) -> bool:
     return any(isinstance(key, str) for group in optimizer_state["param_groups"] for key in group["params"])
 
 
-def set_generation_defaults(tokenizer, model, template: Optional[dataset.PromptTemplate], max_length: int) -> None:
+def set_generation_defaults(tokenizer, model, chat_template: Optional[str], max_length: int) -> None:
     """What every checkpoint carries so that `pipeline("text-generation", model=checkpoint)` prompts the student as it
-    was trained and stops at its end: the tokenizer's chat template (its own if it has one, else one that renders
-    `template`, the run's data.template; none for a text_column run, whose prompt format is unknown) and a greedy
-    generation config with the tokenizer's EOS and pad tokens. Neither changes how a text is tokenized."""
-    if tokenizer.chat_template is None and template is not None:
-        tokenizer.chat_template = dataset.alpaca_chat_template(template)
+    was trained and stops at its end: `chat_template`, the one that rendered the training text
+    (`dataset.training_chat_template`; None keeps the tokenizer's own, if any) and a greedy generation config with
+    the tokenizer's EOS and pad tokens. Neither changes how a text is tokenized."""
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     from transformers import GenerationConfig
 
     # A response is at most what the student saw whole in training, and leaves room for a prompt of as much.

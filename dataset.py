@@ -132,6 +132,16 @@ def alpaca_chat_template(template: PromptTemplate = DEFAULT_TEMPLATE) -> str:
     )
 
 
+def training_chat_template(spec: "DataSpec", tokenizer, splits: DatasetDict) -> Optional[str]:
+    """The chat template that renders messages as the student was trained: for chat data, the one that rendered it
+    (chat_data.rendering_template; its samples carry a target_mask); for Alpaca samples, the prompt template's, even
+    where the tokenizer has a chat template of its own (the student never saw that one); None for a text_column run,
+    whose prompt format is unknown."""
+    if "target_mask" in splits["train"].column_names:
+        return chat_data.rendering_template(tokenizer, spec.template)
+    return alpaca_chat_template(spec.template) if spec.text_column is None else None
+
+
 @dataclass(frozen=True)
 class DataSpec:
     """What defines the tokenized data; every field is part of the cache key."""

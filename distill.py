@@ -193,12 +193,14 @@ def setup(config: Config, run_name: Optional[str], resume: bool) -> Trainer:
                                              criterion.projects_hidden_states)
     teacher_dtype = hardware.teacher_dtype(config)
     tokenizer, teacher, student = models.build_models(config, criterion, teacher_dtype)
-    template = dataset.prompt_template(config.data.template) if config.data.text_column is None else None
-    checkpoints.set_generation_defaults(tokenizer, student, template, config.data.max_length)
     criterion = loss_spec.build(cached_teacher=cached, fused=hardware.fused_loss(accelerator))
+    data_spec = dataset.spec_from_config(config)
     with accelerator.main_process_first():  # the main process fills the tokenized-data cache, the others read it
-        splits = dataset.prepare_splits(dataset.spec_from_config(config), tokenizer, config.paths.data_folder,
-                                        config.paths.token_dataset, config.data.num_proc)
+        splits = dataset.prepare_splits(data_spec, tokenizer, config.paths.data_folder, config.paths.token_dataset,
+                                        config.data.num_proc)
+    # After the data: the template that rendered it depends on its format, and must not enter its cache key.
+    checkpoints.set_generation_defaults(tokenizer, student, dataset.training_chat_template(data_spec, tokenizer, splits),
+                                        config.data.max_length)
     cached_teacher = teacher_cache.prepare(config, accelerator, tokenizer, student.config.vocab_size, splits,
                                            teacher_dtype)
     trainer = Trainer(config, run, accelerator, tokenizer, teacher, student, splits, criterion, cached_teacher)

@@ -241,3 +241,11 @@ def test_each_format_trains_end_to_end(tmp_path, config_values, rows, shape, mas
     assert [record["step"] for record in metrics if record["split"] == "validation"][:2] == [2, 4]
     test = json.loads((run / "summary.json").read_text())["test"]
     assert torch.isfinite(torch.tensor(test["loss"])) and test["perplexity"] > 1.0
+    # The checkpoint's chat template renders a conversation as training did (the fixtures' tokenizer has none of
+    # its own, so the Alpaca one of data.template).
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(run / "best")
+    conversation = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Red."}]
+    assert saved.apply_chat_template(conversation, tokenize=False) == (
+        dataset.alpaca_prompt("Name a colour.", "", SHORT) + "Red." + saved.eos_token)

@@ -4,6 +4,7 @@ are summary.json's, and is pushed to the Hub (a stand-in HfApi here; the refusal
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -67,22 +68,34 @@ def shared_runs(tmp_path_factory, teacher_dir, data_file):
     return root / "checkpoints" / "shared", root / "checkpoints" / "shared-plain", hub
 
 
-def test_set_generation_defaults_keeps_tokenization_and_an_own_template(tokenizer):
+def test_the_saved_chat_template_is_the_one_that_rendered_the_training_text(tokenizer):
+    """Alpaca samples: the prompt template's, even over a tokenizer's own chat template (the student never saw that
+    one); chat data: the one that rendered it; a text_column run: none. Setting it changes no tokenization."""
+    from datasets import Dataset, DatasetDict
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=len(tokenizer)))
+    spec = dataset.DataSpec("data.jsonl", None, 64, (0.6, 0.2, 0.2), False, None, 0, SHORT)
+    alpaca_rows = DatasetDict(train=Dataset.from_dict({"input_ids": [[1]], "prompt_length": [0]}))
+    chat_rows = DatasetDict(train=Dataset.from_dict({"input_ids": [[1]], "prompt_length": [0], "target_mask": [[1]]}))
+    own_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    own = copy.deepcopy(tokenizer)
+    own.chat_template = own_template
+    assert dataset.training_chat_template(spec, tokenizer, alpaca_rows) == dataset.alpaca_chat_template(SHORT)
+    assert dataset.training_chat_template(spec, own, alpaca_rows) == dataset.alpaca_chat_template(SHORT)
+    assert dataset.training_chat_template(spec, tokenizer, chat_rows) == dataset.alpaca_chat_template(SHORT)
+    assert dataset.training_chat_template(spec, own, chat_rows) == own_template
+    text_spec = dataclasses.replace(spec, text_column="text")
+    assert dataset.training_chat_template(text_spec, tokenizer, alpaca_rows) is None
+
     text = dataset.alpaca_prompt(INSTRUCTION, "", SHORT) + "red and blue"
     fresh = copy.deepcopy(tokenizer)
-    set_generation_defaults(fresh, model, SHORT, max_length=64)
+    set_generation_defaults(fresh, model, dataset.alpaca_chat_template(SHORT), max_length=64)
     assert fresh.chat_template == dataset.alpaca_chat_template(SHORT)
     assert fresh(text)["input_ids"] == tokenizer(text)["input_ids"]
     assert (model.generation_config.eos_token_id, model.generation_config.pad_token_id) == (
         tokenizer.eos_token_id, tokenizer.pad_token_id)
     assert model.generation_config.do_sample is False and model.generation_config.max_new_tokens == 32
-    own = copy.deepcopy(tokenizer)
-    own.chat_template = "{{ messages[0]['content'] }}"
-    set_generation_defaults(own, model, SHORT, max_length=64)
-    assert own.chat_template == "{{ messages[0]['content'] }}"
     whole_texts = copy.deepcopy(tokenizer)
     set_generation_defaults(whole_texts, model, None, max_length=64)  # a text_column run: no known prompt format
     assert whole_texts.chat_template is None
