@@ -28,17 +28,28 @@ class Prompt(NamedTuple):
 
 def validation_prompts(split, tokenizer, count: int) -> list[Prompt]:
     """The first `count` samples of the validation split (fixed by the seed for the whole run), each cut where its
-    response starts. `prompt_length` gives that boundary whatever `mask_instruction` says; a plain text sample (no
-    prompt) is cut in the middle, so that the model continues a text whose end is the reference."""
+    response starts. `prompt_length` gives that boundary for an Alpaca sample whatever `mask_instruction` says; a
+    conversation is cut where its first assistant turn starts; a sample with no known boundary (a plain text, or a
+    conversation whose every token is a target) is cut in the middle, so that the model continues a text whose end
+    is the reference."""
     prompts = []
     for row in split.select(range(min(count, len(split)))):
         ids = list(row["input_ids"])
-        boundary = row["prompt_length"] or max(1, len(ids) // 2)
+        boundary = _response_start(row) or max(1, len(ids) // 2)
         response = ids[boundary:]
         if response and response[-1] == tokenizer.eos_token_id:
             response = response[:-1]
         prompts.append(Prompt(ids[:boundary], tokenizer.decode(ids[:boundary]), tokenizer.decode(response)))
     return prompts
+
+
+def _response_start(row: dict) -> int:
+    """Where the response starts, or 0 where the sample does not say."""
+    target_mask = row.get("target_mask")  # chat data (chat_data.py): its prompt_length counts every non-target
+    if target_mask is None:
+        return row["prompt_length"]
+    return next((position for position, target in enumerate(target_mask) if target and position > 0), 0) \
+        if not all(target_mask) else 0
 
 
 @torch.no_grad()

@@ -93,3 +93,23 @@ def test_sample_prompts_zero_writes_no_samples_and_a_negative_count_is_refused(t
     assert not (tmp_path / "checkpoints" / "run" / "samples.jsonl").exists()
     with pytest.raises(ConfigError, match="sample_prompts"):
         load_config(sampled_config(tmp_path, teacher_dir, data_file, sample_prompts=-1))
+
+
+def test_a_conversation_is_cut_where_its_first_answer_starts(tokenizer):
+    """Chat samples (chat_data.py) count every non-target token in prompt_length: the cut is at the first assistant
+    token instead; a conversation whose every token is a target (mask_instruction false) is cut in the middle."""
+    from datasets import Dataset
+
+    import samples
+
+    user, answer, again, second = (tokenizer(text)["input_ids"] for text in ("Q: hi\nA:", " yes.", "\nQ: and?\nA:", " no."))
+    ids = [*user, *answer, *again, *second]
+    masked = [False] * len(user) + [True] * len(answer) + [False] * len(again) + [True] * len(second)
+    rows = Dataset.from_dict({
+        "input_ids": [ids, ids], "target_mask": [masked, [True] * len(ids)],
+        "prompt_length": [1 + masked[1:].count(False), 1],
+    })
+    masked_prompt, unmasked_prompt = samples.validation_prompts(rows, tokenizer, 2)
+    assert masked_prompt.ids == user
+    assert masked_prompt.reference == tokenizer.decode([*answer, *again, *second])
+    assert unmasked_prompt.ids == ids[: len(ids) // 2]
