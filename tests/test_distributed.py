@@ -107,6 +107,12 @@ def test_two_processes_write_one_copy_of_each_record_and_checkpoint(runs):
     assert log.count("Training done") == 1
     assert completed.stderr.count("Training done") == 1  # the other process does not repeat the log
     assert {path.name for path in run.iterdir()} >= {"last", "best", "summary.json", "config.yaml"}
+    assert sample_keys(run) == sample_keys(root / "checkpoints" / "one")  # every process generates, one writes
+
+
+def sample_keys(run: Path) -> list[tuple]:
+    records = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    return [(record["step"], record["model"], record["prompt_index"], record["prompt"]) for record in records]
 
 
 def test_a_two_process_run_resumed_as_one_process_continues_correctly(runs):
@@ -167,6 +173,8 @@ def test_fsdp_trains_like_one_process(runs, fsdp_run):
     assert (actual["processes"], actual["distributed"]) == (2, "fsdp")
     assert (expected["processes"], expected["distributed"]) == (1, "none")
     assert actual["steps"] == expected["steps"] and actual["samples_seen"] == expected["samples_seen"]
+    # Greedy samples of the sharded student and teacher: every process takes part in each forward pass.
+    assert sample_keys(fsdp_run) == sample_keys(one) and sample_keys(one)[0][:2] == (3, "student")
     assert actual["test"]["loss"] == pytest.approx(expected["test"]["loss"], abs=1e-5)
     assert actual["test"]["target_tokens"] == expected["test"]["target_tokens"]  # stand-in batches weigh nothing
     assert actual["teacher"]["test"]["perplexity"] == pytest.approx(expected["teacher"]["test"]["perplexity"],

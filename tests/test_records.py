@@ -295,6 +295,26 @@ def test_experiments_notebook_without_runs_says_so(tmp_path):
     assert "No finished run under" in printed and figures_by_cell(notebook) == [0, 0, 0]
 
 
+@pytest.mark.parametrize("name, figures", [("data_exploration.ipynb", 4), ("experiments_exploration.ipynb", 4)])
+def test_committed_notebooks_show_their_outputs(name, figures):
+    """The notebooks are committed run (on the demo), so a reader sees the figures and tables without running them;
+    small, and without this machine's paths."""
+    import nbformat
+
+    text = (REPO / name).read_text()
+    assert len(text) < 600_000
+    notebook = nbformat.reads(text, as_version=4)
+    assert sum(figures_by_cell(notebook)) >= figures and all(figures_by_cell(notebook)), figures_by_cell(notebook)
+    assert not any(output.get("output_type") == "error" for cell in notebook.cells if cell.cell_type == "code"
+                   for output in cell.outputs)
+    assert str(REPO) not in text and "/tmp/" not in text and "site-packages" not in text
+    printed, tables = notebook_outputs(notebook)
+    if name == "experiments_exploration.ipynb":
+        assert any(">teacher<" in table for table in tables) and "=== reference:" in printed
+    else:
+        assert any("mean top-k mass" in table for table in tables)
+
+
 def test_report_to_wandb_logs_through_accelerate(tmp_path, teacher_dir, data_file, monkeypatch):
     """wandb is not a dependency: a stand-in module records what the W&B tracker is given."""
     import importlib.machinery
