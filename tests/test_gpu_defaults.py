@@ -26,14 +26,27 @@ VARIANTS = {
     "length groups with accumulation": ["data.group_by_length=true", "training_parameters.gradient_accumulation_steps=2"],
     "teacher-layer init": ["student.init=teacher_layers", "student.teacher_layers=[1]"],
     "plain CE": ["training_parameters.loss={'()': loss.ClassicLoss}"],
+    "chat messages, assistant turns": ["data.dataset={chat_file}", "data.mask_instruction=true"],
 }
 
 
+@pytest.fixture
+def chat_file(tmp_path, rows):
+    """The fixtures' rows as a messages file (chat_data.py), with a system turn in every other conversation."""
+    path = tmp_path / "chat.jsonl"
+    with path.open("w") as handle:
+        for index, row in enumerate(rows):
+            system = [{"role": "system", "content": "Answer briefly."}] if index % 2 else []
+            turns = [{"role": "user", "content": row["instruction"]}, {"role": "assistant", "content": row["output"]}]
+            handle.write(json.dumps({"messages": system + turns}) + "\n")
+    return path
+
+
 @pytest.mark.parametrize("variant", VARIANTS.values(), ids=VARIANTS.keys())
-def test_the_gpu_defaults_run_every_loss_and_data_variant_on_a_cpu(tmp_path, config_file, variant):
+def test_the_gpu_defaults_run_every_loss_and_data_variant_on_a_cpu(tmp_path, config_file, chat_file, variant):
     arguments = ["--config", str(config_file), "--run-name", "bf16"]
     for override in GPU_DEFAULTS + SHORT_RUN + variant:
-        arguments += ["--set", override]
+        arguments += ["--set", override.replace("{chat_file}", str(chat_file))]
     assert distill.main(arguments) == 0
     run = tmp_path / "checkpoints" / "bf16"
     summary = json.loads((run / "summary.json").read_text())
