@@ -1,14 +1,14 @@
 """Load, override and validate the run configuration, once, at start-up.
 
-The YAML file is read with configue (so its `()` syntax picks the loss class, as in the seed project), command-line
+The YAML file is read with configue (so its `()` syntax picks the loss class, as in the original project), command-line
 `--set key.path=value` overrides are applied, and every value is checked against the schema below: unknown keys,
 wrong types and out-of-range values each raise `ConfigError` with one sentence naming the key and the fix. The result
 is a tree of frozen dataclasses that the rest of the program only reads.
 
-A key that a file does not set keeps the seed project's meaning where the seed had one (its teacher, data, prompt,
-60/20/20 split, SGD at 0.001 without schedule or clipping, batches of 2 random samples up to 1024 tokens, 10
-epochs), so the seed's own config file (`configs/seed.yaml`) runs the seed's experiment; `config.yaml` sets its
-better choices explicitly.
+A key that a file does not set keeps the original project's meaning where it had one (its teacher, data, prompt,
+untrained truncated 6-layer student, 60/20/20 split, SGD at 0.001 without schedule or clipping, batches of 2 random
+samples up to 1024 tokens, 10 epochs, float32 throughout), so the original's own config file (`configs/seed.yaml`)
+runs its experiment on any machine; `config.yaml` sets its better choices explicitly.
 """
 
 from __future__ import annotations
@@ -44,11 +44,12 @@ class Paths:
 
 @dataclass(frozen=True)
 class Teacher:
-    # A Hugging Face Hub name or a local directory (config.json, weights, tokenizer files). The seed's teacher: GPT-2
-    # fine-tuned on Alpaca-GPT4 (3 more vocabulary rows than its tokenizer has tokens; they are cropped).
+    # A Hugging Face Hub name or a local directory (config.json, weights, tokenizer files). The original project's
+    # teacher: GPT-2 fine-tuned on Alpaca-GPT4 (3 more vocabulary rows than its tokenizer has tokens; they are cropped).
     name: str = "vicgalle/gpt2-alpaca-gpt4"
-    # Precision of the frozen teacher: auto is bfloat16 on a GPU that supports it, else float32.
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Precision of the frozen teacher: float32 as the original project's; auto is bfloat16 where the device has
+    # native bfloat16 (a recent GPU, an AMX CPU), else float32.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     # K: distil against the teacher's K most likely next tokens (and the rest of its probability mass), computed once
     # and cached on disk (teacher_cache.py), so that runs after the first never load the teacher. None: the full
     # distribution, from the teacher at every step.
@@ -132,7 +133,7 @@ class Data:
     max_samples: Optional[int] = field(default=None, metadata=_range(1))
     num_proc: int = field(default=1, metadata=_range(1))
     # Batch samples of similar lengths (in shuffled groups) so that little compute goes to padding; false: batches
-    # of random samples, as the seed's.
+    # of random samples, as the original's.
     group_by_length: bool = False
     # Pack each batch's samples into rows of max_length tokens (positions restart, attention stays per sample).
     packing: bool = False
@@ -179,8 +180,9 @@ class TrainingParameters:
 @dataclass(frozen=True)
 class Hardware:
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    # auto: bf16 autocast where the device has native bfloat16 (a recent GPU; a CPU with AMX or AVX-512 BF16), else no.
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    # no: float32, as the original project trained; auto: bf16 autocast where the device has native bfloat16 (a
+    # recent GPU; a CPU with AMX or AVX-512 BF16), else no.
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "no"
     # torch.compile the student and teacher: faster steps once compiled, at a start-up cost of a minute or more.
     compile: bool = False
     # How several processes (torchrun, accelerate launch) hold the models: ddp (each process a whole copy) or fsdp
