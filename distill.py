@@ -79,7 +79,7 @@ def train(config_file: str, overrides: list[str], run_name: Optional[str], resum
             records.start_trackers(accelerator, config, trainer.state)
             trainer.fit()
             trainer.test_best()
-            records.report_where(run, accelerator)
+            records.report_where(run, accelerator, config.training_parameters.checkpoints_name_best)
             share(run, config, accelerator)
     except USER_ERRORS as error:
         logger.error("error: %s", error)

