@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import safetensors.torch
 import torch
+import torch.nn.functional as F
 import yaml
 
 import dataset
+from config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,7 +46,7 @@ def save_gpt2(directory: Path, tokenizer, nb_layers: int, width: int = 32, vocab
 
 def base_config(tmp_path: Path, teacher_dir: Path, data_file: Path) -> dict:
     """A small, fast configuration whose every path lies in tmp_path or the session fixtures. The optimizer,
-    schedule, clipping and batching are written out (the defaults are the seed project's)."""
+    schedule, clipping and batching are written out (the defaults are the original project's)."""
     return {
         "name": "test",
         "seed": 3,
@@ -90,3 +93,44 @@ def read_metrics(run_directory: Path) -> list[dict]:
 
 def trainer_state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / "trainer_state.json").read_text())
+
+
+def independent_test_figures(run, teacher_dir) -> tuple[float, float]:
+    """KL(teacher || student) at temperature 1 and the teacher's perplexity over the run's test split, per target
+    token, one unpadded sample at a time, with the teacher cropped to the student's rows here: (kl, perplexity)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = load_config(run / "config.yaml")
+    best = run / config.training_parameters.checkpoints_name_best
+    tokenizer = AutoTokenizer.from_pretrained(best)
+    splits = dataset.prepare_splits(dataset.spec_from_config(config), tokenizer, config.paths.data_folder,
+                                    config.paths.token_dataset)
+    student = AutoModelForCausalLM.from_pretrained(best, dtype=torch.float32).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    rows = student.config.vocab_size
+    kl_sum = teacher_nll = count = 0.0
+    with torch.no_grad():
+        for sample in splits["test"]:
+            ids = torch.tensor([sample["input_ids"]])
+            student_log_probs = F.log_softmax(student(ids).logits[0, :-1], dim=-1)
+            teacher_log_probs = F.log_softmax(teacher(ids).logits[0, :-1, :rows], dim=-1)
+            kl_sum += (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum().item()
+            teacher_nll -= teacher_log_probs.gather(1, ids[0, 1:, None]).sum().item()
+            count += ids.size(1) - 1
+    return kl_sum / count, float(torch.tensor(teacher_nll / count).exp())
+
+
+def check_a_distilled_pretrained_student(run, teacher_dir, pretrained_dir) -> None:
+    """The run fine-tuned the pretrained student (its best checkpoint is the pretrained weights, moved a little) and
+    measured it against the teacher cropped to the student's vocabulary, as computed independently here."""
+    best = load_config(run / "config.yaml").training_parameters.checkpoints_name_best
+    started, trained = weights(pretrained_dir), weights(run / best)
+    assert started.keys() == trained.keys()
+    moved = sum((trained[name] - started[name]).norm() ** 2 for name in started) ** 0.5
+    size = sum(tensor.norm() ** 2 for tensor in started.values()) ** 0.5
+    assert 0 < moved < 0.01 * size
+    summary = json.loads((run / "summary.json").read_text())
+    kl, teacher_perplexity = independent_test_figures(run, teacher_dir)
+    assert summary["test"]["kl_teacher"] == pytest.approx(kl, rel=1e-3)
+    assert summary["teacher"]["test"]["perplexity"] == pytest.approx(teacher_perplexity, rel=1e-3)
+    assert "Precision: float32 on cpu; teacher float32;" in (run / "train.log").read_text()

@@ -15,9 +15,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import batching
 import dataset
+import distill
 import hub_standins
 from config import load_config
-from helpers import REPO
+from helpers import REPO, check_a_distilled_pretrained_student
 from loss import IGNORE_INDEX
 
 pytestmark = pytest.mark.slow
@@ -46,7 +47,7 @@ def test_the_teacher_stand_in_has_the_hub_layout_and_shape(standins):
 
 
 def test_the_default_template_tokenizes_as_the_text_column_at_gpt2_bpe(standins, tmp_path):
-    """Every sample of every split is GPT-2's tokens of the row's `text` column, then EOS: the seed's input."""
+    """Every sample of every split is GPT-2's tokens of the row's `text` column, then EOS: the original's input."""
     teacher, data, rows = standins
     tokenizer = AutoTokenizer.from_pretrained(teacher)
     spec = dataset.DataSpec(dataset=str(data), text_column=None, max_length=1024, split=(0.6, 0.2, 0.2),
@@ -102,6 +103,25 @@ def test_config_yaml_runs_at_real_shape_to_a_best_checkpoint(standins, tmp_path)
                 assert batch["labels"][row, end] == 50256
             assert (batch["labels"][row, end + 1:] == IGNORE_INDEX).all()
         assert sum(sample["input_ids"][-1] == 50256 for sample in samples) > 0
+
+
+def test_the_distilgpt2_config_runs_at_real_shape_on_stand_ins(standins, tmp_path):
+    """configs/seed_distilgpt2.yaml, the original's final experiment, offline: a distilgpt2-shaped pretrained
+    stand-in (768 wide, 50257 rows, 1 of its 6 layers) fine-tuned by KD against the 50260-row teacher, cropped as for
+    the untrained student, for a few steps; float32 throughout, as the original trained."""
+    teacher, data, _ = standins
+    student = hub_standins.save_distilgpt2(tmp_path / hub_standins.DISTILGPT2_DIRECTORY, layers=1)
+    assert json.loads((student / "config.json").read_text())["vocab_size"] == 50257
+    overrides = [f"teacher.name={teacher}", f"student.pretrained={student}", f"data.dataset={data}",
+                 f"paths.data_folder={tmp_path / 'data'}", f"paths.checkpoints={tmp_path / 'checkpoints'}",
+                 "data.max_length=128", "training_parameters.max_steps=2", "training_parameters.sample_prompts=1",
+                 "training_parameters.report_to=none"]
+    arguments = ["--config", str(REPO / "configs" / "seed_distilgpt2.yaml"), "--run-name", "distilgpt2"]
+    assert distill.main(arguments + [item for override in overrides for item in ("--set", override)]) == 0
+    run = tmp_path / "checkpoints" / "distilgpt2"
+    best = AutoModelForCausalLM.from_pretrained(run / "checkpoint_best.pth")
+    assert (best.config.vocab_size, best.config.n_embd, best.config.n_layer) == (50257, 768, 1)
+    check_a_distilled_pretrained_student(run, teacher, student)
 
 
 def test_a_merge_across_the_prompt_boundary_stays_and_is_a_target(standins):
