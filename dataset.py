@@ -47,7 +47,7 @@ class PromptTemplate(NamedTuple):
 
 PROMPT_TEMPLATES = {
     # Stanford Alpaca's prompt, byte for byte the `text` column of vicgalle/alpaca-gpt4 (prompt, then the output),
-    # on which the seed's teacher vicgalle/gpt2-alpaca-gpt4 was fine-tuned.
+    # on which the original project's teacher vicgalle/gpt2-alpaca-gpt4 was fine-tuned.
     "alpaca": PromptTemplate(
         with_input=(
             "Below is an instruction that describes a task, paired with an input that provides further context. "

@@ -143,10 +143,11 @@ def build_student(
 ) -> PreTrainedModel:
     """The student: a pretrained model when `pretrained` names one, else the untrained truncated teacher.
 
-    The untrained truncated student is the "untrained truncated distilgpt2" of the seed project: the teacher's
-    config (for GPT-2 that is GPT-2's config) with `nb_layers` layers, randomly initialised, and `vocab_size` rows
-    (the tokenizer's tokens; None keeps the teacher's). A teacher with rows beyond its tokenizer's tokens (the seed's
-    has 50260 for GPT-2's 50257) gets no student rows that no token uses: the losses crop the teacher to the student.
+    The untrained truncated student is the "untrained truncated distilgpt2" of the original project's README: the
+    teacher's config (for GPT-2 that is GPT-2's config) with `nb_layers` layers, randomly initialised, and
+    `vocab_size` rows (the tokenizer's tokens; None keeps the teacher's). A teacher with rows beyond its tokenizer's
+    tokens (the original's has 50260 for GPT-2's 50257) gets no student rows that no token uses: the losses crop the
+    teacher to the student. A pretrained student (the original's final code: distilgpt2) is cropped against alike.
     """
     # The student trains in float32 whatever its source holds (mixed precision is autocast's): a 16-bit teacher's
     # config, or a checkpoint saved in 16 bits, would otherwise give 16-bit weights and optimizer states.

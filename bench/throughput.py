@@ -1,4 +1,4 @@
-"""Training-step throughput of this project against a faithful re-creation of the seed project's step, then at
+"""Training-step throughput of this project against a faithful re-creation of the original project's step, then at
 GPT-2's real shapes against TRL's GKDTrainer (bench/real_shape.py).
 
     python3 bench/throughput.py            # about 10 minutes on 2 CPU cores
@@ -50,7 +50,7 @@ WIDTH = 512  # a mid-size student: 8 heads of 64, as in the larger GPT-2s
 
 
 def build_models(vocab_size: int, width: int, teacher_layers: int, student_layers: int, positions: int):
-    """Teacher and student as the seed built them (GPT-2's config, its "gelu_new" activation), random weights."""
+    """Teacher and student as the original built them (GPT-2's config, its "gelu_new" activation), random weights."""
     from transformers import AutoModelForCausalLM, GPT2Config
 
     def gpt2(layers: int):
@@ -83,7 +83,7 @@ def alpaca_like_samples(count: int, max_length: int, vocab_size: int, seed: int 
 
 
 def seed_step(teacher, student, optimizer, batch_ids: list[list[int]], max_length: int, pad_id: int) -> float:
-    """The seed project's step: pad to max length, fp32 teacher with autograd bookkeeping off only by eval mode,
+    """The original project's step: pad to max length, fp32 teacher with autograd bookkeeping off only by eval mode,
     full-vocabulary fp32 KD and CE over every position, padding included."""
     padded = torch.full((len(batch_ids), max_length), pad_id, dtype=torch.long)
     for row, ids in enumerate(batch_ids):
@@ -220,8 +220,8 @@ def measured_in_subprocess(variant: str) -> int:
 
 def time_seed_steps(seed_teacher, teacher, student, train_samples, held_out_batch, work: Path, batch_size: int,
                     max_length: int) -> tuple:
-    """The seed's step over the training samples: (name, seconds, computed tokens, last loss, held-out loss)."""
-    # The seed kept its tokenized data as a JSON file of lists; read it back as the seed did.
+    """The original's step over the training samples: (name, seconds, computed tokens, last loss, held-out loss)."""
+    # The original kept its tokenized data as a JSON file of lists; read it back as the original did.
     json_file = work / "tokens.json"
     json_file.write_text(json.dumps(train_samples))
     start = time.perf_counter()
