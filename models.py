@@ -116,9 +116,9 @@ def _check_tokenizer_file(file: Path, key: str) -> None:
                          f"tokenizer.json, or set {key} to another model.") from None
 
 
-# GPT-2's "gelu_new" (and "gelu_fast") is the tanh approximation of GELU written as six elementwise operations;
-# "gelu_pytorch_tanh" is the same function in one fused kernel, equal up to float rounding. Elementwise passes are
-# memory-bound, so on a CPU they are a large share of a step: the models here always use the fused one.
+# GPT-2's "gelu_new" (and "gelu_fast") is the tanh approximation of GELU written as a chain of elementwise
+# operations; "gelu_pytorch_tanh" is the same function in one fused kernel, equal up to float rounding. Elementwise
+# passes are memory-bound, so on a CPU they are a large share of a step: the models here always use the fused one.
 FUSED_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh", "gelu_fast": "gelu_pytorch_tanh"}
 
 

@@ -158,7 +158,8 @@ def difference_table() -> dict[str, tuple[str, str]]:
 REQUIRED_ROWS = {
     "student", "teacher", "activation", "text", "end of an answer", "tokenized data", "split", "seed", "KD term",
     "CE term, `ClassicLoss`", "what is scored", "loss weights", "teacher's gradients", "best checkpoint", "resume",
-    "checkpoints", "records", "optimizer", "batch, epochs", "batches", "precision", "validations", "evaluation",
+    "normalisation", "checkpoints", "records", "optimizer", "batch, epochs", "batches", "precision", "validations",
+    "evaluation",
 }
 ORIGINAL, HERE = 0, 1
 ORIGINAL_FILES = (SEED_CONFIG, DISTILGPT2_CONFIG)  # the original's settings
@@ -223,7 +224,7 @@ CLAIMS = [
      lambda config: "random" if not (config.data.group_by_length or config.data.packing) else "grouped or packed"),
     ("batches", HERE, r"(length-grouped)", ("config.yaml",),
      lambda config: "length-grouped" if config.data.group_by_length else "random"),
-    ("precision", ORIGINAL, r"^(float32)$", ORIGINAL_FILES, resolved_precision),
+    ("precision", ORIGINAL, r"^(float32) \(", ORIGINAL_FILES, resolved_precision),
     ("precision", HERE, r"`mixed_precision: (\w+)`, `teacher.dtype: (\w+)`", ("config.yaml",),
      lambda config: (config.hardware.mixed_precision, config.teacher.dtype)),
     ("validations", ORIGINAL, r"^(each epoch)$", ORIGINAL_FILES,
