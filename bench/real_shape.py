@@ -36,6 +36,9 @@ SHAPES = {  # vocabulary, width, heads, teacher layers, student layers, max leng
     "gpt2": (50257, 768, 12, 12, 6, 256, 8),
     "tiny": (512, 64, 2, 2, 1, 64, 4),  # the same code in seconds (the test suite runs it)
 }
+# The side of the square products that measure the machine's matmul rates: 4096 at GPT-2's shapes; small for the
+# tiny shape, since a CPU without native bf16 (AVX2 only) emulates a 4096 x 4096 bf16 product in tens of seconds.
+MATMUL_SIDE = {"gpt2": 4096, "tiny": 512}
 
 
 def build_models(shape: str = "gpt2"):
@@ -83,8 +86,8 @@ def measure_rows(teachers: dict, student, batches: list[dict]) -> dict:
     return rows
 
 
-def report(rows: dict, batches: list[dict], student, teacher, rates: dict) -> dict:
-    """The table; the figures for the JSON line."""
+def report(rows: dict, batches: list[dict], student, teacher, rates: dict, side: int = 4096) -> dict:
+    """The table; the figures for the JSON line. `rates` were measured on `side` x `side` products."""
     timed = batches[1:]
     real_tokens = sum(int(batch["attention_mask"].sum()) for batch in timed)
     lengths = [int(length) for batch in timed for length in batch["attention_mask"].sum(dim=1)]
@@ -97,7 +100,7 @@ def report(rows: dict, batches: list[dict], student, teacher, rates: dict) -> di
           f"computed/real {computed / real_tokens:.2f}; {flops_per_token / 1e9:.2f} GFLOP per token; "
           f"{torch.get_num_threads()} threads")
     print(f"machine matmul: float32 {rates['float32'] / 1e9:.0f} GFLOP/s, bf16 {rates['bf16'] / 1e9:.0f} GFLOP/s "
-          f"(best of three, 4096 x 4096)")
+          f"(best of three, {side} x {side})")
     print(f"{'step':<30}{'real tokens/s':>15}{'of matmul rate':>16}")
     rates_by_row = {}
     for name, seconds in rows.items():
@@ -138,10 +141,10 @@ def run(quick: bool, profile: bool = False, shape: str = "gpt2") -> dict:
     if profile:
         profile_step(teachers, student, batches)
         return {}
-    before = matmul_rates()
+    before = matmul_rates(size=MATMUL_SIDE[shape])
     rows = measure_rows(teachers, student, batches)
-    rates = matmul_rates(before)
-    figures = report(rows, batches, student, teachers["float32"], rates)
+    rates = matmul_rates(before, MATMUL_SIDE[shape])
+    figures = report(rows, batches, student, teachers["float32"], rates, MATMUL_SIDE[shape])
     figures["native_bf16"] = hardware.has_native_bf16("cpu")
     return figures
 

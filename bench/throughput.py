@@ -145,10 +145,10 @@ def matmul_rate(dtype: torch.dtype = torch.float32, size: int = 4096, repeats: i
     return 2 * size**3 * repeats / best
 
 
-def matmul_rates(earlier: dict | None = None) -> dict:
-    """The matmul rate in float32 and bf16, or the better of it and `earlier` (measured before the rows): other
-    work on a shared machine only slows it."""
-    rates = {"float32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
+def matmul_rates(earlier: dict | None = None, size: int = 4096) -> dict:
+    """The matmul rate in float32 and bf16 on `size` x `size` products, or the better of it and `earlier` (measured
+    before the rows): other work on a shared machine only slows it."""
+    rates = {"float32": matmul_rate(torch.float32, size), "bf16": matmul_rate(torch.bfloat16, size)}
     return {name: max(rate, (earlier or {}).get(name, 0.0)) for name, rate in rates.items()}
 
 
