@@ -136,13 +136,15 @@ def tokenizer_template(tokenizer) -> Optional[str]:
     return own or None
 
 
-def tokenize_conversations(rows: Dataset, tokenizer, chat_template: str, spec, num_proc) -> Dataset:
+def tokenize_conversations(rows: Dataset, tokenizer, chat_template: str, spec, num_proc,
+                           fingerprint: str) -> Dataset:
     """`messages` -> `input_ids` (the rendered conversation, cut at `spec.max_length`), `target_mask` (with
     `spec.mask_instruction`, True on the tokens of assistant turns: their text and the end of turn the template
     writes; else True everywhere), `prompt_length` and `length`.
 
     `prompt_length` counts the tokens that are not targets when the instruction is masked (position 0 always, as
-    nothing predicts it): for an Alpaca sample that is its prompt, here every token outside the assistant turns."""
+    nothing predicts it): for an Alpaca sample that is its prompt, here every token outside the assistant turns.
+    `fingerprint` names the output for `datasets`, which would otherwise hash the tokenizer to name it."""
     tagged = bool(GENERATION_TAG.search(chat_template))
 
     def encode(batch: dict) -> dict:
@@ -169,7 +171,7 @@ def tokenize_conversations(rows: Dataset, tokenizer, chat_template: str, spec, n
         }
 
     return rows.map(encode, batched=True, remove_columns=rows.column_names, num_proc=num_proc,
-                    load_from_cache_file=False)
+                    load_from_cache_file=False, new_fingerprint=fingerprint)
 
 
 def _tokenize_by_prefixes(tokenizer, batch: dict, chat_template: str, dataset: str) -> tuple[list, list]:

@@ -63,7 +63,8 @@ def greedy_continuation(model, prompt_ids: list[int], eos_token_id: int, acceler
     for _ in range(max_new_tokens):
         window = ids[:, -limit:] if limit else ids
         with accelerator.autocast():  # as the validation figures are computed
-            logits = model(input_ids=window, use_cache=False).logits
+            # Only the last position's logits: the head over the whole window would cost a (T, V) product per token.
+            logits = model(input_ids=window, use_cache=False, logits_to_keep=1).logits
         token = logits[:, -1].argmax(dim=-1, keepdim=True)
         ids = torch.cat([ids, token], dim=1)
         if accelerator.num_processes == 1 and token.item() == eos_token_id:

@@ -63,7 +63,7 @@ def test_config_yaml_runs_at_real_shape_to_a_best_checkpoint(standins, tmp_path)
     takes minutes a step at this vocabulary)."""
     teacher, _, _ = standins
     overrides = ["distilled_model.nb_layers=1", "data.max_length=128", "training_parameters.batch_size=4",
-                 "training_parameters.gradient_accumulation_steps=2"]
+                 "training_parameters.gradient_accumulation_steps=2", "training_parameters.sample_prompts=1"]
     completed = subprocess.run(
         [sys.executable, str(REPO / "bench" / "rehearsal.py"), "--steps", "2", "--work", str(tmp_path),
          "--standins", str(teacher.parent),
