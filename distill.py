@@ -49,6 +49,9 @@ _KEPT_UNTIL_EXIT: list = []
 PLAIN_LOSS_OVERRIDE = "training_parameters.loss={'()': loss.ClassicLoss}"
 # The baseline is a comparison, not the student the user shares: `--push RUN-plain --model-id ID` pushes it.
 BASELINE_NOT_PUSHED = "hub.model_id=null"
+# Whether the baseline resumes is decided from its run (below), not from `resume: true` in the file: a run resumed
+# by the file would otherwise find no baseline to resume, the first time, and stop.
+BASELINE_RESUME_DECIDED = "training_parameters.resume=false"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -59,8 +62,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if status == 0 and arguments.plain_baseline:
         # The same config, seed, data and steps, with plain next-token training: the comparison distillation needs.
         baseline = run.directory.with_name(run.name + PLAIN_BASELINE_SUFFIX)
-        resume = arguments.resume and baseline.exists()
-        status, _ = train(arguments.config, [*arguments.set, PLAIN_LOSS_OVERRIDE, BASELINE_NOT_PUSHED],
+        resume = run.resume and baseline.exists()  # continued with the run (--resume or resume: true), if started
+        status, _ = train(arguments.config,
+                          [*arguments.set, PLAIN_LOSS_OVERRIDE, BASELINE_NOT_PUSHED, BASELINE_RESUME_DECIDED],
                           baseline.name, resume)
     hardware.end_processes(status)
     return status

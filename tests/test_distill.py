@@ -181,6 +181,20 @@ def test_resume_with_other_batches_is_refused(tmp_path, config_file, caplog, cha
     assert all(torch.equal(before[key], after[key]) for key in before)  # nothing trained or saved
 
 
+@pytest.mark.parametrize("resume", [["--resume"], ["--set", "training_parameters.resume=true"]],
+                         ids=["flag", "config file"])
+def test_a_resumed_run_then_starts_its_plain_baseline(tmp_path, config_file, resume):
+    """A run stopped before its baseline started, resumed with `--plain-baseline` and either `--resume` or `resume:
+    true` in the config: the run continues, then its baseline starts (the file's resume is not the baseline's)."""
+    assert distill.main(["--config", str(config_file), "--set", "training_parameters.max_steps=2"]) == 0
+    [distilled] = run_directories(tmp_path / "checkpoints")
+    assert distill.main(["--config", str(config_file), "--plain-baseline", *resume,
+                         "--set", "training_parameters.max_steps=4"]) == 0
+    assert run_directories(tmp_path / "checkpoints") == [distilled, distilled.with_name(f"{distilled.name}-plain")]
+    for run in run_directories(tmp_path / "checkpoints"):
+        assert json.loads((run / "last" / "trainer_state.json").read_text())["global_step"] == 4
+
+
 def test_resume_after_a_plain_baseline_continues_both_runs_in_order(tmp_path, config_file):
     """The README's `--plain-baseline` command, then the same command with `--resume`: the distilled run continues
     first, then its plain baseline; no new run is started."""
