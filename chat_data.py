@@ -17,7 +17,7 @@ from datasets.features import List, Value
 from jinja2 import TemplateError
 
 from data_files import DataError
-from models import first_line
+from errors import first_line
 
 ALPACA = "alpaca"
 MESSAGES = "messages"

@@ -27,7 +27,7 @@ import safetensors.torch
 import torch
 
 import dataset
-from models import first_line
+from errors import UserError, first_line
 from storage import atomic_directory, is_disk_full
 
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -35,7 +35,7 @@ TRAINING_STATE_FILE = "training_state.pt"
 WEIGHTS_FILE = "model.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint or run directory that cannot be used as asked; the message is shown to the user as it is."""
 
 

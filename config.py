@@ -25,9 +25,10 @@ import yaml
 import config_guard
 import loss as loss_module
 import storage
+from errors import UserError, first_line
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A mistake in the configuration or the command line; its message is shown to the user as it is."""
 
 
@@ -270,11 +271,11 @@ def _read_with_configue(path: Path) -> Any:
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or _first_line(error)
+        problem = getattr(error, "problem", None) or first_line(error)
         raise ConfigError(f"{path} is not valid YAML{where} ({problem}); fix the syntax there.") from None
     except ConfigueError as error:
         raise ConfigError(
-            f"{path}: {_first_line(error)}; the `()` entry must name an existing class such as "
+            f"{path}: {first_line(error)}; the `()` entry must name an existing class such as "
             f"loss.DistillationLoss or loss.ClassicLoss."
         ) from None
     except (TypeError, ValueError) as error:
@@ -283,12 +284,6 @@ def _read_with_configue(path: Path) -> Any:
             f"{path}: training_parameters.loss: {loss_module.argument_problem(error)}; fix it under "
             f"training_parameters.loss."
         ) from None
-
-
-def _first_line(error: BaseException) -> str:
-    from models import first_line  # here: models imports transformers, seconds that a config check does not need
-
-    return first_line(error)
 
 
 def _to_plain_tree(value: Any) -> Any:
@@ -320,7 +315,7 @@ def _apply_override(tree: dict, override: str) -> None:
     try:
         node[keys[-1]] = yaml.safe_load(text) if text else None
     except yaml.YAMLError as error:
-        problem = getattr(error, "problem", None) or _first_line(error)
+        problem = getattr(error, "problem", None) or first_line(error)
         raise ConfigError(
             f"--set {key_path}: the value {text!r} is not valid YAML ({problem}); quote a text, e.g. "
             f"{key_path}='\"{text}\"', or fix the value."
@@ -499,18 +494,26 @@ def _check_cross_field(config: Config, source: str) -> None:
         check_model_id(config.hub.model_id, f"{source}: hub.model_id")
 
 
-def check_model_id(value: str, what: str) -> None:
-    """A Hub repository name, checked before a run spends hours to reach the push."""
+def is_hub_repo_id(name: str) -> bool:
+    """Whether `name` is written as a Hub repository name (user/name, org/name or name); says nothing of a local
+    path of the same spelling."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
     try:
-        validate_repo_id(value)
+        validate_repo_id(name)
     except HFValidationError:
+        return False
+    return True
+
+
+def check_model_id(value: str, what: str) -> None:
+    """A Hub repository name, checked before a run spends hours to reach the push."""
+    if not is_hub_repo_id(value):
         raise ConfigError(
             f"{what} is {value!r}, which is not a Hub repository name; write it as user/name or org/name (letters, "
             f"digits, '-', '_' and '.', at most 96 characters)."
-        ) from None
+        )
 
 
 def _check_template(config: Config, source: str) -> None:

@@ -15,14 +15,14 @@ from typing import Iterator, Optional
 from datasets import Dataset, load_dataset
 
 import storage
-from models import first_line
+from errors import UserError, first_line
 
 logger = logging.getLogger("dataset")
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Data that cannot be used as configured; the message is shown to the user as it is."""
 
 

@@ -25,7 +25,7 @@ from datasets import Dataset, DatasetDict, List, Value, load_from_disk
 import chat_data
 import data_files
 from data_files import DataError, remove_damaged_cache
-from models import first_line
+from errors import first_line
 from storage import atomic_directory
 
 logger = logging.getLogger(__name__)

@@ -32,18 +32,13 @@ import storage
 import teacher_cache
 from checkpoints import CheckpointError
 from config import Config, ConfigError, check_model_id, load_config
-from dataset import DataError
-from hub_push import PushError, push_checkpoint
-from models import ModelError
+from errors import EXIT_NON_FINITE_LOSS, EXIT_SIGNAL_BASE, EXIT_USER_ERROR, UserError, first_line
+from hub_push import push_checkpoint
 from runs import PLAIN_BASELINE_SUFFIX, locate_run
 from trainer import NonFiniteLoss, StoppedBySignal, Trainer
 
 logger = logging.getLogger("distill")
 
-# Mistakes a user can fix: shown as one sentence, exit code 2.
-USER_ERRORS = (ConfigError, ModelError, DataError, CheckpointError, PushError)
-EXIT_USER_ERROR = 2
-EXIT_NON_FINITE_LOSS = 3
 
 _KEPT_UNTIL_EXIT: list = []
 PLAIN_LOSS_OVERRIDE = "training_parameters.loss={'()': loss.ClassicLoss}"
@@ -85,27 +80,11 @@ def train(config_file: str, overrides: list[str], run_name: Optional[str], resum
             trainer.test_best()
             records.report_where(run, accelerator, config.training_parameters.checkpoints_name_best)
             share(run, config, accelerator)
-    except USER_ERRORS as error:
-        logger.error("error: %s", error)
-        return EXIT_USER_ERROR, run
-    except StoppedBySignal as stop:
-        logger.error("%s", stop)
-        return 128 + stop.signal_number, run
-    except NonFiniteLoss as error:
-        logger.error("error: %s", error)
-        return EXIT_NON_FINITE_LOSS, run
-    except KeyboardInterrupt as interrupt:  # Ctrl-C before the run started, a second signal, or one outside the loop
-        number = getattr(interrupt, "signal_number", signal.SIGINT)
-        then = f"every checkpoint written is kept, continue with --resume --run-name {run.name}" if run is not None \
-            else "the run had not started, run the same command again"
-        logger.error("stopped by %s; %s", signal.Signals(number).name, then)
-        return 128 + number, run
-    except Exception as error:  # a file system that refuses a write: full, read-only or another user's
-        message = file_system_message(error, run)
-        if message is None:
+    except (Exception, KeyboardInterrupt) as error:
+        status = ending(error, run)
+        if status is None:
             raise
-        logger.error("error: %s", message)
-        return EXIT_USER_ERROR, run
+        return status, run
     finally:
         records.close_log_handlers()
         runs.release_runs()
@@ -141,13 +120,14 @@ def push_run(run_directory: Path, model_id: Optional[str]) -> int:
         if not (best / model_card.CARD_FILE).is_file():  # a card the user edited is pushed as it is
             model_card.write_model_card(run_directory, config)
         push_checkpoint(best, model_id, push_command(run_directory, model_id))
-    except USER_ERRORS as error:
-        logger.error("error: %s", error)
-        return EXIT_USER_ERROR
-    except (OSError, ValueError) as error:  # a damaged summary.json or checkpoint; a card the disk refused
-        logger.error("error: the run %s cannot be pushed (%s); %s", run_directory, models.first_line(error),
-                     "check its best checkpoint and summary.json, or free disk space, then run the same command again.")
-        return EXIT_USER_ERROR
+    except (Exception, KeyboardInterrupt) as error:
+        # Beyond a user's error: a damaged summary.json or checkpoint, a card the disk refused.
+        unpushable = UserError(f"the run {run_directory} cannot be pushed ({first_line(error)}); check its best "
+                               f"checkpoint and summary.json, or free disk space, then run the same command again.")
+        status = ending(error, None) or (ending(unpushable, None) if isinstance(error, (OSError, ValueError)) else None)
+        if status is None:
+            raise
+        return status
     finally:
         records.close_log_handlers()
         runs.release_runs()
@@ -166,6 +146,31 @@ def read_push_target(run_directory: Path, model_id: Optional[str]) -> tuple[Conf
                           f"with --model-id user/name.")
     check_model_id(model_id, "--model-id")
     return config, model_id
+
+
+def ending(error: BaseException, run) -> Optional[int]:
+    """The one place where an error becomes an exit code: the error is logged in one sentence and its exit code
+    returned; None for an error that is a bug (raised with its traceback). `run` is the run started, if any."""
+    if isinstance(error, UserError):
+        logger.error("error: %s", error)
+        return EXIT_USER_ERROR
+    if isinstance(error, StoppedBySignal):
+        logger.error("%s", error)
+        return EXIT_SIGNAL_BASE + error.signal_number
+    if isinstance(error, NonFiniteLoss):
+        logger.error("error: %s", error)
+        return EXIT_NON_FINITE_LOSS
+    if isinstance(error, KeyboardInterrupt):  # Ctrl-C before the run started, a second signal, or one outside the loop
+        number = getattr(error, "signal_number", signal.SIGINT)
+        then = f"every checkpoint written is kept, continue with --resume --run-name {run.name}" if run is not None \
+            else "the run had not started, run the same command again"
+        logger.error("stopped by %s; %s", signal.Signals(number).name, then)
+        return EXIT_SIGNAL_BASE + number
+    message = file_system_message(error, run) if isinstance(error, Exception) else None
+    if message is None:
+        return None
+    logger.error("error: %s", message)
+    return EXIT_USER_ERROR
 
 
 def file_system_message(error: Exception, run) -> Optional[str]:
@@ -243,7 +248,7 @@ def decided_by_main_process(processes, decide):
     if processes.is_main_process:
         try:
             outcome = [decide()]
-        except USER_ERRORS as error:
+        except UserError as error:
             outcome = [error]
     broadcast_object_list(outcome)
     if isinstance(outcome[0], Exception):

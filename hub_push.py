@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from checkpoints import TRAINER_STATE_FILE, TRAINING_STATE_FILE
-from models import first_line
+from errors import UserError, first_line
 
 logger = logging.getLogger("distill")
 
@@ -18,7 +18,7 @@ logger = logging.getLogger("distill")
 NOT_PUSHED = [TRAINING_STATE_FILE, TRAINER_STATE_FILE, ".*"]
 
 
-class PushError(ValueError):
+class PushError(UserError):
     """A push that could not be done; the message is shown to the user as it is."""
 
 

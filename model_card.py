@@ -17,7 +17,7 @@ import safetensors
 
 import storage
 from checkpoints import WEIGHTS_FILE
-from config import Config, to_plain_dict
+from config import Config, is_hub_repo_id, to_plain_dict
 
 CARD_FILE = "README.md"
 SUMMARY_FILE = "summary.json"
@@ -60,14 +60,7 @@ def student_shape(checkpoint: Path) -> dict:
 
 def hub_id(name: Optional[str]) -> Optional[str]:
     """`name` if it names a Hub repository rather than a local path, else None."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    if name is None or Path(name).exists():
-        return None
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
+    if name is None or Path(name).exists() or not is_hub_repo_id(name):
         return None
     return name
 

@@ -15,6 +15,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
+from errors import UserError, first_line
+
 logger = logging.getLogger(__name__)
 
 OFFLINE_HINT = (
@@ -23,7 +25,7 @@ OFFLINE_HINT = (
 )
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A model, tokenizer or their combination that cannot be used; the message is shown as it is."""
 
 
@@ -392,13 +394,6 @@ def _check_weights_fit(model: PreTrainedModel, name: str, key: str) -> None:
             f"tensors, e.g. {min(stored)}, is one of that model's, so all would be random; put back the config.json "
             f"that came with the weights, or set {key} to another model."
         )
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message (its type when the message is empty), to quote in a one-sentence
-    error of our own."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def train_byte_level_tokenizer(texts, vocab_size: int, eos_token: str = "<|endoftext|>"):

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 import dataset
 import models
+from errors import first_line
 from loss import CachedTeacher
 from storage import atomic_directory
 
@@ -112,7 +113,7 @@ def load(directory: Path, splits, top_k: int, vocab_size: int) -> Optional[dict[
         cached = {name: CachedSplit.open(directory / name) for name in splits}
         problem = _damage(meta, cached, splits, top_k, vocab_size)
     except (OSError, ValueError, KeyError, TypeError) as error:  # what a missing, truncated or garbled file raises
-        problem = models.first_line(error)
+        problem = first_line(error)
     if problem is None:
         return cached
     dataset.remove_damaged_cache(directory, "teacher cache", problem)

@@ -207,3 +207,23 @@ def test_resume_after_a_plain_baseline_continues_both_runs_in_order(tmp_path, co
     for run in (distilled, plain):
         assert json.loads((run / "last" / "trainer_state.json").read_text())["global_step"] == 4
     assert json.loads((plain / "summary.json").read_text())["test"]["kd"] is None  # still the plain baseline
+
+
+def test_every_user_error_is_one_class_and_the_error_layer_imports_nothing_heavy():
+    """One base class for the errors a user fixes (exit 2, one sentence), in a module that the config, storage and
+    data layers can import without torch or transformers."""
+    import subprocess
+    import sys
+
+    import errors
+    from checkpoints import CheckpointError
+    from config import ConfigError
+    from dataset import DataError
+    from hub_push import PushError
+
+    for error_class in (ConfigError, models.ModelError, DataError, CheckpointError, PushError):
+        assert issubclass(error_class, errors.UserError), error_class
+    heavy = "import sys, errors; print(sorted({'torch', 'transformers', 'datasets'} & set(sys.modules)))"
+    completed = subprocess.run([sys.executable, "-c", heavy], capture_output=True, text=True, check=True,
+                               cwd=Path(errors.__file__).parent)
+    assert completed.stdout.strip() == "[]"
