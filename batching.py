@@ -34,9 +34,6 @@ class LengthGroupedBatchSampler:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __len__(self) -> int:
-        return -(-len(self.lengths) // self.batch_size)
-
     def __iter__(self):
         if not self.shuffle:
             order = np.argsort(-self.lengths, kind="stable")

@@ -76,16 +76,6 @@ def next_token_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor)
     )
 
 
-def kd_kl_divergence(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """`temperature**2` times the mean over real targets of KL(teacher_T || student_T) over the vocabulary.
-
-    `student_logits (B, T, V)`, `teacher_logits (B, T, V')` with V' >= V, `labels (B, T)` -> scalar.
-    """
-    return kd_and_cross_entropy(student_logits, teacher_logits, labels, temperature, alpha=1.0, beta=0.0).kd
-
-
 def _gather_real_targets(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
 ) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -124,7 +114,8 @@ def kd_and_cross_entropy(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
     temperature: float, alpha: float, beta: float,
 ) -> LossOutput:
-    """`alpha * kd_kl_divergence + beta * next_token_cross_entropy`, the same values, computed in one pass.
+    """`alpha * KD + beta * CE`: KD is `temperature**2` times the mean over real targets of KL(teacher_T ||
+    student_T) over the vocabulary, CE `next_token_cross_entropy`, both computed in one pass.
 
     `student_logits (B, T, V)`, `teacher_logits (B, T, V')` with V' >= V, `labels (B, T)`. The real target
     positions are gathered once for both terms, and at temperature 1 the student's log-softmax serves both, which

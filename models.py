@@ -396,30 +396,6 @@ def _check_weights_fit(model: PreTrainedModel, name: str, key: str) -> None:
         )
 
 
-def train_byte_level_tokenizer(texts, vocab_size: int, eos_token: str = "<|endoftext|>"):
-    """A GPT-2-style byte-level BPE tokenizer trained on `texts`, for the embedded demo and the tests.
-
-    Its only special token is the EOS, which (as in GPT-2) also serves as BOS and as padding.
-    """
-    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
-    from tokenizers.models import BPE
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[eos_token],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token=eos_token, bos_token=eos_token, unk_token=eos_token, pad_token=eos_token
-    )
-
-
 def model_inputs(batch: dict) -> dict:
     """What a model call takes from a batch: packed batches add position ids (and a 4-D attention mask)."""
     names = ("input_ids", "attention_mask", "position_ids")

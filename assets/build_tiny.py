@@ -47,6 +47,30 @@ def teacher_architecture(tokenizer):
     )
 
 
+def train_byte_level_tokenizer(texts, vocab_size: int, eos_token: str = "<|endoftext|>"):
+    """A GPT-2-style byte-level BPE tokenizer trained on `texts`: the demo's (and the tests' tiny ones).
+
+    Its only special token is the EOS, which (as in GPT-2) also serves as BOS and as padding.
+    """
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[eos_token],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token=eos_token, bos_token=eos_token, unk_token=eos_token, pad_token=eos_token
+    )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=3000, help="rows of synthetic data")
@@ -55,7 +79,6 @@ def main(argv=None) -> int:
 
     import dataset
     import distill
-    import models
 
     os.chdir(REPO)  # the configs name their files relative to the repository root
 
@@ -64,7 +87,7 @@ def main(argv=None) -> int:
     rows = generate_tiny_data.generate(arguments.samples, arguments.seed)
     short = dataset.PROMPT_TEMPLATES["alpaca_short"]  # the template configs/tiny*.yaml name
     texts = [dataset.alpaca_prompt(row["instruction"], row["input"], short) + row["output"] for row in rows]
-    tokenizer = models.train_byte_level_tokenizer(texts, VOCAB_SIZE)
+    tokenizer = train_byte_level_tokenizer(texts, VOCAB_SIZE)
 
     with tempfile.TemporaryDirectory() as work:
         architecture = Path(work) / "architecture"

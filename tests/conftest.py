@@ -16,9 +16,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "assets"))
 
 import generate_tiny_data  # noqa: E402
+from build_tiny import train_byte_level_tokenizer  # noqa: E402
 
 import dataset  # noqa: E402
-import models  # noqa: E402
 from helpers import SHORT, base_config, save_gpt2, write_config  # noqa: E402
 
 
@@ -30,7 +30,7 @@ def rows() -> list[dict]:
 @pytest.fixture(scope="session")
 def tokenizer(rows):
     texts = [dataset.alpaca_prompt(row["instruction"], row["input"], SHORT) + row["output"] for row in rows]
-    return models.train_byte_level_tokenizer(texts, vocab_size=400)
+    return train_byte_level_tokenizer(texts, vocab_size=400)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import distill
-import models
+from build_tiny import train_byte_level_tokenizer
 from helpers import base_config, save_gpt2, write_config
 
 
@@ -71,7 +71,7 @@ def other_shape(context: Context) -> list[str]:
 
 def other_tokenizer_student(context: Context) -> list[str]:
     texts = ["a completely different corpus of words for another tokenizer"] * 20
-    other = models.train_byte_level_tokenizer(texts, vocab_size=300)
+    other = train_byte_level_tokenizer(texts, vocab_size=300)
     student = save_gpt2(context.root / "other-student", other, nb_layers=1)
     return ["--config", context.config(**{"student.pretrained": str(student)})]
 

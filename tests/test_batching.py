@@ -25,7 +25,7 @@ def test_length_grouped_batches_cover_every_sample_once_per_epoch_in_a_new_order
     for epoch in range(3):
         sampler.set_epoch(epoch)
         batches = list(sampler)
-        assert len(batches) == len(sampler) == 63
+        assert len(batches) == 63  # ceil(1000 / 16)
         flat = [index for batch in batches for index in batch]
         assert sorted(flat) == list(range(1000))
         epochs.append(flat)

@@ -21,7 +21,6 @@ from loss import (
     ModelOutput,
     divergence_and_cross_entropy,
     kd_and_cross_entropy,
-    kd_kl_divergence,
     next_token_cross_entropy,
 )
 
@@ -34,6 +33,11 @@ def random_batch(seed: int = 0, batch: int = 3, length: int = 7, vocab: int = 11
     labels[0, 5:] = IGNORE_INDEX  # a padded row
     labels[1, :3] = IGNORE_INDEX  # a masked prompt
     return student, teacher, labels
+
+
+def kd_term(student, teacher, labels, temperature):
+    """The KD term of the one-pass loss alone (alpha 1, beta 0)."""
+    return kd_and_cross_entropy(student, teacher, labels, temperature, alpha=1.0, beta=0.0).kd
 
 
 def reference_kd(student, teacher, labels, temperature):
@@ -53,7 +57,7 @@ def reference_kd(student, teacher, labels, temperature):
 def test_kd_matches_kl_div_reference(temperature):
     student, teacher, labels = random_batch()
     expected = reference_kd(student, teacher, labels, temperature)
-    assert torch.allclose(kd_kl_divergence(student, teacher, labels, temperature), expected, atol=1e-6)
+    assert torch.allclose(kd_term(student, teacher, labels, temperature), expected, atol=1e-6)
 
 
 def test_kd_hand_computed_two_token_vocabulary():
@@ -62,13 +66,13 @@ def test_kd_hand_computed_two_token_vocabulary():
     student = torch.zeros(1, 2, 2)
     labels = torch.tensor([[1, 0]])
     expected = 0.8 * math.log(0.8 / 0.5) + 0.2 * math.log(0.2 / 0.5)
-    assert kd_kl_divergence(student, teacher, labels, 1.0).item() == pytest.approx(expected, abs=1e-6)
+    assert kd_term(student, teacher, labels, 1.0).item() == pytest.approx(expected, abs=1e-6)
 
 
 def test_kd_of_identical_distributions_is_zero_and_positive_otherwise():
     student, teacher, labels = random_batch()
-    assert kd_kl_divergence(student, student.clone(), labels, 1.5).item() == pytest.approx(0.0, abs=1e-6)
-    assert kd_kl_divergence(student, teacher, labels, 1.5).item() > 0.01
+    assert kd_term(student, student.clone(), labels, 1.5).item() == pytest.approx(0.0, abs=1e-6)
+    assert kd_term(student, teacher, labels, 1.5).item() > 0.01
 
 
 def test_ce_matches_cross_entropy_on_shifted_targets():
@@ -108,7 +112,7 @@ def test_teacher_extra_tokens_are_cropped_to_the_student_vocabulary():
 def test_teacher_smaller_than_student_is_refused():
     student, teacher, labels = random_batch()
     with pytest.raises(ValueError, match="vocabulary"):
-        kd_kl_divergence(student, teacher[..., :-1], labels, 1.0)
+        kd_term(student, teacher[..., :-1], labels, 1.0)
 
 
 def test_classic_loss_is_cross_entropy_without_teacher():

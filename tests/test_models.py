@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, PreTra
 
 import dataset
 import models
+from build_tiny import train_byte_level_tokenizer
 from helpers import save_gpt2
 
 
@@ -102,7 +103,7 @@ def test_build_student_loads_a_pretrained_directory(tmp_path, tokenizer, teacher
 @pytest.fixture(scope="module")
 def other_tokenizer(rows):
     texts = [row["instruction"] + " " + row["output"] for row in rows]
-    return models.train_byte_level_tokenizer(texts, vocab_size=300)
+    return train_byte_level_tokenizer(texts, vocab_size=300)
 
 
 def test_check_compatible_rejects_a_different_student_tokenizer(tokenizer, other_tokenizer):
