@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 import dataset
 import models
+from batching import PaddingCollator
 from errors import first_line
 from loss import CachedTeacher
 from storage import atomic_directory
@@ -173,16 +174,11 @@ def _build_split(directory: Path, teacher, split, top_k: int, vocab_size: int, p
     # Samples in length order, so that batches carry little padding.
     order = np.argsort(lengths, kind="stable")
     all_ids = split["input_ids"]  # one read of the column: row-by-row access is slow
+    collate = PaddingCollator(pad_token_id)  # padded as training pads them; every position is read here
     for start in range(0, len(order), batch_size):
         indices = order[start:start + batch_size]
-        samples = [all_ids[int(index)] for index in indices]
-        longest = max(len(ids) for ids in samples)
-        input_ids = torch.full((len(samples), longest), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, ids in enumerate(samples):
-            input_ids[row, : len(ids)] = torch.as_tensor(ids)
-            attention_mask[row, : len(ids)] = 1
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        batch = collate([{"input_ids": all_ids[int(index)], "prompt_length": 0} for index in indices])
+        input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         with autocast() if autocast is not None else torch.autocast(device.type, enabled=False):
             logits = teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         top = top_k_distribution(logits[:, :-1, :vocab_size], input_ids[:, 1:], top_k)
