@@ -9,6 +9,7 @@ tokenized-data cache key. Any malformed conversation is a DataError naming its r
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Optional
 
@@ -120,12 +121,36 @@ def _check_conversation(conversation: list[dict], index: int, dataset: str) -> N
 
 def rendering_template(tokenizer, template: Any) -> str:
     """The Jinja chat template that renders conversations: the tokenizer's own when it has one, else the prompt
-    template's (`dataset.alpaca_chat_template`, so that chat data reads as the Alpaca samples the teacher saw)."""
+    template's (`alpaca_chat_template`, so that chat data reads as the Alpaca samples the teacher saw)."""
     own = tokenizer_template(tokenizer)
     if own:
         return own
-    from dataset import alpaca_chat_template  # dataset.py imports this module
     return alpaca_chat_template(template)
+
+
+def alpaca_chat_template(template: Any) -> str:
+    """A Jinja chat template (the tokenizer's `chat_template`) that renders role/content messages in the format of
+    `template` (a `dataset.PromptTemplate`): each user turn as the prompt without input (the instruction), each
+    assistant turn as its text then EOS, a system message before the first prompt. A single user/assistant exchange renders byte for byte as
+    `alpaca_prompt(instruction, "") + response + EOS`, the training text of an Alpaca sample without input; the
+    assistant turns are marked as generation (`return_assistant_tokens_mask`). The prompt ends where the response
+    begins, so the generation prompt adds nothing."""
+    prefix, suffix = template.without_input.split("{instruction}")
+    prefix, suffix = (part.replace("{{", "{").replace("}}", "}") for part in (prefix, suffix))
+
+    def literal(text: str) -> str:
+        return json.dumps(text)  # a Jinja string literal with the same escapes
+
+    return (
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'system' -%}{{ message['content'] }}{{ " + literal("\n\n") + " }}"
+        "{%- elif message['role'] == 'user' -%}{{ " + literal(prefix) + " }}{{ message['content'] }}{{ "
+        + literal(suffix) + " }}"
+        "{%- elif message['role'] == 'assistant' -%}{% generation %}{{ message['content'] }}{{ eos_token }}"
+        "{% endgeneration %}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    )
 
 
 def tokenizer_template(tokenizer) -> Optional[str]:

@@ -107,31 +107,6 @@ def alpaca_prompt(instruction: str, context: str, template: PromptTemplate = DEF
     return template.without_input.format(instruction=instruction)
 
 
-def alpaca_chat_template(template: PromptTemplate = DEFAULT_TEMPLATE) -> str:
-    """A Jinja chat template (the tokenizer's `chat_template`) that renders role/content messages in `template`'s
-    format: each user turn as the prompt without input (the instruction), each assistant turn as its text then EOS,
-    a system message before the first prompt. A single user/assistant exchange renders byte for byte as
-    `alpaca_prompt(instruction, "") + response + EOS`, the training text of an Alpaca sample without input; the
-    assistant turns are marked as generation (`return_assistant_tokens_mask`). The prompt ends where the response
-    begins, so the generation prompt adds nothing."""
-    prefix, suffix = template.without_input.split("{instruction}")
-    prefix, suffix = (part.replace("{{", "{").replace("}}", "}") for part in (prefix, suffix))
-
-    def literal(text: str) -> str:
-        return json.dumps(text)  # a Jinja string literal with the same escapes
-
-    return (
-        "{%- for message in messages -%}"
-        "{%- if message['role'] == 'system' -%}{{ message['content'] }}{{ " + literal("\n\n") + " }}"
-        "{%- elif message['role'] == 'user' -%}{{ " + literal(prefix) + " }}{{ message['content'] }}{{ "
-        + literal(suffix) + " }}"
-        "{%- elif message['role'] == 'assistant' -%}{% generation %}{{ message['content'] }}{{ eos_token }}"
-        "{% endgeneration %}"
-        "{%- endif -%}"
-        "{%- endfor -%}"
-    )
-
-
 def training_chat_template(spec: "DataSpec", tokenizer, splits: DatasetDict) -> Optional[str]:
     """The chat template that renders messages as the student was trained: for chat data, the one that rendered it
     (chat_data.rendering_template; its samples carry a target_mask); for Alpaca samples, the prompt template's, even
@@ -139,7 +114,7 @@ def training_chat_template(spec: "DataSpec", tokenizer, splits: DatasetDict) -> 
     whose prompt format is unknown."""
     if "target_mask" in splits["train"].column_names:
         return chat_data.rendering_template(tokenizer, spec.template)
-    return alpaca_chat_template(spec.template) if spec.text_column is None else None
+    return chat_data.alpaca_chat_template(spec.template) if spec.text_column is None else None
 
 
 @dataclass(frozen=True)

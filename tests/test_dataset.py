@@ -13,6 +13,7 @@ import torch
 from datasets import Dataset
 
 import batching
+import chat_data
 import data_files
 import dataset
 from loss import IGNORE_INDEX
@@ -376,7 +377,7 @@ def test_the_alpaca_chat_template_renders_the_training_text(tokenizer, template)
     """One exchange through the chat template is the training text of an Alpaca sample without input, byte for byte;
     the generation prompt is the prompt; the assistant mask covers the response and EOS."""
     prompt_template = dataset.prompt_template(CUSTOM_TEMPLATE if template == "custom" else template)
-    chat_template = dataset.alpaca_chat_template(prompt_template)
+    chat_template = chat_data.alpaca_chat_template(prompt_template)
     messages = [{"role": "user", "content": 'Say "{hi}"\n twice.'}, {"role": "assistant", "content": "hi hi"}]
     prompt = dataset.alpaca_prompt('Say "{hi}"\n twice.', "", prompt_template)
     rendered = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import chat_data
 import dataset
 import distill
 from checkpoints import set_generation_defaults
@@ -81,17 +82,17 @@ def test_the_saved_chat_template_is_the_one_that_rendered_the_training_text(toke
     own_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     own = copy.deepcopy(tokenizer)
     own.chat_template = own_template
-    assert dataset.training_chat_template(spec, tokenizer, alpaca_rows) == dataset.alpaca_chat_template(SHORT)
-    assert dataset.training_chat_template(spec, own, alpaca_rows) == dataset.alpaca_chat_template(SHORT)
-    assert dataset.training_chat_template(spec, tokenizer, chat_rows) == dataset.alpaca_chat_template(SHORT)
+    assert dataset.training_chat_template(spec, tokenizer, alpaca_rows) == chat_data.alpaca_chat_template(SHORT)
+    assert dataset.training_chat_template(spec, own, alpaca_rows) == chat_data.alpaca_chat_template(SHORT)
+    assert dataset.training_chat_template(spec, tokenizer, chat_rows) == chat_data.alpaca_chat_template(SHORT)
     assert dataset.training_chat_template(spec, own, chat_rows) == own_template
     text_spec = dataclasses.replace(spec, text_column="text")
     assert dataset.training_chat_template(text_spec, tokenizer, alpaca_rows) is None
 
     text = dataset.alpaca_prompt(INSTRUCTION, "", SHORT) + "red and blue"
     fresh = copy.deepcopy(tokenizer)
-    set_generation_defaults(fresh, model, dataset.alpaca_chat_template(SHORT), max_length=64)
-    assert fresh.chat_template == dataset.alpaca_chat_template(SHORT)
+    set_generation_defaults(fresh, model, chat_data.alpaca_chat_template(SHORT), max_length=64)
+    assert fresh.chat_template == chat_data.alpaca_chat_template(SHORT)
     assert fresh(text)["input_ids"] == tokenizer(text)["input_ids"]
     assert (model.generation_config.eos_token_id, model.generation_config.pad_token_id) == (
         tokenizer.eos_token_id, tokenizer.pad_token_id)
