@@ -109,10 +109,6 @@ def _keyed_by_index(optimizer_state: dict, names: list[str]) -> dict:
     }
 
 
-def _is_keyed_by_name(optimizer_state: dict) -> bool:
-    return any(isinstance(key, str) for group in optimizer_state["param_groups"] for key in group["params"])
-
-
 def set_generation_defaults(tokenizer, model, chat_template: Optional[str], max_length: int) -> None:
     """What every checkpoint carries so that `pipeline("text-generation", model=checkpoint)` prompts the student as it
     was trained and stops at its end: `chat_template`, the one that rendered the training text
@@ -326,20 +322,16 @@ def load_training_state(directory: Path, model, optimizer, scheduler, scaler=Non
 
 
 def _load_optimizer_state(model: torch.nn.Module, optimizer, optimizer_state: dict) -> None:
-    """Load a whole optimizer state keyed by name (or by index, as checkpoints of earlier versions were) into the
-    optimizer of this run, whose parameters may be sharded over another number of processes."""
+    """Load a whole optimizer state keyed by parameter name into the optimizer of this run, whose parameters may be
+    sharded over another number of processes."""
     inner = getattr(optimizer, "optimizer", optimizer)
     names = _parameter_names(model, inner)
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        if not _is_keyed_by_name(optimizer_state):
-            optimizer_state = _keyed_by_name(optimizer_state, names)
         set_optimizer_state_dict(model, inner, optimizer_state, options=StateDictOptions(full_state_dict=True))
     else:
-        if _is_keyed_by_name(optimizer_state):
-            optimizer_state = _keyed_by_index(optimizer_state, names)
-        optimizer.load_state_dict(optimizer_state)
+        optimizer.load_state_dict(_keyed_by_index(optimizer_state, names))
 
 
 def _is_tied(model: torch.nn.Module, key: str) -> bool:
