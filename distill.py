@@ -121,10 +121,12 @@ def push_run(run_directory: Path, model_id: Optional[str]) -> int:
             model_card.write_model_card(run_directory, config)
         push_checkpoint(best, model_id, push_command(run_directory, model_id))
     except (Exception, KeyboardInterrupt) as error:
-        # Beyond a user's error: a damaged summary.json or checkpoint, a card the disk refused.
-        unpushable = UserError(f"the run {run_directory} cannot be pushed ({first_line(error)}); check its best "
-                               f"checkpoint and summary.json, or free disk space, then run the same command again.")
-        status = ending(error, None) or (ending(unpushable, None) if isinstance(error, (OSError, ValueError)) else None)
+        status = ending(error, None)
+        if status is None and isinstance(error, (OSError, ValueError)):
+            # A damaged summary.json or checkpoint, a card the disk refused: the run cannot be pushed as it is.
+            status = ending(UserError(f"the run {run_directory} cannot be pushed ({first_line(error)}); check its "
+                                      f"best checkpoint and summary.json, or free disk space, then run the same "
+                                      f"command again."), None)
         if status is None:
             raise
         return status

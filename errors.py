@@ -1,5 +1,5 @@
-"""What a user is told when a run cannot go on, and the exit code it ends with: the lowest layer, imported by every
-other module (it imports nothing of the project's, nor torch or transformers).
+"""What a user is told when a run cannot go on, and the exit code it ends with: the lowest layer, which the others
+import (it imports nothing of the project's, nor torch or transformers).
 
 A user's mistake or a damaged input is a `UserError`: its message is one sentence that names the problem and the fix,
 shown as it is, and the program exits with EXIT_USER_ERROR before anything of an earlier run is touched.

@@ -223,3 +223,21 @@ def test_bad_hub_section_is_refused(tmp_path, config_values, hub, fragment):
 def test_hub_section_defaults_to_no_push(config_file):
     assert load_config(config_file).hub.model_id is None
     assert load_config(REPO / "config.yaml").hub.model_id is None
+
+
+def test_push_of_a_run_with_a_damaged_summary_is_one_sentence_and_exit_2(shared_runs, tmp_path, monkeypatch, caplog):
+    """A real truncated summary.json and no model card: writing the card fails to read it, and --push says which run
+    cannot be pushed and what to check, without a traceback and without uploading anything."""
+    import shutil
+
+    _, plain, _ = shared_runs
+    run = shutil.copytree(plain, tmp_path / plain.name)
+    (run / "best" / "README.md").unlink()
+    summary = run / "summary.json"
+    summary.write_bytes(summary.read_bytes()[: len(summary.read_bytes()) // 2])
+    hub = StandInHub()
+    hub.install(monkeypatch)
+    assert distill.main(["--push", str(run), "--model-id", "someone/plain"]) == distill.EXIT_USER_ERROR
+    errors = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+    assert len(errors) == 1 and f"the run {run} cannot be pushed" in errors[0] and "summary.json" in errors[0]
+    assert "\n" not in errors[0] and hub.uploads == []
