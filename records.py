@@ -236,8 +236,11 @@ def write_summary(run: RunLocation, state: TrainerState, best_metric: str, test:
 
 
 def report_where(run: RunLocation, accelerator, best_name: str) -> None:
-    """End of a run: draw its loss curves beside its records and say where everything is."""
-    accelerator.end_training()
+    """End of a run: draw its loss curves beside its records and say where everything is. The trackers are
+    finished here; the process group is left to `hardware.end_processes`, which needs it for its last barrier
+    (Accelerate's `end_training` would destroy it, and the interpreter's teardown of gloo can then abort a rank)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
     if not accelerator.is_main_process:
         return
     import plots

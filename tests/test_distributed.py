@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,12 +50,13 @@ def no_dropout_teacher(tmp_path_factory, tokenizer):
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
-def torchrun(arguments: list[str], processes: int = 2) -> subprocess.CompletedProcess:
+def torchrun(arguments: list[str], processes: int = 2,
+             script: Path = REPO / "distill.py") -> subprocess.CompletedProcess:
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-                   "TOKENIZERS_PARALLELISM": "false"}
+                   "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-         str(REPO / "distill.py"), *arguments],
+         str(script), *arguments],
         cwd=REPO, capture_output=True, text=True, env=environment, timeout=300,
     )
 
@@ -205,6 +207,34 @@ def test_a_checkpoint_moves_between_fsdp_and_one_process(runs):
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["split"] == "train"]
     assert steps == list(range(2, 13, 2))
+
+
+END_OF_A_RUN = """
+import shutil, sys
+from pathlib import Path
+import torch
+from accelerate import Accelerator
+import hardware, records, runs
+accelerator = Accelerator(cpu=True)
+records.report_where(runs.RunLocation("two", Path(sys.argv[1]), False), accelerator, "best")
+print(f"rank {accelerator.process_index}: process group kept {torch.distributed.is_initialized()}", flush=True)
+hardware.end_processes(0)
+print("interpreter teardown reached", flush=True)
+"""
+
+
+def test_the_end_of_a_run_keeps_the_process_group_for_the_last_barrier_and_skips_the_teardown(runs, tmp_path):
+    """The interpreter's teardown of gloo (DDP's reducer, FSDP) can abort a rank or hang after a finished run, so
+    each process leaves through `hardware.end_processes`: a barrier, then os._exit. That needs the process group
+    alive after the run's records are closed (Accelerate's end_training destroyed it, and the teardown ran)."""
+    root, _, _ = runs
+    run = shutil.copytree(root / "checkpoints" / "two", tmp_path / "two")
+    script = tmp_path / "end_of_a_run.py"
+    script.write_text(END_OF_A_RUN)
+    completed = torchrun([str(run)], script=script)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert sorted(completed.stdout.split("\n")[:-1]) == [f"rank {rank}: process group kept True" for rank in (0, 1)]
+    assert (run / "loss_curves.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("setting, sentence", [
