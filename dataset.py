@@ -22,11 +22,11 @@ import numpy as np
 import pyarrow
 from datasets import Dataset, DatasetDict, List, Value, load_from_disk
 
-import chat_data
-import data_files
-from data_files import DataError, remove_damaged_cache
-from errors import first_line
-from storage import atomic_directory
+from distillation.data import chat_data
+from distillation.data import data_files
+from distillation.data.data_files import DataError, remove_damaged_cache
+from distillation.base.errors import first_line
+from distillation.base.storage import atomic_directory
 
 logger = logging.getLogger(__name__)
 

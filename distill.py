@@ -21,21 +21,21 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import checkpoints
+from distillation.run import checkpoints
 import dataset
-import hardware
-import model_card
+from distillation.runtime import hardware
+from distillation.run import model_card
 import models
-import records
-import runs
-import storage
-import teacher_cache
-from checkpoints import CheckpointError
-from config import Config, ConfigError, check_model_id, load_config
-from errors import EXIT_NON_FINITE_LOSS, EXIT_SIGNAL_BASE, EXIT_USER_ERROR, UserError, first_line
-from hub_push import push_checkpoint
-from runs import PLAIN_BASELINE_SUFFIX, locate_run
-from trainer import NonFiniteLoss, StoppedBySignal, Trainer
+from distillation.run import records
+from distillation.run import runs
+from distillation.base import storage
+from distillation.training import teacher_cache
+from distillation.run.checkpoints import CheckpointError
+from distillation.settings.config import Config, ConfigError, check_model_id, load_config
+from distillation.base.errors import EXIT_NON_FINITE_LOSS, EXIT_SIGNAL_BASE, EXIT_USER_ERROR, UserError, first_line
+from distillation.run.hub_push import push_checkpoint
+from distillation.run.runs import PLAIN_BASELINE_SUFFIX, locate_run
+from distillation.training.trainer import NonFiniteLoss, StoppedBySignal, Trainer
 
 logger = logging.getLogger("distill")
 

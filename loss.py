@@ -21,10 +21,10 @@ from typing import NamedTuple, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from chunked_loss import FusedTerms, fused_divergence_ce
-from divergences import SKEW_DIVERGENCES, check_divergence, token_divergence
+from distillation.data.batching import IGNORE_INDEX
+from distillation.kernels.chunked_loss import FusedTerms, fused_divergence_ce
+from distillation.kernels.divergences import SKEW_DIVERGENCES, check_divergence, token_divergence
 
-IGNORE_INDEX = -100
 
 class LossOutput(NamedTuple):
     loss: torch.Tensor  # scalar to back-propagate

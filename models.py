@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
-from errors import UserError, first_line
+from distillation.base.errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
 

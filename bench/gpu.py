@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import batching  # noqa: E402
+from distillation.data import batching  # noqa: E402
 import models  # noqa: E402
 from loss import ChunkedDistillationLoss, DistillationLoss  # noqa: E402
 from throughput import alpaca_like_samples, project_loss, training_flops_per_token  # noqa: E402

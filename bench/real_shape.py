@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import hardware  # noqa: E402
+from distillation.runtime import hardware  # noqa: E402
 import models  # noqa: E402
 from gpu import length_grouped_batches  # noqa: E402
 from loss import LossSpec  # noqa: E402

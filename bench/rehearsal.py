@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="another config.yaml value, as distill.py --set (repeatable)")
     arguments = parser.parse_args(argv)
-    from config import load_config
+    from distillation.settings.config import load_config
 
     full_run = load_config(REPO / "config.yaml", arguments.set)  # refuses a wrong override before any work
     with tempfile.TemporaryDirectory(prefix="rehearsal-") as temporary:

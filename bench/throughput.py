@@ -40,9 +40,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import batching  # noqa: E402
+from distillation.data import batching  # noqa: E402
 import models  # noqa: E402
-import hardware  # noqa: E402
+from distillation.runtime import hardware  # noqa: E402
 from loss import DistillationLoss, LossSpec, ModelOutput  # noqa: E402
 
 

@@ -122,7 +122,7 @@ def smoke() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import torch
 
-    import batching
+    from distillation.data import batching
     from bench import throughput
 
     collate = batching.PaddingCollator(0)

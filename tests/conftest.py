@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -13,13 +11,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "assets"))
-
-import generate_tiny_data  # noqa: E402
-from build_tiny import train_byte_level_tokenizer  # noqa: E402
-
-import dataset  # noqa: E402
-from helpers import SHORT, base_config, save_gpt2, write_config  # noqa: E402
+import dataset
+from assets import generate_tiny_data
+from assets.build_tiny import train_byte_level_tokenizer
+from helpers import SHORT, base_config, save_gpt2, write_config
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """Run distill.main, but crash this very process at a chosen point: the crash tests' stand-in for a real crash.
 
-    python3 tests/crash_runner.py POINT STEP distill-arguments...
+    python3 -m tests.crash_runner POINT STEP distill-arguments...
 
 POINT is where the process dies, with SIGKILL (no handler, no cleanup: what an OOM killer or a lost node does):
 - `step`: as the optimizer step after STEP begins;
@@ -20,10 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import distill  # noqa: E402
-from trainer import Trainer  # noqa: E402
+import distill
+from distillation.training.trainer import Trainer
 
 saving_step = {"value": None}
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import yaml
 
 import dataset
-from config import load_config
+from distillation.settings.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 

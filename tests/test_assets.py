@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import batching
+from distillation.data import batching
 import dataset
 import distill
-import generate_tiny_data
+from assets import generate_tiny_data
 import models
 from helpers import REPO
 from loss import next_token_cross_entropy
@@ -78,8 +78,8 @@ def cpu_has_native_bf16() -> bool:
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads Linux's /proc/cpuinfo")
 def test_auto_precision_follows_the_cpu_and_an_explicit_choice_wins(tmp_path):
-    import hardware
-    from config import load_config
+    from distillation.runtime import hardware
+    from distillation.settings.config import load_config
 
     native = cpu_has_native_bf16()
     auto = load_config(REPO / "configs" / "tiny.yaml", ["hardware.device=cpu"])

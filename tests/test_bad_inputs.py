@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import distill
-from build_tiny import train_byte_level_tokenizer
+from assets.build_tiny import train_byte_level_tokenizer
 from helpers import base_config, save_gpt2, write_config
 
 

@@ -9,7 +9,7 @@ import pytest
 import safetensors.torch
 import torch
 
-import batching
+from distillation.data import batching
 import dataset
 import distill
 import models

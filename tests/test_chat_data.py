@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import batching
+from distillation.data import batching
 import dataset
 import distill
 from helpers import SHORT, read_metrics, write_config

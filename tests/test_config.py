@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import distill
-from config import ConfigError, load_config, to_plain_dict
+from distillation.settings.config import ConfigError, load_config, to_plain_dict
 from helpers import REPO, write_config
 from loss import ClassicLoss, DistillationLoss
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from datasets import Dataset
 
-import batching
-import chat_data
-import data_files
+from distillation.data import batching
+from distillation.data import chat_data
+from distillation.data import data_files
 import dataset
 from loss import IGNORE_INDEX
 

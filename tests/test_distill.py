@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 import distill
 import models
 from helpers import base_config, read_metrics, weights, write_config
-from trainer import Trainer
+from distillation.training.trainer import Trainer
 
 
 def run_directories(checkpoints: Path) -> list[Path]:
@@ -215,11 +215,11 @@ def test_every_user_error_is_one_class_and_the_error_layer_imports_nothing_heavy
     import subprocess
     import sys
 
-    import errors
-    from checkpoints import CheckpointError
-    from config import ConfigError
+    from distillation.base import errors
+    from distillation.run.checkpoints import CheckpointError
+    from distillation.settings.config import ConfigError
     from dataset import DataError
-    from hub_push import PushError
+    from distillation.run.hub_push import PushError
 
     for error_class in (ConfigError, models.ModelError, DataError, CheckpointError, PushError):
         assert issubclass(error_class, errors.UserError), error_class

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-import batching
+from distillation.data import batching
 import distill
 from helpers import REPO, base_config, save_gpt2, weights, write_config
 
@@ -214,7 +214,8 @@ import shutil, sys
 from pathlib import Path
 import torch
 from accelerate import Accelerator
-import hardware, records, runs
+from distillation.runtime import hardware
+from distillation.run import records, runs
 accelerator = Accelerator(cpu=True)
 records.report_where(runs.RunLocation("two", Path(sys.argv[1]), False), accelerator, "best")
 print(f"rank {accelerator.process_index}: process group kept {torch.distributed.is_initialized()}", flush=True)

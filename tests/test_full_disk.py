@@ -132,11 +132,10 @@ def test_a_metrics_record_that_does_not_fit_leaves_no_half_line(tmp_path):
     """metrics.jsonl ends 10 bytes before a page boundary on a full disk: the next record fits only in part."""
     mount = tmp_path / "mount"
     program = textwrap.dedent(f"""
-        import json, os, sys
-        sys.path.insert(0, {str(REPO)!r})
+        import json, os
         from accelerate import Accelerator
-        import records
-        from checkpoints import TrainerState
+        from distillation.run import records
+        from distillation.run.checkpoints import TrainerState
         path = os.path.join({str(mount)!r}, "metrics.jsonl")
         first = json.dumps({{"split": "train", "step": 1, "pad": ""}})
         first = first[:-2] + "x" * ({PAGE} - 10 - len(first) - 1) + first[-2:]
@@ -153,7 +152,7 @@ def test_a_metrics_record_that_does_not_fit_leaves_no_half_line(tmp_path):
     """)
     script = f"""
         export -f fill_leaving
-        {shlex.quote(sys.executable)} -c {shlex.quote(program)}
+        cd {shlex.quote(str(REPO))} && {shlex.quote(sys.executable)} -c {shlex.quote(program)}
     """
     result = on_small_filesystem(mount, script)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import batching
-import chunked_loss
+from distillation.data import batching
+from distillation.kernels import chunked_loss
 import loss
-from divergences import DIVERGENCES, token_divergence
+from distillation.kernels.divergences import DIVERGENCES, token_divergence
 from loss import (
     IGNORE_INDEX,
     ChunkedDistillationLoss,

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-import chat_data
+from distillation.data import chat_data
 import dataset
 import distill
-from checkpoints import set_generation_defaults
-from config import ConfigError, load_config
+from distillation.run.checkpoints import set_generation_defaults
+from distillation.settings.config import ConfigError, load_config
 from helpers import REPO, SHORT, base_config, write_config
 
 MODEL_ID = "someone/tiny-student"

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, PreTra
 
 import dataset
 import models
-from build_tiny import train_byte_level_tokenizer
+from assets.build_tiny import train_byte_level_tokenizer
 from helpers import save_gpt2
 
 

@@ -13,11 +13,11 @@ import pytest
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import batching
+from distillation.data import batching
 import dataset
 import distill
-import hub_standins
-from config import load_config
+from assets import hub_standins
+from distillation.settings.config import load_config
 from helpers import REPO, check_a_distilled_pretrained_student
 from loss import IGNORE_INDEX
 

@@ -16,9 +16,9 @@ import torch
 
 import dataset
 import distill
-import plots
+from distillation.run import plots
 from helpers import REPO, base_config, read_metrics, write_config
-from trainer import Trainer
+from distillation.training.trainer import Trainer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -73,7 +73,7 @@ def test_summary_has_best_test_and_teacher_figures(compared_runs, teacher_dir):
     # The teacher's test perplexity, recomputed here from its own definition: exp of the mean CE over real targets.
     from transformers import AutoModelForCausalLM
 
-    from config import load_config
+    from distillation.settings.config import load_config
     import models
 
     config = load_config(config_file)
@@ -179,7 +179,7 @@ def test_plots_command_writes_each_run_and_a_comparison(compared_runs, tmp_path)
         (run / plots.CURVES_FILE).unlink()
     output = tmp_path / "side_by_side.png"
     completed = subprocess.run(
-        [sys.executable, "-m", "plots", str(distilled), str(plain), "--output", str(output)],
+        [sys.executable, "-m", "distillation.run.plots", str(distilled), str(plain), "--output", str(output)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert completed.returncode == 0, completed.stderr
@@ -190,7 +190,7 @@ def test_plots_command_writes_each_run_and_a_comparison(compared_runs, tmp_path)
 
 def test_plots_command_refuses_a_directory_that_is_not_a_run(tmp_path):
     completed = subprocess.run(
-        [sys.executable, "-m", "plots", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "distillation.run.plots", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert completed.returncode == 2
     assert "has no metrics.jsonl" in completed.stderr and "Traceback" not in completed.stderr

@@ -18,15 +18,15 @@ import torch
 
 import distill
 from helpers import REPO, base_config, trainer_state, weights, write_config
-from trainer import Trainer
+from distillation.training.trainer import Trainer
 
-RUNNER = REPO / "tests" / "crash_runner.py"
+RUNNER = ["-m", "tests.crash_runner"]  # run from the repository root, as a module
 
 
 def run_process(*arguments: str, point: str = "none", step: int = -1) -> int:
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     completed = subprocess.run(
-        [sys.executable, str(RUNNER), point, str(step), *arguments],
+        [sys.executable, *RUNNER, point, str(step), *arguments],
         cwd=REPO, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300,
     )
     assert "Traceback" not in completed.stderr, completed.stderr[-3000:]
@@ -231,7 +231,7 @@ def test_the_optimizer_state_is_saved_by_parameter_name_and_loads_back(tmp_path)
     """Checkpoints key the optimizer state by parameter name (so it moves between process counts and FSDP), and it
     loads back into the same state; a state keyed by index (PyTorch's own form, never written here) is refused in
     one sentence."""
-    import checkpoints
+    from distillation.run import checkpoints
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -326,7 +326,7 @@ def test_a_signal_while_a_resume_rewrites_the_history_loses_none_of_it(setup, ki
 
 def start_process(*arguments: str, point: str = "none", step: int = -1, **environment: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, str(RUNNER), point, str(step), *arguments], cwd=REPO,
+        [sys.executable, *RUNNER, point, str(step), *arguments], cwd=REPO,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **environment},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )

@@ -12,7 +12,7 @@ import pytest
 import dataset
 import distill
 import models
-from config import ConfigError, load_config
+from distillation.settings.config import ConfigError, load_config
 from helpers import base_config, write_config
 
 
@@ -100,7 +100,7 @@ def test_a_conversation_is_cut_where_its_first_answer_starts(tokenizer):
     token instead; a conversation whose every token is a target (mask_instruction false) is cut in the middle."""
     from datasets import Dataset
 
-    import samples
+    from distillation.training import samples
 
     user, answer, again, second = (tokenizer(text)["input_ids"] for text in ("Q: hi\nA:", " yes.", "\nQ: and?\nA:", " no."))
     ids = [*user, *answer, *again, *second]

@@ -15,13 +15,13 @@ import yaml
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, GPT2Config
 
-import batching
+from distillation.data import batching
 import dataset
 import distill
-import hardware
+from distillation.runtime import hardware
 import models
-import trainer
-from config import ConfigError, load_config, to_plain_dict
+from distillation.training import trainer
+from distillation.settings.config import ConfigError, load_config, to_plain_dict
 from helpers import REPO, check_a_distilled_pretrained_student, save_gpt2, write_config
 from loss import DistillationLoss, next_token_cross_entropy
 

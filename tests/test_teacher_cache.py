@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 import distill
 import models
-import teacher_cache
-from config import ConfigError, load_config
+from distillation.training import teacher_cache
+from distillation.settings.config import ConfigError, load_config
 from helpers import base_config, write_config
 from loss import (
     IGNORE_INDEX, CachedTeacher, cached_teacher_kd_and_cross_entropy, divergence_and_cross_entropy,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import distill
-from config import load_config
+from distillation.settings.config import load_config
 from helpers import weights
 
 

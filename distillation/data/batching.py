@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from loss import IGNORE_INDEX
+IGNORE_INDEX = -100  # the label of a position no loss scores (PyTorch's cross_entropy default)
 
 
 class LengthGroupedBatchSampler:

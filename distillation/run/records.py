@@ -18,12 +18,12 @@ from typing import Optional
 import torch
 
 import dataset
-import hardware
+from distillation.runtime import hardware
 import models
-import storage
-from checkpoints import TrainerState
-from runs import RunLocation
-from config import Config, ConfigError, dump_config, report_to_names, to_plain_dict
+from distillation.base import storage
+from distillation.run.checkpoints import TrainerState
+from distillation.run.runs import RunLocation
+from distillation.settings.config import Config, ConfigError, dump_config, report_to_names, to_plain_dict
 
 logger = logging.getLogger("distill")
 
@@ -243,7 +243,7 @@ def report_where(run: RunLocation, accelerator, best_name: str) -> None:
         tracker.finish()
     if not accelerator.is_main_process:
         return
-    import plots
+    from distillation.run import plots
 
     try:
         curves = plots.write_run_curves(run.directory)
@@ -251,7 +251,7 @@ def report_where(run: RunLocation, accelerator, best_name: str) -> None:
         curves = None  # matplotlib is not installed: the records are all there, only the picture is missing
     logger.info("Run directory: %s (best checkpoint: %s)", run.directory, run.directory / best_name)
     if curves is not None:
-        logger.info("Loss curves: %s (more runs side by side: python3 -m plots RUN_DIR...)", curves)
+        logger.info("Loss curves: %s (more runs side by side: python3 -m distillation.run.plots RUN_DIR...)", curves)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Read run directories and draw their loss curves: used by distill.py, the notebooks, and the command line.
 
-    python3 -m plots RUN_DIR [RUN_DIR ...] [--output comparison.png]
+    python3 -m distillation.run.plots RUN_DIR [RUN_DIR ...] [--output comparison.png]
 
 writes `loss_curves.png` into each run directory and, for several runs, one comparison figure (validation
 perplexity and the CE term against samples seen, one line per run; by default `comparison.png` beside the first
@@ -18,7 +18,7 @@ from typing import Optional
 
 import yaml
 
-import storage
+from distillation.base import storage
 
 CURVES_FILE = "loss_curves.png"
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from checkpoints import TRAINER_STATE_FILE, CheckpointError, step_copies
-from config import check_simple_name
-from storage import make_folder, previous_version, recover_interrupted_write
+from distillation.run.checkpoints import TRAINER_STATE_FILE, CheckpointError, step_copies
+from distillation.settings.config import check_simple_name
+from distillation.base.storage import make_folder, previous_version, recover_interrupted_write
 
 # `--plain-baseline` trains the run's plain baseline in `<run name>-plain`, beside the run.
 PLAIN_BASELINE_SUFFIX = "-plain"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from config import Config, ConfigError
+from distillation.settings.config import Config, ConfigError
 
 
 def start_processes(config: Config):

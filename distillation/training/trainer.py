@@ -18,15 +18,15 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-import batching
+from distillation.data import batching
 import dataset
-import evaluation
-import hardware
+from distillation.training import evaluation
+from distillation.runtime import hardware
 import models
-import records
-import samples
-import teacher_cache
-from checkpoints import (
+from distillation.run import records
+from distillation.training import samples
+from distillation.training import teacher_cache
+from distillation.run.checkpoints import (
     TrainerState,
     run_identity,
     gather_training_states,
@@ -37,8 +37,8 @@ from checkpoints import (
     load_training_state,
     save_checkpoint,
 )
-from config import Config
-from runs import RunLocation
+from distillation.settings.config import Config
+from distillation.run.runs import RunLocation
 from loss import Criterion, ModelOutput
 
 logger = logging.getLogger("distill")

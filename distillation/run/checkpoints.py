@@ -27,8 +27,8 @@ import safetensors.torch
 import torch
 
 import dataset
-from errors import UserError, first_line
-from storage import atomic_directory, is_disk_full
+from distillation.base.errors import UserError, first_line
+from distillation.base.storage import atomic_directory, is_disk_full
 
 TRAINER_STATE_FILE = "trainer_state.json"
 TRAINING_STATE_FILE = "training_state.pt"

@@ -12,8 +12,8 @@ from typing import NamedTuple, Optional
 import torch
 
 import models
-import records
-import storage
+from distillation.run import records
+from distillation.base import storage
 
 # Enough tokens to read the start of an answer, few enough that a validation costs no more than a few forward passes.
 MAX_NEW_TOKENS = 48

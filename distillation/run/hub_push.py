@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from checkpoints import TRAINER_STATE_FILE, TRAINING_STATE_FILE
-from errors import UserError, first_line
+from distillation.run.checkpoints import TRAINER_STATE_FILE, TRAINING_STATE_FILE
+from distillation.base.errors import UserError, first_line
 
 logger = logging.getLogger("distill")
 

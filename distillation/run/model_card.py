@@ -15,9 +15,9 @@ from typing import Optional
 
 import safetensors
 
-import storage
-from checkpoints import WEIGHTS_FILE
-from config import Config, is_hub_repo_id, to_plain_dict
+from distillation.base import storage
+from distillation.run.checkpoints import WEIGHTS_FILE
+from distillation.settings.config import Config, is_hub_repo_id, to_plain_dict
 
 CARD_FILE = "README.md"
 SUMMARY_FILE = "summary.json"

@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
-from divergences import token_divergence
+from distillation.kernels.divergences import token_divergence
 from loss import CachedTeacher, ModelOutput, at_targets, cached_teacher_buckets, next_token_cross_entropy, target_mask
 from models import model_inputs
 

@@ -32,10 +32,10 @@ import torch.nn.functional as F
 
 import dataset
 import models
-from batching import PaddingCollator
-from errors import first_line
+from distillation.data.batching import PaddingCollator
+from distillation.base.errors import first_line
 from loss import CachedTeacher
-from storage import atomic_directory
+from distillation.base.storage import atomic_directory
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from datasets import Dataset
 from datasets.features import List, Value
 from jinja2 import TemplateError
 
-from data_files import DataError
-from errors import first_line
+from distillation.data.data_files import DataError
+from distillation.base.errors import first_line
 
 ALPACA = "alpaca"
 MESSAGES = "messages"

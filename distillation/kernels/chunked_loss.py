@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from divergences import token_divergence
+from distillation.kernels.divergences import token_divergence
 
 
 @dataclass(frozen=True)

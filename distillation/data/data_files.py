@@ -14,8 +14,8 @@ from typing import Iterator, Optional
 
 from datasets import Dataset, load_dataset
 
-import storage
-from errors import UserError, first_line
+from distillation.base import storage
+from distillation.base.errors import UserError, first_line
 
 logger = logging.getLogger("dataset")
 

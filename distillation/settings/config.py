@@ -22,10 +22,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-import config_guard
+from distillation.settings import config_guard
 import loss as loss_module
-import storage
-from errors import UserError, first_line
+from distillation.base import storage
+from distillation.base.errors import UserError, first_line
 
 
 class ConfigError(UserError):

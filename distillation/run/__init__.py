@@ -1,0 +1,1 @@
+"""A run directory: its lock, records, checkpoints, curves, model card and Hub push."""

@@ -1,0 +1,1 @@
+"""The training loop, its evaluation, samples and the teacher cache."""
