@@ -1,4 +1,5 @@
-"""A peer row for bench/throughput.py: TRL's GKDTrainer on the same models, batches and batch size as the project.
+"""A peer row for bench/real_shape.py (and so bench/throughput.py): TRL's GKDTrainer on the same models, batches and
+batch size as the project.
 
 With `lmbda=0` GKD never generates (its `random.random() <= lmbda` draw is essentially never true) and with `beta=0`
 its generalized JSD is the forward KL(teacher || student) over the vocabulary, averaged over target tokens: the
