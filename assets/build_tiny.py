@@ -1,6 +1,7 @@
-"""Rebuild the embedded demo's assets in assets/tiny/ from nothing (about 10 minutes on 2 CPU cores):
+"""Rebuild the embedded demo's assets in assets/tiny/ from nothing (about 10 minutes on 2 CPU cores), from the
+repository root:
 
-    python3 assets/build_tiny.py
+    python3 -m assets.build_tiny
 
 1. the synthetic Alpaca-format data set  -> assets/tiny/alpaca_tiny.jsonl   (assets/generate_tiny_data.py)
 2. a byte-level BPE tokenizer trained on that data with `tokenizers`
@@ -17,12 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from assets import generate_tiny_data
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "assets"))
-
-import generate_tiny_data  # noqa: E402
-
 TINY = REPO / "assets" / "tiny"
 DATA_FILE = TINY / "alpaca_tiny.jsonl"
 TEACHER_DIR = TINY / "teacher"

@@ -8,8 +8,8 @@ regular enough that the loss drops far below uniform within minutes.
 Each output line is a JSON object with exactly the keys "instruction", "input"
 and "output". The same arguments always produce byte-identical output.
 
-Usage (these are the defaults):
-    python3 assets/generate_tiny_data.py --out assets/tiny/alpaca_tiny.jsonl --n 3000 --seed 0
+Usage, from the repository root (these are the defaults):
+    python3 -m assets.generate_tiny_data --out assets/tiny/alpaca_tiny.jsonl --n 3000 --seed 0
 """
 
 import argparse
@@ -20,9 +20,7 @@ import re
 import statistics
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script or imported
-
-import tiny_words as tables  # noqa: E402  (the word tables)
+from assets import tiny_words as tables
 
 # ---------------------------------------------------------------------------
 # Small helpers.

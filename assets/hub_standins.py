@@ -1,7 +1,7 @@
 """Local stand-ins for the real experiment's Hub repositories, at GPT-2's real shapes, for running `config.yaml`
 offline (the rehearsal benchmark and the real-shape test):
 
-    python3 assets/hub_standins.py OUT [--teacher-layers 12] [--rows 2000] [--distilgpt2-layers 6]
+    python3 -m assets.hub_standins OUT [--teacher-layers 12] [--rows 2000] [--distilgpt2-layers 6]
     python3 distill.py --set teacher.name=OUT/gpt2-alpaca-gpt4 --set data.dataset=OUT/alpaca-gpt4.jsonl
     python3 distill.py --config configs/seed_distilgpt2.yaml --set teacher.name=OUT/gpt2-alpaca-gpt4 \
         --set student.pretrained=OUT/distilgpt2 --set data.dataset=OUT/alpaca-gpt4.jsonl

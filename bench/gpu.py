@@ -16,17 +16,12 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from distillation.data import batching  # noqa: E402
-import models  # noqa: E402
-from loss import ChunkedDistillationLoss, DistillationLoss  # noqa: E402
-from throughput import alpaca_like_samples, project_loss, training_flops_per_token  # noqa: E402
+from bench import workload
+import models
+from loss import ChunkedDistillationLoss, DistillationLoss
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, without sparsity), matched on the device name.
 BF16_PEAK_TFLOPS = {
@@ -75,7 +70,7 @@ def measure(teacher, student, criterion, batches, warmup: int, use_autocast: boo
 
     def step(batch):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
-            output = project_loss(teacher, student, criterion, batch)
+            output = workload.project_loss(teacher, student, criterion, batch)
         output.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -106,17 +101,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def length_grouped_batches(samples: list[list[int]], batch_size: int, device: torch.device) -> list[dict]:
-    """The samples in length-grouped, padded batches on the device, as the project batches them."""
-    sampler = batching.LengthGroupedBatchSampler([len(ids) for ids in samples], batch_size, seed=0)
-    collate = batching.PaddingCollator(pad_token_id=0)
-    batches = []
-    for indices in sampler:
-        batch = collate([{"input_ids": samples[index], "prompt_length": 0} for index in indices])
-        batches.append({key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()})
-    return batches
-
-
 def report_row(label: str, figures: dict, flops_per_token: float, peak: float | None) -> dict:
     """Print one loss's row of the table; return its figures for the JSON line."""
     rate = figures["real_tokens"] / figures["seconds"]
@@ -143,7 +127,8 @@ def main(argv=None) -> int:
     parser.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, if its name is not known here")
     arguments = parser.parse_args(argv)
     if arguments.device == "cuda" and not torch.cuda.is_available():
-        print("bench/gpu.py needs a CUDA GPU (use --device cpu --shape tiny to try it on a CPU)", file=sys.stderr)
+        print("python3 -m bench.gpu needs a CUDA GPU (python3 -m bench.gpu --device cpu --shape tiny tries it on a "
+              "CPU)", file=sys.stderr)
         return 2
     device = torch.device(arguments.device)
     *_, vocab_size, max_length, default_batch = SHAPES[arguments.shape]
@@ -155,10 +140,10 @@ def main(argv=None) -> int:
         student.compile(dynamic=True)
     initial_state = {key: value.clone() for key, value in student.state_dict().items()}
 
-    samples = alpaca_like_samples((arguments.warmup + arguments.steps) * batch_size, max_length, vocab_size)
-    batches = length_grouped_batches(samples, batch_size, device)
+    samples = workload.alpaca_like_samples((arguments.warmup + arguments.steps) * batch_size, max_length, vocab_size)
+    batches = workload.length_grouped_batches(samples, batch_size, device)
     real_context = sum(len(ids) ** 2 for ids in samples) / 2 / sum(len(ids) for ids in samples)
-    flops_per_token = training_flops_per_token(student, teacher, real_context)
+    flops_per_token = workload.training_flops_per_token(student, teacher, real_context)
     peak = card_peak_flops(device, arguments.peak_tflops)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

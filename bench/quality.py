@@ -1,7 +1,7 @@
 """Does distillation beat plain training at equal steps, and which method? Measured on the embedded benchmark.
 
-    python3 bench/quality.py            # 3 seeds x 6 methods, 150 steps each: about 35 minutes on 2 CPU cores
-    python3 bench/quality.py --quick    # 1 seed, 40 steps, the first 1000 samples: under 5 minutes
+    python3 -m bench.quality            # 3 seeds x 6 methods, 150 steps each: about 35 minutes on 2 CPU cores
+    python3 -m bench.quality --quick    # 1 seed, 40 steps, the first 1000 samples: under 5 minutes
 
 Every run is `distill.py --config configs/tiny.yaml` (the 4-layer teacher and 2-layer student of the offline
 demo) with the same seed, data, batches and number of optimizer steps, changing one thing:
@@ -23,16 +23,13 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import distill
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-import distill  # noqa: E402
-
 CACHE_TOP_K = 16
 METHODS = {
     "plain": ["training_parameters.loss={'()': loss.ClassicLoss}"],

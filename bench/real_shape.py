@@ -1,7 +1,7 @@
 """GPT-2's real shapes on this machine: this project's training step against TRL's GKDTrainer, and where the time goes.
 
-    python3 bench/real_shape.py              # about 6 minutes on 2 CPU cores (run by bench/throughput.py too)
-    python3 bench/real_shape.py --profile    # the top operators of the project's step (torch.profiler)
+    python3 -m bench.real_shape              # about 6 minutes on 2 CPU cores (python3 -m bench.throughput runs it too)
+    python3 -m bench.real_shape --profile    # the top operators of the project's step (torch.profiler)
 
 A GPT-2 (124M)-shaped teacher and a 6-layer student of GPT-2's shape (random weights, vocabulary 50257, width 768,
 12 heads, no dropout), batches of 8 Alpaca-like samples of at most 256 tokens, length-grouped as the project batches
@@ -18,19 +18,13 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from distillation.runtime import hardware  # noqa: E402
-import models  # noqa: E402
-from gpu import length_grouped_batches  # noqa: E402
-from loss import LossSpec  # noqa: E402
-from throughput import alpaca_like_samples, matmul_rates, project_step, training_flops_per_token  # noqa: E402
-from trl_peer import trl_gkd_seconds  # noqa: E402
+from bench import trl_peer, workload
+from distillation.runtime import hardware
+import models
+from loss import LossSpec
 
 SHAPES = {  # vocabulary, width, heads, teacher layers, student layers, max length, batch size
     "gpt2": (50257, 768, 12, 12, 6, 256, 8),
@@ -66,10 +60,10 @@ def project_seconds(teacher, student, batches: list[dict], bf16: bool, warmup: i
     criterion = LossSpec.from_section({"()": "loss.DistillationLoss", "alpha": 1.0, "beta": 0.1}).build(fused=True)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=True)  # as trainer.build_optimizer
     for batch in batches[:warmup]:
-        project_step(teacher, student, optimizer, criterion, batch, bf16)
+        workload.project_step(teacher, student, optimizer, criterion, batch, bf16)
     start = time.perf_counter()
     for batch in batches[warmup:]:
-        project_step(teacher, student, optimizer, criterion, batch, bf16)
+        workload.project_step(teacher, student, optimizer, criterion, batch, bf16)
     return time.perf_counter() - start
 
 
@@ -82,7 +76,8 @@ def measure_rows(teachers: dict, student, batches: list[dict]) -> dict:
         student.load_state_dict(initial_state)
         rows[f"this project, {precision}"] = project_seconds(teachers[precision], student, batches, bf16)
         student.load_state_dict(initial_state)
-        rows[f"TRL GKDTrainer, {precision}"] = trl_gkd_seconds(teachers[precision], student, batches, bf16=bf16)
+        rows[f"TRL GKDTrainer, {precision}"] = trl_peer.trl_gkd_seconds(teachers[precision], student, batches,
+                                                                        bf16=bf16)
     return rows
 
 
@@ -91,7 +86,7 @@ def report(rows: dict, batches: list[dict], student, teacher, rates: dict, side:
     timed = batches[1:]
     real_tokens = sum(int(batch["attention_mask"].sum()) for batch in timed)
     lengths = [int(length) for batch in timed for length in batch["attention_mask"].sum(dim=1)]
-    flops_per_token = training_flops_per_token(student, teacher, sum(n * n for n in lengths) / 2 / real_tokens)
+    flops_per_token = workload.training_flops_per_token(student, teacher, sum(n * n for n in lengths) / 2 / real_tokens)
     computed = sum(batch["input_ids"].numel() for batch in timed)
     config = student.config
     print(f"GPT-2's architecture: teacher {teacher.config.n_layer} layers, student {config.n_layer}, width "
@@ -136,14 +131,14 @@ def run(quick: bool, profile: bool = False, shape: str = "gpt2") -> dict:
     teachers, student = build_models(shape)
     vocabulary, *_, max_length, batch_size = SHAPES[shape]
     timed_batches = 3 if quick else 6
-    samples = alpaca_like_samples((timed_batches + 1) * batch_size, max_length, vocabulary, seed=1)
-    batches = length_grouped_batches(samples, batch_size, torch.device("cpu"))
+    samples = workload.alpaca_like_samples((timed_batches + 1) * batch_size, max_length, vocabulary, seed=1)
+    batches = workload.length_grouped_batches(samples, batch_size, torch.device("cpu"))
     if profile:
         profile_step(teachers, student, batches)
         return {}
-    before = matmul_rates(size=MATMUL_SIDE[shape])
+    before = workload.matmul_rates(size=MATMUL_SIDE[shape])
     rows = measure_rows(teachers, student, batches)
-    rates = matmul_rates(before, MATMUL_SIDE[shape])
+    rates = workload.matmul_rates(before, MATMUL_SIDE[shape])
     figures = report(rows, batches, student, teachers["float32"], rates, MATMUL_SIDE[shape])
     figures["native_bf16"] = hardware.has_native_bf16("cpu")
     return figures

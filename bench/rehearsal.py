@@ -1,7 +1,7 @@
 """Rehearse the real experiment offline: `config.yaml` itself at GPT-2's real shapes, for a few optimizer steps.
 
-    python3 bench/rehearsal.py          # 12-layer teacher, config.yaml's 6-layer student: 11 minutes on 2 CPU cores
-    python3 bench/rehearsal.py --set hardware.mixed_precision=bf16     # any config value, as distill.py --set
+    python3 -m bench.rehearsal          # 12-layer teacher, config.yaml's 6-layer student: 11 minutes on 2 CPU cores
+    python3 -m bench.rehearsal --set hardware.mixed_precision=bf16     # any config value, as distill.py --set
 
 The Hub repositories are replaced by local stand-ins with their file layout (assets/hub_standins.py): a teacher of
 GPT-2 124M's shape with 50260 vocabulary rows (random weights) and GPT-2's own tokenizer, and rows shaped like
@@ -27,12 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from assets import hub_standins
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "assets"))
-
-import hub_standins  # noqa: E402
-
 RUN_NAME = "rehearsal"
 
 
@@ -109,7 +106,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps (the first warms up)")
     parser.add_argument("--work", type=Path, help="folder for the stand-ins and the run (default: a temporary one)")
     parser.add_argument("--standins", type=Path,
-                        help="use the stand-ins that assets/hub_standins.py wrote in this folder instead of new ones")
+                        help="use the stand-ins that python3 -m assets.hub_standins wrote in this folder instead of "
+                             "new ones")
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="another config.yaml value, as distill.py --set (repeatable)")
     arguments = parser.parse_args(argv)

@@ -1,8 +1,8 @@
 """Training-step throughput of this project against a faithful re-creation of the original project's step, then at
-GPT-2's real shapes against TRL's GKDTrainer (bench/real_shape.py).
+GPT-2's real shapes against TRL's GKDTrainer (bench/real_shape.py). From the repository root:
 
-    python3 bench/throughput.py            # about 10 minutes on 2 CPU cores
-    python3 bench/throughput.py --quick    # about 4 minutes
+    python3 -m bench.throughput            # about 10 minutes on 2 CPU cores
+    python3 -m bench.throughput --quick    # about 4 minutes
 
 Every step trains the same GPT-2-shaped student (random weights, width 512) against the same teacher, on the same
 samples, whose lengths follow a distribution like Alpaca-GPT4's (log-normal, median about 200 tokens, cut at max
@@ -28,41 +28,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import real_shape, workload
+from distillation.data import batching
+from distillation.runtime import hardware
+import models
+from loss import DistillationLoss, LossSpec, ModelOutput
 
-from distillation.data import batching  # noqa: E402
-import models  # noqa: E402
-from distillation.runtime import hardware  # noqa: E402
-from loss import DistillationLoss, LossSpec, ModelOutput  # noqa: E402
-
-
+REPO = Path(__file__).resolve().parent.parent
 WIDTH = 512  # a mid-size student: 8 heads of 64, as in the larger GPT-2s
-
-
-def build_models(vocab_size: int, width: int, teacher_layers: int, student_layers: int, positions: int):
-    """Teacher and student as the original built them (GPT-2's config, its "gelu_new" activation), random weights."""
-    from transformers import AutoModelForCausalLM, GPT2Config
-
-    def gpt2(layers: int):
-        config = GPT2Config(vocab_size=vocab_size, n_positions=positions, n_embd=width, n_layer=layers,
-                            n_head=width // 64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                            bos_token_id=0, eos_token_id=0)
-        return AutoModelForCausalLM.from_config(config)
-
-    torch.manual_seed(0)
-    teacher = gpt2(teacher_layers).eval().requires_grad_(False)
-    student = gpt2(student_layers)
-    return teacher, student
 
 
 def as_project_builds_it(model):
@@ -74,12 +55,6 @@ def as_project_builds_it(model):
     rebuilt.load_state_dict(model.state_dict())
     rebuilt.train(model.training).requires_grad_(any(p.requires_grad for p in model.parameters()))
     return rebuilt
-
-
-def alpaca_like_samples(count: int, max_length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
-    generator = np.random.default_rng(seed)
-    lengths = np.clip(generator.lognormal(math.log(200), 0.6, size=count).astype(int), 8, max_length)
-    return [generator.integers(1, vocab_size, size=length).tolist() for length in lengths]
 
 
 def seed_step(teacher, student, optimizer, batch_ids: list[list[int]], max_length: int, pad_id: int) -> float:
@@ -101,69 +76,10 @@ def seed_step(teacher, student, optimizer, batch_ids: list[list[int]], max_lengt
     return loss.item()
 
 
-def project_loss(teacher, student, criterion, batch: dict, bf16: bool = False):
-    """The loss as trainer.Trainer computes it: no KV cache; hidden states and heads for the fused loss; the
-    forward passes and the loss under bf16 autocast with `bf16` (the fused loss projects in bf16 there)."""
-    inputs = models.model_inputs(batch)
-    device_type = batch["input_ids"].device.type
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-        if criterion.projects_hidden_states:
-            with torch.no_grad():
-                teacher_output = ModelOutput(hidden=models.HiddenStates(teacher)(**inputs), head=teacher.lm_head.weight)
-            student_output = ModelOutput(hidden=models.HiddenStates(student)(**inputs), head=student.lm_head.weight)
-            return criterion(student_output, teacher_output, batch["labels"])
-        with torch.no_grad():
-            teacher_logits = teacher(**inputs).logits
-        return criterion(ModelOutput(student(**inputs).logits), ModelOutput(teacher_logits), batch["labels"])
-
-
-def project_step(teacher, student, optimizer, criterion, batch: dict, bf16: bool = False) -> float:
-    output = project_loss(teacher, student, criterion, batch, bf16)
-    output.loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return output.loss.item()
-
-
 def held_out_loss(teacher, student, batch: dict) -> float:
     """The same metric for every student: the project's KD + CE over real targets on unseen samples."""
     with torch.no_grad():
-        return project_loss(teacher, student, DistillationLoss(alpha=1.0, beta=0.1, temperature=1.0), batch).loss.item()
-
-
-def matmul_rate(dtype: torch.dtype = torch.float32, size: int = 4096, repeats: int = 3) -> float:
-    """The machine's matmul FLOP/s in `dtype`: the best of three timings, since other work on a shared machine only
-    slows it."""
-    left, right = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    left @ right  # warm-up
-    best = math.inf
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            left @ right
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 * repeats / best
-
-
-def matmul_rates(earlier: dict | None = None, size: int = 4096) -> dict:
-    """The matmul rate in float32 and bf16 on `size` x `size` products, or the better of it and `earlier` (measured
-    before the rows): other work on a shared machine only slows it."""
-    rates = {"float32": matmul_rate(torch.float32, size), "bf16": matmul_rate(torch.bfloat16, size)}
-    return {name: max(rate, (earlier or {}).get(name, 0.0)) for name, rate in rates.items()}
-
-
-def training_flops_per_token(model, teacher, context: float) -> float:
-    """6 N per token for the student (forward and backward) and 2 N for the teacher's forward, N counting every
-    matmul weight (the tied output head included), plus the attention scores over the context."""
-    def matmul_parameters(network) -> int:
-        config = network.config
-        blocks = 12 * config.n_layer * config.n_embd**2
-        return blocks + config.vocab_size * config.n_embd
-
-    def attention(network) -> float:
-        return 2 * 2 * network.config.n_layer * network.config.n_embd * context
-
-    return 6 * matmul_parameters(model) + 3 * attention(model) + 2 * matmul_parameters(teacher) + attention(teacher)
+        return workload.project_loss(teacher, student, DistillationLoss(alpha=1.0, beta=0.1, temperature=1.0), batch).loss.item()
 
 
 def loss_peak_memory(variant: str, vocab_size: int = 50257, length: int = 1024, width: int = 768) -> int:
@@ -212,8 +128,8 @@ def measured_in_subprocess(variant: str) -> int:
     # does the peak resident size (0.086 to 0.116 of the full-logits peak for the same fused loss); with a fixed mmap
     # threshold every block over 1 MiB is mapped and unmapped, and the peak is that of the live tensors (stable).
     completed = subprocess.run(
-        [sys.executable, __file__, "--loss-memory", variant], capture_output=True, text=True, check=True,
-        env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)},
+        [sys.executable, "-m", "bench.throughput", "--loss-memory", variant], cwd=REPO, capture_output=True,
+        text=True, check=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)},
     )
     return int(completed.stdout.strip().splitlines()[-1])
 
@@ -267,7 +183,7 @@ def time_project_steps(teachers: dict, student, initial_state: dict, train_sampl
         computed_tokens = 0
         for batch in loader:
             computed_tokens += batch["input_ids"].numel()
-            last_loss = project_step(teachers[precision], student, optimizer, criterion, batch, precision == "bf16")
+            last_loss = workload.project_step(teachers[precision], student, optimizer, criterion, batch, precision == "bf16")
         seconds = time.perf_counter() - start
         rows.append((name, seconds, computed_tokens, last_loss,
                      held_out_loss(teachers["float32"], student, held_out_batch), precision))
@@ -283,7 +199,7 @@ def report(rows: list[tuple], train_samples, student, teacher, matmul: dict, mem
     seed_rate = real_tokens / rows[0][1]
     # Model FLOPs count real tokens attending to their own sample only: padding and masked attention are waste.
     real_context = sum(len(ids) ** 2 for ids in train_samples) / 2 / real_tokens
-    flops_per_token = training_flops_per_token(student, teacher, real_context)
+    flops_per_token = workload.training_flops_per_token(student, teacher, real_context)
     efficiencies = {}
     for name, seconds, computed, last, held, precision in rows:
         rate = real_tokens / seconds
@@ -332,28 +248,26 @@ def main(argv=None) -> int:
     max_length, batch_size, vocab_size, width = 1024, 8, 8192, WIDTH
     torch.manual_seed(0)
 
-    seed_teacher, student = build_models(vocab_size, width, teacher_layers=4, student_layers=2, positions=max_length)
+    seed_teacher, student = workload.build_models(vocab_size, width, teacher_layers=4, student_layers=2, positions=max_length)
     teacher = as_project_builds_it(seed_teacher)
     teachers = {"float32": teacher, "bf16": as_project_builds_it(seed_teacher).to(torch.bfloat16)}
     initial_state = {key: value.clone() for key, value in student.state_dict().items()}
-    samples = alpaca_like_samples(samples_count + batch_size, max_length, vocab_size)
+    samples = workload.alpaca_like_samples(samples_count + batch_size, max_length, vocab_size)
     train_samples, held_out = samples[:samples_count], samples[samples_count:]
     held_out_batch = batching.PaddingCollator(pad_token_id=0)([{"input_ids": ids, "prompt_length": 0} for ids in held_out])
-    before = matmul_rates()
+    before = workload.matmul_rates()
     with tempfile.TemporaryDirectory() as work:
         rows = [time_seed_steps(seed_teacher, teacher, student, train_samples, held_out_batch, Path(work), batch_size,
                                 max_length)]
         rows += time_project_steps(teachers, student, initial_state, train_samples, held_out_batch, Path(work),
                                    batch_size, max_length)
-    rates = matmul_rates(before)
+    rates = workload.matmul_rates(before)
     memory = measured_in_subprocess("naive"), measured_in_subprocess("chunked")
     print(f"{samples_count} samples, {sum(len(ids) for ids in train_samples)} real tokens, batch {batch_size}, "
           f"max length {max_length}, vocabulary {vocab_size}, width {width}, teacher 4 layers, student 2 layers, "
           f"{torch.get_num_threads()} threads")
     figures = report(rows, train_samples, student, teacher, rates, memory, width)
     print()
-    import real_shape
-
     figures.update(real_shape.run(arguments.quick))
     print(json.dumps(figures))
     return 0

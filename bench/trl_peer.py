@@ -1,11 +1,12 @@
-"""A peer row for bench/throughput.py: TRL's GKDTrainer on the same models, batches and batch size as the project.
+"""A peer row for bench/real_shape.py (and so bench/throughput.py): TRL's GKDTrainer on the same models, batches and
+batch size as the project.
 
 With `lmbda=0` GKD never generates (its `random.random() <= lmbda` draw is essentially never true) and with `beta=0`
 its generalized JSD is the forward KL(teacher || student) over the vocabulary, averaged over target tokens: the
 supervised distillation that the project's step also does, so the two timings compare like with like. TRL is an
 optional extra (bench/requirements.txt); without it the row is skipped.
 
-    python3 bench/trl_peer.py    # smoke run at a tiny shape, fp32 and bf16
+    python3 -m bench.trl_peer    # from the repository root: a smoke run at a tiny shape, fp32 and bf16
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import sys
 import tempfile
 import time
-from pathlib import Path
 
+import torch
 from transformers import PrinterCallback, TrainerCallback
+
+from bench import workload
+from distillation.data import batching
 
 MODEL_KEYS = ("input_ids", "attention_mask", "labels")  # what GKDTrainer.compute_loss reads; other keys are dropped
 SKIPPED = "TRL is not installed (pip install -r bench/requirements.txt): the peer row is skipped"
@@ -119,17 +122,11 @@ def trl_gkd_seconds(teacher, student, batches: list[dict], bf16: bool, warmup: i
 
 def smoke() -> None:
     """Tiny shape, both precisions: checks that the peer runs, not how fast it is."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    import torch
-
-    from distillation.data import batching
-    from bench import throughput
-
     collate = batching.PaddingCollator(0)
-    samples = throughput.alpaca_like_samples(12, 64, 512)
+    samples = workload.alpaca_like_samples(12, 64, 512)
     batches = [collate([{"input_ids": ids, "prompt_length": 0} for ids in samples[i : i + 4]]) for i in range(0, 12, 4)]
     for bf16 in (False, True):
-        teacher, student = throughput.build_models(512, 64, teacher_layers=2, student_layers=1, positions=64)
+        teacher, student = workload.build_models(512, 64, teacher_layers=2, student_layers=1, positions=64)
         if bf16:
             teacher = teacher.to(torch.bfloat16)
         seconds = trl_gkd_seconds(teacher, student, batches, bf16=bf16)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,16 @@ def test_shipped_data_is_what_the_generator_writes():
     assert shipped == generate_tiny_data.generate(3000, seed=0)
     assert generate_tiny_data.generate(50, seed=7) == generate_tiny_data.generate(50, seed=7)
     assert generate_tiny_data.generate(50, seed=7) != generate_tiny_data.generate(50, seed=8)
+
+
+def test_the_generator_runs_as_a_module_from_the_repository_root(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    completed = subprocess.run(
+        [sys.executable, "-m", "assets.generate_tiny_data", "--out", str(out), "--n", "20", "--seed", "3"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert [json.loads(line) for line in out.read_text().splitlines()] == generate_tiny_data.generate(20, seed=3)
 
 
 def test_shipped_assets_stay_small():

@@ -15,9 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_gpu_benchmark_runs_both_losses_at_toy_size_on_a_cpu():
     completed = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--device", "cpu", "--shape", "tiny", "--steps", "3",
-         "--warmup", "1"],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+        [sys.executable, "-m", "bench.gpu", "--device", "cpu", "--shape", "tiny", "--steps", "3", "--warmup", "1"],
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
     )
     assert completed.returncode == 0, completed.stderr
     figures = json.loads(completed.stdout.strip().splitlines()[-1])
@@ -44,8 +43,8 @@ def test_gpu_benchmark_says_it_needs_a_gpu_without_one():
 def test_quality_benchmark_runs_every_method_and_ends_with_its_json():
     """A few steps per method: the table and the JSON line hold every method; the distilled runs see the teacher."""
     completed = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "quality.py"), "--quick", "--steps", "3", "--samples", "300"],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600,
+        [sys.executable, "-m", "bench.quality", "--quick", "--steps", "3", "--samples", "300"],
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     figures = json.loads(completed.stdout.strip().splitlines()[-1])
@@ -57,13 +56,13 @@ def test_quality_benchmark_runs_every_method_and_ends_with_its_json():
 
 
 def test_real_shape_benchmark_runs_at_toy_size_with_or_without_trl():
-    """bench/real_shape.py's code path in seconds: both precisions of the project's step, and TRL's rows where TRL
-    (the optional bench/requirements.txt) is installed, else skipped and no ratio claimed."""
+    """python3 -m bench.real_shape's code path in seconds: both precisions of the project's step, and TRL's rows
+    where TRL (the optional bench/requirements.txt) is installed, else skipped and no ratio claimed."""
     import importlib.util
 
     completed = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "real_shape.py"), "--shape", "tiny", "--quick"],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+        [sys.executable, "-m", "bench.real_shape", "--shape", "tiny", "--quick"],
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     figures = json.loads(completed.stdout.strip().splitlines()[-1])

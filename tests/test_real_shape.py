@@ -65,10 +65,10 @@ def test_config_yaml_runs_at_real_shape_to_a_best_checkpoint(standins, tmp_path)
     overrides = ["distilled_model.nb_layers=1", "data.max_length=128", "training_parameters.batch_size=4",
                  "training_parameters.gradient_accumulation_steps=2", "training_parameters.sample_prompts=1"]
     completed = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "rehearsal.py"), "--steps", "2", "--work", str(tmp_path),
+        [sys.executable, "-m", "bench.rehearsal", "--steps", "2", "--work", str(tmp_path),
          "--standins", str(teacher.parent),
          *(argument for override in overrides for argument in ("--set", override))],
-        capture_output=True, text=True, timeout=600,
+        cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     figures = json.loads(completed.stdout.strip().splitlines()[-1])
