@@ -4,7 +4,8 @@ batches are batching.py's.
 The tokenized splits are saved with `datasets` (Arrow, memory-mapped) under `paths.token_dataset`, in a folder
 keyed by everything that produced them: the data itself, the tokenizer, the max length, the template and the
 split. Change any of these and the cache is rebuilt; change none and it is reused without touching the raw data.
-A damaged cache (a file missing, truncated or not the size it was written with) is rebuilt too, with a warning.
+A damaged cache (a file missing, truncated or not the size it was written with) is rebuilt too, with a warning
+(base/verified_cache.py).
 """
 
 from __future__ import annotations
@@ -24,15 +25,15 @@ from datasets import Dataset, DatasetDict, List, Value, load_from_disk
 
 from distillation.data import chat_data
 from distillation.data import data_files
-from distillation.data.data_files import DataError, remove_damaged_cache
-from distillation.base.errors import first_line
-from distillation.base.storage import atomic_directory
+from distillation.data.data_files import DataError
+from distillation.base import verified_cache
 
 logger = logging.getLogger(__name__)
 
 # Bump when the formatting or tokenization below changes, so that old caches are not reused.
 CACHE_FORMAT_VERSION = 3
 SPLIT_NAMES = ("train", "validation", "test")
+MANIFEST = "produced_by.json"
 ALPACA_FIELDS = ("instruction", "input", "output")
 
 
@@ -155,8 +156,8 @@ def prepare_splits(spec: DataSpec, tokenizer, data_folder: str, token_dataset: s
     else:
         raw = data_files.load_hub_dataset(spec.dataset, data_folder)
         data_fingerprint = f"hub:{spec.dataset}:{raw._fingerprint}"
-    key = _cache_key(spec, data_fingerprint, tokenizer)
-    cache_dir = _cache_root(data_folder, token_dataset) / key
+    cache_dir = verified_cache.location(_cache_root(data_folder, token_dataset),
+                                        _cache_description(spec, data_fingerprint, tokenizer))
     cached = _open_cache(cache_dir)
     if cached is not None:
         logger.info("Using the tokenized data cached in %s", cache_dir)
@@ -391,7 +392,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(f"{description}|{tokenizer.eos_token_id}".encode()).hexdigest()
 
 
-def _cache_key(spec: DataSpec, data_fingerprint: str, tokenizer) -> str:
+def _cache_description(spec: DataSpec, data_fingerprint: str, tokenizer) -> dict:
+    """What the tokenized data's cache entry is keyed by (verified_cache.location)."""
     description = {
         "version": CACHE_FORMAT_VERSION,
         "spec": spec.__dict__,
@@ -404,7 +406,7 @@ def _cache_key(spec: DataSpec, data_fingerprint: str, tokenizer) -> str:
     own_template = chat_data.tokenizer_template(tokenizer)
     if own_template is not None:
         description["chat_template"] = own_template
-    return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return description
 
 
 def _cache_root(data_folder: str, token_dataset: str) -> Path:
@@ -413,57 +415,32 @@ def _cache_root(data_folder: str, token_dataset: str) -> Path:
 
 
 def _save_atomically(tokenized: DatasetDict, cache_dir: Path, spec: DataSpec, data_fingerprint: str) -> None:
-    """Write the cache so that an interrupted write never looks like a valid one; when another process finished
-    the same cache first, theirs is kept. produced_by.json lists every file's size and every split's rows, which
-    `_open_cache` checks."""
-    with atomic_directory(cache_dir) as staging:
+    """Write the cache whole (verified_cache.write); when another process finished the same cache first, theirs is
+    kept. produced_by.json records every split's rows besides every file's size, which `_open_cache` checks."""
+
+    def fill(staging: Path) -> dict:
         tokenized.save_to_disk(str(staging))
-        files = {path.relative_to(staging).as_posix(): path.stat().st_size
-                 for path in sorted(staging.rglob("*")) if path.is_file()}
         rows = {name: len(split) for name, split in tokenized.items()}
-        (staging / "produced_by.json").write_text(json.dumps(
-            {"spec": spec.__dict__, "data": data_fingerprint, "rows": rows, "files": files}, indent=2, default=str
-        ))
+        return {"spec": spec.__dict__, "data": data_fingerprint, "rows": rows}
+
+    verified_cache.write(cache_dir, MANIFEST, fill)
 
 
 def _open_cache(cache_dir: Path) -> Optional[DatasetDict]:
     """The cached splits; None when there are none, or when they are damaged (a file truncated, missing or not
     what was written): a damaged cache is removed, to be rebuilt from the data, with a warning."""
-    if not cache_dir.exists():
-        return None
-    splits = None
-    try:
-        produced_by = json.loads((cache_dir / "produced_by.json").read_text(encoding="utf-8"))
-        problem = _manifest_problem(cache_dir, produced_by)
-        if problem is None:
-            splits = load_from_disk(str(cache_dir))
-            problem = _rows_problem(splits, produced_by.get("rows"))
-    except (OSError, ValueError, KeyError, TypeError, pyarrow.ArrowException) as error:  # what a damaged file raises
-        problem = first_line(error)
-    if problem is None:
-        return splits
-    remove_damaged_cache(cache_dir, "tokenized-data cache", problem)
-    return None
+    return verified_cache.read(cache_dir, MANIFEST, "tokenized-data cache", _open_splits,
+                               errors=(pyarrow.ArrowException,))
 
 
-def _manifest_problem(cache_dir: Path, produced_by: Any) -> Optional[str]:
-    # Caches written before the sizes were recorded have no "files": load_from_disk alone checks them.
-    if not isinstance(produced_by, dict) or not isinstance(produced_by.get("files", {}), dict) \
-            or not isinstance(produced_by.get("rows", {}), dict):
-        return "produced_by.json is not the record that was written"
-    for name, size in produced_by.get("files", {}).items():
-        path = cache_dir / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, {size} when written"
-    return None
-
-
-def _rows_problem(splits: Any, rows: Optional[dict]) -> Optional[str]:
+def _open_splits(cache_dir: Path, produced_by: dict) -> DatasetDict:
+    rows = produced_by.get("rows", {})
+    if not isinstance(rows, dict):
+        raise verified_cache.Damaged(f"{MANIFEST} is not the record that was written")
+    splits = load_from_disk(str(cache_dir))
     if not isinstance(splits, DatasetDict) or set(splits) != set(SPLIT_NAMES):
-        return f"it does not hold the splits {', '.join(SPLIT_NAMES)}"
-    for name, count in (rows or {}).items():
+        raise verified_cache.Damaged(f"it does not hold the splits {', '.join(SPLIT_NAMES)}")
+    for name, count in rows.items():
         if len(splits[name]) != count:
-            return f"its {name} split has {len(splits[name])} rows, {count} when written"
-    return None
+            raise verified_cache.Damaged(f"its {name} split has {len(splits[name])} rows, {count} when written")
+    return splits

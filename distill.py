@@ -35,7 +35,9 @@ from distillation.settings.config import Config, ConfigError, check_model_id, lo
 from distillation.base.errors import EXIT_NON_FINITE_LOSS, EXIT_SIGNAL_BASE, EXIT_USER_ERROR, UserError, first_line
 from distillation.run.hub_push import push_checkpoint
 from distillation.run.runs import PLAIN_BASELINE_SUFFIX, locate_run
-from distillation.training.trainer import NonFiniteLoss, StoppedBySignal, Trainer
+from distillation.training.steps import NonFiniteLoss
+from distillation.training.stop_signals import StoppedBySignal
+from distillation.training.trainer import Trainer
 
 logger = logging.getLogger("distill")
 

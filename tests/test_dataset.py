@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import Counter
@@ -14,6 +15,7 @@ from datasets import Dataset
 
 from distillation.data import batching
 from distillation.data import chat_data
+from distillation.base import verified_cache
 from distillation.data import data_files
 import dataset
 from loss import IGNORE_INDEX
@@ -260,6 +262,41 @@ def test_new_content_with_unchanged_mtime_is_not_read_stale(tmp_path, tokenizer,
     write_jsonl(path, tagged(rows, 60))  # e.g. a copy that preserves timestamps, or a rewrite within one clock tick
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert split_sizes(prepare(make_spec(path), tokenizer, data_folder)) == (36, 12, 12)
+
+
+def test_a_cache_entry_is_keyed_written_with_its_sizes_and_removed_when_damaged(tmp_path, caplog):
+    """The helper under both caches (tokenized data, teacher), on an entry of its own."""
+    description = {"version": 1, "data": "abc", "rows": [3, 1]}
+    entry = verified_cache.location(tmp_path, description)
+    # The key that earlier caches were found by, so that their directories are found still.
+    assert entry == tmp_path / hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+    assert verified_cache.location(tmp_path, {**description, "data": "abd"}) != entry
+
+    def fill(staging: Path) -> dict:
+        (staging / "part").mkdir()
+        (staging / "part" / "values.bin").write_bytes(b"0123456789")
+        return {"rows": 10}
+
+    def open_entry(directory: Path, manifest: dict) -> bytes:
+        values = (directory / "part" / "values.bin").read_bytes()
+        if len(values) != manifest["rows"]:
+            raise verified_cache.Damaged(f"{len(values)} rows, not {manifest['rows']}")
+        return values
+
+    verified_cache.write(entry, "manifest.json", fill)
+    assert json.loads((entry / "manifest.json").read_text()) == {"rows": 10, "files": {"part/values.bin": 10}}
+    assert verified_cache.read(entry, "manifest.json", "test cache", open_entry) == b"0123456789"
+    for damage, problem in ((lambda: (entry / "part" / "values.bin").write_bytes(b"01234"),
+                             "part/values.bin has 5 bytes, 10 when written"),
+                            (lambda: (entry / "manifest.json").write_text('{"rows": 9}'), "10 rows, not 9")):
+        verified_cache.write(entry, "manifest.json", fill)
+        damage()
+        caplog.clear()
+        assert verified_cache.read(entry, "manifest.json", "test cache", open_entry) is None
+        assert f"The test cache {entry} is damaged ({problem}); building it again" in caplog.text
+        assert not entry.exists()
+    assert verified_cache.read(entry, "manifest.json", "test cache", open_entry) is None  # none: nothing to say
+    assert caplog.text.count("is damaged") == 1
 
 
 # ---------------------------------------------------------------- local formats

@@ -193,7 +193,7 @@ def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, config_file
 
     def poisoned(self, batch):
         student, teacher = original(self, batch)
-        if self.student.training and self.state.global_step >= 6:  # the student's outputs turn NaN
+        if self.networks.student.training and self.state.global_step >= 6:  # the student's outputs turn NaN
             return scaled_outputs(student, float("nan")), teacher
         return student, teacher
 
@@ -213,7 +213,7 @@ def test_nan_loss_can_skip_the_batch(tmp_path, config_file, monkeypatch):
 
     def poisoned(self, batch):
         student, teacher = original(self, batch)
-        if self.student.training and self.state.global_step in (3, 7):  # the student's outputs overflow
+        if self.networks.student.training and self.state.global_step in (3, 7):  # the student's outputs overflow
             return scaled_outputs(student, float("inf")), teacher
         return student, teacher
 

@@ -30,7 +30,7 @@ def test_evaluation_figures_are_per_target_token_whatever_the_batch_size(config_
 def test_a_step_changes_the_student_and_a_save_restores_it_exactly(tmp_path, config_file):
     trainer = trainer_for(config_file, "unit", False, "training_parameters.warmup_steps=0")
     before = trainer.evaluate("validation")
-    batch = next(iter(trainer.train_loader))
+    batch = next(iter(trainer.batches.train_loader))
     trainer.step([batch], batch["target_tokens"])
     trainer.state.global_step = 1  # what the loop records after a step
     after = trainer.evaluate("validation")
@@ -41,11 +41,11 @@ def test_a_step_changes_the_student_and_a_save_restores_it_exactly(tmp_path, con
     assert restored.state.global_step == 1
     assert restored.evaluate("validation") == after
     saved = weights(tmp_path / "checkpoints" / "unit" / "last")
-    for name, tensor in restored.student_model.state_dict().items():
+    for name, tensor in restored.networks.student_model.state_dict().items():
         if name in saved:
             assert torch.equal(tensor, saved[name]), name
     # The optimizer state came back too: the next step from the restored trainer equals the next step here.
-    next_batch = next(iter(restored.train_loader))
+    next_batch = next(iter(restored.batches.train_loader))
     for each in (trainer, restored):
         each.step([next_batch], next_batch["target_tokens"])
     assert restored.evaluate("validation") == trainer.evaluate("validation")

@@ -1,6 +1,5 @@
 """Reading the raw data: local files (JSON lines, JSON, CSV, Parquet, text) or a Hugging Face Hub data set, each
-problem with a file named in one sentence (DataError); and the removal of a damaged cache so that it is built again.
-dataset.py formats, splits and tokenizes what this reads."""
+problem with a file named in one sentence (DataError). dataset.py formats, splits and tokenizes what this reads."""
 
 from __future__ import annotations
 
@@ -8,16 +7,14 @@ import codecs
 import contextlib
 import hashlib
 import logging
-import shutil
 from pathlib import Path
 from typing import Iterator, Optional
 
 from datasets import Dataset, load_dataset
 
 from distillation.base import storage
+from distillation.base import verified_cache
 from distillation.base.errors import UserError, first_line
-
-logger = logging.getLogger("dataset")
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
@@ -81,7 +78,7 @@ def load_local_dataset(files: list[Path], data_folder: str, content_hash: str) -
         if not read_before:
             raise _unreadable(files, kind, error) from None
         # These very bytes were read before, so what fails is the Arrow copy that `datasets` kept of them.
-        remove_damaged_cache(arrow_copy, "Arrow copy of the data files", first_line(error.__cause__ or error))
+        verified_cache.remove_damaged(arrow_copy, "Arrow copy of the data files", first_line(error.__cause__ or error))
     try:
         return _read_local_files(kind, files, arrow_copy)
     except Exception as error:
@@ -154,17 +151,3 @@ def hash_files(files: list[Path]) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
-
-
-def remove_damaged_cache(directory: Path, what: str, problem: str) -> None:
-    """Remove a cache found damaged, with a warning, so that it is built again; one that cannot be removed is a
-    DataError that asks the user to delete it."""
-    logger.warning("The %s %s is damaged (%s); building it again", what, directory, problem)
-    try:
-        if directory.is_dir() and not directory.is_symlink():
-            shutil.rmtree(directory)
-        else:
-            directory.unlink()
-    except OSError as error:
-        raise DataError(f"the {what} {directory} is damaged ({problem}) and could not be removed "
-                        f"({first_line(error)}); delete it.") from None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import random
 import re
@@ -33,6 +34,8 @@ from distillation.base.storage import atomic_directory, is_disk_full
 TRAINER_STATE_FILE = "trainer_state.json"
 TRAINING_STATE_FILE = "training_state.pt"
 WEIGHTS_FILE = "model.safetensors"
+
+logger = logging.getLogger("distill")
 
 
 class CheckpointError(UserError):
@@ -107,6 +110,49 @@ def _keyed_by_index(optimizer_state: dict, names: list[str]) -> dict:
         "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
                          for group in optimizer_state["param_groups"]],
     }
+
+
+class RunCheckpoints:
+    """The last and the best checkpoints of a run's student, its optimizer and its schedule: every process takes
+    part in a save (a sharded model's states are gathered from all of them) and the main process writes it; a
+    resume reads the last one back. `identity` (`run_identity`) is what a resume must share with the config."""
+
+    def __init__(self, run_directory: Path, training, model, tokenizer, optimizer, scheduler, accelerator,
+                 identity: dict) -> None:
+        self.last = run_directory / training.checkpoints_name_last
+        self.best = run_directory / training.checkpoints_name_best
+        self.model, self.tokenizer, self.optimizer, self.scheduler = model, tokenizer, optimizer, scheduler
+        self.accelerator, self.identity = accelerator, identity
+        self.last_saved_step: Optional[int] = None
+
+    def save(self, directory: Path, state: TrainerState) -> None:
+        weights, optimizer_state = gather_training_states(self.model, self.optimizer)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            save_checkpoint(directory, self.model, self.tokenizer, optimizer_state, self.scheduler, state,
+                            self.identity, self.accelerator.scaler, weights)
+        self.accelerator.wait_for_everyone()  # no process reads a checkpoint (the best, for the test) mid-write
+
+    def keep_step_copy(self, step: int, keep: int) -> None:
+        """A `step-<N>` copy of the last checkpoint, the newest `keep` of them kept (see keep_step_snapshot)."""
+        if self.accelerator.is_main_process:
+            keep_step_snapshot(self.last, step, keep, self.best.name)
+
+    def restore(self) -> TrainerState:
+        """The state of the last checkpoint, whose weights and training state are loaded (reading only: nothing
+        is written before the run directory)."""
+        state = load_trainer_state(self.last, self.identity)
+        if not check_best(self.best) and state.best_step is not None:
+            logger.warning("The best checkpoint %s is missing: the best validation from now on will be kept there",
+                           self.best)
+            state.best_validation_loss = state.best_validation_perplexity = state.best_step = None
+            state.last_evaluated_step = None  # a complete run validates once more, to have a best to test
+        self.last_saved_step = state.global_step
+        load_model_weights(self.last, self.model)
+        load_training_state(self.last, self.model, self.optimizer, self.scheduler, self.accelerator.scaler)
+        logger.info("Resumed from %s: epoch %d, step %d, %d batches into the epoch",
+                    self.last, state.epoch + 1, state.global_step, state.batches_done_in_epoch)
+        return state
 
 
 def set_generation_defaults(tokenizer, model, chat_template: Optional[str], max_length: int) -> None:

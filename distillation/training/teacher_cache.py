@@ -9,16 +9,16 @@ temperature 1, over the student's vocabulary (a larger teacher vocabulary is cro
 Layout: `<data_folder>/teacher_cache/<key>/<split>/` with `ids.npy (rows, K)` (uint16 when the vocabulary fits,
 else int32), `log_probs.npy (rows, K)` float16, `rest.npy (rows,)` and `target.npy (rows,)` float16, and
 `offsets.npy (samples + 1,)`: sample i owns rows offsets[i] to offsets[i + 1], one per position 0 .. length - 2 (the
-positions that predict a next token). The key hashes the teacher's files, its dtype, the tokenized data (whose own
-key covers the data, tokenizer and max_length), K and the vocabulary; a finished cache is renamed into place, so an
-interrupted build never looks valid, and one damaged later (a file missing, truncated, or not matching the data) is
-built again, with a warning. The arrays are memory-mapped, never loaded whole.
+positions that predict a next token), and `meta.json`: K, the vocabulary, the splits' sizes and every file's size.
+The key hashes the teacher's files, its dtype, the tokenized data (whose own key covers the data, tokenizer and
+max_length), K and the vocabulary; a finished cache is renamed into place, so an interrupted build never looks valid,
+and one damaged later (a file missing, truncated, or not matching the data) is built again, with a warning
+(base/verified_cache.py). The arrays are memory-mapped, never loaded whole.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
@@ -33,13 +33,13 @@ import torch.nn.functional as F
 import dataset
 import models
 from distillation.data.batching import PaddingCollator
-from distillation.base.errors import first_line
+from distillation.base import verified_cache
 from loss import CachedTeacher
-from distillation.base.storage import atomic_directory
 
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1
+MANIFEST = "meta.json"
 # The rest of the probability mass is stored as a log in float16: floored where it stops mattering (e^-60).
 LOWEST_LOG_PROB = -60.0
 
@@ -98,27 +98,22 @@ def cache_directory(root: Path, teacher_name: str, teacher_dtype: torch.dtype, s
         "top_k": top_k,
         "vocab_size": vocab_size,
     }
-    key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
-    return root / key
+    return verified_cache.location(root, description)
 
 
 def load(directory: Path, splits, top_k: int, vocab_size: int) -> Optional[dict[str, CachedSplit]]:
     """The cached distributions of `splits` (name -> tokenized split); None when there are none, or when they are
     damaged (a file missing, truncated or not what was written): a damaged cache is removed, to be built again, with
     a warning."""
-    if not directory.exists():
-        return None
-    cached = None
-    try:
-        meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+
+    def open_splits(directory: Path, meta: dict) -> dict[str, CachedSplit]:
         cached = {name: CachedSplit.open(directory / name) for name in splits}
         problem = _damage(meta, cached, splits, top_k, vocab_size)
-    except (OSError, ValueError, KeyError, TypeError) as error:  # what a missing, truncated or garbled file raises
-        problem = first_line(error)
-    if problem is None:
+        if problem is not None:
+            raise verified_cache.Damaged(problem)
         return cached
-    dataset.remove_damaged_cache(directory, "teacher cache", problem)
-    return None
+
+    return verified_cache.read(directory, MANIFEST, "teacher cache", open_splits)
 
 
 def _damage(meta, cached: dict[str, CachedSplit], splits, top_k: int, vocab_size: int) -> Optional[str]:
@@ -147,12 +142,14 @@ def build(directory: Path, teacher, splits, top_k: int, vocab_size: int, pad_tok
           device: torch.device, autocast=None) -> dict[str, CachedSplit]:
     """Run the teacher once over every split and write its top-k distributions (see the module docstring)."""
     started = time.time()
-    with atomic_directory(directory) as staging:  # when another process finished the same cache first, theirs stays
+
+    def fill(staging: Path) -> dict:
         for name, split in splits.items():
             _build_split(staging / name, teacher, split, top_k, vocab_size, pad_token_id, batch_size, device, autocast)
-        meta = {"top_k": top_k, "vocab_size": vocab_size, "splits": {name: len(split) for name, split in splits.items()},
+        return {"top_k": top_k, "vocab_size": vocab_size, "splits": {name: len(split) for name, split in splits.items()},
                 "seconds": round(time.time() - started, 2)}
-        (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+
+    verified_cache.write(directory, MANIFEST, fill)  # when another process finished the same cache first, theirs stays
     logger.info("Cached the teacher's top-%d distributions in %s (%.1f s)", top_k, directory, time.time() - started)
     return load(directory, splits, top_k, vocab_size)
 
