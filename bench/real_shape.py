@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distillation.runtime import hardware  # noqa: E402
 import models  # noqa: E402
 from gpu import length_grouped_batches  # noqa: E402
-from loss import LossSpec  # noqa: E402
+from loss import DistillationLoss  # noqa: E402
 from throughput import alpaca_like_samples, matmul_rates, project_step, training_flops_per_token  # noqa: E402
 from trl_peer import trl_gkd_seconds  # noqa: E402
 
@@ -63,7 +63,7 @@ def build_models(shape: str = "gpt2"):
 def project_seconds(teacher, student, batches: list[dict], bf16: bool, warmup: int = 1) -> float:
     """Seconds of this project's steps over `batches[warmup:]`: forward passes and loss (under bf16 autocast with
     `bf16`), backward, fused AdamW. The loss as distill.py builds config.yaml's: DistillationLoss, fused."""
-    criterion = LossSpec.from_section({"()": "loss.DistillationLoss", "alpha": 1.0, "beta": 0.1}).build(fused=True)
+    criterion = DistillationLoss(alpha=1.0, beta=0.1).run_as(fused=True)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=True)  # as trainer.build_optimizer
     for batch in batches[:warmup]:
         project_step(teacher, student, optimizer, criterion, batch, bf16)

@@ -417,7 +417,8 @@ class Trainer:
     def teacher_result(self, split: str) -> dict:
         """The frozen teacher's figures on a split, computed once per run."""
         if split not in self.teacher_results:
-            teacher = None if self.cached_teacher is not None else self.teacher_model
+            teacher = None if self.cached_teacher is not None else (
+                lambda batch: self._outputs(self.teacher, self.teacher_model, models.model_inputs(batch)))
             self.teacher_results[split] = evaluation.teacher_figures(
                 teacher, self.student_model.config.vocab_size, self._evaluation_batches(split), self.accelerator
             )
