@@ -195,18 +195,18 @@ def setup(config: Config, run_name: Optional[str], resume: bool) -> Trainer:
     """Everything a run needs, checked: its directory (created for a new run and locked, nothing written in it yet;
     `runs.release_runs` removes it again if a check fails), the processes and the device, the criterion, the models,
     the data and the teacher's cache; on a resume, the trainer is restored from the last checkpoint."""
-    loss_spec, cached = config.training_parameters.loss, teacher_cache.is_used(config)
-    criterion = loss_spec.build(cached_teacher=cached)
+    criterion = config.training_parameters.loss  # the one configue built from the file: the run's criterion
     processes = hardware.start_processes(config)
     run = decided_by_main_process(processes, lambda: locate_run(
         config.paths.checkpoints, config.name, run_name, resume or config.training_parameters.resume,
         config.training_parameters.checkpoints_name_last,
     ))
+    # Before `run_as`, only a criterion that always projects hidden states says so, and FSDP refuses it.
     accelerator = hardware.build_accelerator(config, run.directory, records.trackers(config, run),
                                              criterion.projects_hidden_states)
     teacher_dtype = hardware.teacher_dtype(config)
     tokenizer, teacher, student = models.build_models(config, criterion, teacher_dtype)
-    criterion = loss_spec.build(cached_teacher=cached, fused=hardware.fused_loss(accelerator))
+    criterion.run_as(fused=hardware.fused_loss(accelerator), cached_teacher=teacher_cache.is_used(config))
     data_spec = dataset.spec_from_config(config)
     with accelerator.main_process_first():  # the main process fills the tokenized-data cache, the others read it
         splits = dataset.prepare_splits(data_spec, tokenizer, config.paths.data_folder, config.paths.token_dataset,

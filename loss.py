@@ -14,16 +14,15 @@ Conventions, defined here once for the whole project:
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from distillation.data.batching import IGNORE_INDEX
-from distillation.kernels.chunked_loss import FusedTerms, fused_divergence_ce
-from distillation.kernels.divergences import SKEW_DIVERGENCES, check_divergence, token_divergence
+from distillation.kernels.chunked_loss import FusedTerms, fused_divergence_ce, fused_figures
+from distillation.kernels.divergences import SKEW_DIVERGENCES, check_divergence, kl_divergence, token_divergence
+from distillation.settings.config import as_number
 
 
 class LossOutput(NamedTuple):
@@ -120,15 +119,14 @@ def kd_and_cross_entropy(
     `student_logits (B, T, V)`, `teacher_logits (B, T, V')` with V' >= V, `labels (B, T)`. The real target
     positions are gathered once for both terms, and at temperature 1 the student's log-softmax serves both, which
     saves several passes over `(N, V)` tensors (the loss is memory-bound, unlike the matmuls around it). The teacher's
-    logits must be finite, as a model's are: masking out zeros would cost a pass (`token_divergence` does it).
+    logits must be finite, as a model's are: masking out zeros would cost passes (`kl_divergence`'s `finite`).
     """
     gathered = _gather_real_targets(student_logits, teacher_logits, labels)
     if gathered is None:
         return _zero_output(student_logits)
     student, teacher, targets = gathered
     student_log_probs, student_log_probs_t, teacher_log_probs_t = _log_softmaxes(student, teacher, temperature)
-    kl_per_token = (teacher_log_probs_t.exp() * (teacher_log_probs_t - student_log_probs_t)).sum(dim=-1)
-    kd = temperature**2 * kl_per_token.mean()
+    kd = temperature**2 * kl_divergence(teacher_log_probs_t, student_log_probs_t, finite=True).mean()
     ce = -student_log_probs.gather(1, targets[:, None]).mean()
     return LossOutput(alpha * kd + beta * ce, kd, ce)
 
@@ -198,35 +196,33 @@ def cached_teacher_kd_and_cross_entropy(
     return LossOutput(alpha * kd + beta * ce, kd, ce)
 
 
+def agreement_with_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                           labels: torch.Tensor) -> torch.Tensor:
+    """`(2,)`: summed over the real target positions, KL(teacher || student) at temperature 1 and the number of
+    positions where the two models' most likely next token is the same. `student_logits (B, T, V)`,
+    `teacher_logits (B, T, V')` with V' >= V (cropped to V), `labels (B, T)`."""
+    gathered = _gather_real_targets(student_logits, teacher_logits, labels)
+    if gathered is None:
+        return torch.zeros(2, device=student_logits.device)
+    student, teacher, _ = gathered
+    kl = kl_divergence(F.log_softmax(teacher, dim=-1), F.log_softmax(student, dim=-1), finite=True).sum()
+    agreements = (student.argmax(dim=-1) == teacher.argmax(dim=-1)).sum()
+    return torch.stack([kl, agreements.float()])
+
+
+def agreement_with_cached_teacher(student_logits: torch.Tensor, cached: CachedTeacher,
+                                  labels: torch.Tensor) -> torch.Tensor:
+    """As `agreement_with_teacher`, against the cached top-k distributions: the KL is between the two models'
+    distributions over the teacher's top k tokens and the rest (a lower bound of the full KL), and the teacher's
+    most likely token is the first cached one."""
+    student, teacher = cached_teacher_buckets(student_logits, cached, labels)
+    kl = kl_divergence(teacher, student).sum()
+    top_ids = at_targets(cached.top_ids, labels)
+    agreements = (at_targets(student_logits, labels).argmax(dim=-1) == top_ids[:, 0]).sum()
+    return torch.stack([kl, agreements.float()])
+
+
 # --- the criteria: one call shape, `criterion(student, teacher, labels) -> LossOutput` ---------------------------
-
-
-def as_number(value) -> Optional[float]:
-    """`value` as a float, or None when it is not a number. YAML 1.1 (configue, `--set`) reads `1e-1` as text, so a
-    text that is a plain number counts; true and false do not."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def criterion_class(class_path) -> Optional[type]:
-    """The criterion that a config's `()` entry names (`loss.DistillationLoss`, or the bare class name), or None:
-    only this module's criteria can be named."""
-    module_name, _, class_name = str(class_path).rpartition(".")
-    kind = globals().get(class_name) if module_name in ("", "loss") else None
-    return kind if isinstance(kind, type) and issubclass(kind, Criterion) else None
-
-
-def argument_problem(error: Exception) -> str:
-    """A criterion's TypeError or ValueError in plain words: "...got an unexpected keyword argument 'alpah'" names
-    the argument."""
-    text = str(error)
-    if "unexpected keyword argument" in text:
-        return f"unknown argument {text.rsplit(' ', 1)[-1]}"
-    return text
 
 
 def _number(name: str, value) -> float:
@@ -237,7 +233,8 @@ def _number(name: str, value) -> float:
 
 
 class Criterion(torch.nn.Module):
-    """Base class of the configurable criteria.
+    """Base class of the configurable criteria (`distillation.settings.config_guard.CRITERIA` lists those a config
+    may name; config.yaml's `()` entry builds one, which is the run's criterion).
 
     Every criterion is called the same way: `criterion(student, teacher, labels) -> LossOutput`, with `student` a
     `ModelOutput`, `teacher` a `ModelOutput`, a `CachedTeacher` or None, and `labels (B, T)`. What it reads of the
@@ -245,8 +242,11 @@ class Criterion(torch.nn.Module):
     """
 
     requires_teacher: bool = False
-    # True: the criterion reads the last hidden states and the output heads, never `(B, T, V)` logits.
-    projects_hidden_states: bool = False
+
+    @property
+    def projects_hidden_states(self) -> bool:
+        """Whether it reads the last hidden states and the output heads, never `(B, T, V)` logits (see `run_as`)."""
+        return False
 
     @property
     def compares_hidden_states(self) -> bool:
@@ -258,17 +258,15 @@ class Criterion(torch.nn.Module):
         """Whether the models' last hidden states must be in their `ModelOutput`."""
         return self.projects_hidden_states or self.compares_hidden_states
 
-    @classmethod
-    def check_arguments(cls, **arguments) -> dict:
-        """Check the arguments of `cls(**arguments)` without building it: TypeError names an unknown argument,
-        ValueError a bad value. Returns them as numbers where they are numbers."""
-        bound = inspect.signature(cls).bind(**arguments)
-        bound.apply_defaults()
-        return cls._checked(**bound.arguments)
+    def run_as(self, fused: bool, cached_teacher: bool = False) -> "Criterion":
+        """Choose how the criterion runs, once, at setup, before the first call (its class, values and name stay):
+        `fused`, from the hidden states a chunk at a time where it can (`hardware.fused_loss`); `cached_teacher`,
+        against the teacher's cached distributions (`teacher_cache.is_used`). Returns the criterion."""
+        return self
 
-    @classmethod
-    def _checked(cls, **arguments) -> dict:
-        return arguments
+    def cached_teacher_refusal(self) -> Optional[str]:
+        """Why it cannot run against the teacher's cached distributions (a phrase to fix it), or None."""
+        return None
 
     def spec(self) -> dict:
         """The configue form that builds this criterion (also part of a run's identity)."""
@@ -280,47 +278,67 @@ class Criterion(torch.nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value}" for key, value in self._arguments().items())
 
+    def evaluation_sums(self, student: ModelOutput, teacher: Optional[TeacherOutput],
+                        labels: torch.Tensor) -> torch.Tensor:
+        """What an evaluation reads of a batch: `(5,)` float32 sums over its real targets of the loss, the KD and
+        CE terms, KL(teacher || student) at temperature 1 and the targets where both models' most likely token is
+        the same (0 for the terms a criterion does not have)."""
+        output = self(student, teacher, labels)
+        kd = output.kd if output.kd is not None else torch.zeros_like(output.ce)
+        terms = torch.stack([output.loss, kd, output.ce]).float() * target_mask(labels).sum()
+        return torch.cat([terms, terms.new_zeros(2)])
+
 
 class DistillationLoss(Criterion):
     """`alpha * KD + beta * CE + hidden_weight * (1 - cosine of the last hidden states)`, each a mean over real
-    targets (see the module docstring); the KD divergence is one of `DIVERGENCES`. Reads both models' logits."""
+    targets (see the module docstring); the KD divergence is one of `DIVERGENCES`.
+
+    It runs (`run_as`) from both models' full logits, or from their hidden states and heads a chunk at a time (as
+    ChunkedDistillationLoss, the same values), or against the teacher's cached top-k distributions (the KD over the
+    K + 1 outcomes of `cached_teacher_buckets`: temperature 1 and no hidden states, which the cache does not hold).
+    """
 
     requires_teacher = True
+    FULL_LOGITS, FUSED, CACHED_TEACHER = "full logits", "fused", "cached teacher"
 
     def __init__(
         self, alpha: float = 1.0, beta: float = 0.1, temperature: float = 1.0, divergence: str = "forward_kl",
         jsd_beta: float = 0.5, skew: float = 0.1, hidden_weight: float = 0.0,
     ) -> None:
         super().__init__()
-        checked = self._checked(alpha=alpha, beta=beta, temperature=temperature, divergence=divergence, jsd_beta=jsd_beta,
-                                skew=skew, hidden_weight=hidden_weight)
-        self.alpha, self.beta, self.temperature = checked["alpha"], checked["beta"], checked["temperature"]
-        self.divergence, self.jsd_beta, self.skew = divergence, checked["jsd_beta"], checked["skew"]
-        self.hidden_weight = checked["hidden_weight"]
-
-    @classmethod
-    def _checked(cls, alpha=1.0, beta=0.1, temperature=1.0, divergence="forward_kl", jsd_beta=0.5, skew=0.1,
-                 hidden_weight=0.0) -> dict:
         numbers = {name: _number(name, value) for name, value in (
             ("alpha", alpha), ("beta", beta), ("temperature", temperature), ("jsd_beta", jsd_beta), ("skew", skew),
             ("hidden_weight", hidden_weight))}
-        if numbers["alpha"] < 0 or numbers["beta"] < 0:
-            raise ValueError(f"alpha and beta must be >= 0 (got alpha={numbers['alpha']}, beta={numbers['beta']})")
-        if not numbers["hidden_weight"] >= 0:
-            raise ValueError(f"hidden_weight must be >= 0 (got {numbers['hidden_weight']})")
-        if numbers["alpha"] == 0 and numbers["beta"] == 0 and numbers["hidden_weight"] == 0:
-            raise ValueError(
-                "alpha and beta are both 0 and so is hidden_weight, so nothing would be learned; "
-                "make at least one positive"
-            )
-        if not numbers["temperature"] > 0:
-            raise ValueError(f"temperature must be > 0 (got {numbers['temperature']})")
+        _check_weights(**numbers)
         check_divergence(divergence, numbers["jsd_beta"], numbers["skew"])
-        return {**numbers, "divergence": divergence}
+        self.alpha, self.beta, self.temperature = numbers["alpha"], numbers["beta"], numbers["temperature"]
+        self.divergence, self.jsd_beta, self.skew = divergence, numbers["jsd_beta"], numbers["skew"]
+        self.hidden_weight = numbers["hidden_weight"]
+        self.execution = self.FULL_LOGITS
+        self.terms = FusedTerms(self.temperature, self.alpha, self.beta, self.divergence, self.jsd_beta, self.skew)
+
+    @property
+    def projects_hidden_states(self) -> bool:
+        return self.execution == self.FUSED
 
     @property
     def compares_hidden_states(self) -> bool:
         return self.hidden_weight > 0
+
+    def run_as(self, fused: bool, cached_teacher: bool = False) -> "DistillationLoss":
+        if cached_teacher:
+            refusal = self.cached_teacher_refusal()
+            if refusal is not None:
+                raise ValueError(refusal)
+        self.execution = self.CACHED_TEACHER if cached_teacher else self.FUSED if fused else self.FULL_LOGITS
+        return self
+
+    def cached_teacher_refusal(self) -> Optional[str]:
+        if self.temperature != 1.0:
+            return "the cache holds the teacher's probabilities at temperature 1; set the loss temperature to 1"
+        if self.hidden_weight != 0:
+            return "the cache holds no hidden states; set the loss's hidden_weight to 0"
+        return None
 
     def _arguments(self) -> dict:
         # Only what differs from the defaults, so that the spec (part of a run's identity) of older runs still matches.
@@ -336,20 +354,58 @@ class DistillationLoss(Criterion):
         return arguments
 
     def forward(self, student: ModelOutput, teacher: Optional[TeacherOutput], labels: torch.Tensor) -> LossOutput:
-        if teacher is None:
-            raise ValueError(f"{type(self).__name__} needs the teacher's output")
+        self._check_teacher(teacher)
         output = self._kd_and_cross_entropy(student, teacher, labels)
         if self.hidden_weight == 0:
             return output
+        hidden = self._hidden_distance(student, teacher, labels)
+        return LossOutput(output.loss + self.hidden_weight * hidden, output.kd, output.ce, hidden)
+
+    def evaluation_sums(self, student: ModelOutput, teacher: Optional[TeacherOutput],
+                        labels: torch.Tensor) -> torch.Tensor:
+        if self.execution != self.FUSED:  # the loss's terms, then the figures from the full logits
+            sums = super().evaluation_sums(student, teacher, labels)
+            agreement = (agreement_with_cached_teacher(student.logits, teacher, labels)
+                         if self.execution == self.CACHED_TEACHER
+                         else agreement_with_teacher(student.logits, teacher.logits, labels))
+            return torch.cat([sums[:3], agreement.float()])
+        self._check_teacher(teacher)
+        kd, ce, kl, agreements = fused_figures(*self._fused_arguments(student, teacher, labels), self.terms)
+        loss = self.alpha * kd + self.beta * ce
+        if self.hidden_weight != 0:
+            loss = loss + self.hidden_weight * self._hidden_distance(student, teacher, labels) * target_mask(labels).sum()
+        return torch.stack([loss, kd, ce, kl, agreements])
+
+    def _check_teacher(self, teacher: Optional[TeacherOutput]) -> None:
+        if teacher is None:
+            raise ValueError(f"{type(self).__name__} needs the teacher's output")
+        if (self.execution == self.CACHED_TEACHER) != isinstance(teacher, CachedTeacher):
+            wanted = "cached distributions (CachedTeacher)" if self.execution == self.CACHED_TEACHER else "ModelOutput"
+            raise ValueError(f"{type(self).__name__} run from {self.execution} needs the teacher's {wanted}")
+        if self.execution == self.FUSED and (teacher.hidden is None or teacher.head is None):
+            raise ValueError(f"{type(self).__name__} needs the teacher's last hidden states and output head")
+
+    def _hidden_distance(self, student: ModelOutput, teacher: ModelOutput, labels: torch.Tensor) -> torch.Tensor:
         if student.hidden is None or teacher.hidden is None:
             raise ValueError(
                 f"{type(self).__name__} with hidden_weight > 0 needs the student's and the teacher's last hidden "
                 f"states (ModelOutput.hidden)"
             )
-        hidden = hidden_cosine_distance(student.hidden, teacher.hidden, labels)
-        return LossOutput(output.loss + self.hidden_weight * hidden, output.kd, output.ce, hidden)
+        return hidden_cosine_distance(student.hidden, teacher.hidden, labels)
 
-    def _kd_and_cross_entropy(self, student: ModelOutput, teacher: ModelOutput, labels: torch.Tensor) -> LossOutput:
+    @staticmethod
+    def _fused_arguments(student: ModelOutput, teacher: ModelOutput, labels: torch.Tensor) -> tuple:
+        """The fused kernel's rows: both models' hidden states at the real targets, their heads, the targets."""
+        return (at_targets(student.hidden, labels), student.head, at_targets(teacher.hidden, labels), teacher.head,
+                target_ids(labels))
+
+    def _kd_and_cross_entropy(self, student: ModelOutput, teacher: TeacherOutput, labels: torch.Tensor) -> LossOutput:
+        if self.execution == self.CACHED_TEACHER:
+            return cached_teacher_kd_and_cross_entropy(
+                student.logits, teacher, labels, self.alpha, self.beta, self.divergence, self.jsd_beta, self.skew
+            )
+        if self.execution == self.FUSED:
+            return LossOutput(*fused_divergence_ce(*self._fused_arguments(student, teacher, labels), self.terms))
         if self.divergence == "forward_kl":
             return kd_and_cross_entropy(student.logits, teacher.logits, labels, self.temperature, self.alpha, self.beta)
         return divergence_and_cross_entropy(
@@ -358,29 +414,17 @@ class DistillationLoss(Criterion):
         )
 
 
-class CachedTeacherDistillationLoss(DistillationLoss):
-    """DistillationLoss against the teacher's cached top-k distributions (`teacher.cache_top_k`), the KD over the
-    K + 1 outcomes of `cached_teacher_buckets`: temperature 1 and no hidden states, which the cache does not hold.
-    Configured as DistillationLoss; `LossSpec.build` chooses it when the teacher is cached."""
-
-    @classmethod
-    def _checked(cls, **arguments) -> dict:
-        checked = super()._checked(**arguments)
-        if checked["temperature"] != 1.0:
-            raise ValueError("the cache holds the teacher's probabilities at temperature 1; set the loss temperature to 1")
-        if checked["hidden_weight"] != 0:
-            raise ValueError("the cache holds no hidden states; set the loss's hidden_weight to 0")
-        return checked
-
-    def spec(self) -> dict:
-        return {**super().spec(), "()": "loss.DistillationLoss"}  # the name the config gives it
-
-    def forward(self, student: ModelOutput, teacher: Optional[TeacherOutput], labels: torch.Tensor) -> LossOutput:
-        if not isinstance(teacher, CachedTeacher):
-            raise ValueError("CachedTeacherDistillationLoss needs the teacher's cached distributions (CachedTeacher)")
-        return cached_teacher_kd_and_cross_entropy(
-            student.logits, teacher, labels, self.alpha, self.beta, self.divergence, self.jsd_beta, self.skew
+def _check_weights(alpha: float, beta: float, temperature: float, hidden_weight: float, **_) -> None:
+    if alpha < 0 or beta < 0:
+        raise ValueError(f"alpha and beta must be >= 0 (got alpha={alpha}, beta={beta})")
+    if not hidden_weight >= 0:
+        raise ValueError(f"hidden_weight must be >= 0 (got {hidden_weight})")
+    if alpha == 0 and beta == 0 and hidden_weight == 0:
+        raise ValueError(
+            "alpha and beta are both 0 and so is hidden_weight, so nothing would be learned; make at least one positive"
         )
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (got {temperature})")
 
 
 class ClassicLoss(Criterion):
@@ -395,102 +439,28 @@ class ChunkedDistillationLoss(DistillationLoss):
     """DistillationLoss computed from the last hidden states and output heads a chunk of positions at a time
     (`chunked_loss.py`; the same values and gradients), so that no `(B, T, V)` logits are ever materialised: its
     peak memory is a fraction of the full-logits one, and it is faster. Every divergence and the hidden-state term.
-    `loss.DistillationLoss` runs this way by itself unless FSDP shards the output head (see `LossSpec.build`);
-    naming this class forces it and sets `chunk_size` (positions projected at a time in float32; at least
-    chunked_loss.ROWS_PER_PROJECTION in 16 bits)."""
-
-    projects_hidden_states = True
+    `loss.DistillationLoss` runs this way by itself unless FSDP shards the output head (`run_as`); naming this
+    class forces it, even where FSDP would refuse it, and sets `chunk_size` (positions projected at a time in
+    float32; at least chunked_loss.ROWS_PER_PROJECTION in 16 bits)."""
 
     def __init__(self, alpha: float = 1.0, beta: float = 0.1, temperature: float = 1.0, divergence: str = "forward_kl",
                  jsd_beta: float = 0.5, skew: float = 0.1, hidden_weight: float = 0.0, chunk_size: int = 128) -> None:
         super().__init__(alpha, beta, temperature, divergence, jsd_beta, skew, hidden_weight)
-        self.chunk_size = self._checked(chunk_size=chunk_size)["chunk_size"]
-        self.terms = FusedTerms(self.temperature, self.alpha, self.beta, self.divergence, self.jsd_beta, self.skew,
-                                self.chunk_size)
-
-    @classmethod
-    def _checked(cls, chunk_size=128, **others) -> dict:
-        checked = super()._checked(**others)
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a whole number >= 1 (got {chunk_size!r})")
-        return {**checked, "chunk_size": chunk_size}
+        self.chunk_size = chunk_size
+        self.terms = FusedTerms(self.temperature, self.alpha, self.beta, self.divergence, self.jsd_beta, self.skew,
+                                self.chunk_size)
+        self.execution = self.FUSED
+
+    def run_as(self, fused: bool, cached_teacher: bool = False) -> "ChunkedDistillationLoss":
+        if cached_teacher:
+            raise ValueError(self.cached_teacher_refusal())
+        return self  # always fused: with FSDP, `hardware.fsdp_plugin` refuses it before this is asked
+
+    def cached_teacher_refusal(self) -> Optional[str]:
+        return ("loss.ChunkedDistillationLoss reads the teacher's hidden states, which the cache does not hold; use "
+                "loss.DistillationLoss")
 
     def _arguments(self) -> dict:
         return {**super()._arguments(), "chunk_size": self.chunk_size}
-
-    def _kd_and_cross_entropy(self, student: ModelOutput, teacher: ModelOutput, labels: torch.Tensor) -> LossOutput:
-        if teacher.hidden is None or teacher.head is None:
-            raise ValueError(f"{type(self).__name__} needs the teacher's last hidden states and output head")
-        total, kd, ce = fused_divergence_ce(
-            at_targets(student.hidden, labels), student.head, at_targets(teacher.hidden, labels), teacher.head,
-            target_ids(labels), self.terms,
-        )
-        return LossOutput(total, kd, ce)
-
-
-class FusedDistillationLoss(ChunkedDistillationLoss):
-    """DistillationLoss as `LossSpec.build(fused=True)` builds it: ChunkedDistillationLoss with its default chunk
-    size, configured and identified as loss.DistillationLoss (the values are the same)."""
-
-    def _arguments(self) -> dict:
-        arguments = super()._arguments()
-        del arguments["chunk_size"]
-        return arguments
-
-    def spec(self) -> dict:
-        return {**super().spec(), "()": "loss.DistillationLoss"}
-
-
-@dataclass(frozen=True)
-class LossSpec:
-    """A criterion as the config names it: its class and its checked arguments (as written, defaults left out).
-    `build` makes the module, once, where it is used."""
-
-    kind: type
-    arguments: dict = field(default_factory=dict)
-
-    @property
-    def requires_teacher(self) -> bool:
-        return self.kind.requires_teacher
-
-    @classmethod
-    def from_section(cls, section) -> "LossSpec":
-        """The config's loss section, `{"()": "loss.DistillationLoss", argument: value, ...}`, checked without
-        building anything: TypeError when it names no loss class, ValueError for an argument."""
-        if not isinstance(section, dict) or "()" not in section:
-            raise TypeError(
-                "the section needs a `()` entry naming the loss class, e.g. `(): loss.DistillationLoss` with alpha, "
-                "beta and temperature, or `(): loss.ClassicLoss`"
-            )
-        arguments = dict(section)
-        class_path = arguments.pop("()")
-        kind = criterion_class(class_path)
-        if kind is None:
-            raise TypeError(f"{class_path!r} is not a loss class; use loss.DistillationLoss or loss.ClassicLoss")
-        try:
-            checked = kind.check_arguments(**arguments)
-        except (TypeError, ValueError) as error:
-            raise ValueError(argument_problem(error)) from None
-        return cls(kind, {name: checked[name] for name in arguments})
-
-    def to_config(self) -> dict:
-        return {"()": f"loss.{self.kind.__name__}", **self.arguments}
-
-    def build(self, cached_teacher: bool = False, fused: bool = False) -> Criterion:
-        """The criterion; with `cached_teacher`, the variant that reads the teacher's cached distributions; with
-        `fused`, DistillationLoss computed from hidden states a chunk at a time (`FusedDistillationLoss`), which
-        distill.py asks for unless FSDP shards the output head (`hardware.fused_loss`)."""
-        kind = self._criterion_class(cached_teacher)
-        return (FusedDistillationLoss if fused and kind is DistillationLoss else kind)(**self.arguments)
-
-    def check(self, cached_teacher: bool = False) -> None:
-        """Raise ValueError, without building anything, when `build(cached_teacher)` would refuse."""
-        self._criterion_class(cached_teacher).check_arguments(**self.arguments)
-
-    def _criterion_class(self, cached_teacher: bool) -> type:
-        if not (cached_teacher and self.requires_teacher):
-            return self.kind
-        if self.kind is not DistillationLoss:
-            raise ValueError(f"loss.{self.kind.__name__} reads the teacher's hidden states, which the cache does not "
-                             f"hold; use loss.DistillationLoss")
-        return CachedTeacherDistillationLoss

@@ -24,7 +24,7 @@ import torch
 from bench import trl_peer, workload
 from distillation.runtime import hardware
 import models
-from loss import LossSpec
+from loss import DistillationLoss
 
 SHAPES = {  # vocabulary, width, heads, teacher layers, student layers, max length, batch size
     "gpt2": (50257, 768, 12, 12, 6, 256, 8),
@@ -57,7 +57,7 @@ def build_models(shape: str = "gpt2"):
 def project_seconds(teacher, student, batches: list[dict], bf16: bool, warmup: int = 1) -> float:
     """Seconds of this project's steps over `batches[warmup:]`: forward passes and loss (under bf16 autocast with
     `bf16`), backward, fused AdamW. The loss as distill.py builds config.yaml's: DistillationLoss, fused."""
-    criterion = LossSpec.from_section({"()": "loss.DistillationLoss", "alpha": 1.0, "beta": 0.1}).build(fused=True)
+    criterion = DistillationLoss(alpha=1.0, beta=0.1).run_as(fused=True)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=True)  # as trainer.build_optimizer
     for batch in batches[:warmup]:
         workload.project_step(teacher, student, optimizer, criterion, batch, bf16)

@@ -40,7 +40,7 @@ from bench import real_shape, workload
 from distillation.data import batching
 from distillation.runtime import hardware
 import models
-from loss import DistillationLoss, LossSpec, ModelOutput
+from loss import DistillationLoss, ModelOutput
 
 REPO = Path(__file__).resolve().parent.parent
 WIDTH = 512  # a mid-size student: 8 heads of 64, as in the larger GPT-2s
@@ -163,13 +163,12 @@ def time_project_steps(teachers: dict, student, initial_state: dict, train_sampl
         "length": [len(ids) for ids in train_samples],
     }).save_to_disk(str(work / "arrow"))
     padding = batching.PaddingCollator(pad_token_id=0)
-    spec = LossSpec.from_section({"()": "loss.DistillationLoss", "alpha": 1.0, "beta": 0.1})
     auto = "bf16" if hardware.has_native_bf16("cpu") else "float32"
     project_steps = (
-        ("full logits", spec.build(), padding, "float32"),
-        ("fused loss", spec.build(fused=True), padding, "float32"),
-        (f"+ {auto} (auto)", spec.build(fused=True), padding, auto),
-        ("+ packing", spec.build(fused=True), batching.PackingCollator(0, max_length), auto),
+        ("full logits", DistillationLoss(1.0, 0.1).run_as(fused=False), padding, "float32"),
+        ("fused loss", DistillationLoss(1.0, 0.1).run_as(fused=True), padding, "float32"),
+        (f"+ {auto} (auto)", DistillationLoss(1.0, 0.1).run_as(fused=True), padding, auto),
+        ("+ packing", DistillationLoss(1.0, 0.1).run_as(fused=True), batching.PackingCollator(0, max_length), auto),
     )
     rows = []
     for name, criterion, collate, precision in project_steps:

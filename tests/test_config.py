@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
 from pathlib import Path
@@ -9,6 +10,8 @@ from pathlib import Path
 import pytest
 
 import distill
+import loss
+from distillation.settings import config_guard
 from distillation.settings.config import ConfigError, load_config, to_plain_dict
 from helpers import REPO, write_config
 from loss import ClassicLoss, DistillationLoss
@@ -18,10 +21,10 @@ def test_shipped_configs_are_valid():
     main = load_config(REPO / "config.yaml")
     assert main.teacher.name == "vicgalle/gpt2-alpaca-gpt4" and main.distilled_model.nb_layers == 6
     assert main.data.dataset == "vicgalle/alpaca-gpt4"
-    assert main.training_parameters.loss.kind is DistillationLoss
+    assert type(main.training_parameters.loss) is DistillationLoss
     tiny = load_config(REPO / "configs" / "tiny.yaml")
     assert tiny.name == "tiny" and tiny.teacher.name == "assets/tiny/teacher"
-    assert load_config(REPO / "configs" / "tiny_teacher.yaml").training_parameters.loss.kind is ClassicLoss
+    assert type(load_config(REPO / "configs" / "tiny_teacher.yaml").training_parameters.loss) is ClassicLoss
     ddp, fsdp = (load_config(REPO / "configs" / f"gpt2_8gpu_{name}.yaml") for name in ("ddp", "fsdp"))
     assert (ddp.hardware.distributed, fsdp.hardware.distributed) == ("ddp", "fsdp")
     assert repr(ddp.training_parameters) == repr(fsdp.training_parameters) and ddp.data == fsdp.data  # same run
@@ -32,7 +35,7 @@ def test_seed_keys_keep_their_meaning(config_file):
     training = config.training_parameters
     assert (training.checkpoints_name_last, training.checkpoints_name_best, training.resume) == ("last", "best", False)
     assert config.paths.token_dataset == "tokenized" and config.seed == 3
-    assert training.loss.to_config() == {"()": "loss.DistillationLoss", "alpha": 1.0, "beta": 0.5, "temperature": 2.0}
+    assert training.loss.spec() == {"()": "loss.DistillationLoss", "alpha": 1.0, "beta": 0.5, "temperature": 2.0}
 
 
 def test_yaml_1_1_exponent_strings_become_floats(tmp_path, config_values):
@@ -67,13 +70,48 @@ def test_overrides_are_typed_and_reach_the_loss(config_file):
     )
     assert config.training_parameters.batch_size == 4
     assert config.training_parameters.learning_rate == pytest.approx(1e-4)
-    assert config.training_parameters.loss.build().temperature == 3.0
+    assert config.training_parameters.loss.temperature == 3.0
     assert config.data.split.train == 0.5
 
 
 def test_override_can_switch_to_plain_training(config_file):
     config = load_config(config_file, ["training_parameters.loss={'()': loss.ClassicLoss}"])
-    assert isinstance(config.training_parameters.loss.build(), ClassicLoss)
+    assert isinstance(config.training_parameters.loss, ClassicLoss)
+
+
+def test_the_loss_configue_builds_is_the_criterion_the_run_uses(config_file):
+    config = load_config(config_file)
+    criterion = config.training_parameters.loss
+    assert type(criterion) is DistillationLoss and (criterion.alpha, criterion.beta, criterion.temperature) == (1, 0.5, 2)
+    trainer = distill.setup(config, "criterion", False)
+    assert trainer.criterion is criterion
+    # One process on a CPU: fused, as its class and name still say DistillationLoss.
+    assert criterion.projects_hidden_states and type(criterion) is DistillationLoss
+    assert to_plain_dict(config)["training_parameters"]["loss"] == {
+        "()": "loss.DistillationLoss", "alpha": 1.0, "beta": 0.5, "temperature": 2.0}
+
+
+def test_the_settings_layer_imports_neither_torch_nor_the_loss_module():
+    """config.py and config_guard.py read and check a config (the loss class included) without importing torch or
+    loss.py, not even inside a function: the criterion is built by configue, or by a dynamic import of a checked
+    class path."""
+    for path in (REPO / "distillation" / "settings").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            assert not any(name.split(".")[0] in ("torch", "loss") for name in names), (path.name, names)
+
+
+def test_the_criteria_a_config_may_name_are_the_criteria_of_loss_py():
+    offered = {f"loss.{value.__name__}" for value in vars(loss).values()
+               if isinstance(value, type) and issubclass(value, loss.Criterion) and value is not loss.Criterion}
+    assert set(config_guard.CRITERIA) == offered and len(config_guard.CRITERIA) == len(offered)
+    assert config_guard.criterion_path("ClassicLoss") == "loss.ClassicLoss"
+    assert config_guard.criterion_path("loss.Criterion") is None and config_guard.criterion_path("os.system") is None
 
 
 def test_resolved_config_round_trips(tmp_path, config_file):

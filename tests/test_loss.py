@@ -305,14 +305,93 @@ def test_the_bf16_fused_loss_over_several_projections_and_head_products(argument
         assert (row_errors <= 0.05 * expected_rows.norm(dim=-1) + 1e-12).all()
 
 
-def test_distillation_loss_is_fused_only_when_asked_and_keeps_its_identity():
-    spec = loss.LossSpec.from_section({"()": "loss.DistillationLoss", "alpha": 0.5, "divergence": "jsd"})
-    plain, fused = spec.build(), spec.build(fused=True)
-    assert not plain.projects_hidden_states and fused.projects_hidden_states
-    assert fused.spec() == plain.spec()
-    assert not spec.build(cached_teacher=True, fused=True).projects_hidden_states  # the cache holds no hidden states
-    classic = loss.LossSpec.from_section({"()": "loss.ClassicLoss"})
-    assert not classic.build(fused=True).projects_hidden_states
+def test_distillation_loss_runs_as_setup_chooses_and_keeps_its_class_and_identity():
+    criterion = DistillationLoss(alpha=0.5, divergence="jsd")
+    spec, text = criterion.spec(), repr(criterion)
+    assert not criterion.projects_hidden_states  # from the full logits until setup chooses
+    assert criterion.run_as(fused=True) is criterion and criterion.projects_hidden_states
+    assert type(criterion) is DistillationLoss and criterion.spec() == spec and repr(criterion) == text
+    criterion.run_as(fused=True, cached_teacher=True)
+    assert not criterion.projects_hidden_states  # the cache holds no hidden states
+    assert type(criterion) is DistillationLoss and criterion.spec() == spec and repr(criterion) == text
+    assert not criterion.run_as(fused=False).projects_hidden_states  # FSDP: the head is sharded
+    assert not ClassicLoss().run_as(fused=True).projects_hidden_states
+    chunked = ChunkedDistillationLoss(chunk_size=64)
+    assert chunked.projects_hidden_states and chunked.run_as(fused=False).projects_hidden_states  # named: forced
+    with pytest.raises(ValueError, match="reads the teacher's hidden states, which the cache does not hold"):
+        chunked.run_as(fused=True, cached_teacher=True)
+    with pytest.raises(ValueError, match="temperature 1"):
+        DistillationLoss(temperature=2.0).run_as(fused=True, cached_teacher=True)
+    with pytest.raises(ValueError, match="hidden_weight to 0"):
+        DistillationLoss(hidden_weight=1.0).run_as(fused=True, cached_teacher=True)
+
+
+def test_a_criterion_refuses_a_teacher_output_that_its_execution_does_not_read():
+    student, teacher, labels = random_batch(seed=3)
+    cached = loss.CachedTeacher(torch.zeros(3, 7, 2, dtype=torch.long), torch.zeros(3, 7, 2), torch.zeros(3, 7))
+    with pytest.raises(ValueError, match="needs the teacher's ModelOutput"):
+        DistillationLoss()(ModelOutput(student), cached, labels)
+    with pytest.raises(ValueError, match="needs the teacher's cached distributions"):
+        DistillationLoss().run_as(fused=False, cached_teacher=True)(ModelOutput(student), ModelOutput(teacher), labels)
+    with pytest.raises(ValueError, match="needs the teacher's last hidden states and output head"):
+        DistillationLoss().run_as(fused=True)(ModelOutput(student), ModelOutput(teacher), labels)
+
+
+def reference_figures(student_logits, teacher_logits, labels):
+    """KL(teacher || student) at T = 1 and top-1 agreements summed over target positions, one at a time, in
+    float64, the teacher cropped to the student's vocabulary."""
+    kl = agreements = 0.0
+    for row in range(labels.size(0)):
+        for position in range(labels.size(1) - 1):
+            if labels[row, position + 1] == IGNORE_INDEX:
+                continue
+            student, teacher = student_logits[row, position].double(), teacher_logits[row, position, :student_logits.size(-1)].double()
+            p, q = torch.softmax(teacher, dim=-1), torch.softmax(student, dim=-1)
+            kl += (p * torch.log(p / q)).sum().item()
+            agreements += float(student.argmax() == teacher.argmax())
+    return kl, agreements
+
+
+@pytest.mark.parametrize("arguments", FUSED_CASES.values(), ids=FUSED_CASES.keys())
+def test_evaluation_sums_from_hidden_states_match_the_full_logits_and_the_definitions(arguments):
+    """What an evaluation reads of a batch, from the hidden states a chunk at a time (5 rows, with a last block of
+    fewer than ROWS_AT_ONCE), equals the full-logits criterion's terms times the targets, and the KL at T = 1 and
+    the top-1 agreements of their definitions."""
+    student_hidden, student_head, teacher_hidden, teacher_head, labels = hidden_state_case(
+        teacher_width=16 if "hidden_weight" in arguments else 24, length=15
+    )
+    settings = {"alpha": 0.7, "beta": 0.4, **arguments}
+    student_logits, teacher_logits = student_hidden @ student_head.T, teacher_hidden @ teacher_head.T
+    count = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    assert count % chunked_loss.ROWS_AT_ONCE != 0
+    with torch.no_grad():
+        reference = DistillationLoss(**settings)(ModelOutput(student_logits, student_hidden),
+                                                 ModelOutput(teacher_logits, teacher_hidden), labels)
+        full = DistillationLoss(**settings).evaluation_sums(ModelOutput(student_logits, student_hidden),
+                                                            ModelOutput(teacher_logits, teacher_hidden), labels)
+        fused = DistillationLoss(**settings).run_as(fused=True).evaluation_sums(
+            ModelOutput(hidden=student_hidden, head=student_head), ModelOutput(hidden=teacher_hidden, head=teacher_head),
+            labels)
+    kl, agreements = reference_figures(student_logits, teacher_logits, labels)
+    expected = torch.tensor([reference.loss * count, reference.kd * count, reference.ce * count, kl, agreements])
+    assert fused.dtype == full.dtype == torch.float32
+    assert torch.allclose(full, expected, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(fused, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_evaluation_sums_without_a_teacher_or_without_targets():
+    student, teacher, labels = random_batch(seed=4)
+    count = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    ce = next_token_cross_entropy(student, labels)
+    assert torch.allclose(ClassicLoss().evaluation_sums(ModelOutput(student), None, labels),
+                          torch.stack([ce * count, torch.tensor(0.0), ce * count, torch.tensor(0.0), torch.tensor(0.0)]))
+    student_hidden, student_head, teacher_hidden, teacher_head, labels = hidden_state_case()
+    labels[:] = IGNORE_INDEX
+    with torch.no_grad():
+        sums = DistillationLoss().run_as(fused=True).evaluation_sums(
+            ModelOutput(hidden=student_hidden, head=student_head), ModelOutput(hidden=teacher_hidden, head=teacher_head),
+            labels)
+    assert torch.equal(sums, torch.zeros(5))
 
 
 # Divergences and the hidden-state term.

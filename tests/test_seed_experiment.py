@@ -73,7 +73,7 @@ def test_seed_config_runs_the_seed_experiment(native_bf16):
     assert (training.batch_size, training.gradient_accumulation_steps, training.nb_epochs) == (2, 1, 10)
     assert training.max_steps is None and training.max_grad_norm is None  # no clipping
     assert training.eval_every_steps is None  # a validation at each epoch's end, as the original's
-    criterion = training.loss.build()
+    criterion = training.loss
     assert isinstance(criterion, DistillationLoss)
     assert (criterion.alpha, criterion.beta, criterion.temperature) == (1.0, 0.1, 1.0)
     assert criterion.divergence == "forward_kl"
@@ -186,7 +186,7 @@ def resolved_precision(config):
 
 
 def loss_weights(config):
-    criterion = config.training_parameters.loss.build()
+    criterion = config.training_parameters.loss
     return criterion.alpha, criterion.beta, criterion.temperature
 
 
@@ -303,7 +303,7 @@ def test_config_yaml_is_the_seed_experiment_with_explicit_choices():
     assert config.teacher.name == seed.teacher.name and config.data.dataset == seed.data.dataset
     assert config.data.template == seed.data.template == "alpaca" and config.data.max_length == 1024
     assert config.distilled_model == seed.distilled_model and config.data.split == seed.data.split
-    assert config.training_parameters.loss.build().spec() == seed.training_parameters.loss.build().spec()  # alpha 1, beta 0.1, T 1
+    assert config.training_parameters.loss.spec() == seed.training_parameters.loss.spec()  # alpha 1, beta 0.1, T 1
     # The better choices are written in config.yaml itself, not left to defaults.
     written = yaml.safe_load((REPO / "config.yaml").read_text())
     for key in ("optimizer", "learning_rate", "lr_scheduler", "warmup_steps", "max_grad_norm", "batch_size",

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from distillation.kernels.divergences import token_divergence
+from distillation.kernels.divergences import kl_divergence, token_divergence
 
 
 @dataclass(frozen=True)
@@ -69,8 +69,9 @@ def _forward_kl_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         torch.log_softmax(student_log_probs_t.copy_(student_logits).div_(temperature), dim=-1, out=student_log_probs_t)
         torch.log_softmax(teacher_log_probs_t.copy_(teacher_logits).div_(temperature), dim=-1, out=teacher_log_probs_t)
     torch.exp(teacher_log_probs_t, out=teacher_probs_t)
-    # sum of p (log p - log q), as a dot product: no product tensor.
-    kd_sum = torch.dot(teacher_probs_t.flatten(), teacher_log_probs_t.sub_(student_log_probs_t).flatten())
+    # Computed in the teacher's log-probabilities, which the gradient does not read: no (R, V) tensor to allocate.
+    kd_sum = kl_divergence(teacher_log_probs_t, student_log_probs_t, finite=True, probs_a=teacher_probs_t,
+                           out=teacher_log_probs_t).sum()
     ce_sum = -log_probs.gather(1, targets[:, None]).sum()
     if gradient_out is None:
         return kd_sum, ce_sum
@@ -242,6 +243,13 @@ def _project_group(student_hidden, teacher_hidden, targets, heads, terms: FusedT
     return kd_total, ce_total, head_gradient
 
 
+def _compute_dtype(device_type: str, compute_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """`compute_dtype`, by default the autocast dtype where autocast is on at the call, else float32."""
+    if compute_dtype is not None:
+        return compute_dtype
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else torch.float32
+
+
 def fused_divergence_ce(student_hidden: torch.Tensor, student_head: torch.Tensor, teacher_hidden: torch.Tensor,
                         teacher_head: torch.Tensor, targets: torch.Tensor, terms: FusedTerms,
                         compute_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -250,10 +258,89 @@ def fused_divergence_ce(student_hidden: torch.Tensor, student_head: torch.Tensor
     hidden states and head. The projections run in `compute_dtype`; by default the autocast dtype where autocast is
     on at the call, else float32."""
     device_type = student_hidden.device.type
-    if compute_dtype is None:
-        autocast_on = torch.is_autocast_enabled(device_type)
-        compute_dtype = torch.get_autocast_dtype(device_type) if autocast_on else torch.float32
+    compute_dtype = _compute_dtype(device_type, compute_dtype)
     with torch.autocast(device_type, enabled=False):  # the casts are explicit here
         return FusedDivergenceCE.apply(student_hidden, student_head, teacher_hidden, teacher_head, targets, terms,
                                        compute_dtype)
 
+
+# --- evaluation: the same projections, values only -------------------------------------------------------------
+
+# What `fused_figures` sums over the rows, in this order.
+FIGURES = ("kd", "ce", "kl_teacher", "top1_agreement")
+
+
+def _figure_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+                 terms: FusedTerms, scratch: _Scratch) -> torch.Tensor:
+    """`FIGURES` summed over at most ROWS_AT_ONCE rows of logits `(R, V)` in the compute dtype."""
+    temperature = terms.temperature
+    log_probs, teacher_log_probs, student_log_probs_t, teacher_log_probs_t = scratch.take(student_logits.size(0))
+    torch.log_softmax(student_logits, dim=-1, dtype=torch.float32, out=log_probs)
+    torch.log_softmax(teacher_logits, dim=-1, dtype=torch.float32, out=teacher_log_probs)
+    ce_sum = -log_probs.gather(1, targets[:, None]).sum()
+    agreements = (student_logits.argmax(dim=-1) == teacher_logits.argmax(dim=-1)).sum()
+    if temperature == 1.0:
+        student_log_probs_t, teacher_log_probs_t = log_probs, teacher_log_probs
+    else:
+        torch.log_softmax(student_log_probs_t.copy_(student_logits).div_(temperature), dim=-1, out=student_log_probs_t)
+        torch.log_softmax(teacher_log_probs_t.copy_(teacher_logits).div_(temperature), dim=-1, out=teacher_log_probs_t)
+    divergence_sum = token_divergence(student_log_probs_t, teacher_log_probs_t, terms.divergence, terms.jsd_beta,
+                                      terms.skew, finite=True).sum()
+    if terms.has_closed_form and temperature == 1.0:
+        kl_sum = divergence_sum  # the KD divergence is the KL at T = 1 itself
+    else:
+        kl_sum = kl_divergence(teacher_log_probs, log_probs, finite=True).sum()
+    return torch.stack([temperature**2 * divergence_sum, ce_sum, kl_sum, agreements.float()])
+
+
+@torch.no_grad()
+def fused_figures(student_hidden: torch.Tensor, student_head: torch.Tensor, teacher_hidden: torch.Tensor,
+                  teacher_head: torch.Tensor, targets: torch.Tensor, terms: FusedTerms,
+                  compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """What an evaluation reads of a batch, projected as `fused_divergence_ce` projects it (same shapes, same
+    precision), a chunk of positions at a time: `(len(FIGURES),)` float32 sums over the N rows of the KD term
+    (`T**2` times the divergence), the CE, KL(teacher || student) at temperature 1 and the rows where both models'
+    most likely token is the same, the teacher cropped to the student's V tokens."""
+    device_type = student_hidden.device.type
+    compute_dtype = _compute_dtype(device_type, compute_dtype)
+    totals = torch.zeros(len(FIGURES), dtype=torch.float32, device=student_hidden.device)
+    with torch.autocast(device_type, enabled=False):
+        student_head, teacher_head = student_head.to(compute_dtype), teacher_head[: student_head.size(0)].to(compute_dtype)
+        hidden, teacher_hidden = student_hidden.to(compute_dtype), teacher_hidden.to(compute_dtype)
+        workspace = _Workspace(targets.numel(), (student_head, teacher_head), terms, wants_gradient=False)
+        chunk_rows = _chunk_rows(terms.chunk_size, compute_dtype)
+        for start in range(0, targets.numel(), chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            chunk = targets[rows].numel()
+            student_logits = torch.mm(hidden[rows], student_head.T, out=workspace.student_logits[:chunk])
+            teacher_logits = torch.mm(teacher_hidden[rows], teacher_head.T, out=workspace.teacher_logits[:chunk])
+            for block in range(0, chunk, ROWS_AT_ONCE):
+                block_rows = slice(block, block + ROWS_AT_ONCE)
+                totals += _figure_rows(student_logits[block_rows], teacher_logits[block_rows],
+                                       targets[rows][block_rows], terms, workspace.scratch)
+    return totals
+
+
+@torch.no_grad()
+def fused_cross_entropy_sum(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor,
+                            compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The CE of `hidden (N, d) @ head (V, d).T` against the targets `(N,)`, summed over the rows (float32), a
+    chunk of positions at a time, projected as `fused_divergence_ce` projects (its precision, its chunks)."""
+    device_type = hidden.device.type
+    compute_dtype = _compute_dtype(device_type, compute_dtype)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    with torch.autocast(device_type, enabled=False):
+        head, hidden = head.to(compute_dtype), hidden.to(compute_dtype)
+        chunk_rows = _chunk_rows(FusedTerms.chunk_size, compute_dtype)
+        logits_rows = torch.empty(min(targets.numel(), chunk_rows), head.size(0), dtype=compute_dtype,
+                                  device=hidden.device)
+        (log_probs,) = _Scratch(head.size(0), hidden.device, count=1).tensors
+        for start in range(0, targets.numel(), chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            logits = torch.mm(hidden[rows], head.T, out=logits_rows[: targets[rows].numel()])
+            for block in range(0, logits.size(0), ROWS_AT_ONCE):
+                block_rows = slice(block, block + ROWS_AT_ONCE)
+                block_log_probs = log_probs[: logits[block_rows].size(0)]
+                torch.log_softmax(logits[block_rows], dim=-1, dtype=torch.float32, out=block_log_probs)
+                total -= block_log_probs.gather(1, targets[rows][block_rows, None]).sum()
+    return total

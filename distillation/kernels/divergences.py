@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+from typing import Optional
+
 import torch
 
 # p is the teacher's distribution, q the student's.
@@ -34,25 +36,38 @@ def check_divergence(divergence: str, jsd_beta: float = 0.5, skew: float = 0.1) 
             raise ValueError(f"{name} must be between 0 and 1 (got {value})")
 
 
-def _kl_divergence(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """Per-row KL(a || b) from `(N, K)` log-probabilities, with 0 log 0 = 0.
+def kl_divergence(log_a: torch.Tensor, log_b: torch.Tensor, finite: bool = False,
+                  probs_a: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-row KL(a || b) = sum of a (log a - log b), from `(N, K)` log-probabilities -> `(N,)`: the one
+    implementation of the KL divergence, which every KL-type term of the project (training, the fused kernel,
+    evaluation) computes through.
 
-    Where b is exactly 0 but a is not, the KL is infinite and its gradient NaN; such a b counts as the smallest
-    normal probability of the dtype instead, so that a teacher with zeros still trains a reverse KL.
+    With 0 log 0 = 0; where b is exactly 0 but a is not, the KL is infinite and its gradient NaN, so such a b counts
+    as the smallest normal probability of the dtype instead, and a teacher with zeros still trains a reverse KL.
+    `finite`: the caller knows that no log-probability is -inf (log-softmaxes of finite logits are never -inf), which
+    saves the masking passes over `(N, K)`. `probs_a`: a's probabilities, when the caller has them already. `out`: an
+    `(N, K)` float tensor the terms are computed in, for a caller that reuses its memory (values only, no autograd).
     """
-    in_support = log_a > float("-inf")
-    log_b = torch.where(torch.isneginf(log_b), math.log(torch.finfo(log_b.dtype).tiny), log_b)
-    # Masking the difference, not the product, keeps 0 * inf out of the backward pass too.
-    difference = torch.where(in_support, log_a - log_b, 0.0)
-    return (log_a.exp() * difference).sum(dim=-1)
+    if finite:
+        difference = log_a - log_b if out is None else torch.sub(log_a, log_b, out=out)
+    else:
+        in_support = log_a > float("-inf")
+        log_b = torch.where(torch.isneginf(log_b), math.log(torch.finfo(log_b.dtype).tiny), log_b)
+        # Masking the difference, not the product, keeps 0 * inf out of the backward pass too.
+        difference = torch.where(in_support, log_a - log_b, 0.0)
+    probs_a = log_a.exp() if probs_a is None else probs_a
+    terms = probs_a * difference if out is None else torch.mul(probs_a, difference, out=out)
+    return terms.sum(dim=-1)
 
 
-def _log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
+def _log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float, finite: bool = False) -> torch.Tensor:
     """log(weight_a * a + (1 - weight_a) * b) from log-probabilities, in log space for stability."""
     if weight_a == 0.0:
         return log_b
     if weight_a == 1.0:
         return log_a
+    if finite:
+        return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
     both_zero = torch.isneginf(log_a) & torch.isneginf(log_b)
     # logaddexp's gradient is NaN where both inputs are -inf, even when unused: give it finite stand-ins there.
     log_a = torch.where(both_zero, 0.0, log_a)
@@ -63,12 +78,13 @@ def _log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> t
 
 def token_divergence(
     student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, divergence: str,
-    jsd_beta: float = 0.5, skew: float = 0.1,
+    jsd_beta: float = 0.5, skew: float = 0.1, finite: bool = False,
 ) -> torch.Tensor:
     """Per-row divergence between the teacher's distribution p and the student's q, see `DIVERGENCES`.
 
     `student_log_probs (N, K)` and `teacher_log_probs (N, K)` are log-probabilities over the same K outcomes
-    (the vocabulary or any other bucketing) -> `(N,)`. Exact zeros (-inf) give neither NaN values nor NaN gradients.
+    (the vocabulary or any other bucketing) -> `(N,)`. Exact zeros (-inf) give neither NaN values nor NaN gradients;
+    `finite`: the caller knows there are none (see `kl_divergence`), which saves the passes that mask them.
     """
     check_divergence(divergence, jsd_beta, skew)
     if student_log_probs.shape != teacher_log_probs.shape:
@@ -77,15 +93,19 @@ def token_divergence(
             f"({tuple(student_log_probs.shape)} and {tuple(teacher_log_probs.shape)})"
         )
     log_p, log_q = teacher_log_probs, student_log_probs
+
+    def kl(log_a, log_b):
+        return kl_divergence(log_a, log_b, finite)
+
     if divergence == "forward_kl" or (divergence == "jsd" and jsd_beta == 0.0):
-        return _kl_divergence(log_p, log_q)
+        return kl(log_p, log_q)
     if divergence == "reverse_kl" or (divergence == "jsd" and jsd_beta == 1.0):
-        return _kl_divergence(log_q, log_p)
+        return kl(log_q, log_p)
     if divergence == "jsd":
-        log_m = _log_mixture(log_p, log_q, jsd_beta)
-        return jsd_beta * _kl_divergence(log_p, log_m) + (1.0 - jsd_beta) * _kl_divergence(log_q, log_m)
+        log_m = _log_mixture(log_p, log_q, jsd_beta, finite)
+        return jsd_beta * kl(log_p, log_m) + (1.0 - jsd_beta) * kl(log_q, log_m)
     if divergence == "skew_kl":
-        return _kl_divergence(log_p, _log_mixture(log_p, log_q, skew))
+        return kl(log_p, _log_mixture(log_p, log_q, skew, finite))
     if divergence == "skew_reverse_kl":
-        return _kl_divergence(log_q, _log_mixture(log_q, log_p, skew))
+        return kl(log_q, _log_mixture(log_q, log_p, skew, finite))
     return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(dim=-1)  # tv

@@ -165,11 +165,11 @@ def _data_section(config: Config, summary: dict) -> str:
 
 
 def _loss_name(config: Config) -> str:
-    return config.training_parameters.loss.kind.__name__
+    return type(config.training_parameters.loss).__name__
 
 
 def _loss_section(config: Config) -> str:
-    settings = config.training_parameters.loss.build().spec()
+    settings = config.training_parameters.loss.spec()
     written = ", ".join(f"{key}={value}" for key, value in settings.items() if key != "()") or "no settings"
     return f"## Loss\n\n`{_loss_name(config)}`: {written}."
 

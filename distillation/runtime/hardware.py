@@ -73,7 +73,7 @@ def teacher_dtype(config: Config) -> torch.dtype:
 
 
 def fused_loss(accelerator) -> bool:
-    """Whether loss.DistillationLoss runs fused (`LossSpec.build(fused=...)`): always, but with FSDP, which keeps
+    """Whether loss.DistillationLoss runs fused (`Criterion.run_as(fused=...)`): always, but with FSDP, which keeps
     only a shard of the output head. Measured on CPUs from the demo's shape (vocabulary 2048, width 128) to GPT-2's
     (50257, 768), in float32 and bf16, it was faster at every one (bench/throughput.py, docs/benchmarks.md)."""
     return not accelerator.is_fsdp2

@@ -14,6 +14,7 @@ runs its experiment on any machine; `config.yaml` sets its better choices explic
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import typing
 from dataclasses import dataclass, field
@@ -23,7 +24,6 @@ from typing import Any, Literal, Optional
 import yaml
 
 from distillation.settings import config_guard
-import loss as loss_module
 from distillation.base import storage
 from distillation.base.errors import UserError, first_line
 
@@ -175,7 +175,9 @@ class TrainingParameters:
     resume: bool = False
     # Where metrics also go: auto (TensorBoard when it is installed), none, tensorboard, wandb, or tensorboard,wandb.
     report_to: str = "auto"
-    loss: Any = None  # a loss.LossSpec, from the `()` entry; the criterion is built where it is used
+    # The run's criterion (a loss.Criterion), as configue built it from the `()` entry (or as built here, the same
+    # way, for an override or the default); distill.setup chooses how it runs.
+    loss: Any = None
 
 
 @dataclass(frozen=True)
@@ -248,8 +250,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
 
 def to_plain_dict(config: Config) -> dict:
     """The resolved config as plain YAML-ready values, the loss back in configue's `()` form."""
-    plain = dataclasses.asdict(config)
-    plain["training_parameters"]["loss"] = config.training_parameters.loss.to_config()
+    training = config.training_parameters
+    plain = dataclasses.asdict(dataclasses.replace(config, training_parameters=dataclasses.replace(training, loss=None)))
+    plain["training_parameters"]["loss"] = training.loss.spec()
     return plain
 
 
@@ -281,16 +284,27 @@ def _read_with_configue(path: Path) -> Any:
     except (TypeError, ValueError) as error:
         # Raised by a class constructor that configue called, e.g. the loss with a misspelt or invalid argument.
         raise ConfigError(
-            f"{path}: training_parameters.loss: {loss_module.argument_problem(error)}; fix it under "
+            f"{path}: training_parameters.loss: {_argument_problem(error)}; fix it under "
             f"training_parameters.loss."
         ) from None
 
 
+def _argument_problem(error: Exception) -> str:
+    """A criterion's TypeError or ValueError in plain words: "...got an unexpected keyword argument 'alpah'" names
+    the argument."""
+    text = str(error)
+    if "unexpected keyword argument" in text:
+        return f"unknown argument {text.rsplit(' ', 1)[-1]}"
+    return text
+
+
+def _is_criterion(value: Any) -> bool:
+    """Whether `value` is a criterion that configue built (recognised by its `spec`, without importing loss.py)."""
+    return callable(getattr(value, "spec", None))
+
+
 def _to_plain_tree(value: Any) -> Any:
-    """Turn the configue result into plain dicts and lists: the loss that configue instantiated goes back to its
-    `()` form (what the config checks and keeps; the criterion is built once, where it is used)."""
-    if isinstance(value, loss_module.Criterion):
-        return value.spec()
+    """Turn the configue result into plain dicts and lists; the criterion that configue built stays as it is."""
     if isinstance(value, dict):
         return {key: _to_plain_tree(item) for key, item in value.items()}
     if isinstance(value, list):
@@ -309,6 +323,8 @@ def _apply_override(tree: dict, override: str) -> None:
         child = node.get(key)
         if child is None:
             child = node[key] = {}
+        if _is_criterion(child):  # one of its arguments changes: it is built again from its `()` form
+            child = node[key] = child.spec()
         if not isinstance(child, dict):
             raise ConfigError(f"--set {key_path}: {key} is a single value, not a section.")
         node = child
@@ -369,14 +385,14 @@ def _build(schema: type, values: Any, source: str, prefix: str) -> Any:
         kind = _field_schema(schema, item)
         if kind is _LOSS_SECTION:
             if name in values:
-                kwargs[name] = _loss_spec(values[name], source, key)
+                kwargs[name] = _criterion(values[name], source, key)
         elif dataclasses.is_dataclass(kind):
             # A section the file leaves out is built too, so that training_parameters gets its default loss.
             kwargs[name] = _build(kind, values.get(name) if values.get(name) is not None else {}, source, f"{key}.")
         elif name in values:
             kwargs[name] = _check_value(values[name], kind, item.metadata, source, key)
     if schema is TrainingParameters and "loss" not in kwargs:
-        kwargs["loss"] = _loss_spec(dict(DEFAULT_LOSS), source, f"{prefix}loss")
+        kwargs["loss"] = _criterion(dict(DEFAULT_LOSS), source, f"{prefix}loss")
     return schema(**kwargs)
 
 
@@ -387,14 +403,26 @@ def _closest(key: str, known: dict) -> str:
     return f" (did you mean {match[0]}?)" if match else ""
 
 
-def _loss_spec(section: Any, source: str, key: str) -> loss_module.LossSpec:
-    """The loss section as a LossSpec: its class resolved and its arguments checked, nothing built."""
+def _criterion(section: Any, source: str, key: str) -> Any:
+    """The criterion of the loss section: the one configue built from the file, or one built from its `()` form
+    (an override, the default) the way configue builds it, by importing the class it names, once checked."""
+    if _is_criterion(section):
+        return section
+    if not isinstance(section, dict) or "()" not in section:
+        raise ConfigError(
+            f"{source}: {key}: the section needs a `()` entry naming the loss class, e.g. `(): loss.DistillationLoss` "
+            f"with alpha, beta and temperature, or `(): loss.ClassicLoss`."
+        )
+    arguments = dict(section)
+    class_path = config_guard.criterion_path(arguments.pop("()"))
+    if class_path is None:
+        raise ConfigError(f"{source}: {key}: {section['()']!r} is not a loss class; use loss.DistillationLoss or "
+                          f"loss.ClassicLoss.")
+    module_name, _, class_name = class_path.rpartition(".")
     try:
-        return loss_module.LossSpec.from_section(section)
-    except TypeError as error:  # not a loss section, or not a loss class
-        raise ConfigError(f"{source}: {key}: {error}.") from None
-    except ValueError as error:  # an argument
-        raise ConfigError(f"{source}: {key}: {error}; fix it under {key}.") from None
+        return getattr(importlib.import_module(module_name), class_name)(**arguments)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{source}: {key}: {_argument_problem(error)}; fix it under {key}.") from None
 
 
 def _check_value(value: Any, kind: Any, metadata: typing.Mapping, source: str, key: str) -> Any:
@@ -430,6 +458,17 @@ def _check_value(value: Any, kind: Any, metadata: typing.Mapping, source: str, k
     return converted
 
 
+def as_number(value) -> Optional[float]:
+    """`value` as a float, or None when it is not a number. YAML 1.1 (configue, `--set`) reads `1e-1` as text, so a
+    text that is a plain number counts; true and false do not."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _convert(value: Any, kind: type) -> Any:
     """The value as `kind`, or None when it is not one. YAML 1.1 reads `3e-4` as a string: accept it as a float."""
     if kind is bool:
@@ -443,7 +482,7 @@ def _convert(value: Any, kind: type) -> Any:
             return int(value)
         return None
     if kind is float:
-        number = loss_module.as_number(value)
+        number = as_number(value)
         return number if number is not None and math.isfinite(number) else None
     if kind is str:
         return value if isinstance(value, str) and value.strip() else None
@@ -526,14 +565,10 @@ def _check_template(config: Config, source: str) -> None:
 
 
 def _check_cached_teacher(config: Config, source: str) -> None:
-    spec = config.training_parameters.loss
-    if config.teacher.cache_top_k is None or not spec.requires_teacher:
+    criterion = config.training_parameters.loss
+    if config.teacher.cache_top_k is None or not criterion.requires_teacher:
         return
-    try:
-        spec.check(cached_teacher=True)
-        refusal = None
-    except ValueError as error:
-        refusal = str(error)
+    refusal = criterion.cached_teacher_refusal()
     if refusal is None and config.data.packing:
         refusal = "packed rows mix samples, whose cached positions cannot follow them; set data.packing to false"
     if refusal is not None:

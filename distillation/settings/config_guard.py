@@ -10,12 +10,13 @@ nesting deeper than a config needs; and the files pulled in with `!import` are c
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
-import loss
-
 LOSS_SECTION = ("training_parameters", "loss")
+# The criteria that a config may name: loss.py's Criterion subclasses (a test keeps the two the same).
+CRITERIA = ("loss.DistillationLoss", "loss.ChunkedDistillationLoss", "loss.ClassicLoss")
 # A real config holds a few hundred values, a few levels deep; aliases can make a small file expand into billions
 # of values, and brackets nest as deep as the file is long.
 MAX_VALUES = 10_000
@@ -111,8 +112,16 @@ def _check_constructor(node: yaml.Node, keys: tuple, where: str) -> None:
             f"{where}: {'.'.join(map(str, keys)) or 'the top level'} has a `()` entry ({named}), which would run "
             f"Python code while the file loads; only training_parameters.loss names a class. Remove the entry."
         )
-    if loss.criterion_class(named) is None:
+    if criterion_path(named) is None:
         raise UnsafeConfig(
             f"{where}: training_parameters.loss names {named!r}, which is not a loss class of this project; use "
             f"loss.DistillationLoss, loss.ChunkedDistillationLoss or loss.ClassicLoss."
         )
+
+
+def criterion_path(named) -> Optional[str]:
+    """The criterion that a `()` entry names (`loss.DistillationLoss`, or the bare class name) as its path in
+    `CRITERIA`, or None when it names none of them."""
+    module_name, _, class_name = str(named).rpartition(".")
+    path = f"loss.{class_name}"
+    return path if module_name in ("", "loss") and path in CRITERIA else None

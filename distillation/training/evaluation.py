@@ -1,20 +1,20 @@
 """Figures of a model on a split: the loss terms averaged over every real target token (not over batches), the
 student's perplexity and, with a teacher, how close the student is to it; and the frozen teacher's own perplexity.
 
-Every process evaluates its shard of the split; the sums are reduced over processes before they are divided.
+Every process evaluates its shard of the split; the sums are reduced over processes before they are divided. The
+figures are computed as the criterion runs in training (`Criterion.run_as`), in its precision: a fused criterion
+projects the hidden states a chunk at a time here too, so that evaluating never holds `(B, T, V)` logits.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 
-from distillation.kernels.divergences import token_divergence
-from loss import CachedTeacher, ModelOutput, at_targets, cached_teacher_buckets, next_token_cross_entropy, target_mask
-from models import model_inputs
+from distillation.kernels.chunked_loss import fused_cross_entropy_sum
+from loss import ModelOutput, at_targets, next_token_cross_entropy, target_ids, target_mask
 
 # (batch on the device, weight): weight 0 marks a stand-in batch that only keeps the processes in step.
 WeightedBatches = Iterable[tuple[dict, int]]
@@ -38,34 +38,18 @@ def padded_batches(loader, stand_in: dict, num_processes: int, place: Callable[[
         yield place(stand_in), 0
 
 
-def logits_of(output: ModelOutput) -> torch.Tensor:
-    """`(B, T, V)` logits, projected from the hidden states for a criterion that never materialises them. In
-    float32, as the chunked loss projects them: under bf16 autocast the hidden states are bf16 and the student's
-    head float32, and this runs outside autocast."""
-    if output.logits is not None:
-        return output.logits
-    return output.hidden.float() @ output.head.float().T
-
-
 @torch.no_grad()
 def evaluate(criterion, forward, batches: WeightedBatches, accelerator, has_teacher: bool) -> dict:
     """The criterion's terms, the student's perplexity and, with a teacher, KL(teacher || student) at temperature 1
     and the share of targets where both models' most likely next token is the same. `forward(batch)` gives the
     student's and the teacher's outputs, as the criterion reads them."""
-    # Summed over targets: loss, kd, ce, KL at T = 1, top-1 agreements; and the targets.
+    # Summed over targets: loss, kd, ce, KL at T = 1, top-1 agreements (`Criterion.evaluation_sums`); and the targets.
     totals = torch.zeros(6, device=accelerator.device)
     for batch, weight in batches:
         student, teacher = forward(batch)
         with accelerator.autocast():  # as in training: the fused loss projects in the autocast dtype
-            output = criterion(student, teacher, batch["labels"])
-        targets = target_mask(batch["labels"]).sum() * weight
-        kd = output.kd if output.kd is not None else torch.zeros_like(output.ce)
-        totals[:3] += torch.stack([output.loss, kd, output.ce]).float() * targets
-        if isinstance(teacher, CachedTeacher):
-            totals[3:5] += agreement_with_cached_teacher(logits_of(student), teacher, batch["labels"]) * weight
-        elif teacher is not None:
-            totals[3:5] += agreement_with_teacher(logits_of(student), logits_of(teacher), batch["labels"]) * weight
-        totals[5] += targets
+            totals[:5] += criterion.evaluation_sums(student, teacher, batch["labels"]) * weight
+        totals[5] += target_mask(batch["labels"]).sum() * weight
     totals = accelerator.reduce(totals, reduction="sum")
     loss, kd, ce, kl, agreements, _ = (totals / totals[5]).tolist()
     return {
@@ -80,46 +64,30 @@ def evaluate(criterion, forward, batches: WeightedBatches, accelerator, has_teac
 
 
 @torch.no_grad()
-def teacher_figures(teacher, vocab_size: int, batches: WeightedBatches, accelerator) -> dict:
+def teacher_figures(teacher: Optional[Callable[[dict], ModelOutput]], vocab_size: int, batches: WeightedBatches,
+                    accelerator) -> dict:
     """The teacher's next-token CE and perplexity, over the student's `vocab_size` first tokens: the reference a
-    student's perplexity is read against. `teacher` is the causal LM, or None to read the cached teacher's
-    log-probability of each target from the batches."""
+    student's perplexity is read against. `teacher(batch)` gives the teacher's output as the criterion reads it
+    (logits, or the last hidden states and the head); None reads the cached teacher's log-probability of each
+    target from the batches."""
     totals = torch.zeros(2, device=accelerator.device)  # CE summed over targets; targets
     for batch, weight in batches:
-        targets = target_mask(batch["labels"]).sum() * weight
+        labels = batch["labels"]
+        targets = target_mask(labels).sum() * weight
         if teacher is None:
-            ce_sum = -at_targets(batch["teacher_target_log_prob"], batch["labels"]).sum() * weight
-            totals += torch.stack([ce_sum, targets.float()])
-            continue
-        with accelerator.autocast():
-            logits = teacher(**model_inputs(batch)).logits
-        ce = next_token_cross_entropy(logits[..., :vocab_size], batch["labels"])
-        totals += torch.stack([ce.float() * targets, targets.float()])
+            ce_sum = -at_targets(batch["teacher_target_log_prob"], labels).sum() * weight
+        else:
+            with accelerator.autocast():
+                ce_sum = cross_entropy_sum(teacher(batch), labels, vocab_size) * weight
+        totals += torch.stack([ce_sum.float(), targets.float()])
     ce_sum, count = accelerator.reduce(totals, reduction="sum").tolist()
     ce = ce_sum / max(count, 1)
     return {"ce": ce, "perplexity": perplexity(ce)}
 
 
-def agreement_with_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                           labels: torch.Tensor) -> torch.Tensor:
-    """`(2,)`: summed over the real target positions, KL(teacher || student) at temperature 1 and the number of
-    positions where the two models' most likely next token is the same. `student_logits (B, T, V)`,
-    `teacher_logits (B, T, V')` with V' >= V (cropped to V), `labels (B, T)`."""
-    student = at_targets(student_logits, labels).float()  # (N, V)
-    teacher = at_targets(teacher_logits[..., : student.size(-1)], labels).float()
-    teacher_log_probs = F.log_softmax(teacher, dim=-1)
-    kl = (teacher_log_probs.exp() * (teacher_log_probs - F.log_softmax(student, dim=-1))).sum()
-    agreements = (student.argmax(dim=-1) == teacher.argmax(dim=-1)).sum()
-    return torch.stack([kl, agreements.float()])
-
-
-def agreement_with_cached_teacher(student_logits: torch.Tensor, cached: CachedTeacher,
-                                  labels: torch.Tensor) -> torch.Tensor:
-    """As `agreement_with_teacher`, against the cached top-k distributions: the KL is between the two models'
-    distributions over the teacher's top k tokens and the rest (a lower bound of the full KL), and the teacher's
-    most likely token is the first cached one."""
-    student, teacher = cached_teacher_buckets(student_logits, cached, labels)
-    kl = token_divergence(student, teacher, "forward_kl").sum()
-    top_ids = at_targets(cached.top_ids, labels)
-    agreements = (at_targets(student_logits, labels).argmax(dim=-1) == top_ids[:, 0]).sum()
-    return torch.stack([kl, agreements.float()])
+def cross_entropy_sum(output: ModelOutput, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """A model's next-token CE over its first `vocab_size` tokens, summed over the real targets of `labels (B, T)`:
+    from its logits, or from its hidden states and head a chunk at a time."""
+    if output.logits is not None:
+        return next_token_cross_entropy(output.logits[..., :vocab_size], labels).float() * target_mask(labels).sum()
+    return fused_cross_entropy_sum(at_targets(output.hidden, labels), output.head[:vocab_size], target_ids(labels))

@@ -42,6 +42,10 @@ class Networks:
             student = self._outputs(self.student, self.student_model, inputs)
         return student, teacher
 
+    def teacher_outputs(self, batch: dict) -> ModelOutput:
+        """The teacher's outputs on a batch as the criterion reads them, for the teacher's own figures."""
+        return self._outputs(self.teacher, self.teacher_model, models.model_inputs(batch))
+
     def _outputs(self, network, language_model, inputs: dict) -> ModelOutput:
         if self.criterion.projects_hidden_states:  # `network` is a models.HiddenStates
             return ModelOutput(hidden=network(**inputs), head=language_model.get_output_embeddings().weight)

@@ -195,7 +195,7 @@ class Trainer:
     def teacher_result(self, split: str) -> dict:
         """The frozen teacher's figures on a split, computed once per run."""
         if split not in self.teacher_results:
-            teacher = None if self.networks.cached_teacher else self.networks.teacher_model
+            teacher = None if self.networks.cached_teacher else self.networks.teacher_outputs
             vocab_size = self.networks.student_model.config.vocab_size
             self.teacher_results[split] = evaluation.teacher_figures(
                 teacher, vocab_size, self.batches.evaluation_batches(split), self.accelerator)
