@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from distillation.base.errors import UserError, first_line
+from distillation.settings.config import one_block_per_layer_problem
 
 logger = logging.getLogger(__name__)
 
@@ -203,11 +204,9 @@ def student_init_layers(init: str, teacher_layers_config: Optional[list[int]], t
 
 def check_one_block_per_layer(layers: list[int], student_layer_count: int) -> None:
     """`student.teacher_layers` names the teacher block of each student layer: as many as the student has."""
-    if len(layers) != student_layer_count:
-        raise ModelError(
-            f"student.teacher_layers lists {len(layers)} teacher blocks but distilled_model.nb_layers is "
-            f"{student_layer_count}; list exactly one teacher block per student layer."
-        )
+    problem = one_block_per_layer_problem(layers, student_layer_count)
+    if problem is not None:
+        raise ModelError(problem)
 
 
 def initialise_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel, layers: list[int]) -> list[str]:

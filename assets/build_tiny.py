@@ -76,6 +76,7 @@ def main(argv=None) -> int:
     arguments = parser.parse_args(argv)
 
     import dataset
+    from distillation.settings import templates
     import distill
 
     os.chdir(REPO)  # the configs name their files relative to the repository root
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
     TINY.mkdir(parents=True, exist_ok=True)
     generate_tiny_data.main(["--out", str(DATA_FILE), "--n", str(arguments.samples), "--seed", str(arguments.seed)])
     rows = generate_tiny_data.generate(arguments.samples, arguments.seed)
-    short = dataset.PROMPT_TEMPLATES["alpaca_short"]  # the template configs/tiny*.yaml name
+    short = templates.PROMPT_TEMPLATES["alpaca_short"]  # the template configs/tiny*.yaml name
     texts = [dataset.alpaca_prompt(row["instruction"], row["input"], short) + row["output"] for row in rows]
     tokenizer = train_byte_level_tokenizer(texts, VOCAB_SIZE)
 

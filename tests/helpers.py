@@ -13,13 +13,14 @@ import torch.nn.functional as F
 import yaml
 
 import dataset
+from distillation.settings import templates
 from distillation.settings.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 
 # The tests' runs format their samples without Stanford Alpaca's preamble, so that short rows keep room for the
 # response (the default template has its own tests).
-SHORT = dataset.PROMPT_TEMPLATES["alpaca_short"]
+SHORT = templates.PROMPT_TEMPLATES["alpaca_short"]
 
 
 def save_gpt2(directory: Path, tokenizer, nb_layers: int, width: int = 32, vocab_size: int | None = None, seed: int = 0,

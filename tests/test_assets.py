@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from distillation.data import batching
 import dataset
+from distillation.settings import templates
 import distill
 from assets import generate_tiny_data
 import models
@@ -20,7 +21,7 @@ from helpers import REPO
 from loss import next_token_cross_entropy
 
 TINY = REPO / "assets" / "tiny"
-SHORT = dataset.PROMPT_TEMPLATES["alpaca_short"]  # the template the demo's teacher was trained on
+SHORT = templates.PROMPT_TEMPLATES["alpaca_short"]  # the template the demo's teacher was trained on
 
 
 def test_shipped_data_is_what_the_generator_writes():

@@ -18,6 +18,7 @@ from distillation.data import chat_data
 from distillation.base import verified_cache
 from distillation.data import data_files
 import dataset
+from distillation.settings import templates
 from loss import IGNORE_INDEX
 
 TOKEN_DATASET = "tokenized"
@@ -409,7 +410,7 @@ def test_non_utf8_jsonl_file_is_a_data_error(tmp_path, tokenizer):
 CUSTOM_TEMPLATE = {"with_input": "Q {{braces}}: {instruction} / {input}\nA: ", "without_input": "Q {{braces}}: {instruction}\nA: "}
 
 
-@pytest.mark.parametrize("template", [*dataset.PROMPT_TEMPLATES, "custom"])
+@pytest.mark.parametrize("template", [*templates.PROMPT_TEMPLATES, "custom"])
 def test_the_alpaca_chat_template_renders_the_training_text(tokenizer, template):
     """One exchange through the chat template is the training text of an Alpaca sample without input, byte for byte;
     the generation prompt is the prompt; the assistant mask covers the response and EOS."""

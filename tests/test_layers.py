@@ -158,3 +158,58 @@ def test_the_graph_counts_lazy_relative_and_importlib_imports(tmp_path):
     assert find_cycle(graph) == ["pkg.high", "pkg.low", "pkg.high"]
     graph["pkg.low"] = set()
     assert find_cycle(graph) is None
+
+
+# The layers, lowest first: a module may import its own layer and those below it, never one above.
+LAYERS = [
+    {"distillation.base"},
+    {"distillation.settings"},
+    {"distillation.data"},
+    {"distillation.kernels"},
+    {"dataset", "loss", "models"},  # the root modules the original project and its users name
+    {"distillation.runtime"},
+    {"distillation.run"},
+    {"distillation.training"},
+    {"distill"},
+]
+LOW_LAYERS = ("distillation.base", "distillation.settings")  # read a config without loading torch
+HEAVY_LIBRARIES = ("torch", "transformers")
+
+
+def layer_of(module: str) -> int:
+    for index, layer in enumerate(LAYERS):
+        if any(module == name or module.startswith(f"{name}.") for name in layer):
+            return index
+    raise AssertionError(f"{module} belongs to no layer; add its folder to LAYERS")
+
+
+def project_modules() -> list[Path]:
+    """The program's modules: the root ones and the package's, not tests, benchmarks or assets."""
+    return sorted([*REPO.glob("*.py"), *(REPO / "distillation").rglob("*.py")])
+
+
+def test_the_package_layers_import_only_downward():
+    graph = import_graph(project_modules())
+    assert {"distill", "loss", "distillation.settings.config", "distillation.training.trainer"} <= set(graph)
+    upward = [f"{module} -> {imported}" for module, imports in sorted(graph.items()) for imported in sorted(imports)
+              if layer_of(imported) > layer_of(module)]
+    assert not upward, f"imports from a higher layer: {upward}"
+    assert find_cycle(graph) is None, f"an import cycle: {' -> '.join(find_cycle(graph))}"
+    assert graph["distill"] >= {"distillation.training.trainer", "models"}  # the graph holds real imports
+
+
+def test_the_low_layers_load_neither_torch_nor_transformers():
+    """errors, storage and the config import neither library, directly or through a project module they import."""
+    files = project_modules()
+    graph = import_graph(files)
+    names = {module_name(path): imported_names(ast.parse(path.read_text(encoding="utf-8")), module_name(path),
+                                               path.name == "__init__.py") for path in files}
+    for module in (name for name in graph if name.startswith(LOW_LAYERS)):
+        reached, frontier = {module}, [module]
+        while frontier:
+            for imported in graph[frontier.pop()] - reached:
+                reached.add(imported)
+                frontier.append(imported)
+        heavy = sorted({f"{name} (in {reached_module})" for reached_module in reached
+                        for name in names[reached_module] if name.split(".")[0] in HEAVY_LIBRARIES})
+        assert not heavy, f"{module} loads {heavy}"

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distillation.data import batching
 import dataset
+from distillation.settings import templates
 import distill
 from assets import hub_standins
 from distillation.settings.config import load_config
@@ -91,7 +92,7 @@ def test_config_yaml_runs_at_real_shape_to_a_best_checkpoint(standins, tmp_path)
     # Every sample's EOS is a target, though it is also the padding token: the run's data, batched as it trained.
     config = load_config(run / "config.yaml")
     spec = dataset.spec_from_config(config)
-    assert spec.max_length == 128 and spec.template == dataset.PROMPT_TEMPLATES["alpaca"]
+    assert spec.max_length == 128 and spec.template == templates.PROMPT_TEMPLATES["alpaca"]
     splits = dataset.prepare_splits(spec, tokenizer, config.paths.data_folder, config.paths.token_dataset)
     collate = batching.PaddingCollator(tokenizer.pad_token_id, spec.mask_instruction)
     for name in dataset.SPLIT_NAMES:

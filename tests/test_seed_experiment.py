@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, GPT2Config
 
 from distillation.data import batching
 import dataset
+from distillation.settings import templates
 import distill
 from distillation.runtime import hardware
 import models
@@ -65,7 +66,7 @@ def test_seed_config_runs_the_seed_experiment(native_bf16):
 
     spec = dataset.spec_from_config(config)
     assert spec.dataset == "vicgalle/alpaca-gpt4" and spec.text_column is None and spec.seed == 42
-    assert spec.template == dataset.PROMPT_TEMPLATES["alpaca"] and spec.max_length == 1024
+    assert spec.template == templates.PROMPT_TEMPLATES["alpaca"] and spec.max_length == 1024
     assert spec.split == (0.6, 0.2, 0.2) and not spec.mask_instruction and spec.max_samples is None
     assert not config.data.group_by_length and not config.data.packing  # batches of random samples
 

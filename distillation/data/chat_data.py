@@ -130,7 +130,7 @@ def rendering_template(tokenizer, template: Any) -> str:
 
 def alpaca_chat_template(template: Any) -> str:
     """A Jinja chat template (the tokenizer's `chat_template`) that renders role/content messages in the format of
-    `template` (a `dataset.PromptTemplate`): each user turn as the prompt without input (the instruction), each
+    `template` (a `templates.PromptTemplate`): each user turn as the prompt without input (the instruction), each
     assistant turn as its text then EOS, a system message before the first prompt. A single user/assistant exchange renders byte for byte as
     `alpaca_prompt(instruction, "") + response + EOS`, the training text of an Alpaca sample without input; the
     assistant turns are marked as generation (`return_assistant_tokens_mask`). The prompt ends where the response

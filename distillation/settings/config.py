@@ -23,7 +23,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from distillation.settings import config_guard
+from distillation.settings import config_guard, templates
 from distillation.base import storage
 from distillation.base.errors import UserError, first_line
 
@@ -89,12 +89,9 @@ def _check_student(config: Config, source: str) -> None:
             f"{source}: student.init is teacher_layers but student.teacher_layers is null; list the teacher block "
             f"to copy into each student layer, e.g. [0, 2, 4, 7, 9, 11] for 6 layers from GPT-2's 12."
         )
-    from models import ModelError, check_one_block_per_layer
-
-    try:
-        check_one_block_per_layer(student.teacher_layers, nb_layers)
-    except ModelError as error:
-        raise ConfigError(f"{source}: {error}") from None
+    problem = one_block_per_layer_problem(student.teacher_layers, nb_layers)
+    if problem is not None:
+        raise ConfigError(f"{source}: {problem}")
     repeated = sorted({index for index in student.teacher_layers if student.teacher_layers.count(index) > 1})
     if repeated:
         raise ConfigError(
@@ -122,9 +119,9 @@ class Data:
     # None: build each sample from the Alpaca fields instruction/input/output with `template`; else take this column
     # as the whole text.
     text_column: Optional[str] = None
-    # The prompt before the output: a name from dataset.PROMPT_TEMPLATES (alpaca: Stanford Alpaca's, as the `text`
+    # The prompt before the output: a name from templates.PROMPT_TEMPLATES (alpaca: Stanford Alpaca's, as the `text`
     # column of vicgalle/alpaca-gpt4 holds it) or a section {with_input: ..., without_input: ...} of format strings
-    # with the fields {instruction} and {input}. Checked by dataset.prompt_template; unused with a text_column.
+    # with the fields {instruction} and {input}. Checked by templates.prompt_template; unused with a text_column.
     template: Any = "alpaca"
     max_length: int = field(default=1024, metadata=_range(2))
     split: Splits = field(default_factory=Splits)
@@ -555,12 +552,19 @@ def check_model_id(value: str, what: str) -> None:
         )
 
 
-def _check_template(config: Config, source: str) -> None:
-    from dataset import DataError, prompt_template
+def one_block_per_layer_problem(layers: list[int], student_layer_count: int) -> Optional[str]:
+    """The sentence that refuses `student.teacher_layers` when it does not name one teacher block per student
+    layer, or None."""
+    if len(layers) == student_layer_count:
+        return None
+    return (f"student.teacher_layers lists {len(layers)} teacher blocks but distilled_model.nb_layers is "
+            f"{student_layer_count}; list exactly one teacher block per student layer.")
 
+
+def _check_template(config: Config, source: str) -> None:
     try:
-        prompt_template(config.data.template)
-    except DataError as error:
+        templates.prompt_template(config.data.template)
+    except ValueError as error:
         raise ConfigError(f"{source}: {error}") from None
 
 
