@@ -139,3 +139,14 @@ def test_every_command_a_page_writes_names_a_module_or_script_that_exists(page):
     assert not wrong, f"{page.name}: {wrong}"
     if page.name == "README.md":
         assert count >= 5  # the pattern still finds the README's commands
+
+
+def test_the_configuration_pages_key_table_is_the_schemas():
+    """docs/configuration.md's table of keys, types, ranges and defaults is the one the schema writes: a key added,
+    renamed or given another default in distillation/settings/schema.py fails here until the page is regenerated."""
+    from distillation.settings import schema
+
+    page = (REPO / "docs" / "configuration.md").read_text(encoding="utf-8")
+    documented = page.split("<!-- keys: generated -->\n", 1)[1].split("\n<!-- keys: end -->", 1)[0]
+    assert documented == schema.key_table()
+    assert "| `training_parameters.learning_rate` | number > 0.0 | `0.001` |" in documented  # the table's real rows

@@ -17,7 +17,8 @@ import safetensors
 
 from distillation.base import storage
 from distillation.run.checkpoints import WEIGHTS_FILE
-from distillation.settings.config import Config, is_hub_repo_id, to_plain_dict
+from distillation.settings.config import to_plain_dict
+from distillation.settings.schema import Config, is_hub_repo_id
 
 CARD_FILE = "README.md"
 SUMMARY_FILE = "summary.json"

@@ -23,7 +23,8 @@ import models
 from distillation.base import storage
 from distillation.run.checkpoints import TrainerState
 from distillation.run.runs import RunLocation
-from distillation.settings.config import Config, ConfigError, dump_config, report_to_names, to_plain_dict
+from distillation.settings.config import dump_config, to_plain_dict
+from distillation.settings.schema import Config, ConfigError, report_to_names
 
 logger = logging.getLogger("distill")
 

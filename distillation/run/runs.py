@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from distillation.run.checkpoints import TRAINER_STATE_FILE, CheckpointError, step_copies
-from distillation.settings.config import check_simple_name
+from distillation.settings.schema import check_simple_name
 from distillation.base.storage import make_folder, previous_version, recover_interrupted_write
 
 # `--plain-baseline` trains the run's plain baseline in `<run name>-plain`, beside the run.

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from distillation.settings.config import Config, ConfigError
+from distillation.settings.schema import Config, ConfigError
 
 
 def start_processes(config: Config):

@@ -20,7 +20,7 @@ from distillation.runtime import hardware
 from distillation.run import records
 from distillation.run.checkpoints import RunCheckpoints, TrainerState, run_identity, load_model_weights
 from distillation.run.runs import RunLocation
-from distillation.settings.config import Config
+from distillation.settings.schema import Config
 from distillation.training import evaluation
 from distillation.training import networks
 from distillation.training import samples
