@@ -16,16 +16,14 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pyarrow
 from datasets import Dataset, DatasetDict, List, Value, load_from_disk
 
-from distillation.data import chat_data
-from distillation.data import data_files
-from distillation.data.data_files import DataError
 from distillation.base import verified_cache
+from distillation.data import chat_data, data_files
+from distillation.data.data_files import DataError
 from distillation.settings.templates import DEFAULT_TEMPLATE, PromptTemplate, prompt_template
 
 logger = logging.getLogger(__name__)
@@ -45,7 +43,7 @@ def alpaca_prompt(instruction: str, context: str, template: PromptTemplate = DEF
     return template.without_input.format(instruction=instruction)
 
 
-def training_chat_template(spec: "DataSpec", tokenizer, splits: DatasetDict) -> Optional[str]:
+def training_chat_template(spec: DataSpec, tokenizer, splits: DatasetDict) -> str | None:
     """The chat template that renders messages as the student was trained: for chat data, the one that rendered it
     (chat_data.rendering_template; its samples carry a target_mask); for Alpaca samples, the prompt template's, even
     where the tokenizer has a chat template of its own (the student never saw that one); None for a text_column run,
@@ -60,11 +58,11 @@ class DataSpec:
     """What defines the tokenized data; every field is part of the cache key."""
 
     dataset: str
-    text_column: Optional[str]
+    text_column: str | None
     max_length: int
     split: tuple[float, float, float]
     mask_instruction: bool
-    max_samples: Optional[int]
+    max_samples: int | None
     seed: int
     template: PromptTemplate = DEFAULT_TEMPLATE
 
@@ -93,8 +91,9 @@ def prepare_splits(spec: DataSpec, tokenizer, data_folder: str, token_dataset: s
     else:
         raw = data_files.load_hub_dataset(spec.dataset, data_folder)
         data_fingerprint = f"hub:{spec.dataset}:{raw._fingerprint}"
-    cache_dir = verified_cache.location(_cache_root(data_folder, token_dataset),
-                                        _cache_description(spec, data_fingerprint, tokenizer))
+    cache_dir = verified_cache.location(
+        _cache_root(data_folder, token_dataset), _cache_description(spec, data_fingerprint, tokenizer)
+    )
     cached = _open_cache(cache_dir)
     if cached is not None:
         logger.info("Using the tokenized data cached in %s", cache_dir)
@@ -104,9 +103,7 @@ def prepare_splits(spec: DataSpec, tokenizer, data_folder: str, token_dataset: s
         raw = data_files.load_local_dataset(local_files, data_folder, data_fingerprint)
     texts = format_rows(raw, spec, num_proc)
     splits = split_rows(texts, spec.split, spec.seed)
-    tokenized = DatasetDict(
-        {name: tokenize(rows, tokenizer, spec, num_proc) for name, rows in splits.items()}
-    )
+    tokenized = DatasetDict({name: tokenize(rows, tokenizer, spec, num_proc) for name, rows in splits.items()})
     for name in SPLIT_NAMES:
         if len(tokenized[name]) == 0:
             raise DataError(
@@ -142,24 +139,40 @@ def format_rows(raw: Dataset, spec: DataSpec, num_proc: int = 1) -> Dataset:
         raw = raw.select(range(min(spec.max_samples, len(raw))))
     kind = _check_columns(raw, spec)
     if kind not in (None, chat_data.ALPACA):
-        messages = raw.map(chat_data.to_messages, batched=True, with_indices=True, remove_columns=raw.column_names,
-                           fn_kwargs={"kind": kind, "dataset": spec.dataset}, num_proc=_procs(num_proc, raw),
-                           load_from_cache_file=False)
+        messages = raw.map(
+            chat_data.to_messages,
+            batched=True,
+            with_indices=True,
+            remove_columns=raw.column_names,
+            fn_kwargs={"kind": kind, "dataset": spec.dataset},
+            num_proc=_procs(num_proc, raw),
+            load_from_cache_file=False,
+        )
         return _drop_empty(messages, chat_data.has_response, spec)
 
     def to_texts(batch: dict) -> dict:
         if spec.text_column is not None:
-            return {"prompt": [""] * len(batch[spec.text_column]), "response": [_text(t) for t in batch[spec.text_column]]}
+            return {
+                "prompt": [""] * len(batch[spec.text_column]),
+                "response": [_text(t) for t in batch[spec.text_column]],
+            }
         contexts = batch["input"] if "input" in batch else [""] * len(batch["instruction"])
         return {
-            "prompt": [alpaca_prompt(_text(i), _text(c), spec.template) for i, c in zip(batch["instruction"], contexts)],
+            "prompt": [
+                alpaca_prompt(_text(i), _text(c), spec.template) for i, c in zip(batch["instruction"], contexts)
+            ],
             "response": [_text(o) for o in batch["output"]],
         }
 
     # Never from `datasets`' own cache of a step (load_from_cache_file), here or in tokenize: prepare_splits caches
     # the tokenized splits whole, and checks them; a damaged file of theirs would fail, or serve wrong rows, unseen.
-    texts = raw.map(to_texts, batched=True, remove_columns=raw.column_names, num_proc=_procs(num_proc, raw),
-                    load_from_cache_file=False)
+    texts = raw.map(
+        to_texts,
+        batched=True,
+        remove_columns=raw.column_names,
+        num_proc=_procs(num_proc, raw),
+        load_from_cache_file=False,
+    )
     return _drop_empty(texts, lambda batch: [bool(r.strip()) for r in batch["response"]], spec)
 
 
@@ -173,7 +186,7 @@ def _drop_empty(texts: Dataset, non_empty, spec: DataSpec) -> Dataset:
     return kept
 
 
-def _check_columns(raw: Dataset, spec: DataSpec) -> Optional[str]:
+def _check_columns(raw: Dataset, spec: DataSpec) -> str | None:
     """The data format (chat_data.FORMAT_COLUMNS; None for a text_column), once its columns are found to hold what
     it reads: text, where a number or a record would be quoted into the samples as its Python form."""
     columns = set(raw.column_names)
@@ -181,11 +194,15 @@ def _check_columns(raw: Dataset, spec: DataSpec) -> Optional[str]:
     kind = chat_data.data_format(columns)
     if spec.text_column is not None:
         if spec.text_column not in columns:
-            raise DataError(f"the data set {spec.dataset} has no column {spec.text_column!r} (it has {listed}); "
-                            f"fix data.text_column.")
+            raise DataError(
+                f"the data set {spec.dataset} has no column {spec.text_column!r} (it has {listed}); "
+                f"fix data.text_column."
+            )
         if isinstance(raw.features[spec.text_column], List):
-            raise DataError(f"the column {spec.text_column!r} of {spec.dataset} holds lists, not text; set "
-                            f"data.text_column: null so that it is read as a conversation.")
+            raise DataError(
+                f"the column {spec.text_column!r} of {spec.dataset} holds lists, not text; set "
+                f"data.text_column: null so that it is read as a conversation."
+            )
         kind, used = None, [spec.text_column]
     elif kind == chat_data.ALPACA:
         used = [name for name in ALPACA_FIELDS if name in columns]
@@ -196,19 +213,31 @@ def _check_columns(raw: Dataset, spec: DataSpec) -> Optional[str]:
         texts = [name for name in sorted(columns) if _holds_text(raw, name)]
         hint = "write the rows in one of these formats"
         if texts:
-            hint += (", or set data.text_column: text" if "text" in texts else
-                     f", or set data.text_column to the column with the whole text ({', '.join(texts)})")
-        raise DataError(f"the data set {spec.dataset} is in none of the formats read here ({chat_data.ACCEPTED}): "
-                        f"its columns are {listed}; {hint}.")
+            hint += (
+                ", or set data.text_column: text"
+                if "text" in texts
+                else f", or set data.text_column to the column with the whole text ({', '.join(texts)})"
+            )
+        raise DataError(
+            f"the data set {spec.dataset} is in none of the formats read here ({chat_data.ACCEPTED}): "
+            f"its columns are {listed}; {hint}."
+        )
     for name in used:
         empty = raw.data.column(name).null_count == raw.data.num_rows
         if _holds_text(raw, name) or (empty and name == "input"):  # csv reads empty inputs as missing values
             continue
         feature = raw.features[name]
-        found = ("null in every row" if empty else f"{feature.dtype} values" if isinstance(feature, Value)
-                 else "records or lists")
-        raise DataError(f"the column {name!r} of {spec.dataset} holds {found}, not text; write each {name} as a "
-                        f"text (a JSON string \"...\"), or fix data.dataset.")
+        found = (
+            "null in every row"
+            if empty
+            else f"{feature.dtype} values"
+            if isinstance(feature, Value)
+            else "records or lists"
+        )
+        raise DataError(
+            f"the column {name!r} of {spec.dataset} holds {found}, not text; write each {name} as a "
+            f'text (a JSON string "..."), or fix data.dataset.'
+        )
     return kind
 
 
@@ -223,7 +252,7 @@ def split_rows(rows: Dataset, fractions: tuple[float, float, float], seed: int) 
     train_count = int(round(fractions[0] * total))
     validation_count = int(round(fractions[1] * total))
     bounds = (0, train_count, train_count + validation_count, total)
-    splits = {name: rows.select(order[bounds[i]:bounds[i + 1]]) for i, name in enumerate(SPLIT_NAMES)}
+    splits = {name: rows.select(order[bounds[i] : bounds[i + 1]]) for i, name in enumerate(SPLIT_NAMES)}
     for name, split in splits.items():
         if len(split) == 0:
             raise DataError(
@@ -261,8 +290,14 @@ def tokenize(rows: Dataset, tokenizer, spec: DataSpec, num_proc: int = 1) -> Dat
             "length": [len(sample) for sample in input_ids],  # read by the length-grouped sampler without the ids
         }
 
-    encoded = rows.map(encode, batched=True, remove_columns=rows.column_names, num_proc=_procs(num_proc, rows),
-                       load_from_cache_file=False, new_fingerprint=step)
+    encoded = rows.map(
+        encode,
+        batched=True,
+        remove_columns=rows.column_names,
+        num_proc=_procs(num_proc, rows),
+        load_from_cache_file=False,
+        new_fingerprint=step,
+    )
     return _keep_samples_with_targets(encoded, spec)
 
 
@@ -270,8 +305,12 @@ def _tokenize_step_fingerprint(rows: Dataset, tokenizer, spec: DataSpec) -> str:
     """The name of the tokenizing step's output for `datasets`, from what decides it. Left to `datasets`, it would
     hash the step's function with everything it captures, the tokenizer included: about 3 seconds per split for
     GPT-2's 50257 tokens, for a file that prepare_splits never reads back."""
-    description = [rows._fingerprint, tokenizer_fingerprint(tokenizer), spec.__dict__,
-                   chat_data.tokenizer_template(tokenizer)]
+    description = [
+        rows._fingerprint,
+        tokenizer_fingerprint(tokenizer),
+        spec.__dict__,
+        chat_data.tokenizer_template(tokenizer),
+    ]
     return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -310,7 +349,7 @@ def _text(value) -> str:
     return "" if value is None else str(value)
 
 
-def _procs(num_proc: int, rows: Dataset) -> Optional[int]:
+def _procs(num_proc: int, rows: Dataset) -> int | None:
     # Worker processes only pay off on large data; below that they cost more to start than they save.
     return num_proc if num_proc > 1 and len(rows) >= 10_000 else None
 
@@ -363,11 +402,12 @@ def _save_atomically(tokenized: DatasetDict, cache_dir: Path, spec: DataSpec, da
     verified_cache.write(cache_dir, MANIFEST, fill)
 
 
-def _open_cache(cache_dir: Path) -> Optional[DatasetDict]:
+def _open_cache(cache_dir: Path) -> DatasetDict | None:
     """The cached splits; None when there are none, or when they are damaged (a file truncated, missing or not
     what was written): a damaged cache is removed, to be rebuilt from the data, with a warning."""
-    return verified_cache.read(cache_dir, MANIFEST, "tokenized-data cache", _open_splits,
-                               errors=(pyarrow.ArrowException,))
+    return verified_cache.read(
+        cache_dir, MANIFEST, "tokenized-data cache", _open_splits, errors=(pyarrow.ArrowException,)
+    )
 
 
 def _open_splits(cache_dir: Path, produced_by: dict) -> DatasetDict:

@@ -19,22 +19,19 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Optional
 
-from distillation.run import checkpoints
 import dataset
-from distillation.runtime import hardware
-from distillation.run import model_card
 import models
-from distillation.run import records
-from distillation.run import runs
 from distillation.base import storage
-from distillation.training import teacher_cache
-from distillation.run.checkpoints import CheckpointError
-from distillation.settings.config import Config, ConfigError, check_model_id, load_config
 from distillation.base.errors import EXIT_NON_FINITE_LOSS, EXIT_SIGNAL_BASE, EXIT_USER_ERROR, UserError, first_line
+from distillation.run import checkpoints, model_card, records, runs
+from distillation.run.checkpoints import CheckpointError
 from distillation.run.hub_push import push_checkpoint
 from distillation.run.runs import PLAIN_BASELINE_SUFFIX, locate_run
+from distillation.runtime import hardware
+from distillation.settings.config import load_config
+from distillation.settings.schema import Config, ConfigError, check_model_id
+from distillation.training import teacher_cache
 from distillation.training.steps import NonFiniteLoss
 from distillation.training.stop_signals import StoppedBySignal
 from distillation.training.trainer import Trainer
@@ -51,7 +48,7 @@ BASELINE_NOT_PUSHED = "hub.model_id=null"
 BASELINE_RESUME_DECIDED = "training_parameters.resume=false"
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(argv)
     if arguments.push is not None:
         return push_run(Path(arguments.push), arguments.model_id)
@@ -60,14 +57,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         # The same config, seed, data and steps, with plain next-token training: the comparison distillation needs.
         baseline = run.directory.with_name(run.name + PLAIN_BASELINE_SUFFIX)
         resume = run.resume and baseline.exists()  # continued with the run (--resume or resume: true), if started
-        status, _ = train(arguments.config,
-                          [*arguments.set, PLAIN_LOSS_OVERRIDE, BASELINE_NOT_PUSHED, BASELINE_RESUME_DECIDED],
-                          baseline.name, resume)
+        status, _ = train(
+            arguments.config,
+            [*arguments.set, PLAIN_LOSS_OVERRIDE, BASELINE_NOT_PUSHED, BASELINE_RESUME_DECIDED],
+            baseline.name,
+            resume,
+        )
     hardware.end_processes(status)
     return status
 
 
-def train(config_file: str, overrides: list[str], run_name: Optional[str], resume: bool):
+def train(config_file: str, overrides: list[str], run_name: str | None, resume: bool):
     """One run, from the config to the tested best checkpoint: (exit status, its RunLocation or None)."""
     early_records = records.setup_console_logging()
     run = None
@@ -108,7 +108,7 @@ def push_command(run_directory: Path, model_id: str) -> str:
     return f"python3 distill.py --push {run_directory} --model-id {model_id}"
 
 
-def push_run(run_directory: Path, model_id: Optional[str]) -> int:
+def push_run(run_directory: Path, model_id: str | None) -> int:
     """`--push RUN_DIR`: push a finished run's best checkpoint (with its model card, written if it has none) to
     `model_id`, or to the run's own hub.model_id."""
     records.setup_console_logging()
@@ -117,8 +117,10 @@ def push_run(run_directory: Path, model_id: Optional[str]) -> int:
         runs.hold_run(run_directory, created=False)  # not while a process trains it
         best = run_directory / config.training_parameters.checkpoints_name_best
         if not (run_directory / model_card.SUMMARY_FILE).is_file() or not best.is_dir():
-            raise CheckpointError(f"the run {run_directory} has not finished (no summary.json or best checkpoint); "
-                                  f"finish it with --resume --run-name {run_directory.name}, then push it.")
+            raise CheckpointError(
+                f"the run {run_directory} has not finished (no summary.json or best checkpoint); "
+                f"finish it with --resume --run-name {run_directory.name}, then push it."
+            )
         if not (best / model_card.CARD_FILE).is_file():  # a card the user edited is pushed as it is
             model_card.write_model_card(run_directory, config)
         push_checkpoint(best, model_id, push_command(run_directory, model_id))
@@ -126,9 +128,14 @@ def push_run(run_directory: Path, model_id: Optional[str]) -> int:
         status = ending(error, None)
         if status is None and isinstance(error, (OSError, ValueError)):
             # A damaged summary.json or checkpoint, a card the disk refused: the run cannot be pushed as it is.
-            status = ending(UserError(f"the run {run_directory} cannot be pushed ({first_line(error)}); check its "
-                                      f"best checkpoint and summary.json, or free disk space, then run the same "
-                                      f"command again."), None)
+            status = ending(
+                UserError(
+                    f"the run {run_directory} cannot be pushed ({first_line(error)}); check its "
+                    f"best checkpoint and summary.json, or free disk space, then run the same "
+                    f"command again."
+                ),
+                None,
+            )
         if status is None:
             raise
         return status
@@ -138,21 +145,24 @@ def push_run(run_directory: Path, model_id: Optional[str]) -> int:
     return 0
 
 
-def read_push_target(run_directory: Path, model_id: Optional[str]) -> tuple[Config, str]:
+def read_push_target(run_directory: Path, model_id: str | None) -> tuple[Config, str]:
     """The run's config and the Hub repository to push it to, checked."""
     if not (run_directory / "config.yaml").is_file():
-        raise CheckpointError(f"{run_directory} is not a run directory (it has no config.yaml); pass one, e.g. "
-                              f"checkpoints/<run name>.")
+        raise CheckpointError(
+            f"{run_directory} is not a run directory (it has no config.yaml); pass one, e.g. checkpoints/<run name>."
+        )
     config = load_config(run_directory / "config.yaml")
     model_id = model_id or config.hub.model_id
     if model_id is None:
-        raise ConfigError(f"the run {run_directory} names no Hub repository (its hub.model_id is null); pass one "
-                          f"with --model-id user/name.")
+        raise ConfigError(
+            f"the run {run_directory} names no Hub repository (its hub.model_id is null); pass one "
+            f"with --model-id user/name."
+        )
     check_model_id(model_id, "--model-id")
     return config, model_id
 
 
-def ending(error: BaseException, run) -> Optional[int]:
+def ending(error: BaseException, run) -> int | None:
     """The one place where an error becomes an exit code: the error is logged in one sentence and its exit code
     returned; None for an error that is a bug (raised with its traceback). `run` is the run started, if any."""
     if isinstance(error, UserError):
@@ -166,8 +176,11 @@ def ending(error: BaseException, run) -> Optional[int]:
         return EXIT_NON_FINITE_LOSS
     if isinstance(error, KeyboardInterrupt):  # Ctrl-C before the run started, a second signal, or one outside the loop
         number = getattr(error, "signal_number", signal.SIGINT)
-        then = f"every checkpoint written is kept, continue with --resume --run-name {run.name}" if run is not None \
+        then = (
+            f"every checkpoint written is kept, continue with --resume --run-name {run.name}"
+            if run is not None
             else "the run had not started, run the same command again"
+        )
         logger.error("stopped by %s; %s", signal.Signals(number).name, then)
         return EXIT_SIGNAL_BASE + number
     message = file_system_message(error, run) if isinstance(error, Exception) else None
@@ -177,45 +190,59 @@ def ending(error: BaseException, run) -> Optional[int]:
     return EXIT_USER_ERROR
 
 
-def file_system_message(error: Exception, run) -> Optional[str]:
+def file_system_message(error: Exception, run) -> str | None:
     """One sentence for a write that the file system refused (every file is written whole or not at all, so what
     was written before is intact); None for any other error."""
     where = storage.written_path(error)
     then = f"continue with --resume --run-name {run.name}" if run is not None else "run the same command again"
     if storage.is_disk_full(error):
-        return (f"the disk is full{f' (writing {where})' if where else ''}, and everything written before is intact; "
-                f"free some space, then {then}.")
+        return (
+            f"the disk is full{f' (writing {where})' if where else ''}, and everything written before is intact; "
+            f"free some space, then {then}."
+        )
     if storage.is_refused_write(error):
-        return (f"{where or 'a file of the run'} cannot be written ({error.strerror}), and everything written before "
-                f"is intact; make it writable by this user, then {then}.")
+        return (
+            f"{where or 'a file of the run'} cannot be written ({error.strerror}), and everything written before "
+            f"is intact; make it writable by this user, then {then}."
+        )
     return None
 
 
-def setup(config: Config, run_name: Optional[str], resume: bool) -> Trainer:
+def setup(config: Config, run_name: str | None, resume: bool) -> Trainer:
     """Everything a run needs, checked: its directory (created for a new run and locked, nothing written in it yet;
     `runs.release_runs` removes it again if a check fails), the processes and the device, the criterion, the models,
     the data and the teacher's cache; on a resume, the trainer is restored from the last checkpoint."""
     criterion = config.training_parameters.loss  # the one configue built from the file: the run's criterion
     processes = hardware.start_processes(config)
-    run = decided_by_main_process(processes, lambda: locate_run(
-        config.paths.checkpoints, config.name, run_name, resume or config.training_parameters.resume,
-        config.training_parameters.checkpoints_name_last,
-    ))
+    run = decided_by_main_process(
+        processes,
+        lambda: locate_run(
+            config.paths.checkpoints,
+            config.name,
+            run_name,
+            resume or config.training_parameters.resume,
+            config.training_parameters.checkpoints_name_last,
+        ),
+    )
     # Before `run_as`, only a criterion that always projects hidden states says so, and FSDP refuses it.
-    accelerator = hardware.build_accelerator(config, run.directory, records.trackers(config, run),
-                                             criterion.projects_hidden_states)
+    accelerator = hardware.build_accelerator(
+        config, run.directory, records.trackers(config, run), criterion.projects_hidden_states
+    )
     teacher_dtype = hardware.teacher_dtype(config)
     tokenizer, teacher, student = models.build_models(config, criterion, teacher_dtype)
     criterion.run_as(fused=hardware.fused_loss(accelerator), cached_teacher=teacher_cache.is_used(config))
     data_spec = dataset.spec_from_config(config)
     with accelerator.main_process_first():  # the main process fills the tokenized-data cache, the others read it
-        splits = dataset.prepare_splits(data_spec, tokenizer, config.paths.data_folder, config.paths.token_dataset,
-                                        config.data.num_proc)
+        splits = dataset.prepare_splits(
+            data_spec, tokenizer, config.paths.data_folder, config.paths.token_dataset, config.data.num_proc
+        )
     # After the data: the template that rendered it depends on its format, and must not enter its cache key.
-    checkpoints.set_generation_defaults(tokenizer, student, dataset.training_chat_template(data_spec, tokenizer, splits),
-                                        config.data.max_length)
-    cached_teacher = teacher_cache.prepare(config, accelerator, tokenizer, student.config.vocab_size, splits,
-                                           teacher_dtype)
+    checkpoints.set_generation_defaults(
+        tokenizer, student, dataset.training_chat_template(data_spec, tokenizer, splits), config.data.max_length
+    )
+    cached_teacher = teacher_cache.prepare(
+        config, accelerator, tokenizer, student.config.vocab_size, splits, teacher_dtype
+    )
     trainer = Trainer(config, run, accelerator, tokenizer, teacher, student, splits, criterion, cached_teacher)
     if accelerator.num_processes > 1:
         # Kept until end_processes: freeing DDP's reducer mid-process can wait forever on gloo's threads.
@@ -224,13 +251,14 @@ def setup(config: Config, run_name: Optional[str], resume: bool) -> Trainer:
     return trainer
 
 
-def parse_arguments(argv: Optional[list[str]]) -> argparse.Namespace:
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="config.yaml", help="YAML configuration file (default: ./config.yaml)")
     parser.add_argument("--run-name", help="name of the run directory (default: <config name>-<timestamp>)")
     parser.add_argument("--resume", action="store_true", help="continue the named run, or the latest of this config")
     parser.add_argument(
-        "--plain-baseline", action="store_true",
+        "--plain-baseline",
+        action="store_true",
         help="then train the same student without the teacher (loss.ClassicLoss) as <run name>-plain, to compare",
     )
     parser.add_argument(

@@ -14,7 +14,7 @@ Conventions, defined here once for the whole project:
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,17 +27,17 @@ from distillation.settings.config import as_number
 
 class LossOutput(NamedTuple):
     loss: torch.Tensor  # scalar to back-propagate
-    kd: Optional[torch.Tensor]  # scalar KD term, None when there is no teacher
+    kd: torch.Tensor | None  # scalar KD term, None when there is no teacher
     ce: torch.Tensor  # scalar next-token cross-entropy of the student
-    hidden: Optional[torch.Tensor] = None  # scalar hidden-state cosine term, None when not used
+    hidden: torch.Tensor | None = None  # scalar hidden-state cosine term, None when not used
 
 
 class ModelOutput(NamedTuple):
     """What a criterion reads of one model's forward pass on a batch (what it does not read is None)."""
 
-    logits: Optional[torch.Tensor] = None  # (B, T, V)
-    hidden: Optional[torch.Tensor] = None  # (B, T, d) the last hidden state, after the final norm
-    head: Optional[torch.Tensor] = None  # (V, d) the output head's weight, for a criterion that projects `hidden`
+    logits: torch.Tensor | None = None  # (B, T, V)
+    hidden: torch.Tensor | None = None  # (B, T, d) the last hidden state, after the final norm
+    head: torch.Tensor | None = None  # (V, d) the output head's weight, for a criterion that projects `hidden`
 
 
 class CachedTeacher(NamedTuple):
@@ -49,7 +49,7 @@ class CachedTeacher(NamedTuple):
 
 
 # What a criterion is given of the teacher: its forward pass, or its cached distributions (or None: no teacher).
-TeacherOutput = Union[ModelOutput, CachedTeacher]
+TeacherOutput = ModelOutput | CachedTeacher
 
 
 def target_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -77,7 +77,7 @@ def next_token_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor)
 
 def _gather_real_targets(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
-) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The shifted logits at the real target positions only: float32 student `(N, V)` and teacher `(N, V)` (cropped
     to the student's vocabulary) and the targets `(N,)`; None when the batch has no target at all."""
     vocab_size = student_logits.size(-1)
@@ -88,7 +88,11 @@ def _gather_real_targets(
     targets = target_ids(labels)
     if targets.numel() == 0:
         return None
-    return at_targets(student_logits, labels).float(), at_targets(teacher_logits[..., :vocab_size], labels).float(), targets
+    return (
+        at_targets(student_logits, labels).float(),
+        at_targets(teacher_logits[..., :vocab_size], labels).float(),
+        targets,
+    )
 
 
 def _log_softmaxes(
@@ -100,7 +104,9 @@ def _log_softmaxes(
     if temperature == 1.0:
         return student_log_probs, student_log_probs, F.log_softmax(teacher, dim=-1)
     return (
-        student_log_probs, F.log_softmax(student / temperature, dim=-1), F.log_softmax(teacher / temperature, dim=-1)
+        student_log_probs,
+        F.log_softmax(student / temperature, dim=-1),
+        F.log_softmax(teacher / temperature, dim=-1),
     )
 
 
@@ -110,8 +116,12 @@ def _zero_output(student_logits: torch.Tensor) -> LossOutput:
 
 
 def kd_and_cross_entropy(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-    temperature: float, alpha: float, beta: float,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    alpha: float,
+    beta: float,
 ) -> LossOutput:
     """`alpha * KD + beta * CE`: KD is `temperature**2` times the mean over real targets of KL(teacher_T ||
     student_T) over the vocabulary, CE `next_token_cross_entropy`, both computed in one pass.
@@ -132,9 +142,15 @@ def kd_and_cross_entropy(
 
 
 def divergence_and_cross_entropy(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-    temperature: float, alpha: float, beta: float,
-    divergence: str = "forward_kl", jsd_beta: float = 0.5, skew: float = 0.1,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    alpha: float,
+    beta: float,
+    divergence: str = "forward_kl",
+    jsd_beta: float = 0.5,
+    skew: float = 0.1,
 ) -> LossOutput:
     """`alpha * KD + beta * CE` with any of `DIVERGENCES` over the vocabulary; same shapes as `kd_and_cross_entropy`
     (which is faster for forward_kl)."""
@@ -178,13 +194,21 @@ def cached_teacher_buckets(
     top_ids = at_targets(cached.top_ids, labels)  # (N, K)
     student_top = student_log_probs.gather(1, top_ids)
     student_rest = student_log_probs.scatter(1, top_ids, float("-inf")).logsumexp(dim=-1, keepdim=True)
-    teacher = torch.cat([at_targets(cached.top_log_probs, labels), at_targets(cached.rest_log_prob, labels)[:, None]], -1)
+    teacher = torch.cat(
+        [at_targets(cached.top_log_probs, labels), at_targets(cached.rest_log_prob, labels)[:, None]], -1
+    )
     return torch.cat([student_top, student_rest], dim=-1), teacher.float()
 
 
 def cached_teacher_kd_and_cross_entropy(
-    student_logits: torch.Tensor, cached: CachedTeacher, labels: torch.Tensor, alpha: float, beta: float,
-    divergence: str = "forward_kl", jsd_beta: float = 0.5, skew: float = 0.1,
+    student_logits: torch.Tensor,
+    cached: CachedTeacher,
+    labels: torch.Tensor,
+    alpha: float,
+    beta: float,
+    divergence: str = "forward_kl",
+    jsd_beta: float = 0.5,
+    skew: float = 0.1,
 ) -> LossOutput:
     """`alpha * KD + beta * CE` against a cached teacher (temperature 1), the KD over the K + 1 outcomes of
     `cached_teacher_buckets`. `student_logits (B, T, V)`, `labels (B, T)`."""
@@ -196,8 +220,9 @@ def cached_teacher_kd_and_cross_entropy(
     return LossOutput(alpha * kd + beta * ce, kd, ce)
 
 
-def agreement_with_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                           labels: torch.Tensor) -> torch.Tensor:
+def agreement_with_teacher(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     """`(2,)`: summed over the real target positions, KL(teacher || student) at temperature 1 and the number of
     positions where the two models' most likely next token is the same. `student_logits (B, T, V)`,
     `teacher_logits (B, T, V')` with V' >= V (cropped to V), `labels (B, T)`."""
@@ -210,8 +235,9 @@ def agreement_with_teacher(student_logits: torch.Tensor, teacher_logits: torch.T
     return torch.stack([kl, agreements.float()])
 
 
-def agreement_with_cached_teacher(student_logits: torch.Tensor, cached: CachedTeacher,
-                                  labels: torch.Tensor) -> torch.Tensor:
+def agreement_with_cached_teacher(
+    student_logits: torch.Tensor, cached: CachedTeacher, labels: torch.Tensor
+) -> torch.Tensor:
     """As `agreement_with_teacher`, against the cached top-k distributions: the KL is between the two models'
     distributions over the teacher's top k tokens and the rest (a lower bound of the full KL), and the teacher's
     most likely token is the first cached one."""
@@ -258,13 +284,13 @@ class Criterion(torch.nn.Module):
         """Whether the models' last hidden states must be in their `ModelOutput`."""
         return self.projects_hidden_states or self.compares_hidden_states
 
-    def run_as(self, fused: bool, cached_teacher: bool = False) -> "Criterion":
+    def run_as(self, fused: bool, cached_teacher: bool = False) -> Criterion:
         """Choose how the criterion runs, once, at setup, before the first call (its class, values and name stay):
         `fused`, from the hidden states a chunk at a time where it can (`hardware.fused_loss`); `cached_teacher`,
         against the teacher's cached distributions (`teacher_cache.is_used`). Returns the criterion."""
         return self
 
-    def cached_teacher_refusal(self) -> Optional[str]:
+    def cached_teacher_refusal(self) -> str | None:
         """Why it cannot run against the teacher's cached distributions (a phrase to fix it), or None."""
         return None
 
@@ -278,8 +304,9 @@ class Criterion(torch.nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value}" for key, value in self._arguments().items())
 
-    def evaluation_sums(self, student: ModelOutput, teacher: Optional[TeacherOutput],
-                        labels: torch.Tensor) -> torch.Tensor:
+    def evaluation_sums(
+        self, student: ModelOutput, teacher: TeacherOutput | None, labels: torch.Tensor
+    ) -> torch.Tensor:
         """What an evaluation reads of a batch: `(5,)` float32 sums over its real targets of the loss, the KD and
         CE terms, KL(teacher || student) at temperature 1 and the targets where both models' most likely token is
         the same (0 for the terms a criterion does not have)."""
@@ -302,13 +329,27 @@ class DistillationLoss(Criterion):
     FULL_LOGITS, FUSED, CACHED_TEACHER = "full logits", "fused", "cached teacher"
 
     def __init__(
-        self, alpha: float = 1.0, beta: float = 0.1, temperature: float = 1.0, divergence: str = "forward_kl",
-        jsd_beta: float = 0.5, skew: float = 0.1, hidden_weight: float = 0.0,
+        self,
+        alpha: float = 1.0,
+        beta: float = 0.1,
+        temperature: float = 1.0,
+        divergence: str = "forward_kl",
+        jsd_beta: float = 0.5,
+        skew: float = 0.1,
+        hidden_weight: float = 0.0,
     ) -> None:
         super().__init__()
-        numbers = {name: _number(name, value) for name, value in (
-            ("alpha", alpha), ("beta", beta), ("temperature", temperature), ("jsd_beta", jsd_beta), ("skew", skew),
-            ("hidden_weight", hidden_weight))}
+        numbers = {
+            name: _number(name, value)
+            for name, value in (
+                ("alpha", alpha),
+                ("beta", beta),
+                ("temperature", temperature),
+                ("jsd_beta", jsd_beta),
+                ("skew", skew),
+                ("hidden_weight", hidden_weight),
+            )
+        }
         _check_weights(**numbers)
         check_divergence(divergence, numbers["jsd_beta"], numbers["skew"])
         self.alpha, self.beta, self.temperature = numbers["alpha"], numbers["beta"], numbers["temperature"]
@@ -325,7 +366,7 @@ class DistillationLoss(Criterion):
     def compares_hidden_states(self) -> bool:
         return self.hidden_weight > 0
 
-    def run_as(self, fused: bool, cached_teacher: bool = False) -> "DistillationLoss":
+    def run_as(self, fused: bool, cached_teacher: bool = False) -> DistillationLoss:
         if cached_teacher:
             refusal = self.cached_teacher_refusal()
             if refusal is not None:
@@ -333,7 +374,7 @@ class DistillationLoss(Criterion):
         self.execution = self.CACHED_TEACHER if cached_teacher else self.FUSED if fused else self.FULL_LOGITS
         return self
 
-    def cached_teacher_refusal(self) -> Optional[str]:
+    def cached_teacher_refusal(self) -> str | None:
         if self.temperature != 1.0:
             return "the cache holds the teacher's probabilities at temperature 1; set the loss temperature to 1"
         if self.hidden_weight != 0:
@@ -353,7 +394,7 @@ class DistillationLoss(Criterion):
             arguments["hidden_weight"] = self.hidden_weight
         return arguments
 
-    def forward(self, student: ModelOutput, teacher: Optional[TeacherOutput], labels: torch.Tensor) -> LossOutput:
+    def forward(self, student: ModelOutput, teacher: TeacherOutput | None, labels: torch.Tensor) -> LossOutput:
         self._check_teacher(teacher)
         output = self._kd_and_cross_entropy(student, teacher, labels)
         if self.hidden_weight == 0:
@@ -361,22 +402,27 @@ class DistillationLoss(Criterion):
         hidden = self._hidden_distance(student, teacher, labels)
         return LossOutput(output.loss + self.hidden_weight * hidden, output.kd, output.ce, hidden)
 
-    def evaluation_sums(self, student: ModelOutput, teacher: Optional[TeacherOutput],
-                        labels: torch.Tensor) -> torch.Tensor:
+    def evaluation_sums(
+        self, student: ModelOutput, teacher: TeacherOutput | None, labels: torch.Tensor
+    ) -> torch.Tensor:
         if self.execution != self.FUSED:  # the loss's terms, then the figures from the full logits
             sums = super().evaluation_sums(student, teacher, labels)
-            agreement = (agreement_with_cached_teacher(student.logits, teacher, labels)
-                         if self.execution == self.CACHED_TEACHER
-                         else agreement_with_teacher(student.logits, teacher.logits, labels))
+            agreement = (
+                agreement_with_cached_teacher(student.logits, teacher, labels)
+                if self.execution == self.CACHED_TEACHER
+                else agreement_with_teacher(student.logits, teacher.logits, labels)
+            )
             return torch.cat([sums[:3], agreement.float()])
         self._check_teacher(teacher)
         kd, ce, kl, agreements = fused_figures(*self._fused_arguments(student, teacher, labels), self.terms)
         loss = self.alpha * kd + self.beta * ce
         if self.hidden_weight != 0:
-            loss = loss + self.hidden_weight * self._hidden_distance(student, teacher, labels) * target_mask(labels).sum()
+            loss = (
+                loss + self.hidden_weight * self._hidden_distance(student, teacher, labels) * target_mask(labels).sum()
+            )
         return torch.stack([loss, kd, ce, kl, agreements])
 
-    def _check_teacher(self, teacher: Optional[TeacherOutput]) -> None:
+    def _check_teacher(self, teacher: TeacherOutput | None) -> None:
         if teacher is None:
             raise ValueError(f"{type(self).__name__} needs the teacher's output")
         if (self.execution == self.CACHED_TEACHER) != isinstance(teacher, CachedTeacher):
@@ -396,8 +442,13 @@ class DistillationLoss(Criterion):
     @staticmethod
     def _fused_arguments(student: ModelOutput, teacher: ModelOutput, labels: torch.Tensor) -> tuple:
         """The fused kernel's rows: both models' hidden states at the real targets, their heads, the targets."""
-        return (at_targets(student.hidden, labels), student.head, at_targets(teacher.hidden, labels), teacher.head,
-                target_ids(labels))
+        return (
+            at_targets(student.hidden, labels),
+            student.head,
+            at_targets(teacher.hidden, labels),
+            teacher.head,
+            target_ids(labels),
+        )
 
     def _kd_and_cross_entropy(self, student: ModelOutput, teacher: TeacherOutput, labels: torch.Tensor) -> LossOutput:
         if self.execution == self.CACHED_TEACHER:
@@ -409,8 +460,15 @@ class DistillationLoss(Criterion):
         if self.divergence == "forward_kl":
             return kd_and_cross_entropy(student.logits, teacher.logits, labels, self.temperature, self.alpha, self.beta)
         return divergence_and_cross_entropy(
-            student.logits, teacher.logits, labels, self.temperature, self.alpha, self.beta,
-            self.divergence, self.jsd_beta, self.skew,
+            student.logits,
+            teacher.logits,
+            labels,
+            self.temperature,
+            self.alpha,
+            self.beta,
+            self.divergence,
+            self.jsd_beta,
+            self.skew,
         )
 
 
@@ -430,7 +488,7 @@ def _check_weights(alpha: float, beta: float, temperature: float, hidden_weight:
 class ClassicLoss(Criterion):
     """Plain next-token training: the loss is the student's cross-entropy, no teacher is used or loaded."""
 
-    def forward(self, student: ModelOutput, teacher: Optional[TeacherOutput], labels: torch.Tensor) -> LossOutput:
+    def forward(self, student: ModelOutput, teacher: TeacherOutput | None, labels: torch.Tensor) -> LossOutput:
         ce = next_token_cross_entropy(student.logits, labels)
         return LossOutput(ce, None, ce)
 
@@ -443,24 +501,36 @@ class ChunkedDistillationLoss(DistillationLoss):
     class forces it, even where FSDP would refuse it, and sets `chunk_size` (positions projected at a time in
     float32; at least chunked_loss.ROWS_PER_PROJECTION in 16 bits)."""
 
-    def __init__(self, alpha: float = 1.0, beta: float = 0.1, temperature: float = 1.0, divergence: str = "forward_kl",
-                 jsd_beta: float = 0.5, skew: float = 0.1, hidden_weight: float = 0.0, chunk_size: int = 128) -> None:
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        beta: float = 0.1,
+        temperature: float = 1.0,
+        divergence: str = "forward_kl",
+        jsd_beta: float = 0.5,
+        skew: float = 0.1,
+        hidden_weight: float = 0.0,
+        chunk_size: int = 128,
+    ) -> None:
         super().__init__(alpha, beta, temperature, divergence, jsd_beta, skew, hidden_weight)
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a whole number >= 1 (got {chunk_size!r})")
         self.chunk_size = chunk_size
-        self.terms = FusedTerms(self.temperature, self.alpha, self.beta, self.divergence, self.jsd_beta, self.skew,
-                                self.chunk_size)
+        self.terms = FusedTerms(
+            self.temperature, self.alpha, self.beta, self.divergence, self.jsd_beta, self.skew, self.chunk_size
+        )
         self.execution = self.FUSED
 
-    def run_as(self, fused: bool, cached_teacher: bool = False) -> "ChunkedDistillationLoss":
+    def run_as(self, fused: bool, cached_teacher: bool = False) -> ChunkedDistillationLoss:
         if cached_teacher:
             raise ValueError(self.cached_teacher_refusal())
         return self  # always fused: with FSDP, `hardware.fsdp_plugin` refuses it before this is asked
 
-    def cached_teacher_refusal(self) -> Optional[str]:
-        return ("loss.ChunkedDistillationLoss reads the teacher's hidden states, which the cache does not hold; use "
-                "loss.DistillationLoss")
+    def cached_teacher_refusal(self) -> str | None:
+        return (
+            "loss.ChunkedDistillationLoss reads the teacher's hidden states, which the cache does not hold; use "
+            "loss.DistillationLoss"
+        )
 
     def _arguments(self) -> dict:
         return {**super()._arguments(), "chunk_size": self.chunk_size}

@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from distillation.base.errors import UserError, first_line
-from distillation.settings.config import one_block_per_layer_problem
+from distillation.settings.schema import one_block_per_layer_problem
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +75,10 @@ def check_model_directory(name: str, key: str) -> None:
     that holds no tokenizer). A Hub name, or a directory that does not exist, is left to from_pretrained."""
     path = Path(name).expanduser()
     if path.is_file():
-        raise ModelError(f"{key} is {name}, a file; set it to a model directory (config.json, weights and tokenizer "
-                         f"files) or a Hugging Face Hub name.")
+        raise ModelError(
+            f"{key} is {name}, a file; set it to a model directory (config.json, weights and tokenizer "
+            f"files) or a Hugging Face Hub name."
+        )
     if not path.is_dir():
         return
     for filename in MODEL_JSON_FILES:
@@ -88,8 +89,9 @@ def check_model_directory(name: str, key: str) -> None:
             with safe_open(str(weights), framework="pt"):  # reads the header and checks the file covers it
                 pass
         except (SafetensorError, OSError) as error:
-            raise ModelError(f"{weights} is damaged ({first_line(error)}); copy or download it again, or set {key} "
-                             f"to another model.") from None
+            raise ModelError(
+                f"{weights} is damaged ({first_line(error)}); copy or download it again, or set {key} to another model."
+            ) from None
 
 
 def _check_json_object(file: Path, key: str) -> None:
@@ -103,8 +105,10 @@ def _check_json_object(file: Path, key: str) -> None:
     if problem is None and file.name == "config.json" and "model_type" not in content:
         problem = "it has no model_type, which names the architecture"
     if problem is not None:
-        raise ModelError(f"{file} is not a valid model file ({problem}); put back the model's own {file.name}, or "
-                         f"set {key} to another model.")
+        raise ModelError(
+            f"{file} is not a valid model file ({problem}); put back the model's own {file.name}, or "
+            f"set {key} to another model."
+        )
 
 
 def _check_tokenizer_file(file: Path, key: str) -> None:
@@ -115,8 +119,10 @@ def _check_tokenizer_file(file: Path, key: str) -> None:
     try:
         Tokenizer.from_file(str(file))
     except Exception as error:  # tokenizers raises a bare Exception for a file it cannot parse
-        raise ModelError(f"{file} is not a valid tokenizer file ({first_line(error)}); put back the model's own "
-                         f"tokenizer.json, or set {key} to another model.") from None
+        raise ModelError(
+            f"{file} is not a valid tokenizer file ({first_line(error)}); put back the model's own "
+            f"tokenizer.json, or set {key} to another model."
+        ) from None
 
 
 # GPT-2's "gelu_new" (and "gelu_fast") is the tanh approximation of GELU written as a chain of elementwise
@@ -132,7 +138,7 @@ def with_fused_activation(config: PretrainedConfig) -> PretrainedConfig:
     return config
 
 
-def load_teacher(name: str, dtype: Optional[torch.dtype] = None) -> PreTrainedModel:
+def load_teacher(name: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """The teacher, frozen: eval mode (no dropout) and no parameter requires a gradient."""
     teacher = _load_pretrained(name, "teacher", dtype)
     teacher.eval()
@@ -141,8 +147,10 @@ def load_teacher(name: str, dtype: Optional[torch.dtype] = None) -> PreTrainedMo
 
 
 def build_student(
-    teacher_config: PretrainedConfig, nb_layers: int, pretrained: Optional[str] = None,
-    vocab_size: Optional[int] = None,
+    teacher_config: PretrainedConfig,
+    nb_layers: int,
+    pretrained: str | None = None,
+    vocab_size: int | None = None,
 ) -> PreTrainedModel:
     """The student: a pretrained model when `pretrained` names one, else the untrained truncated teacher.
 
@@ -188,8 +196,9 @@ def _check_layer_count(student_layers: int, teacher_layers: int) -> None:
         )
 
 
-def student_init_layers(init: str, teacher_layers_config: Optional[list[int]], teacher_layer_count: int,
-                        student_layer_count: int) -> Optional[list[int]]:
+def student_init_layers(
+    init: str, teacher_layers_config: list[int] | None, teacher_layer_count: int, student_layer_count: int
+) -> list[int] | None:
     """The teacher block to copy into each student layer for `student.init`, or None for random weights."""
     if init == "random":
         return None
@@ -263,8 +272,11 @@ def initialise_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel, 
 def _vocabulary_tensor_names(model: PreTrainedModel) -> set[str]:
     """The state-dict names of the token embedding's and the output head's weights (one row per token)."""
     owners = [module for module in (model.get_input_embeddings(), model.get_output_embeddings()) if module is not None]
-    return {name for name, tensor in model.state_dict(keep_vars=True).items()
-            if any(tensor is owner.weight for owner in owners)}
+    return {
+        name
+        for name, tensor in model.state_dict(keep_vars=True).items()
+        if any(tensor is owner.weight for owner in owners)
+    }
 
 
 def _check_teacher_blocks(layers: list[int], teacher_layer_count: int) -> None:
@@ -292,7 +304,7 @@ def _teacher_name(student_name: str, prefix: str, layers: list[int]) -> str:
     """`<prefix>.<j>.rest` -> `<prefix>.<layers[j]>.rest`; names outside the blocks are the same in both models."""
     if not student_name.startswith(prefix + "."):
         return student_name
-    block, _, rest = student_name[len(prefix) + 1:].partition(".")
+    block, _, rest = student_name[len(prefix) + 1 :].partition(".")
     return f"{prefix}.{layers[int(block)]}.{rest}"
 
 
@@ -316,8 +328,9 @@ def _describe_copy(student: PreTrainedModel, prefix: str, layers: list[int]) -> 
     copied = []
     if embeddings:
         copied.append(f"embeddings ({', '.join(embeddings)})")
-    copied.append("blocks " + ", ".join(f"{student_block}<-{teacher_block}" for student_block, teacher_block
-                                        in enumerate(layers)))
+    copied.append(
+        "blocks " + ", ".join(f"{student_block}<-{teacher_block}" for student_block, teacher_block in enumerate(layers))
+    )
     if norms:
         copied.append(f"{'final norm' if len(norms) == 1 else 'norms'} ({', '.join(norms)})")
     if others:
@@ -328,8 +341,9 @@ def _describe_copy(student: PreTrainedModel, prefix: str, layers: list[int]) -> 
     return copied
 
 
-def check_compatible(tokenizer, student_config: PretrainedConfig, teacher_config: Optional[PretrainedConfig],
-                     student_tokenizer=None) -> None:
+def check_compatible(
+    tokenizer, student_config: PretrainedConfig, teacher_config: PretrainedConfig | None, student_tokenizer=None
+) -> None:
     """Stop at start-up on a combination that would fail or silently mislead deep inside the training loop."""
     if student_tokenizer is not None and not same_tokenizer(tokenizer, student_tokenizer):
         raise ModelError(
@@ -348,7 +362,7 @@ def check_compatible(tokenizer, student_config: PretrainedConfig, teacher_config
         )
 
 
-def max_positions(model_config: PretrainedConfig) -> Optional[int]:
+def max_positions(model_config: PretrainedConfig) -> int | None:
     return getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
 
 
@@ -363,7 +377,7 @@ def count_parameters(model: torch.nn.Module) -> int:
 ROLE_KEYS = {"teacher": "teacher.name", "student": "student.pretrained"}
 
 
-def _load_pretrained(name: str, role: str, dtype: Optional[torch.dtype]) -> PreTrainedModel:
+def _load_pretrained(name: str, role: str, dtype: torch.dtype | None) -> PreTrainedModel:
     key = ROLE_KEYS[role]
     try:
         config = with_fused_activation(AutoConfig.from_pretrained(name))
@@ -427,8 +441,11 @@ def build_models(config, criterion, teacher_dtype: torch.dtype):
         check_model_directory(pretrained_student, "student.pretrained")
     if uses_teacher:
         check_model_directory(config.teacher.name, "teacher.name")
-    tokenizer = (load_tokenizer(config.teacher.name) if uses_teacher
-                 else load_tokenizer(pretrained_student, "student.pretrained"))
+    tokenizer = (
+        load_tokenizer(config.teacher.name)
+        if uses_teacher
+        else load_tokenizer(pretrained_student, "student.pretrained")
+    )
     # With a cached teacher, the teacher's weights are only loaded if the cache must be built (after the data).
     loads_teacher = criterion.requires_teacher and config.teacher.cache_top_k is None
     teacher = load_teacher(config.teacher.name, teacher_dtype) if loads_teacher else None
@@ -440,16 +457,24 @@ def build_models(config, criterion, teacher_dtype: torch.dtype):
         teacher_config = None
     student = build_student(teacher_config, config.distilled_model.nb_layers, pretrained_student, len(tokenizer))
     if pretrained_student is None and config.student.init != "random":
-        layers = student_init_layers(config.student.init, config.student.teacher_layers,
-                                     teacher_config.num_hidden_layers, student.config.num_hidden_layers)
+        layers = student_init_layers(
+            config.student.init,
+            config.student.teacher_layers,
+            teacher_config.num_hidden_layers,
+            student.config.num_hidden_layers,
+        )
         # Copied from float32 weights (a 16-bit teacher, or none at all for plain training and a cached teacher,
         # is loaded again here for the copy only).
         has_float32 = teacher is not None and teacher.dtype == torch.float32
-        initialise_from_teacher(student, teacher if has_float32 else load_teacher(config.teacher.name, torch.float32),
-                                layers)
-    student_tokenizer = (load_tokenizer(pretrained_student, "student.pretrained") if pretrained_student and teacher
-                         else None)
-    check_compatible(tokenizer, student.config, teacher_config if criterion.requires_teacher else None, student_tokenizer)
+        initialise_from_teacher(
+            student, teacher if has_float32 else load_teacher(config.teacher.name, torch.float32), layers
+        )
+    student_tokenizer = (
+        load_tokenizer(pretrained_student, "student.pretrained") if pretrained_student and teacher else None
+    )
+    check_compatible(
+        tokenizer, student.config, teacher_config if criterion.requires_teacher else None, student_tokenizer
+    )
     _check_against_config(config, criterion, student, teacher, teacher_config)
     return tokenizer, teacher, student
 

@@ -27,7 +27,13 @@ TEACHER_DIR = TINY / "teacher"
 TEACHER_CONFIG = REPO / "configs" / "tiny_teacher.yaml"
 VOCAB_SIZE = 2048
 # What a user needs to load the teacher; the training state of the checkpoint is left out of the shipped copy.
-SHIPPED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+SHIPPED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
 
 
 def teacher_architecture(tokenizer):
@@ -76,8 +82,8 @@ def main(argv=None) -> int:
     arguments = parser.parse_args(argv)
 
     import dataset
-    from distillation.settings import templates
     import distill
+    from distillation.settings import templates
 
     os.chdir(REPO)  # the configs name their files relative to the repository root
 
@@ -93,12 +99,18 @@ def main(argv=None) -> int:
         teacher_architecture(tokenizer).save_pretrained(architecture)
         tokenizer.save_pretrained(architecture)
         checkpoints = Path(work) / "checkpoints"
-        status = distill.main([
-            "--config", str(TEACHER_CONFIG),
-            "--run-name", "teacher",
-            "--set", f"teacher.name={architecture}",
-            "--set", f"paths.checkpoints={checkpoints}",
-        ])
+        status = distill.main(
+            [
+                "--config",
+                str(TEACHER_CONFIG),
+                "--run-name",
+                "teacher",
+                "--set",
+                f"teacher.name={architecture}",
+                "--set",
+                f"paths.checkpoints={checkpoints}",
+            ]
+        )
         if status != 0:
             return status
         best = checkpoints / "teacher" / "best"

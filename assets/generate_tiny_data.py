@@ -101,7 +101,9 @@ def task_arithmetic(rng):
         output = f"{a} minus {b} equals {a - b}. To check, add the answer back: {a - b} plus {b} is {a}."
     else:
         a, b = rng.randint(2, 20), rng.randint(2, 9)
-        instruction = rng.choice([f"Multiply {a} by {b}.", f"What is {a} times {b}?", f"Find the product of {a} and {b}."])
+        instruction = rng.choice(
+            [f"Multiply {a} by {b}.", f"What is {a} times {b}?", f"Find the product of {a} and {b}."]
+        )
         steps = ", ".join(str(a * k) for k in range(1, b + 1))
         output = f"Counting up in steps of {a}, {b} times, gives {steps}. So {a} times {b} equals {a * b}."
     return make_row(instruction, "", output)
@@ -119,7 +121,9 @@ def task_sort(rng):
         )
         return make_row(instruction, ", ".join(map(str, values)), output)
     words = rng.sample(tables.NOUNS + tables.COLORS, rng.randint(3, 10))
-    instruction = rng.choice(["Sort these words in alphabetical order.", "Put the following words in alphabetical order."])
+    instruction = rng.choice(
+        ["Sort these words in alphabetical order.", "Put the following words in alphabetical order."]
+    )
     output = f"In alphabetical order, the words are: {', '.join(sorted(words))}."
     return make_row(instruction, ", ".join(words), output)
 
@@ -127,10 +131,12 @@ def task_sort(rng):
 def task_reverse_words(rng):
     sentence = simple_sentence(rng).rstrip(".")
     words = sentence.split()
-    instruction = rng.choice([
-        "Reverse the order of the words in this sentence.",
-        "Write the words of the sentence in reverse order.",
-    ])
+    instruction = rng.choice(
+        [
+            "Reverse the order of the words in this sentence.",
+            "Write the words of the sentence in reverse order.",
+        ]
+    )
     return make_row(instruction, sentence, " ".join(reversed(words)))
 
 
@@ -144,9 +150,9 @@ def task_count(rng):
     word = rng.choice(tables.NOUNS + tables.ADJECTIVES + tables.COLORS)
     letter = rng.choice(sorted(set(word)) + ["e", "a", "o"])
     count = word.count(letter)
-    instruction = f"How many times does the letter \"{letter}\" appear in the word \"{word}\"?"
+    instruction = f'How many times does the letter "{letter}" appear in the word "{word}"?'
     plural = "time" if count == 1 else "times"
-    output = f"The word \"{word}\" is spelled {'-'.join(word)}. The letter \"{letter}\" appears {count} {plural}."
+    output = f'The word "{word}" is spelled {"-".join(word)}. The letter "{letter}" appears {count} {plural}.'
     return make_row(instruction, "", output)
 
 
@@ -165,18 +171,18 @@ def task_antonym(rng):
     if shape < 0.3:
         word = rng.choice(sorted(tables.ANTONYMS))
         opposite = tables.ANTONYMS[word]
-        instruction = rng.choice([f"What is the opposite of \"{word}\"?", f"Give an antonym for the word \"{word}\"."])
+        instruction = rng.choice([f'What is the opposite of "{word}"?', f'Give an antonym for the word "{word}".'])
         output = (
-            f"The opposite of \"{word}\" is \"{opposite}\". The two words mean contrary things, "
+            f'The opposite of "{word}" is "{opposite}". The two words mean contrary things, '
             f"so one cannot be both {word} and {opposite} at once."
         )
         return make_row(instruction, "", output)
     if shape < 0.6:
         first, second = rng.sample(sorted(tables.ANTONYMS), 2)
-        instruction = f"What are the opposites of \"{first}\" and \"{second}\"?"
+        instruction = f'What are the opposites of "{first}" and "{second}"?'
         output = (
-            f"The opposite of \"{first}\" is \"{tables.ANTONYMS[first]}\", "
-            f"and the opposite of \"{second}\" is \"{tables.ANTONYMS[second]}\"."
+            f'The opposite of "{first}" is "{tables.ANTONYMS[first]}", '
+            f'and the opposite of "{second}" is "{tables.ANTONYMS[second]}".'
         )
         return make_row(instruction, "", output)
     words = rng.sample(sorted(tables.ANTONYMS), rng.randint(3, 8))
@@ -209,7 +215,11 @@ def describe_entity(rng):
             (f"What does the {animal} eat?", f"The {animal} eats {foods}."),
         ]
     elif kind == "town":
-        features, trade, people = join_with_and(rng.sample(tables.TOWN_FEATURES, 2)), rng.choice(tables.TOWN_TRADES), rng.randint(2, 90) * 100
+        features, trade, people = (
+            join_with_and(rng.sample(tables.TOWN_FEATURES, 2)),
+            rng.choice(tables.TOWN_TRADES),
+            rng.randint(2, 90) * 100,
+        )
         sentences = [
             f"{name} is a {rng.choice(tables.ADJECTIVES)} town with {features}.",
             f"About {people} people live there, and most of them earn their living by {trade}.",
@@ -218,7 +228,10 @@ def describe_entity(rng):
         instruction = f"Write a short description of {name}, a fictional town."
         questions = [
             (f"How many people live in {name}?", f"About {people} people live in {name}."),
-            (f"How do most people in {name} earn their living?", f"Most people in {name} earn their living by {trade}."),
+            (
+                f"How do most people in {name} earn their living?",
+                f"Most people in {name} earn their living by {trade}.",
+            ),
         ]
     else:
         moons = rng.randint(0, 5)
@@ -259,8 +272,11 @@ def task_story(rng):
 
     def fill(template):
         text = template.format(
-            place=rng.choice(tables.PLACES), adj=rng.choice(tables.ADJECTIVES), noun=rng.choice(tables.NOUNS),
-            color=rng.choice(tables.COLORS), **slots,
+            place=rng.choice(tables.PLACES),
+            adj=rng.choice(tables.ADJECTIVES),
+            noun=rng.choice(tables.NOUNS),
+            color=rng.choice(tables.COLORS),
+            **slots,
         )
         return text[0].upper() + text[1:]
 
@@ -283,7 +299,9 @@ def task_story(rng):
 def task_unit_conversion(rng):
     from_unit, to_unit, factor = rng.choice(tables.UNIT_CONVERSIONS)
     amount = rng.randint(2, 60)
-    instruction = rng.choice([f"Convert {amount} {from_unit} to {to_unit}.", f"How many {to_unit} are in {amount} {from_unit}?"])
+    instruction = rng.choice(
+        [f"Convert {amount} {from_unit} to {to_unit}.", f"How many {to_unit} are in {amount} {from_unit}?"]
+    )
     output = (
         f"There are {factor} {to_unit} in one of the {from_unit}, so multiply {amount} by {factor}. "
         f"{amount} times {factor} is {amount * factor}. So {amount} {from_unit} is {amount * factor} {to_unit}."
@@ -342,7 +360,7 @@ def task_shopping_list(rng):
 def task_number_words(rng):
     if rng.random() < 0.6:
         value = rng.randint(0, 999)
-        output = f"The number {value} is written as \"{number_in_words(value)}\"."
+        output = f'The number {value} is written as "{number_in_words(value)}".'
         return make_row(f"Write the number {value} in words.", "", output)
     values = rng.sample(range(0, 1000), rng.randint(3, 6))
     return make_row(

@@ -27,8 +27,8 @@ import argparse
 import json
 import shutil
 import sys
-from shlex import quote
 from pathlib import Path
+from shlex import quote
 
 import numpy as np
 
@@ -90,8 +90,16 @@ def save_teacher(directory: Path, layers: int = 12, vocab_rows: int = TEACHER_VO
 
     tokenizer = save_gpt2_tokenizer(directory)
     eos = tokenizer.convert_tokens_to_ids(EOS)
-    config = GPT2Config(vocab_size=vocab_rows, n_positions=1024, n_embd=768, n_layer=layers, n_head=12,
-                        bos_token_id=eos, eos_token_id=eos, architectures=["GPT2LMHeadModel"])
+    config = GPT2Config(
+        vocab_size=vocab_rows,
+        n_positions=1024,
+        n_embd=768,
+        n_layer=layers,
+        n_head=12,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        architectures=["GPT2LMHeadModel"],
+    )
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     return directory
@@ -133,8 +141,11 @@ def alpaca_gpt4_rows(count: int, seed: int = 0, mean_words: float = 130.0, max_w
         context = passage(int(generator.integers(4, 40))) if generator.random() < 0.4 else ""
         output_words = int(min(max_words, max(1, generator.lognormal(np.log(mean_words) - sigma**2 / 2, sigma))))
         output = passage(output_words)
-        prompt = PROMPT_WITH_INPUT.format(instruction=instruction, input=context) if context else \
-            PROMPT_WITHOUT_INPUT.format(instruction=instruction)
+        prompt = (
+            PROMPT_WITH_INPUT.format(instruction=instruction, input=context)
+            if context
+            else PROMPT_WITHOUT_INPUT.format(instruction=instruction)
+        )
         rows.append({"instruction": instruction, "input": context, "output": output, "text": prompt + output})
     return rows
 
@@ -144,11 +155,18 @@ def _common_words() -> np.ndarray:
     token each, frequent enough to be real English words)."""
     encoder, _ = gpt2_bpe_files()
     vocabulary = json.loads(encoder.read_text(encoding="utf-8"))
-    return np.array(sorted(
-        token[1:] for token, index in vocabulary.items()
-        if index < 10_000 and token.startswith("\u0120") and token[1:].isascii() and token[1:].isalpha()
-        and token[1:].islower() and len(token) > 3
-    ))
+    return np.array(
+        sorted(
+            token[1:]
+            for token, index in vocabulary.items()
+            if index < 10_000
+            and token.startswith("\u0120")
+            and token[1:].isascii()
+            and token[1:].isalpha()
+            and token[1:].islower()
+            and len(token) > 3
+        )
+    )
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:
@@ -176,10 +194,11 @@ def main(argv=None) -> int:
     teacher_set, data_set = quote(f"teacher.name={teacher}"), quote(f"data.dataset={data}")
     print(f"python3 distill.py --set {teacher_set} --set {data_set}")
     if arguments.distilgpt2_layers > 0:
-        student = save_distilgpt2(arguments.out / DISTILGPT2_DIRECTORY, arguments.distilgpt2_layers,
-                                  arguments.seed + 1)
-        print(f"python3 distill.py --config configs/seed_distilgpt2.yaml --set {teacher_set} "
-              f"--set {quote(f'student.pretrained={student}')} --set {data_set}")
+        student = save_distilgpt2(arguments.out / DISTILGPT2_DIRECTORY, arguments.distilgpt2_layers, arguments.seed + 1)
+        print(
+            f"python3 distill.py --config configs/seed_distilgpt2.yaml --set {teacher_set} "
+            f"--set {quote(f'student.pretrained={student}')} --set {data_set}"
+        )
     return 0
 
 

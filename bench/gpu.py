@@ -19,15 +19,27 @@ import time
 
 import torch
 
-from bench import workload
 import models
+from bench import workload
 from loss import ChunkedDistillationLoss, DistillationLoss
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, without sparsity), matched on the device name.
 BF16_PEAK_TFLOPS = {
-    "H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 756.0, "GH200": 989.0,
-    "B200": 2250.0, "A100": 312.0, "A10G": 70.0, "A10": 125.0, "L40S": 362.0, "L4": 121.0,
-    "RTX 4090": 165.0, "RTX 3090": 71.0, "V100": 125.0,
+    "H200": 989.0,
+    "H100 SXM": 989.0,
+    "H100 NVL": 835.0,
+    "H100 PCIe": 756.0,
+    "H100": 756.0,
+    "GH200": 989.0,
+    "B200": 2250.0,
+    "A100": 312.0,
+    "A10G": 70.0,
+    "A10": 125.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
+    "V100": 125.0,
 }
 SHAPES = {  # teacher layers, student layers, width, heads, vocabulary, max length, batch size
     "gpt2": (12, 6, 768, 12, 50257, 1024, 32),
@@ -53,8 +65,15 @@ def build_models(shape: str, device: torch.device):
     teacher_layers, student_layers, width, heads, vocab_size, max_length, _ = SHAPES[shape]
 
     def gpt2(layers: int, dtype: torch.dtype):
-        config = GPT2Config(vocab_size=vocab_size, n_positions=max_length, n_embd=width, n_layer=layers, n_head=heads,
-                            bos_token_id=0, eos_token_id=0)
+        config = GPT2Config(
+            vocab_size=vocab_size,
+            n_positions=max_length,
+            n_embd=width,
+            n_layer=layers,
+            n_head=heads,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
         return AutoModelForCausalLM.from_config(models.with_fused_activation(config), dtype=dtype).to(device)
 
     torch.manual_seed(0)
@@ -109,7 +128,8 @@ def report_row(label: str, figures: dict, flops_per_token: float, peak: float | 
     memory = f"{figures['peak_memory_gib']:.1f} GiB" if figures["peak_memory_gib"] is not None else "-"
     print(f"{label:<28}{rate:>15.0f}{model_flops / 1e12:>15.2f}{(f'{mfu:.1%}' if mfu else '-'):>8}{memory:>13}")
     return {
-        "real_tokens_per_s": round(rate), "model_tflops": round(model_flops / 1e12, 2),
+        "real_tokens_per_s": round(rate),
+        "model_tflops": round(model_flops / 1e12, 2),
         "mfu": round(mfu, 3) if mfu is not None else None,
         "peak_memory_gib": round(figures["peak_memory_gib"], 2) if figures["peak_memory_gib"] is not None else None,
         "final_loss": round(figures["final_loss"], 4),
@@ -127,8 +147,10 @@ def main(argv=None) -> int:
     parser.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, if its name is not known here")
     arguments = parser.parse_args(argv)
     if arguments.device == "cuda" and not torch.cuda.is_available():
-        print("python3 -m bench.gpu needs a CUDA GPU (python3 -m bench.gpu --device cpu --shape tiny tries it on a "
-              "CPU)", file=sys.stderr)
+        print(
+            "python3 -m bench.gpu needs a CUDA GPU (python3 -m bench.gpu --device cpu --shape tiny tries it on a CPU)",
+            file=sys.stderr,
+        )
         return 2
     device = torch.device(arguments.device)
     *_, vocab_size, max_length, default_batch = SHAPES[arguments.shape]
@@ -147,13 +169,17 @@ def main(argv=None) -> int:
     peak = card_peak_flops(device, arguments.peak_tflops)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"{name}; teacher {teacher.config.n_layer} layers, student {student.config.n_layer} layers, width "
-          f"{student.config.n_embd}, vocabulary {vocab_size}; batch {batch_size}, {arguments.steps} measured steps; "
-          f"bf16 autocast {'on' if device.type == 'cuda' else 'off'}; compile {'on' if arguments.compile else 'off'}")
+    print(
+        f"{name}; teacher {teacher.config.n_layer} layers, student {student.config.n_layer} layers, width "
+        f"{student.config.n_embd}, vocabulary {vocab_size}; batch {batch_size}, {arguments.steps} measured steps; "
+        f"bf16 autocast {'on' if device.type == 'cuda' else 'off'}; compile {'on' if arguments.compile else 'off'}"
+    )
     print(f"{'loss':<28}{'real tokens/s':>15}{'model TFLOP/s':>15}{'MFU':>8}{'peak memory':>13}")
     results = {}
-    for label, criterion in (("DistillationLoss", DistillationLoss(1.0, 0.1, 1.0)),
-                             ("ChunkedDistillationLoss", ChunkedDistillationLoss(1.0, 0.1, 1.0))):
+    for label, criterion in (
+        ("DistillationLoss", DistillationLoss(1.0, 0.1, 1.0)),
+        ("ChunkedDistillationLoss", ChunkedDistillationLoss(1.0, 0.1, 1.0)),
+    ):
         student.load_state_dict(initial_state)
         figures = measure(teacher, student, criterion, batches, arguments.warmup, device.type == "cuda", device)
         results[label] = report_row(label, figures, flops_per_token, peak)

@@ -81,12 +81,17 @@ def cache_build_seconds() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="1 seed, 40 steps and the first 1000 samples (under 5 minutes)")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 seed, 40 steps and the first 1000 samples (under 5 minutes)"
+    )
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, or 1 with --quick)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 150, 40 quick)")
-    parser.add_argument("--samples", type=int, default=None,
-                        help="use the first N samples (default all, 1000 quick); fewer make evaluation quicker")
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help="use the first N samples (default all, 1000 quick); fewer make evaluation quicker",
+    )
     arguments = parser.parse_args()
     seeds = range(arguments.seeds or (1 if arguments.quick else 3))
     steps = arguments.steps or (40 if arguments.quick else 150)
@@ -100,9 +105,11 @@ def main() -> None:
             for method in METHODS:
                 results[method].append(run_method(method, seed, steps, Path(checkpoints), max_samples))
     teacher = next(result["teacher_validation_perplexity"] for result in results["forward_kl"])
-    print(f"\n{len(seeds)} seed(s) x {steps} optimizer steps of 16 samples, configs/tiny.yaml"
-          f"{'' if max_samples is None else f' (first {max_samples} samples)'}; "
-          f"teacher validation perplexity {teacher:.3f}")
+    print(
+        f"\n{len(seeds)} seed(s) x {steps} optimizer steps of 16 samples, configs/tiny.yaml"
+        f"{'' if max_samples is None else f' (first {max_samples} samples)'}; "
+        f"teacher validation perplexity {teacher:.3f}"
+    )
     print(f"{'method':<16}{'val. perplexity':>17}{'spread':>9}{'vs plain':>10}{'tokens/s':>10}   per seed")
     plain = statistics.mean(result["validation_perplexity"] for result in results["plain"])
     summary = {}
@@ -112,17 +119,31 @@ def main() -> None:
         spread = max(values) - min(values)
         speed = statistics.mean(result["tokens_per_s"] for result in runs if result["tokens_per_s"])
         summary[method] = round(mean, 4)
-        print(f"{method:<16}{mean:>17.3f}{spread:>9.3f}{mean / plain:>10.3f}{speed:>10.0f}   "
-              + " ".join(f"{value:.3f}" for value in values))
-    full, cached = (statistics.mean(result["tokens_per_s"] for result in results[name])
-                    for name in ("forward_kl", "cached_top_k"))
+        print(
+            f"{method:<16}{mean:>17.3f}{spread:>9.3f}{mean / plain:>10.3f}{speed:>10.0f}   "
+            + " ".join(f"{value:.3f}" for value in values)
+        )
+    full, cached = (
+        statistics.mean(result["tokens_per_s"] for result in results[name]) for name in ("forward_kl", "cached_top_k")
+    )
     build = cache_build_seconds()
-    print(f"cached top-{CACHE_TOP_K} teacher: {cached / full:.2f}x the full-teacher tokens/s per epoch after the "
-          f"cache is built (built once in {build:.1f} s); validation perplexity "
-          f"{summary['cached_top_k']:.3f} against {summary['forward_kl']:.3f} with the full distribution")
+    print(
+        f"cached top-{CACHE_TOP_K} teacher: {cached / full:.2f}x the full-teacher tokens/s per epoch after the "
+        f"cache is built (built once in {build:.1f} s); validation perplexity "
+        f"{summary['cached_top_k']:.3f} against {summary['forward_kl']:.3f} with the full distribution"
+    )
     print(f"total {time.time() - started:.0f} s")
-    print(json.dumps({**summary, "teacher": round(teacher, 4), "seeds": len(seeds), "steps": steps,
-                      "cached_speedup": round(cached / full, 3)}))
+    print(
+        json.dumps(
+            {
+                **summary,
+                "teacher": round(teacher, 4),
+                "seeds": len(seeds),
+                "steps": steps,
+                "cached_speedup": round(cached / full, 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -21,9 +21,9 @@ import time
 
 import torch
 
+import models
 from bench import trl_peer, workload
 from distillation.runtime import hardware
-import models
 from loss import DistillationLoss
 
 SHAPES = {  # vocabulary, width, heads, teacher layers, student layers, max length, batch size
@@ -43,8 +43,18 @@ def build_models(shape: str = "gpt2"):
     vocabulary, width, heads, teacher_layers, student_layers, *_ = SHAPES[shape]
 
     def gpt2(layers: int):
-        config = GPT2Config(vocab_size=vocabulary, n_positions=1024, n_embd=width, n_layer=layers, n_head=heads,
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+        config = GPT2Config(
+            vocab_size=vocabulary,
+            n_positions=1024,
+            n_embd=width,
+            n_layer=layers,
+            n_head=heads,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
         return AutoModelForCausalLM.from_config(models.with_fused_activation(config))
 
     torch.manual_seed(0)
@@ -76,8 +86,9 @@ def measure_rows(teachers: dict, student, batches: list[dict]) -> dict:
         student.load_state_dict(initial_state)
         rows[f"this project, {precision}"] = project_seconds(teachers[precision], student, batches, bf16)
         student.load_state_dict(initial_state)
-        rows[f"TRL GKDTrainer, {precision}"] = trl_peer.trl_gkd_seconds(teachers[precision], student, batches,
-                                                                        bf16=bf16)
+        rows[f"TRL GKDTrainer, {precision}"] = trl_peer.trl_gkd_seconds(
+            teachers[precision], student, batches, bf16=bf16
+        )
     return rows
 
 
@@ -89,13 +100,17 @@ def report(rows: dict, batches: list[dict], student, teacher, rates: dict, side:
     flops_per_token = workload.training_flops_per_token(student, teacher, sum(n * n for n in lengths) / 2 / real_tokens)
     computed = sum(batch["input_ids"].numel() for batch in timed)
     config = student.config
-    print(f"GPT-2's architecture: teacher {teacher.config.n_layer} layers, student {config.n_layer}, width "
-          f"{config.n_embd}, vocabulary {config.vocab_size}; {len(timed)} timed batches of {len(timed[0]['input_ids'])} "
-          f"(after 1 warm-up), {real_tokens} real tokens, "
-          f"computed/real {computed / real_tokens:.2f}; {flops_per_token / 1e9:.2f} GFLOP per token; "
-          f"{torch.get_num_threads()} threads")
-    print(f"machine matmul: float32 {rates['float32'] / 1e9:.0f} GFLOP/s, bf16 {rates['bf16'] / 1e9:.0f} GFLOP/s "
-          f"(best of three, {side} x {side})")
+    print(
+        f"GPT-2's architecture: teacher {teacher.config.n_layer} layers, student {config.n_layer}, width "
+        f"{config.n_embd}, vocabulary {config.vocab_size}; {len(timed)} timed batches of {len(timed[0]['input_ids'])} "
+        f"(after 1 warm-up), {real_tokens} real tokens, "
+        f"computed/real {computed / real_tokens:.2f}; {flops_per_token / 1e9:.2f} GFLOP per token; "
+        f"{torch.get_num_threads()} threads"
+    )
+    print(
+        f"machine matmul: float32 {rates['float32'] / 1e9:.0f} GFLOP/s, bf16 {rates['bf16'] / 1e9:.0f} GFLOP/s "
+        f"(best of three, {side} x {side})"
+    )
     print(f"{'step':<30}{'real tokens/s':>15}{'of matmul rate':>16}")
     rates_by_row = {}
     for name, seconds in rows.items():
@@ -108,7 +123,9 @@ def report(rows: dict, batches: list[dict], student, teacher, rates: dict, side:
         print(f"{name:<30}{rate:>15.0f}{share:>16.2f}")
     ours = max(rate for name, rate in rates_by_row.items() if name.startswith("this project"))
     theirs = [rate for name, rate in rates_by_row.items() if name.startswith("TRL")]
-    best_precision = "bf16" if rates_by_row["this project, bf16"] >= rates_by_row["this project, float32"] else "float32"
+    best_precision = (
+        "bf16" if rates_by_row["this project, bf16"] >= rates_by_row["this project, float32"] else "float32"
+    )
     return {
         "real_shape_tokens_per_s": round(ours),
         "real_shape_matmul_share": round(flops_per_token * ours / rates[best_precision], 3),
@@ -123,7 +140,11 @@ def profile_step(teachers: dict, student, batches: list[dict], rows: int = 15, s
     project_seconds(teachers["bf16"], student, batches[:1], bf16=True, warmup=1)  # warm-up outside the profile
     with profile(activities=[ProfilerActivity.CPU], record_shapes=shapes) as profiler:
         project_seconds(teachers["bf16"], student, batches[1:3], bf16=True, warmup=0)
-    print(profiler.key_averages(group_by_input_shape=shapes).table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=44, max_shapes_column_width=50))
+    print(
+        profiler.key_averages(group_by_input_shape=shapes).table(
+            sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=44, max_shapes_column_width=50
+        )
+    )
 
 
 def run(quick: bool, profile: bool = False, shape: str = "gpt2") -> dict:

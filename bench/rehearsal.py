@@ -36,18 +36,33 @@ RUN_NAME = "rehearsal"
 def run_config_yaml(work: Path, teacher: Path, data: Path, steps: int, overrides: list[str]) -> Path:
     """distill.py on config.yaml with the stand-ins; returns the run directory (exits on a failed run)."""
     command = [
-        sys.executable, str(REPO / "distill.py"), "--config", str(REPO / "config.yaml"), "--run-name", RUN_NAME,
-        "--set", f"teacher.name={teacher}",
-        "--set", f"data.dataset={data}",
-        "--set", f"paths.data_folder={work / 'data'}",
-        "--set", f"paths.checkpoints={work / 'checkpoints'}",
-        "--set", f"training_parameters.max_steps={steps}",
-        "--set", "training_parameters.log_every_steps=1",
+        sys.executable,
+        str(REPO / "distill.py"),
+        "--config",
+        str(REPO / "config.yaml"),
+        "--run-name",
+        RUN_NAME,
+        "--set",
+        f"teacher.name={teacher}",
+        "--set",
+        f"data.dataset={data}",
+        "--set",
+        f"paths.data_folder={work / 'data'}",
+        "--set",
+        f"paths.checkpoints={work / 'checkpoints'}",
+        "--set",
+        f"training_parameters.max_steps={steps}",
+        "--set",
+        "training_parameters.log_every_steps=1",
         *(argument for override in overrides for argument in ("--set", override)),
     ]
     # Its log goes to this process's stderr as it runs; its stdout (none) would mix with the figures.
-    completed = subprocess.run(command, cwd=REPO, stdout=subprocess.DEVNULL,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    completed = subprocess.run(
+        command,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+    )
     if completed.returncode != 0:
         raise SystemExit(f"the rehearsal run failed with exit code {completed.returncode} (its log is above)")
     return work / "checkpoints" / RUN_NAME
@@ -65,7 +80,8 @@ def figures_of(run_directory: Path, rows: int, full_run) -> dict:
     step_seconds = statistics.median(b["wall_time_s"] - a["wall_time_s"] for a, b in zip(train, train[1:]))
     # Evaluation seconds per sample: the final validation, which follows the last training record.
     evaluation_seconds = (validation["wall_time_s"] - train[-1]["wall_time_s"]) / max(
-        round(rows * full_run.data.split.validation), 1)
+        round(rows * full_run.data.split.validation), 1
+    )
     return {
         "step_seconds": round(step_seconds, 2),
         "real_tokens_per_s": round(statistics.median(record["tokens_per_s"] for record in train[1:]), 1),
@@ -95,8 +111,12 @@ def full_run_estimate(config, step_seconds: float, evaluation_seconds: float, pr
     teacher_passes = 2 if training.loss.requires_teacher else 0
     passes = len(validations) + 1 + teacher_passes  # validations, the test, the teacher's validation and test
     seconds = total_steps * step_seconds + passes * evaluated * evaluation_seconds
-    return {"full_run_steps": total_steps, "full_run_evaluation_passes": passes,
-            "full_run_evaluated_samples": evaluated, "full_run_hours": round(seconds / 3600, 1)}
+    return {
+        "full_run_steps": total_steps,
+        "full_run_evaluation_passes": passes,
+        "full_run_evaluated_samples": evaluated,
+        "full_run_hours": round(seconds / 3600, 1),
+    }
 
 
 def main(argv=None) -> int:
@@ -105,11 +125,18 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", type=int, default=160, help="stand-in data rows (60%% train, 20%% validation)")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps (the first warms up)")
     parser.add_argument("--work", type=Path, help="folder for the stand-ins and the run (default: a temporary one)")
-    parser.add_argument("--standins", type=Path,
-                        help="use the stand-ins that python3 -m assets.hub_standins wrote in this folder instead of "
-                             "new ones")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                        help="another config.yaml value, as distill.py --set (repeatable)")
+    parser.add_argument(
+        "--standins",
+        type=Path,
+        help="use the stand-ins that python3 -m assets.hub_standins wrote in this folder instead of new ones",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="another config.yaml value, as distill.py --set (repeatable)",
+    )
     arguments = parser.parse_args(argv)
     from distillation.settings.config import load_config
 
@@ -128,17 +155,21 @@ def main(argv=None) -> int:
         teacher_layers = json.loads((teacher / "config.json").read_text())["n_layer"]
         figures["bench_seconds"] = round(time.perf_counter() - started)
     training = full_run.training_parameters
-    print(f"config.yaml at real shapes: teacher {teacher_layers} layers (50260 rows), student "
-          f"{full_run.distilled_model.nb_layers} layers, width 768, vocabulary 50257; {arguments.steps} optimizer "
-          f"steps of {training.batch_size} x {training.gradient_accumulation_steps} samples, "
-          f"{figures['tokens_per_sample']} tokens per sample; overrides: {', '.join(arguments.set) or 'none'}")
+    print(
+        f"config.yaml at real shapes: teacher {teacher_layers} layers (50260 rows), student "
+        f"{full_run.distilled_model.nb_layers} layers, width 768, vocabulary 50257; {arguments.steps} optimizer "
+        f"steps of {training.batch_size} x {training.gradient_accumulation_steps} samples, "
+        f"{figures['tokens_per_sample']} tokens per sample; overrides: {', '.join(arguments.set) or 'none'}"
+    )
     print(f"seconds per optimizer step   {figures['step_seconds']:>10}")
     print(f"real tokens per second       {figures['real_tokens_per_s']:>10}")
     print(f"peak memory (MiB)            {figures['peak_memory_mib']:>10}")
     print(f"evaluation s per sample      {figures['evaluation_seconds_per_sample']:>10}")
-    print(f"full run over Alpaca-GPT4: {figures['full_run_steps']} optimizer steps and "
-          f"{figures['full_run_evaluation_passes']} evaluation passes over {figures['full_run_evaluated_samples']} "
-          f"samples: about {figures['full_run_hours']} hours on this machine")
+    print(
+        f"full run over Alpaca-GPT4: {figures['full_run_steps']} optimizer steps and "
+        f"{figures['full_run_evaluation_passes']} evaluation passes over {figures['full_run_evaluated_samples']} "
+        f"samples: about {figures['full_run_hours']} hours on this machine"
+    )
     print(json.dumps(figures))
     return 0
 

@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import models
 from bench import real_shape, workload
 from distillation.data import batching
 from distillation.runtime import hardware
-import models
 from loss import DistillationLoss, ModelOutput
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,7 +79,9 @@ def seed_step(teacher, student, optimizer, batch_ids: list[list[int]], max_lengt
 def held_out_loss(teacher, student, batch: dict) -> float:
     """The same metric for every student: the project's KD + CE over real targets on unseen samples."""
     with torch.no_grad():
-        return workload.project_loss(teacher, student, DistillationLoss(alpha=1.0, beta=0.1, temperature=1.0), batch).loss.item()
+        return workload.project_loss(
+            teacher, student, DistillationLoss(alpha=1.0, beta=0.1, temperature=1.0), batch
+        ).loss.item()
 
 
 def loss_peak_memory(variant: str, vocab_size: int = 50257, length: int = 1024, width: int = 768) -> int:
@@ -105,7 +107,8 @@ def loss_peak_memory(variant: str, vocab_size: int = 50257, length: int = 1024, 
         )
     else:
         output = ChunkedDistillationLoss(1.0, 0.1, 1.0)(
-            ModelOutput(hidden=student_hidden, head=student_head), ModelOutput(hidden=teacher_hidden, head=teacher_head),
+            ModelOutput(hidden=student_hidden, head=student_head),
+            ModelOutput(hidden=teacher_hidden, head=teacher_head),
             labels,
         )
     output.loss.backward()
@@ -128,14 +131,19 @@ def measured_in_subprocess(variant: str) -> int:
     # does the peak resident size (0.086 to 0.116 of the full-logits peak for the same fused loss); with a fixed mmap
     # threshold every block over 1 MiB is mapped and unmapped, and the peak is that of the live tensors (stable).
     completed = subprocess.run(
-        [sys.executable, "-m", "bench.throughput", "--loss-memory", variant], cwd=REPO, capture_output=True,
-        text=True, check=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)},
+        [sys.executable, "-m", "bench.throughput", "--loss-memory", variant],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)},
     )
     return int(completed.stdout.strip().splitlines()[-1])
 
 
-def time_seed_steps(seed_teacher, teacher, student, train_samples, held_out_batch, work: Path, batch_size: int,
-                    max_length: int) -> tuple:
+def time_seed_steps(
+    seed_teacher, teacher, student, train_samples, held_out_batch, work: Path, batch_size: int, max_length: int
+) -> tuple:
     """The original's step over the training samples: (name, seconds, computed tokens, last loss, held-out loss)."""
     # The original kept its tokenized data as a JSON file of lists; read it back as the original did.
     json_file = work / "tokens.json"
@@ -145,23 +153,39 @@ def time_seed_steps(seed_teacher, teacher, student, train_samples, held_out_batc
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
     for begin in range(0, len(train_samples), batch_size):
         last_loss = seed_step(seed_teacher, student, optimizer, seed_data[begin : begin + batch_size], max_length, 0)
-    return ("seed step", time.perf_counter() - start, len(train_samples) * max_length, last_loss,
-            held_out_loss(teacher, student, held_out_batch), "float32")
+    return (
+        "seed step",
+        time.perf_counter() - start,
+        len(train_samples) * max_length,
+        last_loss,
+        held_out_loss(teacher, student, held_out_batch),
+        "float32",
+    )
 
 
-def time_project_steps(teachers: dict, student, initial_state: dict, train_samples, held_out_batch, work: Path,
-                       batch_size: int, max_length: int) -> list[tuple]:
+def time_project_steps(
+    teachers: dict,
+    student,
+    initial_state: dict,
+    train_samples,
+    held_out_batch,
+    work: Path,
+    batch_size: int,
+    max_length: int,
+) -> list[tuple]:
     """This project's step in float32 with the full-logits loss, then with the fused loss (config.yaml's default),
     then with its precision on this machine (`mixed_precision: auto`: bf16 autocast and a bf16 teacher where the
     CPU has native bf16), then also packed; each from the same initial student:
     (name, seconds, computed tokens, last loss, held-out loss, precision)."""
     from datasets import Dataset
 
-    Dataset.from_dict({
-        "input_ids": train_samples,
-        "prompt_length": [0] * len(train_samples),
-        "length": [len(ids) for ids in train_samples],
-    }).save_to_disk(str(work / "arrow"))
+    Dataset.from_dict(
+        {
+            "input_ids": train_samples,
+            "prompt_length": [0] * len(train_samples),
+            "length": [len(ids) for ids in train_samples],
+        }
+    ).save_to_disk(str(work / "arrow"))
     padding = batching.PaddingCollator(pad_token_id=0)
     auto = "bf16" if hardware.has_native_bf16("cpu") else "float32"
     project_steps = (
@@ -182,19 +206,32 @@ def time_project_steps(teachers: dict, student, initial_state: dict, train_sampl
         computed_tokens = 0
         for batch in loader:
             computed_tokens += batch["input_ids"].numel()
-            last_loss = workload.project_step(teachers[precision], student, optimizer, criterion, batch, precision == "bf16")
+            last_loss = workload.project_step(
+                teachers[precision], student, optimizer, criterion, batch, precision == "bf16"
+            )
         seconds = time.perf_counter() - start
-        rows.append((name, seconds, computed_tokens, last_loss,
-                     held_out_loss(teachers["float32"], student, held_out_batch), precision))
+        rows.append(
+            (
+                name,
+                seconds,
+                computed_tokens,
+                last_loss,
+                held_out_loss(teachers["float32"], student, held_out_batch),
+                precision,
+            )
+        )
     return rows
 
 
-def report(rows: list[tuple], train_samples, student, teacher, matmul: dict, memory: tuple[int, int],
-           width: int) -> dict:
+def report(
+    rows: list[tuple], train_samples, student, teacher, matmul: dict, memory: tuple[int, int], width: int
+) -> dict:
     """The table; the figures for the JSON line."""
     real_tokens = sum(len(ids) for ids in train_samples)
-    print(f"{'step':<18}{'real tokens/s':>15}{'vs seed':>9}{'computed/real':>15}{'matmul eff.':>13}"
-          f"{'last loss':>11}{'held-out loss':>15}")
+    print(
+        f"{'step':<18}{'real tokens/s':>15}{'vs seed':>9}{'computed/real':>15}{'matmul eff.':>13}"
+        f"{'last loss':>11}{'held-out loss':>15}"
+    )
     seed_rate = real_tokens / rows[0][1]
     # Model FLOPs count real tokens attending to their own sample only: padding and masked attention are waste.
     real_context = sum(len(ids) ** 2 for ids in train_samples) / 2 / real_tokens
@@ -203,13 +240,19 @@ def report(rows: list[tuple], train_samples, student, teacher, matmul: dict, mem
     for name, seconds, computed, last, held, precision in rows:
         rate = real_tokens / seconds
         efficiencies[name] = flops_per_token * rate / matmul[precision]  # of the matmul rate in the row's precision
-        print(f"{name:<18}{rate:>15.0f}{rate / seed_rate:>9.2f}{computed / real_tokens:>15.2f}"
-              f"{efficiencies[name]:>13.2f}{last:>11.4f}{held:>15.4f}")
+        print(
+            f"{name:<18}{rate:>15.0f}{rate / seed_rate:>9.2f}{computed / real_tokens:>15.2f}"
+            f"{efficiencies[name]:>13.2f}{last:>11.4f}{held:>15.4f}"
+        )
     naive_memory, chunked_memory = memory
-    print(f"machine matmul (best of two measurements): float32 {matmul['float32'] / 1e9:.0f} GFLOP/s, bf16 "
-          f"{matmul['bf16'] / 1e9:.0f} GFLOP/s")
-    print(f"KD + CE loss at V=50257, T=1024, d=768, forward and backward: full-logits peak "
-          f"{naive_memory / 2**20:.0f} MiB, fused (loss.ChunkedDistillationLoss) peak {chunked_memory / 2**20:.0f} MiB")
+    print(
+        f"machine matmul (best of two measurements): float32 {matmul['float32'] / 1e9:.0f} GFLOP/s, bf16 "
+        f"{matmul['bf16'] / 1e9:.0f} GFLOP/s"
+    )
+    print(
+        f"KD + CE loss at V=50257, T=1024, d=768, forward and backward: full-logits peak "
+        f"{naive_memory / 2**20:.0f} MiB, fused (loss.ChunkedDistillationLoss) peak {chunked_memory / 2**20:.0f} MiB"
+    )
     seconds = {row[0]: row[1] for row in rows}
     held_out = {row[0]: row[4] for row in rows}
     default = rows[3][0]  # config.yaml's step on this machine
@@ -247,24 +290,34 @@ def main(argv=None) -> int:
     max_length, batch_size, vocab_size, width = 1024, 8, 8192, WIDTH
     torch.manual_seed(0)
 
-    seed_teacher, student = workload.build_models(vocab_size, width, teacher_layers=4, student_layers=2, positions=max_length)
+    seed_teacher, student = workload.build_models(
+        vocab_size, width, teacher_layers=4, student_layers=2, positions=max_length
+    )
     teacher = as_project_builds_it(seed_teacher)
     teachers = {"float32": teacher, "bf16": as_project_builds_it(seed_teacher).to(torch.bfloat16)}
     initial_state = {key: value.clone() for key, value in student.state_dict().items()}
     samples = workload.alpaca_like_samples(samples_count + batch_size, max_length, vocab_size)
     train_samples, held_out = samples[:samples_count], samples[samples_count:]
-    held_out_batch = batching.PaddingCollator(pad_token_id=0)([{"input_ids": ids, "prompt_length": 0} for ids in held_out])
+    held_out_batch = batching.PaddingCollator(pad_token_id=0)(
+        [{"input_ids": ids, "prompt_length": 0} for ids in held_out]
+    )
     before = workload.matmul_rates()
     with tempfile.TemporaryDirectory() as work:
-        rows = [time_seed_steps(seed_teacher, teacher, student, train_samples, held_out_batch, Path(work), batch_size,
-                                max_length)]
-        rows += time_project_steps(teachers, student, initial_state, train_samples, held_out_batch, Path(work),
-                                   batch_size, max_length)
+        rows = [
+            time_seed_steps(
+                seed_teacher, teacher, student, train_samples, held_out_batch, Path(work), batch_size, max_length
+            )
+        ]
+        rows += time_project_steps(
+            teachers, student, initial_state, train_samples, held_out_batch, Path(work), batch_size, max_length
+        )
     rates = workload.matmul_rates(before)
     memory = measured_in_subprocess("naive"), measured_in_subprocess("chunked")
-    print(f"{samples_count} samples, {sum(len(ids) for ids in train_samples)} real tokens, batch {batch_size}, "
-          f"max length {max_length}, vocabulary {vocab_size}, width {width}, teacher 4 layers, student 2 layers, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"{samples_count} samples, {sum(len(ids) for ids in train_samples)} real tokens, batch {batch_size}, "
+        f"max length {max_length}, vocabulary {vocab_size}, width {width}, teacher 4 layers, student 2 layers, "
+        f"{torch.get_num_threads()} threads"
+    )
     figures = report(rows, train_samples, student, teacher, rates, memory, width)
     print()
     figures.update(real_shape.run(arguments.quick))

@@ -76,8 +76,9 @@ def batch_feed(batches: list[dict], batch_size: int):
 @contextlib.contextmanager
 def unpatched_afterwards(*networks):
     """TRL and Accelerate wrap the models' `forward` on the instances; put the caller's back when the run ends."""
-    saved = [{name: value for name, value in vars(network).items() if name in PATCHED_ATTRIBUTES}
-             for network in networks]
+    saved = [
+        {name: value for name, value in vars(network).items() if name in PATCHED_ATTRIBUTES} for network in networks
+    ]
     try:
         yield
     finally:
@@ -105,16 +106,38 @@ def trl_gkd_seconds(teacher, student, batches: list[dict], bf16: bool, warmup: i
     timer = StepTimer(warmup)
     with tempfile.TemporaryDirectory() as output_dir, unpatched_afterwards(teacher, student):
         config = GKDConfig(
-            lmbda=0.0, beta=0.0, temperature=1.0, seq_kd=False, per_device_train_batch_size=batch_size,
-            gradient_accumulation_steps=1, max_steps=len(batches), learning_rate=1e-4, bf16=bf16, use_cpu=True,
-            report_to=[], save_strategy="no", logging_strategy="no", dataloader_num_workers=0, output_dir=output_dir,
-            remove_unused_columns=False, train_sampling_strategy="sequential", dataloader_pin_memory=False,
+            lmbda=0.0,
+            beta=0.0,
+            temperature=1.0,
+            seq_kd=False,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=1,
+            max_steps=len(batches),
+            learning_rate=1e-4,
+            bf16=bf16,
+            use_cpu=True,
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            dataloader_num_workers=0,
+            output_dir=output_dir,
+            remove_unused_columns=False,
+            train_sampling_strategy="sequential",
+            dataloader_pin_memory=False,
             # TRL turns it on by default (as `gradient_checkpointing`); the project's step recomputes nothing, so
             # neither does the peer. Set by its new name, which also silences the deprecation warning of the old one.
-            activation_checkpointing=False, disable_tqdm=True,
+            activation_checkpointing=False,
+            disable_tqdm=True,
         )
-        trainer = GKDTrainer(model=student, teacher_model=teacher, args=config, data_collator=collate,
-                             train_dataset=rows, processing_class=placeholder_tokenizer(), callbacks=[timer])
+        trainer = GKDTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=config,
+            data_collator=collate,
+            train_dataset=rows,
+            processing_class=placeholder_tokenizer(),
+            callbacks=[timer],
+        )
         trainer.remove_callback(PrinterCallback)  # with disable_tqdm it would print the end-of-training metrics
         trainer.train()
     return timer.seconds

@@ -12,8 +12,8 @@ import time
 import numpy as np
 import torch
 
-from distillation.data import batching
 import models
+from distillation.data import batching
 from loss import ModelOutput
 
 
@@ -39,9 +39,18 @@ def build_models(vocab_size: int, width: int, teacher_layers: int, student_layer
     from transformers import AutoModelForCausalLM, GPT2Config
 
     def gpt2(layers: int):
-        config = GPT2Config(vocab_size=vocab_size, n_positions=positions, n_embd=width, n_layer=layers,
-                            n_head=width // 64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                            bos_token_id=0, eos_token_id=0)
+        config = GPT2Config(
+            vocab_size=vocab_size,
+            n_positions=positions,
+            n_embd=width,
+            n_layer=layers,
+            n_head=width // 64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
         return AutoModelForCausalLM.from_config(config)
 
     torch.manual_seed(0)
@@ -77,6 +86,7 @@ def project_step(teacher, student, optimizer, criterion, batch: dict, bf16: bool
 def training_flops_per_token(model, teacher, context: float) -> float:
     """6 N per token for the student (forward and backward) and 2 N for the teacher's forward, N counting every
     matmul weight (the tied output head included), plus the attention scores over the context."""
+
     def matmul_parameters(network) -> int:
         config = network.config
         blocks = 12 * config.n_layer * config.n_embd**2

@@ -23,8 +23,15 @@ REPO = Path(__file__).resolve().parent.parent
 SHORT = templates.PROMPT_TEMPLATES["alpaca_short"]
 
 
-def save_gpt2(directory: Path, tokenizer, nb_layers: int, width: int = 32, vocab_size: int | None = None, seed: int = 0,
-              **config_overrides):
+def save_gpt2(
+    directory: Path,
+    tokenizer,
+    nb_layers: int,
+    width: int = 32,
+    vocab_size: int | None = None,
+    seed: int = 0,
+    **config_overrides,
+):
     """A randomly initialised GPT-2-architecture model saved as a Hugging Face directory, tokenizer included."""
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config
@@ -104,8 +111,9 @@ def independent_test_figures(run, teacher_dir) -> tuple[float, float]:
     config = load_config(run / "config.yaml")
     best = run / config.training_parameters.checkpoints_name_best
     tokenizer = AutoTokenizer.from_pretrained(best)
-    splits = dataset.prepare_splits(dataset.spec_from_config(config), tokenizer, config.paths.data_folder,
-                                    config.paths.token_dataset)
+    splits = dataset.prepare_splits(
+        dataset.spec_from_config(config), tokenizer, config.paths.data_folder, config.paths.token_dataset
+    )
     student = AutoModelForCausalLM.from_pretrained(best, dtype=torch.float32).eval()
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     rows = student.config.vocab_size

@@ -11,12 +11,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from distillation.data import batching
 import dataset
-from distillation.settings import templates
 import distill
-from assets import generate_tiny_data
 import models
+from assets import generate_tiny_data
+from distillation.data import batching
+from distillation.settings import templates
 from helpers import REPO
 from loss import next_token_cross_entropy
 
@@ -35,7 +35,10 @@ def test_the_generator_runs_as_a_module_from_the_repository_root(tmp_path):
     out = tmp_path / "rows.jsonl"
     completed = subprocess.run(
         [sys.executable, "-m", "assets.generate_tiny_data", "--out", str(out), "--n", "20", "--seed", "3"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert completed.returncode == 0, completed.stderr
     assert [json.loads(line) for line in out.read_text().splitlines()] == generate_tiny_data.generate(20, seed=3)
@@ -64,16 +67,26 @@ def test_shipped_teacher_knows_the_data():
 
 
 def test_demo_config_runs(tmp_path):
-    status = distill.main([
-        "--config", str(REPO / "configs" / "tiny.yaml"),
-        "--run-name", "demo",
-        "--set", f"teacher.name={TINY / 'teacher'}",
-        "--set", f"data.dataset={TINY / 'alpaca_tiny.jsonl'}",
-        "--set", f"paths.data_folder={tmp_path / 'data'}",
-        "--set", f"paths.checkpoints={tmp_path / 'checkpoints'}",
-        "--set", "data.max_samples=200",
-        "--set", "training_parameters.max_steps=4",
-    ])
+    status = distill.main(
+        [
+            "--config",
+            str(REPO / "configs" / "tiny.yaml"),
+            "--run-name",
+            "demo",
+            "--set",
+            f"teacher.name={TINY / 'teacher'}",
+            "--set",
+            f"data.dataset={TINY / 'alpaca_tiny.jsonl'}",
+            "--set",
+            f"paths.data_folder={tmp_path / 'data'}",
+            "--set",
+            f"paths.checkpoints={tmp_path / 'checkpoints'}",
+            "--set",
+            "data.max_samples=200",
+            "--set",
+            "training_parameters.max_steps=4",
+        ]
+    )
     assert status == 0
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoints" / "demo" / "best").config.n_layer == 2
     # mixed_precision: auto chose by this CPU's instructions, as /proc/cpuinfo lists them (an independent reading).
@@ -98,7 +111,7 @@ def test_auto_precision_follows_the_cpu_and_an_explicit_choice_wins(tmp_path):
     auto = load_config(REPO / "configs" / "tiny.yaml", ["hardware.device=cpu"])
     assert hardware.mixed_precision(auto) == ("bf16" if native else "no")
     assert hardware.teacher_dtype(auto) == (torch.bfloat16 if native else torch.float32)
-    chosen = load_config(REPO / "configs" / "tiny.yaml", ["hardware.device=cpu", "hardware.mixed_precision=no",
-                                                          "teacher.dtype=float32"])
+    chosen = load_config(
+        REPO / "configs" / "tiny.yaml", ["hardware.device=cpu", "hardware.mixed_precision=no", "teacher.dtype=float32"]
+    )
     assert (hardware.mixed_precision(chosen), hardware.teacher_dtype(chosen)) == ("no", torch.float32)
-

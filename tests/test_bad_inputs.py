@@ -7,9 +7,9 @@ import copy
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -78,8 +78,10 @@ def other_tokenizer_student(context: Context) -> list[str]:
 
 def hidden_states_of_other_widths(context: Context) -> list[str]:
     student = save_gpt2(context.root / "narrow-student", context.tokenizer, nb_layers=1, width=16)
-    return ["--config", context.config(**{"student.pretrained": str(student),
-                                          "training_parameters.loss.hidden_weight": 1.0})]
+    return [
+        "--config",
+        context.config(**{"student.pretrained": str(student), "training_parameters.loss.hidden_weight": 1.0}),
+    ]
 
 
 def empty_after_filtering(context: Context) -> list[str]:
@@ -92,83 +94,183 @@ GOOD_CHAT = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistan
 
 def chat_data(row_two: dict, good: dict = GOOD_CHAT, **changes) -> Callable[[Context], list[str]]:
     """A data file of 30 rows `good`, but the second, `row_two`."""
+
     def build(context: Context) -> list[str]:
         rows = [good, row_two] + [good] * 28
         path = context.data(f"chat-{hashlib.sha1(repr(row_two).encode()).hexdigest()[:8]}.jsonl", alpaca_lines(rows))
         return ["--config", context.config(**{"data.dataset": path, **changes})]
+
     return build
 
 
 def non_utf8(context: Context) -> list[str]:
     text = "".join(f"caf\xe9 line {i}\n" for i in range(30)).encode("latin-1")
-    return ["--config", context.config(**{"data.dataset": context.data("latin1.txt", text), "data.text_column": "text"})]
+    return [
+        "--config",
+        context.config(**{"data.dataset": context.data("latin1.txt", text), "data.text_column": "text"}),
+    ]
 
 
 # (case id, a fragment the one-sentence message must contain, how to build the command line)
 CASES: list[tuple[str, str, Callable[[Context], list[str]]]] = [
     ("missing config file", "does not exist", lambda c: ["--config", str(c.root / "absent.yaml")]),
-    ("yaml syntax error", "not valid YAML at line", lambda c: ["--config", c.data("broken.yaml", "seed: 1\npaths: [a\n")]),
+    (
+        "yaml syntax error",
+        "not valid YAML at line",
+        lambda c: ["--config", c.data("broken.yaml", "seed: 1\npaths: [a\n")],
+    ),
     ("unknown section", "unknown key trainer", lambda c: ["--config", c.config(**{"trainer.steps": 3})]),
     ("unknown key", "lerning_rate", lambda c: ["--config", c.config(**{"training_parameters.lerning_rate": 0.1})]),
     ("wrong type", "batch_size", lambda c: ["--config", c.config(**{"training_parameters.batch_size": "eight"})]),
-    ("number with a typo", "learning_rate", lambda c: ["--config", c.config(**{"training_parameters.learning_rate": "3e-4x"})]),
-    ("zero learning rate", "learning_rate", lambda c: ["--config", c.config(**{"training_parameters.learning_rate": 0})]),
-    ("negative learning rate", "learning_rate", lambda c: ["--config", c.config(**{"training_parameters.learning_rate": -0.1})]),
+    (
+        "number with a typo",
+        "learning_rate",
+        lambda c: ["--config", c.config(**{"training_parameters.learning_rate": "3e-4x"})],
+    ),
+    (
+        "zero learning rate",
+        "learning_rate",
+        lambda c: ["--config", c.config(**{"training_parameters.learning_rate": 0})],
+    ),
+    (
+        "negative learning rate",
+        "learning_rate",
+        lambda c: ["--config", c.config(**{"training_parameters.learning_rate": -0.1})],
+    ),
     ("zero batch size", "batch_size", lambda c: ["--config", c.config(**{"training_parameters.batch_size": 0})]),
     ("unknown tracker", "report_to", lambda c: ["--config", c.config(**{"training_parameters.report_to": "mlflow"})]),
-    ("tracker not installed", "pip install wandb", lambda c: ["--config", c.config(**{"training_parameters.report_to": "wandb"})]),
+    (
+        "tracker not installed",
+        "pip install wandb",
+        lambda c: ["--config", c.config(**{"training_parameters.report_to": "wandb"})],
+    ),
     ("negative epochs", "nb_epochs", lambda c: ["--config", c.config(**{"training_parameters.nb_epochs": -2})]),
     ("zero epochs", "nb_epochs", lambda c: ["--config", c.config(**{"training_parameters.nb_epochs": 0})]),
-    ("zero temperature", "temperature", lambda c: ["--config", c.config(**{"training_parameters.loss.temperature": 0})]),
-    ("negative temperature", "temperature", lambda c: ["--config", c.config(**{"training_parameters.loss.temperature": -1})]),
-    ("alpha and beta both 0", "both 0", lambda c: ["--config", c.config(**{
-        "training_parameters.loss.alpha": 0, "training_parameters.loss.beta": 0})]),
+    (
+        "zero temperature",
+        "temperature",
+        lambda c: ["--config", c.config(**{"training_parameters.loss.temperature": 0})],
+    ),
+    (
+        "negative temperature",
+        "temperature",
+        lambda c: ["--config", c.config(**{"training_parameters.loss.temperature": -1})],
+    ),
+    (
+        "alpha and beta both 0",
+        "both 0",
+        lambda c: ["--config", c.config(**{"training_parameters.loss.alpha": 0, "training_parameters.loss.beta": 0})],
+    ),
     ("misspelt loss argument", "alpah", lambda c: ["--config", c.config(**{"training_parameters.loss.alpah": 1})]),
-    ("loss class that does not exist", "NoSuchLoss", lambda c: ["--config", c.config(**{
-        "training_parameters.loss": {"()": "loss.NoSuchLoss"}})]),
+    (
+        "loss class that does not exist",
+        "NoSuchLoss",
+        lambda c: ["--config", c.config(**{"training_parameters.loss": {"()": "loss.NoSuchLoss"}})],
+    ),
     ("zero layers", "nb_layers", lambda c: ["--config", c.config(**{"distilled_model.nb_layers": 0})]),
-    ("more layers than the teacher", "nb_layers is 3", lambda c: ["--config", c.config(**{"distilled_model.nb_layers": 3})]),
-    ("data file missing", "missing.jsonl", lambda c: ["--config", c.config(**{"data.dataset": str(c.root / "missing.jsonl")})]),
+    (
+        "more layers than the teacher",
+        "nb_layers is 3",
+        lambda c: ["--config", c.config(**{"distilled_model.nb_layers": 3})],
+    ),
+    (
+        "data file missing",
+        "missing.jsonl",
+        lambda c: ["--config", c.config(**{"data.dataset": str(c.root / "missing.jsonl")})],
+    ),
     ("text column absent", "body", lambda c: ["--config", c.config(**{"data.text_column": "body"})]),
     ("data empty after filtering", "no non-empty sample", empty_after_filtering),
-    ("conversation column as text_column", "text_column: null", chat_data(
-        {"messages": [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"}]},
-        **{"data.text_column": "messages"})),
-    ("turn without content", "row 2", chat_data({"messages": [{"role": "user"}, {"role": "assistant", "content": "B"}]})),
-    ("unknown role", "'tool'", chat_data({"messages": [{"role": "tool", "content": "A"}, {"role": "assistant", "content": "B"}]})),
-    ("unknown ShareGPT speaker", "'narrator'", chat_data({"conversations": [{"from": "narrator", "value": "A"}]}, {
-        "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]})),
+    (
+        "conversation column as text_column",
+        "text_column: null",
+        chat_data(
+            {"messages": [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"}]},
+            **{"data.text_column": "messages"},
+        ),
+    ),
+    (
+        "turn without content",
+        "row 2",
+        chat_data({"messages": [{"role": "user"}, {"role": "assistant", "content": "B"}]}),
+    ),
+    (
+        "unknown role",
+        "'tool'",
+        chat_data({"messages": [{"role": "tool", "content": "A"}, {"role": "assistant", "content": "B"}]}),
+    ),
+    (
+        "unknown ShareGPT speaker",
+        "'narrator'",
+        chat_data(
+            {"conversations": [{"from": "narrator", "value": "A"}]},
+            {"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]},
+        ),
+    ),
     ("empty conversation", "row 2 of", chat_data({"messages": []})),
-    ("conversation without an answer", "no assistant turn", chat_data({"messages": [{"role": "user", "content": "A"}]})),
-    ("no known data format", "none of the formats", chat_data({"question": "A", "answer": "B"}, {"question": "C", "answer": "D"})),
+    (
+        "conversation without an answer",
+        "no assistant turn",
+        chat_data({"messages": [{"role": "user", "content": "A"}]}),
+    ),
+    (
+        "no known data format",
+        "none of the formats",
+        chat_data({"question": "A", "answer": "B"}, {"question": "C", "answer": "D"}),
+    ),
     ("non-UTF-8 text file", "latin1.txt is not UTF-8", non_utf8),
     ("splits not summing to 1", "sum to", lambda c: ["--config", c.config(**{"data.split.test": 0.5})]),
     ("max length above positions", "max_length", lambda c: ["--config", c.config(**{"data.max_length": 100000})]),
     ("tokenizers differ", "different tokenizers", other_tokenizer_student),
-    ("teacher not found", "teacher.name", lambda c: ["--config", c.config(**{"teacher.name": str(c.root / "no-teacher")})]),
-    ("resume with no checkpoint", "no checkpoint to resume", lambda c: ["--config", c.config(), "--resume", "--run-name", "ghost"]),
+    (
+        "teacher not found",
+        "teacher.name",
+        lambda c: ["--config", c.config(**{"teacher.name": str(c.root / "no-teacher")})],
+    ),
+    (
+        "resume with no checkpoint",
+        "no checkpoint to resume",
+        lambda c: ["--config", c.config(), "--resume", "--run-name", "ghost"],
+    ),
     ("checkpoint of another shape", "another model shape", other_shape),
     ("corrupted safetensors", "model.safetensors", corrupt_weights),
     ("truncated training state", "training_state.pt", truncate_training_state),
-    ("--set of an unknown key", "unknown key training_parameters.epochs", lambda c: [
-        "--config", c.config(), "--set", "training_parameters.epochs=3"]),
-    ("run name escaping the checkpoints folder", "--run-name", lambda c: ["--config", c.config(), "--run-name", "../x"]),
+    (
+        "--set of an unknown key",
+        "unknown key training_parameters.epochs",
+        lambda c: ["--config", c.config(), "--set", "training_parameters.epochs=3"],
+    ),
+    (
+        "run name escaping the checkpoints folder",
+        "--run-name",
+        lambda c: ["--config", c.config(), "--run-name", "../x"],
+    ),
     ("existing run without --resume", "already exists", lambda c: ["--config", c.config(), "--run-name", "earlier"]),
     ("fp16 without CUDA", "fp16", lambda c: ["--config", c.config(**{"hardware.mixed_precision": "fp16"})]),
     ("cuda on a machine without it", "cuda", lambda c: ["--config", c.config(**{"hardware.device": "cuda"})]),
-    ("unknown divergence", "divergence", lambda c: ["--config", c.config(**{"training_parameters.loss.divergence": "kl"})]),
+    (
+        "unknown divergence",
+        "divergence",
+        lambda c: ["--config", c.config(**{"training_parameters.loss.divergence": "kl"})],
+    ),
     ("hidden states of other widths", "hidden_weight", hidden_states_of_other_widths),
-    ("teacher block out of range", "teacher", lambda c: ["--config", c.config(**{
-        "student.init": "teacher_layers", "student.teacher_layers": [5]})]),
-    ("cached teacher at another temperature", "cache_top_k", lambda c: ["--config", c.config(**{
-        "teacher.cache_top_k": 4})]),
+    (
+        "teacher block out of range",
+        "teacher",
+        lambda c: ["--config", c.config(**{"student.init": "teacher_layers", "student.teacher_layers": [5]})],
+    ),
+    (
+        "cached teacher at another temperature",
+        "cache_top_k",
+        lambda c: ["--config", c.config(**{"teacher.cache_top_k": 4})],
+    ),
 ]
 
 
 def tree_digest(directory: Path) -> dict[str, str]:
     return {
         str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(directory.rglob("*")) if path.is_file()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
     }
 
 

@@ -9,13 +9,12 @@ import pytest
 import safetensors.torch
 import torch
 
-from distillation.data import batching
 import dataset
 import distill
 import models
+from distillation.data import batching
 from helpers import SHORT, base_config, save_gpt2, write_config
 from loss import IGNORE_INDEX
-
 
 
 def test_length_grouped_batches_cover_every_sample_once_per_epoch_in_a_new_order():
@@ -66,8 +65,12 @@ def test_collator_counts_the_targets_the_loss_scores(mask_instruction):
 def dropout_free_teacher(tmp_path_factory, tokenizer):
     # No dropout anywhere, so that a batch and its micro-batches see the same network.
     return save_gpt2(
-        tmp_path_factory.mktemp("teacher-no-dropout"), tokenizer, nb_layers=2,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        tmp_path_factory.mktemp("teacher-no-dropout"),
+        tokenizer,
+        nb_layers=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
 
 
@@ -76,17 +79,32 @@ def test_one_step_does_not_depend_on_the_micro_batch_split(tmp_path, dropout_fre
     values = base_config(tmp_path, dropout_free_teacher, data_file)
     values["data"].update(group_by_length=False, max_length=128)  # the same 8 samples first; lengths that differ
     values["training_parameters"].update(
-        optimizer="sgd", learning_rate=0.5, max_grad_norm=None, warmup_steps=0, lr_scheduler="constant", max_steps=1,
+        optimizer="sgd",
+        learning_rate=0.5,
+        max_grad_norm=None,
+        warmup_steps=0,
+        lr_scheduler="constant",
+        max_steps=1,
     )
     config_file = write_config(tmp_path / "config.yaml", values)
     results = {}
     for batch_size, accumulation in ((8, 1), (4, 2), (2, 4)):
         name = f"split-{batch_size}x{accumulation}"
-        assert distill.main([
-            "--config", str(config_file), "--run-name", name,
-            "--set", f"training_parameters.batch_size={batch_size}",
-            "--set", f"training_parameters.gradient_accumulation_steps={accumulation}",
-        ]) == 0
+        assert (
+            distill.main(
+                [
+                    "--config",
+                    str(config_file),
+                    "--run-name",
+                    name,
+                    "--set",
+                    f"training_parameters.batch_size={batch_size}",
+                    "--set",
+                    f"training_parameters.gradient_accumulation_steps={accumulation}",
+                ]
+            )
+            == 0
+        )
         results[name] = safetensors.torch.load_file(str(tmp_path / "checkpoints" / name / "last" / "model.safetensors"))
     reference = results.pop("split-8x1")
     for name, weights in results.items():
@@ -99,11 +117,23 @@ def test_chunked_loss_trains_like_the_full_logits_loss(tmp_path, dropout_free_te
     values["training_parameters"].update(max_steps=4, optimizer="sgd", learning_rate=0.5, max_grad_norm=None)
     config_file = write_config(tmp_path / "config.yaml", values)
     loss_arguments = "alpha: 1.0, beta: 0.5, temperature: 2.0"
-    for name, loss_class, extra in (("full", "DistillationLoss", ""), ("chunked", "ChunkedDistillationLoss", ", chunk_size: 37")):
-        assert distill.main([
-            "--config", str(config_file), "--run-name", name,
-            "--set", f"training_parameters.loss={{'()': loss.{loss_class}, {loss_arguments}{extra}}}",
-        ]) == 0
+    for name, loss_class, extra in (
+        ("full", "DistillationLoss", ""),
+        ("chunked", "ChunkedDistillationLoss", ", chunk_size: 37"),
+    ):
+        assert (
+            distill.main(
+                [
+                    "--config",
+                    str(config_file),
+                    "--run-name",
+                    name,
+                    "--set",
+                    f"training_parameters.loss={{'()': loss.{loss_class}, {loss_arguments}{extra}}}",
+                ]
+            )
+            == 0
+        )
     full, chunked = (
         safetensors.torch.load_file(str(tmp_path / "checkpoints" / name / "last" / "model.safetensors"))
         for name in ("full", "chunked")
@@ -136,7 +166,9 @@ def test_packed_and_unpacked_batches_give_the_same_loss(tokenizer, dropout_free_
     def loss_of(batch):
         inputs = models.model_inputs(batch)
         with torch.no_grad():
-            return criterion(ModelOutput(student(**inputs).logits), ModelOutput(teacher(**inputs).logits), batch["labels"])
+            return criterion(
+                ModelOutput(student(**inputs).logits), ModelOutput(teacher(**inputs).logits), batch["labels"]
+            )
 
     padded = batching.PaddingCollator(tokenizer.pad_token_id, mask_instruction)(samples)
     packed = batching.PackingCollator(tokenizer.pad_token_id, 128, mask_instruction)(samples)
@@ -160,7 +192,10 @@ def test_compiled_models_train_like_eager_ones_and_save_plain_checkpoints(tmp_pa
     values["training_parameters"].update(max_steps=3, optimizer="sgd", learning_rate=0.5, max_grad_norm=None)
     config_file = write_config(tmp_path / "config.yaml", values)
     for name, compiled in (("eager", "false"), ("compiled", "true")):
-        assert distill.main(["--config", str(config_file), "--run-name", name, "--set", f"hardware.compile={compiled}"]) == 0
+        assert (
+            distill.main(["--config", str(config_file), "--run-name", name, "--set", f"hardware.compile={compiled}"])
+            == 0
+        )
     runs = tmp_path / "checkpoints"
     eager = safetensors.torch.load_file(str(runs / "eager" / "last" / "model.safetensors"))
     compiled = safetensors.torch.load_file(str(runs / "compiled" / "last" / "model.safetensors"))

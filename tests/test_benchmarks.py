@@ -16,7 +16,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_gpu_benchmark_runs_both_losses_at_toy_size_on_a_cpu():
     completed = subprocess.run(
         [sys.executable, "-m", "bench.gpu", "--device", "cpu", "--shape", "tiny", "--steps", "3", "--warmup", "1"],
-        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
     )
     assert completed.returncode == 0, completed.stderr
     figures = json.loads(completed.stdout.strip().splitlines()[-1])
@@ -33,7 +37,10 @@ def test_gpu_benchmark_says_it_needs_a_gpu_without_one():
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     completed = subprocess.run(
-        ["bash", str(ROOT / "bench" / "gpu.sh")], capture_output=True, text=True, timeout=120,
+        ["bash", str(ROOT / "bench" / "gpu.sh")],
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},  # this venv
     )
     assert completed.returncode == 2
@@ -44,7 +51,11 @@ def test_quality_benchmark_runs_every_method_and_ends_with_its_json():
     """A few steps per method: the table and the JSON line hold every method; the distilled runs see the teacher."""
     completed = subprocess.run(
         [sys.executable, "-m", "bench.quality", "--quick", "--steps", "3", "--samples", "300"],
-        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     figures = json.loads(completed.stdout.strip().splitlines()[-1])
@@ -62,7 +73,11 @@ def test_real_shape_benchmark_runs_at_toy_size_with_or_without_trl():
 
     completed = subprocess.run(
         [sys.executable, "-m", "bench.real_shape", "--shape", "tiny", "--quick"],
-        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     figures = json.loads(completed.stdout.strip().splitlines()[-1])

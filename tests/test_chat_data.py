@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from distillation.data import batching
 import dataset
 import distill
+from distillation.data import batching
 from helpers import SHORT, read_metrics, write_config
 from loss import IGNORE_INDEX
 
@@ -34,13 +34,19 @@ def shapes(pairs: list[tuple[str, str]]) -> dict[str, list[dict]]:
     """The same exchanges in each chat format, and as Alpaca rows without input."""
     return {
         "alpaca": [{"instruction": user, "input": "", "output": answer} for user, answer in pairs],
-        "messages": [{"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
-                     for user, answer in pairs],
-        "sharegpt": [{"conversations": [{"from": "human", "value": user}, {"from": "gpt", "value": answer}]}
-                     for user, answer in pairs],
+        "messages": [
+            {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+            for user, answer in pairs
+        ],
+        "sharegpt": [
+            {"conversations": [{"from": "human", "value": user}, {"from": "gpt", "value": answer}]}
+            for user, answer in pairs
+        ],
         "prompt_completion": [{"prompt": user, "completion": answer} for user, answer in pairs],
-        "conversational": [{"prompt": [{"role": "user", "content": user}],
-                            "completion": [{"role": "assistant", "content": answer}]} for user, answer in pairs],
+        "conversational": [
+            {"prompt": [{"role": "user", "content": user}], "completion": [{"role": "assistant", "content": answer}]}
+            for user, answer in pairs
+        ],
     }
 
 
@@ -50,8 +56,16 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def spec(path, **overrides) -> dataset.DataSpec:
-    values = dict(dataset=str(path), text_column=None, max_length=48, split=(0.6, 0.2, 0.2), mask_instruction=True,
-                  max_samples=None, seed=0, template=SHORT)
+    values = dict(
+        dataset=str(path),
+        text_column=None,
+        max_length=48,
+        split=(0.6, 0.2, 0.2),
+        mask_instruction=True,
+        max_samples=None,
+        seed=0,
+        template=SHORT,
+    )
     values.update(overrides)
     return dataset.DataSpec(**values)
 
@@ -90,10 +104,16 @@ def test_one_exchange_is_the_alpaca_sample_without_input(tmp_path, tokenizer, ro
     ids are computed here from the text: prompt, answer, EOS."""
     pairs = exchanges(rows[:30])
     files = shapes(pairs)
-    alpaca = prepare(spec(write_jsonl(tmp_path / "alpaca.jsonl", files["alpaca"]), mask_instruction=mask_instruction),
-                     tokenizer, tmp_path / "data")
-    chat = prepare(spec(write_jsonl(tmp_path / f"{shape}.jsonl", files[shape]), mask_instruction=mask_instruction),
-                   tokenizer, tmp_path / "data")
+    alpaca = prepare(
+        spec(write_jsonl(tmp_path / "alpaca.jsonl", files["alpaca"]), mask_instruction=mask_instruction),
+        tokenizer,
+        tmp_path / "data",
+    )
+    chat = prepare(
+        spec(write_jsonl(tmp_path / f"{shape}.jsonl", files[shape]), mask_instruction=mask_instruction),
+        tokenizer,
+        tmp_path / "data",
+    )
     by_text = {}
     for user, answer in pairs:
         prompt = dataset.alpaca_prompt(user, "", SHORT)
@@ -140,16 +160,24 @@ def test_multi_turn_targets_are_the_assistant_turns(tmp_path, tokenizer, shape):
     message or the prompts; the ids are those of the text written out here."""
     splits = prepare(spec(multi_turn_file(tmp_path, shape), max_length=128), tokenizer, tmp_path / "data")
     eos = tokenizer.eos_token
-    text = ("Be brief.\n\n" + dataset.alpaca_prompt("Is 190 less than 251?", "", SHORT) + "Yes." + eos
-            + dataset.alpaca_prompt("And 300?", "", SHORT) + "No, 300 is more." + eos)
+    text = (
+        "Be brief.\n\n"
+        + dataset.alpaca_prompt("Is 190 less than 251?", "", SHORT)
+        + "Yes."
+        + eos
+        + dataset.alpaca_prompt("And 300?", "", SHORT)
+        + "No, 300 is more."
+        + eos
+    )
     sample = splits["train"][0]
     assert sample["input_ids"] == tokenizer(text)["input_ids"]
     assert target_runs(labels_of(sample, True), tokenizer) == ["Yes." + eos, "No, 300 is more." + eos]
     assert target_runs(labels_of(sample, True, packed=True), tokenizer) == ["Yes." + eos, "No, 300 is more." + eos]
     assert labels_of(sample, False)[1:] == sample["input_ids"][1:]
 
-    cut = prepare(spec(multi_turn_file(tmp_path, shape), max_length=len(sample["input_ids"]) - 3), tokenizer,
-                  tmp_path / "data")["train"][0]
+    cut = prepare(
+        spec(multi_turn_file(tmp_path, shape), max_length=len(sample["input_ids"]) - 3), tokenizer, tmp_path / "data"
+    )["train"][0]
     assert cut["input_ids"] == sample["input_ids"][:-3]
     assert labels_of(cut, True) == labels_of(sample, True)[:-3]
 
@@ -167,8 +195,12 @@ def test_a_tokenizer_template_without_generation_tags_masks_by_prefixes(tmp_path
     path = multi_turn_file(tmp_path, "messages")
     splits = prepare(spec(path, max_length=128), own, tmp_path / "data")
     eos = tokenizer.eos_token
-    text = ("<|system|>\nBe brief.\n<|user|>\nIs 190 less than 251?\n<|assistant|>\nYes." + eos
-            + "<|user|>\nAnd 300?\n<|assistant|>\nNo, 300 is more." + eos)
+    text = (
+        "<|system|>\nBe brief.\n<|user|>\nIs 190 less than 251?\n<|assistant|>\nYes."
+        + eos
+        + "<|user|>\nAnd 300?\n<|assistant|>\nNo, 300 is more."
+        + eos
+    )
     sample = splits["train"][0]
     assert sample["input_ids"] == tokenizer(text)["input_ids"]
     assert target_runs(labels_of(sample, True), tokenizer) == ["Yes." + eos, "No, 300 is more." + eos]
@@ -183,8 +215,12 @@ def test_a_tokenizer_template_without_generation_tags_masks_by_prefixes(tmp_path
 def test_a_template_that_rewrites_earlier_turns_is_refused_when_masking(tmp_path, tokenizer):
     """A template that renders the last turn differently (here: no EOS on the last assistant turn) cannot be cut
     into turns by prefixes: refused with masking, read as it renders without."""
-    rewriting = own_template_tokenizer(tokenizer, PLAIN_TEMPLATE.replace(
-        "eos_token if m['role'] == 'assistant'", "eos_token if m['role'] == 'assistant' and not loop.last"))
+    rewriting = own_template_tokenizer(
+        tokenizer,
+        PLAIN_TEMPLATE.replace(
+            "eos_token if m['role'] == 'assistant'", "eos_token if m['role'] == 'assistant' and not loop.last"
+        ),
+    )
     path = multi_turn_file(tmp_path, "messages")
     with pytest.raises(dataset.DataError, match=r"first turns of row \d+ of .*generation %\} tags"):
         prepare(spec(path, max_length=128), rewriting, tmp_path / "data")
@@ -193,9 +229,11 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_when_masking(tmp_path
 
 def test_a_conversation_the_template_refuses_is_named(tmp_path, tokenizer):
     """A template's own refusal (`raise_exception`) is a DataError naming the row, with or without masking."""
-    refusing = own_template_tokenizer(tokenizer, "{% if messages[0]['role'] == 'system' %}"
-                                                 "{{ raise_exception('no system messages here') }}{% endif %}"
-                                      + PLAIN_TEMPLATE)
+    refusing = own_template_tokenizer(
+        tokenizer,
+        "{% if messages[0]['role'] == 'system' %}"
+        "{{ raise_exception('no system messages here') }}{% endif %}" + PLAIN_TEMPLATE,
+    )
     rows = [{"messages": MULTI_TURN[1:]}] * 9
     rows.insert(2, {"messages": MULTI_TURN})
     path = write_jsonl(tmp_path / "system.jsonl", rows)
@@ -207,25 +245,40 @@ def test_a_conversation_the_template_refuses_is_named(tmp_path, tokenizer):
 def test_format_precedence_and_empty_answers(tmp_path, tokenizer):
     """Alpaca fields win over a messages column; a conversation whose answers are blank is dropped as an empty
     Alpaca sample is."""
-    rows = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}",
-             "messages": [{"role": "user", "content": "ignored"}, {"role": "assistant", "content": "ignored"}]}
-            for i in range(10)]
+    rows = [
+        {
+            "instruction": f"Say {i}.",
+            "input": "",
+            "output": f"{i}",
+            "messages": [{"role": "user", "content": "ignored"}, {"role": "assistant", "content": "ignored"}],
+        }
+        for i in range(10)
+    ]
     splits = prepare(spec(write_jsonl(tmp_path / "both.jsonl", rows)), tokenizer, tmp_path / "data")
     assert "target_mask" not in splits["train"].column_names
-    blank = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " " if i % 2 else "Hi"}]}
-             for i in range(20)]
+    blank = [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " " if i % 2 else "Hi"}]}
+        for i in range(20)
+    ]
     splits = prepare(spec(write_jsonl(tmp_path / "blank.jsonl", blank)), tokenizer, tmp_path / "data")
     assert sum(len(splits[name]) for name in dataset.SPLIT_NAMES) == 10
 
 
-@pytest.mark.parametrize("shape, mask_instruction", [
-    ("messages", True), ("sharegpt", False), ("prompt_completion", True), ("conversational", False),
-])
+@pytest.mark.parametrize(
+    "shape, mask_instruction",
+    [
+        ("messages", True),
+        ("sharegpt", False),
+        ("prompt_completion", True),
+        ("conversational", False),
+    ],
+)
 def test_each_format_trains_end_to_end(tmp_path, config_values, rows, shape, mask_instruction):
     """A few steps, validations and the test on the best checkpoint, from a chat file (Parquet for one of them)."""
     records = shapes(exchanges(rows))[shape]
     if shape == "prompt_completion":
         import pandas as pd
+
         path = tmp_path / "chat.parquet"
         pd.DataFrame(records).to_parquet(path)
     else:
@@ -248,4 +301,5 @@ def test_each_format_trains_end_to_end(tmp_path, config_values, rows, shape, mas
     saved = AutoTokenizer.from_pretrained(run / "best")
     conversation = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Red."}]
     assert saved.apply_chat_template(conversation, tokenize=False) == (
-        dataset.alpaca_prompt("Name a colour.", "", SHORT) + "Red." + saved.eos_token)
+        dataset.alpaca_prompt("Name a colour.", "", SHORT) + "Red." + saved.eos_token
+    )

@@ -82,13 +82,21 @@ def test_override_can_switch_to_plain_training(config_file):
 def test_the_loss_configue_builds_is_the_criterion_the_run_uses(config_file):
     config = load_config(config_file)
     criterion = config.training_parameters.loss
-    assert type(criterion) is DistillationLoss and (criterion.alpha, criterion.beta, criterion.temperature) == (1, 0.5, 2)
+    assert type(criterion) is DistillationLoss and (criterion.alpha, criterion.beta, criterion.temperature) == (
+        1,
+        0.5,
+        2,
+    )
     trainer = distill.setup(config, "criterion", False)
     assert trainer.criterion is criterion
     # One process on a CPU: fused, as its class and name still say DistillationLoss.
     assert criterion.projects_hidden_states and type(criterion) is DistillationLoss
     assert to_plain_dict(config)["training_parameters"]["loss"] == {
-        "()": "loss.DistillationLoss", "alpha": 1.0, "beta": 0.5, "temperature": 2.0}
+        "()": "loss.DistillationLoss",
+        "alpha": 1.0,
+        "beta": 0.5,
+        "temperature": 2.0,
+    }
 
 
 def test_the_settings_layer_imports_neither_torch_nor_the_loss_module():
@@ -107,8 +115,11 @@ def test_the_settings_layer_imports_neither_torch_nor_the_loss_module():
 
 
 def test_the_criteria_a_config_may_name_are_the_criteria_of_loss_py():
-    offered = {f"loss.{value.__name__}" for value in vars(loss).values()
-               if isinstance(value, type) and issubclass(value, loss.Criterion) and value is not loss.Criterion}
+    offered = {
+        f"loss.{value.__name__}"
+        for value in vars(loss).values()
+        if isinstance(value, type) and issubclass(value, loss.Criterion) and value is not loss.Criterion
+    }
     assert set(config_guard.CRITERIA) == offered and len(config_guard.CRITERIA) == len(offered)
     assert config_guard.criterion_path("ClassicLoss") == "loss.ClassicLoss"
     assert config_guard.criterion_path("loss.Criterion") is None and config_guard.criterion_path("os.system") is None
@@ -237,27 +248,35 @@ BAD_STUDENTS = [
     ({"init": "copy"}, 1, r"student.init is 'copy'; it must be one of 'random', 'uniform', 'teacher_layers'\."),
     ({"init": "teacher_layers", "teacher_layers": 1}, 1, r"student.teacher_layers is 1; it must be a list"),
     ({"init": "teacher_layers", "teacher_layers": "0, 1"}, 2, r"student.teacher_layers is '0, 1'; it must be a list"),
-    ({"init": "teacher_layers", "teacher_layers": [0, "one"]}, 2,
-     r"student.teacher_layers\[1\] is 'one'; it must be a whole number\."),
+    (
+        {"init": "teacher_layers", "teacher_layers": [0, "one"]},
+        2,
+        r"student.teacher_layers\[1\] is 'one'; it must be a whole number\.",
+    ),
     ({"init": "teacher_layers", "teacher_layers": [0, 1.5]}, 2, r"teacher_layers\[1\] is 1.5; it must be a whole"),
     ({"init": "teacher_layers", "teacher_layers": [True]}, 1, r"teacher_layers\[0\] is True; it must be a whole"),
     ({"init": "teacher_layers", "teacher_layers": [-1]}, 1, r"teacher_layers\[0\] is -1; it must be at least 0\."),
     ({"init": "teacher_layers"}, 1, r"student.teacher_layers is null; list the teacher block"),
-    ({"init": "teacher_layers", "teacher_layers": [0, 1]}, 1,
-     r"lists 2 teacher blocks but distilled_model.nb_layers is 1; list exactly one teacher block per student layer"),
+    (
+        {"init": "teacher_layers", "teacher_layers": [0, 1]},
+        1,
+        r"lists 2 teacher blocks but distilled_model.nb_layers is 1; list exactly one teacher block per student layer",
+    ),
     ({"init": "teacher_layers", "teacher_layers": []}, 1, r"lists 0 teacher blocks"),
     ({"init": "teacher_layers", "teacher_layers": [1, 1]}, 2, r"teacher block 1 more than once"),
     ({"teacher_layers": [0]}, 1, r"teacher_layers is set but student.init is 'random'; set student.init to"),
     ({"init": "uniform", "teacher_layers": [0]}, 1, r"student.init is 'uniform'; set student.init to teacher_layers"),
-    ({"init": "uniform", "pretrained": "distilgpt2"}, 1,
-     r"student.init is 'uniform' but student.pretrained is set.*set student.init to random or student.pretrained"),
+    (
+        {"init": "uniform", "pretrained": "distilgpt2"},
+        1,
+        r"student.init is 'uniform' but student.pretrained is set.*set student.init to random or student.pretrained",
+    ),
     ({"init": "teacher_layers", "teacher_layers": [0], "pretrained": "x"}, 1, r"student.pretrained is set"),
 ]
 
 
 @pytest.mark.parametrize("student, nb_layers, fragment", BAD_STUDENTS, ids=[str(case[0]) for case in BAD_STUDENTS])
-def test_bad_student_init_is_one_sentence_naming_the_fix(tmp_path, config_values, capsys, student, nb_layers,
-                                                         fragment):
+def test_bad_student_init_is_one_sentence_naming_the_fix(tmp_path, config_values, capsys, student, nb_layers, fragment):
     values = _set(_set(config_values, "student", student), "distilled_model.nb_layers", nb_layers)
     path = write_config(tmp_path / "bad.yaml", values)
     with pytest.raises(ConfigError, match=fragment) as raised:
@@ -270,11 +289,15 @@ def test_bad_student_init_is_one_sentence_naming_the_fix(tmp_path, config_values
 
 
 HOSTILE_ENTRIES = {
-    "a call in another key": lambda values, marker: values.update(seed={"()": "os.system", "command": f"touch {marker}"}),
+    "a call in another key": lambda values, marker: values.update(
+        seed={"()": "os.system", "command": f"touch {marker}"}
+    ),
     "a call as the loss": lambda values, marker: values["training_parameters"].update(
-        loss={"()": "os.system", "command": f"touch {marker}"}),
+        loss={"()": "os.system", "command": f"touch {marker}"}
+    ),
     "a call in a list": lambda values, marker: values["data"].update(
-        template=[{"()": "os.system", "command": f"touch {marker}"}]),
+        template=[{"()": "os.system", "command": f"touch {marker}"}]
+    ),
 }
 
 

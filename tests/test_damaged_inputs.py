@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
+import test_bad_inputs
+from test_bad_inputs import Context, alpaca_lines, tree_digest
 
 import distill
-import test_bad_inputs
 from helpers import base_config
-from test_bad_inputs import Context, alpaca_lines, tree_digest
 
 # Distilling against the teacher's cached top-k distributions (teacher_cache.py) needs temperature 1.
 CACHED_TEACHER = {"teacher.cache_top_k": 8, "training_parameters.loss.temperature": 1.0}
@@ -134,23 +134,38 @@ def data_path_through_a_file(context: Context) -> list[str]:
 # (case id, a fragment the one-sentence message must contain, how to build the command line)
 CASES: list[tuple[str, str, Callable[[Context], list[str]]]] = [
     ("config file is a directory", "is a directory", config_directory),
-    ("config path through a regular file", "does not exist", lambda c: [
-        "--config", str(Path(c.config()) / "config.yaml")]),
+    (
+        "config path through a regular file",
+        "does not exist",
+        lambda c: ["--config", str(Path(c.config()) / "config.yaml")],
+    ),
     ("empty config file", "is empty", config_text("empty.yaml", "")),
     ("config of comments only", "is empty", config_text("comments.yaml", "# seed: 1\n")),
     ("config not UTF-8", "is not UTF-8", config_text("binary.yaml", bytes(range(256)) * 4)),
     ("config of control characters", "not valid YAML", config_text("control.yaml", b"\x00\x01\x02seed\x7f")),
     ("config that is a list", "holds a list", config_text("list.yaml", "- seed\n- 1\n")),
     ("config that is a scalar", "holds a str", config_text("scalar.yaml", "seed\n")),
-    ("yaml that runs a command", "would run Python code", lambda c: ["--config", c.data(
-        "apply.yaml", f'seed: !!python/object/apply:os.system ["touch {c.root / HOSTILE_MARKER}"]\n')]),
-    ("yaml that names a function", "would run Python code", config_text(
-        "name.yaml", "seed: !!python/name:os.system\n")),
+    (
+        "yaml that runs a command",
+        "would run Python code",
+        lambda c: [
+            "--config",
+            c.data("apply.yaml", f'seed: !!python/object/apply:os.system ["touch {c.root / HOSTILE_MARKER}"]\n'),
+        ],
+    ),
+    (
+        "yaml that names a function",
+        "would run Python code",
+        config_text("name.yaml", "seed: !!python/name:os.system\n"),
+    ),
     ("yaml billion laughs", "billion laughs", config_text("laughs.yaml", billion_laughs())),
     ("yaml alias holding itself", "endless", config_text("loop.yaml", "seed: &loop [*loop]\n")),
     ("yaml nested too deep", "levels deep", config_text("deep.yaml", "seed: " + "[" * 3000 + "]" * 3000 + "\n")),
-    ("--set of malformed YAML", "is not valid YAML", lambda c: [
-        "--config", c.config(), "--set", "training_parameters.batch_size=[8"]),
+    (
+        "--set of malformed YAML",
+        "is not valid YAML",
+        lambda c: ["--config", c.config(), "--set", "training_parameters.batch_size=[8"],
+    ),
     ("data path is a directory", "holds no data file", data_directory),
     ("data path through a regular file", "does not exist", data_path_through_a_file),
     ("empty data file", "empty.jsonl is empty", data("empty.jsonl", "")),
@@ -162,34 +177,73 @@ CASES: list[tuple[str, str, Callable[[Context], list[str]]]] = [
     ("instruction a number", "'instruction' of", data("number.jsonl", alpaca_rows(instruction=5))),
     ("instruction null everywhere", "null in every row", data("null.jsonl", alpaca_rows(instruction=None))),
     ("output a record", "records or lists", data("record.jsonl", alpaca_rows(output={"text": "x"}))),
-    ("teacher weights truncated", "model.safetensors is damaged", teacher("truncated", **{
-        "model.safetensors": truncate})),
+    (
+        "teacher weights truncated",
+        "model.safetensors is damaged",
+        teacher("truncated", **{"model.safetensors": truncate}),
+    ),
     ("teacher weights garbage", "model.safetensors is damaged", teacher("garbage", **{"model.safetensors": garble})),
-    ("teacher config.json garbage", "config.json is not a valid model file", teacher("config-garbage", **{
-        "config.json": garble})),
-    ("teacher config.json a list", "not an object", teacher("config-list", **{
-        "config.json": lambda path: path.write_text("[1, 2]")})),
-    ("teacher config.json without model_type", "no model_type", teacher("no-type", **{
-        "config.json": edit_json(model_type=None)})),
-    ("teacher config.json of a T5", "repair or replace the files", teacher("t5", **{
-        "config.json": edit_json(model_type="t5")})),
-    ("teacher config.json of a BERT", "do not fit its config.json", teacher("bert", **{
-        "config.json": edit_json(model_type="bert", architectures=["BertLMHeadModel"])})),
-    ("teacher tokenizer files missing", "holds no token", teacher("no-tokenizer", **{
-        "tokenizer.json": delete, "tokenizer_config.json": delete})),
-    ("teacher tokenizer.json garbage", "tokenizer.json is not a valid tokenizer file", teacher("tokenizer-garbage", **{
-        "tokenizer.json": garble})),
-    ("teacher tokenizer.json empty", "tokenizer.json is not a valid tokenizer file", teacher("tokenizer-empty", **{
-        "tokenizer.json": lambda path: path.write_text("{}")})),
-    ("teacher tokenizer_config.json garbage", "tokenizer_config.json is not", teacher("tokenizer-config", **{
-        "tokenizer_config.json": garble})),
-    ("teacher directory is a file", "a file; ", lambda c: ["--config", c.config(**{
-        "teacher.name": c.data("teacher-file", "not a model")})]),
+    (
+        "teacher config.json garbage",
+        "config.json is not a valid model file",
+        teacher("config-garbage", **{"config.json": garble}),
+    ),
+    (
+        "teacher config.json a list",
+        "not an object",
+        teacher("config-list", **{"config.json": lambda path: path.write_text("[1, 2]")}),
+    ),
+    (
+        "teacher config.json without model_type",
+        "no model_type",
+        teacher("no-type", **{"config.json": edit_json(model_type=None)}),
+    ),
+    (
+        "teacher config.json of a T5",
+        "repair or replace the files",
+        teacher("t5", **{"config.json": edit_json(model_type="t5")}),
+    ),
+    (
+        "teacher config.json of a BERT",
+        "do not fit its config.json",
+        teacher("bert", **{"config.json": edit_json(model_type="bert", architectures=["BertLMHeadModel"])}),
+    ),
+    (
+        "teacher tokenizer files missing",
+        "holds no token",
+        teacher("no-tokenizer", **{"tokenizer.json": delete, "tokenizer_config.json": delete}),
+    ),
+    (
+        "teacher tokenizer.json garbage",
+        "tokenizer.json is not a valid tokenizer file",
+        teacher("tokenizer-garbage", **{"tokenizer.json": garble}),
+    ),
+    (
+        "teacher tokenizer.json empty",
+        "tokenizer.json is not a valid tokenizer file",
+        teacher("tokenizer-empty", **{"tokenizer.json": lambda path: path.write_text("{}")}),
+    ),
+    (
+        "teacher tokenizer_config.json garbage",
+        "tokenizer_config.json is not",
+        teacher("tokenizer-config", **{"tokenizer_config.json": garble}),
+    ),
+    (
+        "teacher directory is a file",
+        "a file; ",
+        lambda c: ["--config", c.config(**{"teacher.name": c.data("teacher-file", "not a model")})],
+    ),
     ("student weights truncated", "set student.pretrained", student("truncated", **{"model.safetensors": truncate})),
-    ("student config.json garbage", "config.json is not a valid model file", student("config-garbage", **{
-        "config.json": garble})),
-    ("student config.json of a BERT", "do not fit its config.json", student("bert", **{
-        "config.json": edit_json(model_type="bert", architectures=["BertLMHeadModel"])})),
+    (
+        "student config.json garbage",
+        "config.json is not a valid model file",
+        student("config-garbage", **{"config.json": garble}),
+    ),
+    (
+        "student config.json of a BERT",
+        "do not fit its config.json",
+        student("bert", **{"config.json": edit_json(model_type="bert", architectures=["BertLMHeadModel"])}),
+    ),
 ]
 
 
@@ -206,8 +260,9 @@ def cache_contents(directory: Path) -> dict:
     """Every file's hash; meta.json as values, without the seconds that its build took."""
     contents = tree_digest(directory)
     if (directory / "meta.json").is_file():
-        contents["meta.json"] = {key: value for key, value in json.loads((directory / "meta.json").read_text()).items()
-                                 if key != "seconds"}
+        contents["meta.json"] = {
+            key: value for key, value in json.loads((directory / "meta.json").read_text()).items() if key != "seconds"
+        }
     return contents
 
 
@@ -226,11 +281,15 @@ CACHE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("cache, pattern, damage, seen", CACHE_CASES,
-                         ids=[f"{case[0]} {case[1]} {case[2].__name__}" for case in CACHE_CASES])
+@pytest.mark.parametrize(
+    "cache, pattern, damage, seen", CACHE_CASES, ids=[f"{case[0]} {case[1]} {case[2].__name__}" for case in CACHE_CASES]
+)
 def test_a_damaged_cache_is_built_again_and_trains_alike(context, capsys, cache, pattern, damage, seen):
-    directory = {"tokenized": context.tokenized_cache, "teacher": context.teacher_cache,
-                 "arrow copy": context.arrow_copy}[cache]
+    directory = {
+        "tokenized": context.tokenized_cache,
+        "teacher": context.teacher_cache,
+        "arrow copy": context.arrow_copy,
+    }[cache]
     # The Arrow copy of the data is read only to build the tokenized data again.
     caches = [directory, context.tokenized_cache] if cache == "arrow copy" else [directory]
     before = cache_contents(directory)
@@ -243,15 +302,20 @@ def test_a_damaged_cache_is_built_again_and_trains_alike(context, capsys, cache,
         shutil.rmtree(context.tokenized_cache)
     run = f"rebuilt-{cache.replace(' ', '-')}-{pattern.rpartition('/')[2].replace('*', 'x')}-{damage.__name__}"
     try:
-        assert distill.main(["--config", context.config(**CACHED_TEACHER if cache == "teacher" else {}),
-                             "--run-name", run]) == 0
+        assert (
+            distill.main(
+                ["--config", context.config(**CACHED_TEACHER if cache == "teacher" else {}), "--run-name", run]
+            )
+            == 0
+        )
 
         printed = capsys.readouterr().err
         assert (f"{directory} is damaged" in printed) == seen and "Traceback" not in printed
         assert cache_contents(directory) == before  # the damaged files are back, byte for byte
         earlier = "earlier-cached" if cache == "teacher" else "earlier"
-        summaries = [json.loads((context.root / "checkpoints" / name / "summary.json").read_text())
-                     for name in (earlier, run)]
+        summaries = [
+            json.loads((context.root / "checkpoints" / name / "summary.json").read_text()) for name in (earlier, run)
+        ]
         assert summaries[1]["test"] == summaries[0]["test"]
     finally:  # the next case starts from intact caches, whatever this one left
         for folder, copy in zip(caches, intact):

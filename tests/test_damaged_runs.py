@@ -11,14 +11,14 @@ import contextlib
 import json
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
+from test_bad_inputs import tree_digest
 
 import distill
 from helpers import base_config, trainer_state, write_config
-from test_bad_inputs import tree_digest
 
 GARBAGE = b"\x00\x93garbage\xff" * 50
 
@@ -35,6 +35,7 @@ def into_directory(path: Path) -> None:
 def hostile_state(**values):
     def damage(path: Path) -> None:
         path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
+
     return damage
 
 
@@ -66,8 +67,9 @@ def earlier(tmp_path_factory, teacher_dir, data_file):
     """A run of 2 steps with a step copy; each case damages a copy of it and resumes that copy to 4 steps."""
     root = tmp_path_factory.mktemp("damaged-runs")
     values = base_config(root, teacher_dir, data_file)
-    values["training_parameters"].update(max_steps=2, eval_every_steps=1, checkpoint_every_steps=1,
-                                         keep_step_checkpoints=1)
+    values["training_parameters"].update(
+        max_steps=2, eval_every_steps=1, checkpoint_every_steps=1, keep_step_checkpoints=1
+    )
     config_file = write_config(root / "config.yaml", values)
     assert distill.main(["--config", str(config_file), "--run-name", "earlier"]) == 0
     return root, config_file
@@ -82,8 +84,9 @@ def copy_of(earlier, name: str) -> Path:
 
 def resume(earlier, name: str) -> int:
     _, config_file = earlier
-    return distill.main(["--config", str(config_file), "--run-name", name, "--resume",
-                         "--set", "training_parameters.max_steps=4"])
+    return distill.main(
+        ["--config", str(config_file), "--run-name", name, "--resume", "--set", "training_parameters.max_steps=4"]
+    )
 
 
 def run_digest(run: Path) -> dict:
@@ -99,8 +102,9 @@ def the_error(printed: str) -> str:
 
 
 @pytest.mark.parametrize("relative, damage, fragment", [case[1:] for case in REFUSED], ids=[c[0] for c in REFUSED])
-def test_a_damaged_run_file_is_refused_with_one_sentence_and_nothing_changed(earlier, capsys, relative, damage,
-                                                                              fragment):
+def test_a_damaged_run_file_is_refused_with_one_sentence_and_nothing_changed(
+    earlier, capsys, relative, damage, fragment
+):
     run = copy_of(earlier, "case")
     try:
         damage(run / relative)
@@ -141,8 +145,20 @@ def test_a_missing_best_checkpoint_is_made_again_by_the_resume(earlier, steps):
     _, config_file = earlier
     run = copy_of(earlier, f"best-gone-{steps}")
     shutil.rmtree(run / "best")
-    assert distill.main(["--config", str(config_file), "--run-name", run.name, "--resume",
-                         "--set", f"training_parameters.max_steps={steps}"]) == 0
+    assert (
+        distill.main(
+            [
+                "--config",
+                str(config_file),
+                "--run-name",
+                run.name,
+                "--resume",
+                "--set",
+                f"training_parameters.max_steps={steps}",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((run / "summary.json").read_text())
     assert summary["best_step"] == steps and trainer_state(run / "best")["global_step"] == steps
 
@@ -165,7 +181,11 @@ UNWRITABLE: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("checkpoints folder under a file", lambda root: [f"paths.checkpoints={file_at(root / 'f') / 'sub'}"], "sub"),
     ("run name too long", lambda root: [], "x" * 300),
     ("data folder a file", lambda root: [f"paths.data_folder={file_at(root / 'd')}"], "paths.data_folder"),
-    ("data folder under a file", lambda root: [f"paths.data_folder={file_at(root / 'g') / 'sub'}"], "paths.data_folder"),
+    (
+        "data folder under a file",
+        lambda root: [f"paths.data_folder={file_at(root / 'g') / 'sub'}"],
+        "paths.data_folder",
+    ),
 ]
 
 
@@ -213,8 +233,10 @@ def test_a_checkpoints_folder_that_cannot_be_written_is_one_sentence(earlier, tm
     _, config_file = earlier
     with immutable(tmp_path):
         capsys.readouterr()
-        assert distill.main(["--config", str(config_file), "--run-name", "new",
-                             "--set", f"paths.checkpoints={tmp_path}"]) == 2
+        assert (
+            distill.main(["--config", str(config_file), "--run-name", "new", "--set", f"paths.checkpoints={tmp_path}"])
+            == 2
+        )
     message = the_error(capsys.readouterr().err)
     assert "Operation not permitted" in message and "paths.checkpoints" in message, message
     assert list(tmp_path.iterdir()) == []

@@ -13,11 +13,9 @@ import pytest
 import torch
 from datasets import Dataset
 
-from distillation.data import batching
-from distillation.data import chat_data
-from distillation.base import verified_cache
-from distillation.data import data_files
 import dataset
+from distillation.base import verified_cache
+from distillation.data import batching, chat_data, data_files
 from distillation.settings import templates
 from loss import IGNORE_INDEX
 
@@ -287,9 +285,10 @@ def test_a_cache_entry_is_keyed_written_with_its_sizes_and_removed_when_damaged(
     verified_cache.write(entry, "manifest.json", fill)
     assert json.loads((entry / "manifest.json").read_text()) == {"rows": 10, "files": {"part/values.bin": 10}}
     assert verified_cache.read(entry, "manifest.json", "test cache", open_entry) == b"0123456789"
-    for damage, problem in ((lambda: (entry / "part" / "values.bin").write_bytes(b"01234"),
-                             "part/values.bin has 5 bytes, 10 when written"),
-                            (lambda: (entry / "manifest.json").write_text('{"rows": 9}'), "10 rows, not 9")):
+    for damage, problem in (
+        (lambda: (entry / "part" / "values.bin").write_bytes(b"01234"), "part/values.bin has 5 bytes, 10 when written"),
+        (lambda: (entry / "manifest.json").write_text('{"rows": 9}'), "10 rows, not 9"),
+    ):
         verified_cache.write(entry, "manifest.json", fill)
         damage()
         caplog.clear()
@@ -400,14 +399,19 @@ def test_non_utf8_text_file_is_a_data_error(tmp_path, tokenizer):
 
 def test_non_utf8_jsonl_file_is_a_data_error(tmp_path, tokenizer):
     path = tmp_path / "latin1.jsonl"
-    text = "".join(json.dumps({"instruction": f"Café {i}", "input": "", "output": "Très bien"}, ensure_ascii=False) + "\n"
-                   for i in range(10))
+    text = "".join(
+        json.dumps({"instruction": f"Café {i}", "input": "", "output": "Très bien"}, ensure_ascii=False) + "\n"
+        for i in range(10)
+    )
     path.write_bytes(text.encode("latin-1"))
     with pytest.raises(dataset.DataError, match=r"latin1\.jsonl is not UTF-8"):
         prepare(make_spec(path), tokenizer, tmp_path / "data")
 
 
-CUSTOM_TEMPLATE = {"with_input": "Q {{braces}}: {instruction} / {input}\nA: ", "without_input": "Q {{braces}}: {instruction}\nA: "}
+CUSTOM_TEMPLATE = {
+    "with_input": "Q {{braces}}: {instruction} / {input}\nA: ",
+    "without_input": "Q {{braces}}: {instruction}\nA: ",
+}
 
 
 @pytest.mark.parametrize("template", [*templates.PROMPT_TEMPLATES, "custom"])
@@ -420,10 +424,15 @@ def test_the_alpaca_chat_template_renders_the_training_text(tokenizer, template)
     prompt = dataset.alpaca_prompt('Say "{hi}"\n twice.', "", prompt_template)
     rendered = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False)
     assert rendered == prompt + "hi hi" + tokenizer.eos_token
-    assert tokenizer.apply_chat_template(messages[:1], chat_template=chat_template, tokenize=False,
-                                         add_generation_prompt=True) == prompt
-    encoded = tokenizer.apply_chat_template(messages, chat_template=chat_template, return_dict=True,
-                                            return_assistant_tokens_mask=True)
+    assert (
+        tokenizer.apply_chat_template(
+            messages[:1], chat_template=chat_template, tokenize=False, add_generation_prompt=True
+        )
+        == prompt
+    )
+    encoded = tokenizer.apply_chat_template(
+        messages, chat_template=chat_template, return_dict=True, return_assistant_tokens_mask=True
+    )
     response = [token for token, marked in zip(encoded["input_ids"], encoded["assistant_masks"]) if marked]
     # A token that merges the prompt's last space with the response's first word belongs to the response.
     assert tokenizer.decode(response).lstrip(" ") == "hi hi" + tokenizer.eos_token

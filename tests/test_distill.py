@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM
 
 import distill
 import models
-from helpers import base_config, read_metrics, weights, write_config
 from distillation.training.trainer import Trainer
+from helpers import base_config, read_metrics, weights, write_config
 
 
 def run_directories(checkpoints: Path) -> list[Path]:
@@ -65,7 +65,10 @@ def test_resolved_config_is_saved(finished_run):
 
     saved = yaml.safe_load((finished_run / "config.yaml").read_text())
     assert saved["training_parameters"]["loss"] == {
-        "()": "loss.DistillationLoss", "alpha": 1.0, "beta": 0.5, "temperature": 2.0,
+        "()": "loss.DistillationLoss",
+        "alpha": 1.0,
+        "beta": 0.5,
+        "temperature": 2.0,
     }
     assert saved["training_parameters"]["optimizer"] == "adamw"
 
@@ -87,11 +90,18 @@ def test_plain_training_does_not_load_the_teacher(tmp_path, config_file, monkeyp
         raise AssertionError("the teacher must not be loaded for ClassicLoss")
 
     monkeypatch.setattr(models, "load_teacher", refuse)
-    status = distill.main([
-        "--config", str(config_file), "--run-name", "plain",
-        "--set", "training_parameters.loss={'()': loss.ClassicLoss}",
-        "--set", "training_parameters.nb_epochs=1",
-    ])
+    status = distill.main(
+        [
+            "--config",
+            str(config_file),
+            "--run-name",
+            "plain",
+            "--set",
+            "training_parameters.loss={'()': loss.ClassicLoss}",
+            "--set",
+            "training_parameters.nb_epochs=1",
+        ]
+    )
     assert status == 0
     summary = json.loads((tmp_path / "checkpoints" / "plain" / "summary.json").read_text())
     assert summary["test"]["kd"] is None
@@ -136,9 +146,15 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, config_file, monk
 def test_resume_without_a_name_takes_the_latest_run_of_the_config(tmp_path, config_file):
     assert distill.main(["--config", str(config_file), "--set", "training_parameters.max_steps=3"]) == 0
     (run,) = run_directories(tmp_path / "checkpoints")
-    status = distill.main([
-        "--config", str(config_file), "--resume", "--set", "training_parameters.max_steps=6",
-    ])
+    status = distill.main(
+        [
+            "--config",
+            str(config_file),
+            "--resume",
+            "--set",
+            "training_parameters.max_steps=6",
+        ]
+    )
     assert status == 0
     assert run_directories(tmp_path / "checkpoints") == [run]
     assert json.loads((run / "last" / "trainer_state.json").read_text())["global_step"] == 6
@@ -151,23 +167,37 @@ def test_resume_with_nothing_to_resume_is_a_clear_error(tmp_path, config_file):
 
 
 def test_resume_with_another_model_shape_is_refused(tmp_path, config_file, teacher_dir):
-    assert distill.main(["--config", str(config_file), "--run-name", "one", "--set", "training_parameters.max_steps=2"]) == 0
+    assert (
+        distill.main(["--config", str(config_file), "--run-name", "one", "--set", "training_parameters.max_steps=2"])
+        == 0
+    )
     before = weights(tmp_path / "checkpoints" / "one" / "last")
-    status = distill.main([
-        "--config", str(config_file), "--run-name", "one", "--resume", "--set", "distilled_model.nb_layers=2",
-    ])
+    status = distill.main(
+        [
+            "--config",
+            str(config_file),
+            "--run-name",
+            "one",
+            "--resume",
+            "--set",
+            "distilled_model.nb_layers=2",
+        ]
+    )
     assert status == 2
     assert not (tmp_path / "checkpoints" / "one" / "config.resumed.yaml").exists()
     after = weights(tmp_path / "checkpoints" / "one" / "last")
     assert all(torch.equal(before[key], after[key]) for key in before)
 
 
-@pytest.mark.parametrize("change, named", [
-    ("training_parameters.batch_size=4", "training_parameters.batch_size"),
-    ("seed=4", "seed"),
-    ("data.max_length=48", "the tokenized data"),
-    ("data.group_by_length=false", "data.group_by_length"),
-])
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ("training_parameters.batch_size=4", "training_parameters.batch_size"),
+        ("seed=4", "seed"),
+        ("data.max_length=48", "the tokenized data"),
+        ("data.group_by_length=false", "data.group_by_length"),
+    ],
+)
 def test_resume_with_other_batches_is_refused(tmp_path, config_file, caplog, change, named):
     """A checkpoint saves how many of the epoch's batches are done; the same count of other batches is no resume."""
     common = ["--config", str(config_file), "--run-name", "first"]
@@ -181,15 +211,20 @@ def test_resume_with_other_batches_is_refused(tmp_path, config_file, caplog, cha
     assert all(torch.equal(before[key], after[key]) for key in before)  # nothing trained or saved
 
 
-@pytest.mark.parametrize("resume", [["--resume"], ["--set", "training_parameters.resume=true"]],
-                         ids=["flag", "config file"])
+@pytest.mark.parametrize(
+    "resume", [["--resume"], ["--set", "training_parameters.resume=true"]], ids=["flag", "config file"]
+)
 def test_a_resumed_run_then_starts_its_plain_baseline(tmp_path, config_file, resume):
     """A run stopped before its baseline started, resumed with `--plain-baseline` and either `--resume` or `resume:
     true` in the config: the run continues, then its baseline starts (the file's resume is not the baseline's)."""
     assert distill.main(["--config", str(config_file), "--set", "training_parameters.max_steps=2"]) == 0
     [distilled] = run_directories(tmp_path / "checkpoints")
-    assert distill.main(["--config", str(config_file), "--plain-baseline", *resume,
-                         "--set", "training_parameters.max_steps=4"]) == 0
+    assert (
+        distill.main(
+            ["--config", str(config_file), "--plain-baseline", *resume, "--set", "training_parameters.max_steps=4"]
+        )
+        == 0
+    )
     assert run_directories(tmp_path / "checkpoints") == [distilled, distilled.with_name(f"{distilled.name}-plain")]
     for run in run_directories(tmp_path / "checkpoints"):
         assert json.loads((run / "last" / "trainer_state.json").read_text())["global_step"] == 4
@@ -215,15 +250,16 @@ def test_every_user_error_is_one_class_and_the_error_layer_imports_nothing_heavy
     import subprocess
     import sys
 
+    from dataset import DataError
     from distillation.base import errors
     from distillation.run.checkpoints import CheckpointError
-    from distillation.settings.config import ConfigError
-    from dataset import DataError
     from distillation.run.hub_push import PushError
+    from distillation.settings.config import ConfigError
 
     for error_class in (ConfigError, models.ModelError, DataError, CheckpointError, PushError):
         assert issubclass(error_class, errors.UserError), error_class
     heavy = "import sys, errors; print(sorted({'torch', 'transformers', 'datasets'} & set(sys.modules)))"
-    completed = subprocess.run([sys.executable, "-c", heavy], capture_output=True, text=True, check=True,
-                               cwd=Path(errors.__file__).parent)
+    completed = subprocess.run(
+        [sys.executable, "-c", heavy], capture_output=True, text=True, check=True, cwd=Path(errors.__file__).parent
+    )
     assert completed.stdout.strip() == "[]"

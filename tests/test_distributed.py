@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from distillation.data import batching
 import distill
+from distillation.data import batching
 from helpers import REPO, base_config, save_gpt2, weights, write_config
 
 
@@ -26,8 +26,9 @@ def test_processes_share_out_each_epoch_disjointly_and_completely(processes, sta
     lengths = np.random.default_rng(0).integers(2, 200, size=103)
     shards = []
     for rank in range(processes):
-        sampler = batching.EpochBatches(lengths, 8, seed=4, group_by_length=group_by_length,
-                                       num_processes=processes, process_index=rank)
+        sampler = batching.EpochBatches(
+            lengths, 8, seed=4, group_by_length=group_by_length, num_processes=processes, process_index=rank
+        )
         sampler.set_epoch(2, start=start)
         shards.append(list(sampler))
         assert len(sampler) == len(shards[-1])
@@ -46,18 +47,38 @@ def test_processes_share_out_each_epoch_disjointly_and_completely(processes, sta
 @pytest.fixture(scope="module")
 def no_dropout_teacher(tmp_path_factory, tokenizer):
     # No dropout, so that processes and micro-batches see the same network whatever their random streams.
-    return save_gpt2(tmp_path_factory.mktemp("teacher-ddp"), tokenizer, nb_layers=2,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return save_gpt2(
+        tmp_path_factory.mktemp("teacher-ddp"), tokenizer, nb_layers=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
 
 
-def torchrun(arguments: list[str], processes: int = 2,
-             script: Path = REPO / "distill.py") -> subprocess.CompletedProcess:
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-                   "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+def torchrun(
+    arguments: list[str], processes: int = 2, script: Path = REPO / "distill.py"
+) -> subprocess.CompletedProcess:
+    environment = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(REPO),
+    }
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-         str(script), *arguments],
-        cwd=REPO, capture_output=True, text=True, env=environment, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(processes),
+            str(script),
+            *arguments,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
     )
 
 
@@ -79,8 +100,19 @@ def runs(tmp_path_factory, no_dropout_teacher, data_file):
     config_file = write_config(root / "config.yaml", values)
     completed = torchrun(["--config", str(config_file), "--run-name", "two"])
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert distill.main(["--config", str(config_file), "--run-name", "one",
-                         "--set", "training_parameters.gradient_accumulation_steps=2"]) == 0
+    assert (
+        distill.main(
+            [
+                "--config",
+                str(config_file),
+                "--run-name",
+                "one",
+                "--set",
+                "training_parameters.gradient_accumulation_steps=2",
+            ]
+        )
+        == 0
+    )
     return root, config_file, completed
 
 
@@ -119,29 +151,69 @@ def sample_keys(run: Path) -> list[tuple]:
 
 def test_a_two_process_run_resumed_as_one_process_continues_correctly(runs):
     root, config_file, _ = runs
-    stopped = torchrun(["--config", str(config_file), "--run-name", "two-then-one",
-                        "--set", "training_parameters.max_steps=4"])
+    stopped = torchrun(
+        ["--config", str(config_file), "--run-name", "two-then-one", "--set", "training_parameters.max_steps=4"]
+    )
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     run = root / "checkpoints" / "two-then-one"
     state = json.loads((run / "last" / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and state["batches_done_in_epoch"] == 8  # global batches, both processes
-    assert distill.main(["--config", str(config_file), "--run-name", "two-then-one", "--resume",
-                         "--set", "training_parameters.max_steps=null",
-                         "--set", "training_parameters.gradient_accumulation_steps=2"]) == 0
+    assert (
+        distill.main(
+            [
+                "--config",
+                str(config_file),
+                "--run-name",
+                "two-then-one",
+                "--resume",
+                "--set",
+                "training_parameters.max_steps=null",
+                "--set",
+                "training_parameters.gradient_accumulation_steps=2",
+            ]
+        )
+        == 0
+    )
     assert_same_weights(root / "checkpoints" / "one" / "last", run / "last")
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line)["split"] == "train"]
+    steps = [
+        json.loads(line)["step"]
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["split"] == "train"
+    ]
     assert steps == list(range(2, 13, 2))
 
 
 def accelerate_launch(arguments: list[str], *launch_options: str) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-                   "TOKENIZERS_PARALLELISM": "false"}
+    environment = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     return subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *launch_options,
-         str(REPO / "distill.py"), *arguments],
-        cwd=REPO, capture_output=True, text=True, env=environment, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            *launch_options,
+            str(REPO / "distill.py"),
+            *arguments,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
     )
 
 
@@ -158,8 +230,7 @@ def test_accelerate_launch_trains_like_torchrun(runs):
 @pytest.fixture(scope="module")
 def fsdp_run(runs):
     root, config_file, _ = runs
-    completed = torchrun(["--config", str(config_file), "--run-name", "two-fsdp",
-                          "--set", "hardware.distributed=fsdp"])
+    completed = torchrun(["--config", str(config_file), "--run-name", "two-fsdp", "--set", "hardware.distributed=fsdp"])
     assert completed.returncode == 0, completed.stderr[-3000:]
     return root / "checkpoints" / "two-fsdp"
 
@@ -179,8 +250,7 @@ def test_fsdp_trains_like_one_process(runs, fsdp_run):
     assert sample_keys(fsdp_run) == sample_keys(one) and sample_keys(one)[0][:2] == (3, "student")
     assert actual["test"]["loss"] == pytest.approx(expected["test"]["loss"], abs=1e-5)
     assert actual["test"]["target_tokens"] == expected["test"]["target_tokens"]  # stand-in batches weigh nothing
-    assert actual["teacher"]["test"]["perplexity"] == pytest.approx(expected["teacher"]["test"]["perplexity"],
-                                                                    rel=1e-6)
+    assert actual["teacher"]["test"]["perplexity"] == pytest.approx(expected["teacher"]["test"]["perplexity"], rel=1e-6)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(fsdp_run / "last")
@@ -193,19 +263,46 @@ def test_a_checkpoint_moves_between_fsdp_and_one_process(runs):
     state, keyed by parameter name, is gathered whole and sharded again, and the end is the one-process run's."""
     root, config_file, _ = runs
     name = "fsdp-one-fsdp"
-    first = torchrun(["--config", str(config_file), "--run-name", name, "--set", "hardware.distributed=fsdp",
-                      "--set", "training_parameters.max_steps=4"])
+    first = torchrun(
+        [
+            "--config",
+            str(config_file),
+            "--run-name",
+            name,
+            "--set",
+            "hardware.distributed=fsdp",
+            "--set",
+            "training_parameters.max_steps=4",
+        ]
+    )
     assert first.returncode == 0, first.stderr[-3000:]
-    assert distill.main(["--config", str(config_file), "--run-name", name, "--resume",
-                         "--set", "training_parameters.max_steps=8",
-                         "--set", "training_parameters.gradient_accumulation_steps=2"]) == 0
-    last = torchrun(["--config", str(config_file), "--run-name", name, "--resume",
-                     "--set", "hardware.distributed=fsdp"])
+    assert (
+        distill.main(
+            [
+                "--config",
+                str(config_file),
+                "--run-name",
+                name,
+                "--resume",
+                "--set",
+                "training_parameters.max_steps=8",
+                "--set",
+                "training_parameters.gradient_accumulation_steps=2",
+            ]
+        )
+        == 0
+    )
+    last = torchrun(
+        ["--config", str(config_file), "--run-name", name, "--resume", "--set", "hardware.distributed=fsdp"]
+    )
     assert last.returncode == 0, last.stderr[-3000:]
     run = root / "checkpoints" / name
     assert_same_weights(root / "checkpoints" / "one" / "last", run / "last")
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line)["split"] == "train"]
+    steps = [
+        json.loads(line)["step"]
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["split"] == "train"
+    ]
     assert steps == list(range(2, 13, 2))
 
 
@@ -238,14 +335,27 @@ def test_the_end_of_a_run_keeps_the_process_group_for_the_last_barrier_and_skips
     assert (run / "loss_curves.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("setting, sentence", [
-    ("training_parameters.loss.()=loss.ChunkedDistillationLoss", "error: the chunked loss reads the output head"),
-    ("hardware.fsdp_cpu_offload=true", "error: hardware.fsdp_cpu_offload moves sharded weights out of GPU memory"),
-])
+@pytest.mark.parametrize(
+    "setting, sentence",
+    [
+        ("training_parameters.loss.()=loss.ChunkedDistillationLoss", "error: the chunked loss reads the output head"),
+        ("hardware.fsdp_cpu_offload=true", "error: hardware.fsdp_cpu_offload moves sharded weights out of GPU memory"),
+    ],
+)
 def test_fsdp_refuses_what_it_cannot_shard(runs, setting, sentence):
     root, config_file, _ = runs
-    completed = torchrun(["--config", str(config_file), "--run-name", "fsdp-refused",
-                          "--set", "hardware.distributed=fsdp", "--set", setting])
+    completed = torchrun(
+        [
+            "--config",
+            str(config_file),
+            "--run-name",
+            "fsdp-refused",
+            "--set",
+            "hardware.distributed=fsdp",
+            "--set",
+            setting,
+        ]
+    )
     # Each process stops with the sentence and exit code 2 (torchrun itself then exits 1 with its own report).
     assert completed.returncode != 0 and "(exitcode: 2)" in completed.stderr
     assert completed.stderr.count(sentence) == 2

@@ -25,8 +25,7 @@ PAGE = 4096
 def can_mount_tmpfs() -> bool:
     if shutil.which("unshare") is None:
         return False
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
-                           capture_output=True)
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True)
     return probe.returncode == 0
 
 
@@ -46,8 +45,14 @@ def on_small_filesystem(mount: Path, script: str) -> subprocess.CompletedProcess
         }
     """)
     environment = {**os.environ, "MOUNT": str(mount), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(["unshare", "-rm", "bash", "-c", prelude + fill + script], cwd=REPO, env=environment,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        ["unshare", "-rm", "bash", "-c", prelude + fill + script],
+        cwd=REPO,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def file_sizes(directory: Path) -> dict[str, int]:
@@ -76,7 +81,9 @@ def test_a_full_disk_stops_with_one_sentence_keeps_every_checkpoint_and_the_run_
     root, config_file = earlier
     run = root / "checkpoints" / "run"
     sizes = file_sizes(run / "last")
-    small_files = sum(kib(size) for name, size in sizes.items() if name not in ("model.safetensors", "training_state.pt"))
+    small_files = sum(
+        kib(size) for name, size in sizes.items() if name not in ("model.safetensors", "training_state.pt")
+    )
     # Free space at which the checkpoint of step 4 fails while writing the file named by `where` (the config:
     # the first file the resume writes).
     free = {
@@ -85,19 +92,28 @@ def test_a_full_disk_stops_with_one_sentence_keeps_every_checkpoint_and_the_run_
         "training state": 8 + small_files + kib(sizes["model.safetensors"]) + kib(sizes["training_state.pt"]) // 2,
     }[where]
     mount, out = root / "mount", tmp_path / "out"
-    resume = (f"{shlex.quote(sys.executable)} distill.py --config {shlex.quote(str(config_file))} "
-              f"--resume --run-name run")
-    result = on_small_filesystem(mount, f"""
+    resume = (
+        f"{shlex.quote(sys.executable)} distill.py --config {shlex.quote(str(config_file))} --resume --run-name run"
+    )
+    result = on_small_filesystem(
+        mount,
+        f"""
         mkdir -p "$MOUNT/checkpoints" {shlex.quote(str(out))}
         cp -a {shlex.quote(str(run))} "$MOUNT/checkpoints/run"
         fill_leaving {free}
         {resume} 2> {shlex.quote(str(out / "full.err"))}; echo $? > {shlex.quote(str(out / "full.status"))}
         cp -a "$MOUNT/checkpoints/run" {shlex.quote(str(out / "after-full"))}
-    """ + ("" if where != "training state" else f"""
+    """
+        + (
+            ""
+            if where != "training state"
+            else f"""
         rm "$MOUNT/filler"
         {resume} 2> {shlex.quote(str(out / "freed.err"))}; echo $? > {shlex.quote(str(out / "freed.status"))}
         cp -a "$MOUNT/checkpoints/run" {shlex.quote(str(out / "after-freed"))}
-    """))
+    """
+        ),
+    )
     assert result.returncode == 0, result.stderr
 
     stderr = (out / "full.err").read_text()
@@ -160,4 +176,3 @@ def test_a_metrics_record_that_does_not_fit_leaves_no_half_line(tmp_path):
     assert "errno 28" in printed
     assert f"size {PAGE - 10}" in printed
     assert "lines [1]" in printed
-

@@ -14,16 +14,25 @@ import distill
 from helpers import read_metrics, weights
 
 GPU_DEFAULTS = ["hardware.mixed_precision=bf16", "teacher.dtype=bfloat16"]
-SHORT_RUN = ["training_parameters.max_steps=3", "training_parameters.eval_every_steps=1",
-             "training_parameters.warmup_steps=0", "training_parameters.report_to=none"]
+SHORT_RUN = [
+    "training_parameters.max_steps=3",
+    "training_parameters.eval_every_steps=1",
+    "training_parameters.warmup_steps=0",
+    "training_parameters.report_to=none",
+]
 VARIANTS = {
-    **{divergence: [f"training_parameters.loss.divergence={divergence}"]
-       for divergence in ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tv")},
+    **{
+        divergence: [f"training_parameters.loss.divergence={divergence}"]
+        for divergence in ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tv")
+    },
     "chunked": ["training_parameters.loss={'()': loss.ChunkedDistillationLoss, temperature: 2, chunk_size: 16}"],
     "hidden cosine": ["training_parameters.loss.hidden_weight=0.5"],
     "cached top-k": ["teacher.cache_top_k=8", "training_parameters.loss.temperature=1"],
     "packing": ["data.packing=true"],
-    "length groups with accumulation": ["data.group_by_length=true", "training_parameters.gradient_accumulation_steps=2"],
+    "length groups with accumulation": [
+        "data.group_by_length=true",
+        "training_parameters.gradient_accumulation_steps=2",
+    ],
     "teacher-layer init": ["student.init=teacher_layers", "student.teacher_layers=[1]"],
     "plain CE": ["training_parameters.loss={'()': loss.ClassicLoss}"],
     "chat messages, assistant turns": ["data.dataset={chat_file}", "data.mask_instruction=true"],

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from helpers import REPO
 
-# A `# noqa` for pycodestyle's import codes (E4xx: an import after code, which a path edit needs) hides an import
+# A noqa comment for pycodestyle's import codes (E4xx: an import after code, which a path edit needs) hides an import
 # that only works once the path is edited.
 IMPORT_CHECK_SILENCED = re.compile(r"#\s*noqa\b.*\bE4\d\d")
 PATH_EDITS = {"insert", "append", "extend"}
@@ -21,8 +21,11 @@ PATH_EDITS = {"insert", "append", "extend"}
 def python_files(root: Path = REPO) -> list[Path]:
     """The project's Python files: every one under `root` but in hidden folders (.venv, .git) or an environment's
     site-packages."""
-    return sorted(path for path in root.rglob("*.py")
-                  if not any(part.startswith(".") or part == "site-packages" for part in path.relative_to(root).parts))
+    return sorted(
+        path
+        for path in root.rglob("*.py")
+        if not any(part.startswith(".") or part == "site-packages" for part in path.relative_to(root).parts)
+    )
 
 
 def module_name(path: Path, root: Path = REPO) -> str:
@@ -47,9 +50,13 @@ def imported_names(tree: ast.Module, module: str, is_package: bool) -> set[str]:
                 anchor = package[: len(package) - (node.level - 1)]
                 base = ".".join(anchor + ([base] if base else []))
             names.update(f"{base}.{alias.name}" for alias in node.names)
-        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
-              and isinstance(node.args[0].value, str)
-              and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"):
+        elif (
+            isinstance(node, ast.Call)
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+            and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+        ):
             names.add(node.args[0].value)
     return names
 
@@ -79,7 +86,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
     def visit(module: str, path: list[str]) -> list[str] | None:
         if module in path:
-            return path[path.index(module):] + [module]
+            return path[path.index(module) :] + [module]
         if module in finished:
             return None
         for imported in sorted(graph.get(module, ())):
@@ -94,25 +101,39 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def edits_the_import_path(tree: ast.Module) -> bool:
     """Whether `tree` changes sys.path anywhere: a call to one of its PATH_EDITS methods, or an assignment to it."""
+
     def is_sys_path(node) -> bool:
-        return (isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name)
-                and node.value.id == "sys")
+        return (
+            isinstance(node, ast.Attribute)
+            and node.attr == "path"
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "sys"
+        )
 
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in PATH_EDITS
-                and is_sys_path(node.func.value)):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in PATH_EDITS
+            and is_sys_path(node.func.value)
+        ):
             return True
         if isinstance(node, (ast.Assign, ast.AugAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            if any(is_sys_path(target) or (isinstance(target, ast.Subscript) and is_sys_path(target.value))
-                   for target in targets):
+            if any(
+                is_sys_path(target) or (isinstance(target, ast.Subscript) and is_sys_path(target.value))
+                for target in targets
+            ):
                 return True
     return False
 
 
 def silences_the_import_check(source: str) -> bool:
-    comments = (token.string for token in tokenize.generate_tokens(io.StringIO(source).readline)
-                if token.type == tokenize.COMMENT)
+    comments = (
+        token.string
+        for token in tokenize.generate_tokens(io.StringIO(source).readline)
+        if token.type == tokenize.COMMENT
+    )
     return any(IMPORT_CHECK_SILENCED.search(comment) for comment in comments)
 
 
@@ -132,8 +153,8 @@ def test_the_path_checks_see_an_edit_and_a_silenced_import():
     assigned = "import sys\nsys.path[:0] = ['x']\n"
     assert edits_the_import_path(ast.parse(edited)) and edits_the_import_path(ast.parse(assigned))
     assert not edits_the_import_path(ast.parse("import sys\nprint(sys.path[0])\n"))
-    assert silences_the_import_check("import os\nimport models  # noqa: E4" "02\n")
-    assert not silences_the_import_check("x = 'noqa: E4" "02'  # a string, not a comment\n")
+    assert silences_the_import_check("import os\nimport models  # noqa: E402\n")
+    assert not silences_the_import_check("x = 'noqa: E402'  # a string, not a comment\n")
 
 
 def test_the_benchmarks_import_each_other_as_a_tree():
@@ -153,8 +174,12 @@ def test_the_graph_counts_lazy_relative_and_importlib_imports(tmp_path):
     (package / "high.py").write_text("from . import low\nimport importlib\nimportlib.import_module('pkg.side')\n")
     (package / "side.py").write_text("from pkg.low import f\nimport os\n")
     graph = import_graph(sorted(package.glob("*.py")), root=tmp_path)
-    assert graph == {"pkg": set(), "pkg.low": {"pkg.high"}, "pkg.high": {"pkg.low", "pkg.side"},
-                     "pkg.side": {"pkg.low"}}
+    assert graph == {
+        "pkg": set(),
+        "pkg.low": {"pkg.high"},
+        "pkg.high": {"pkg.low", "pkg.side"},
+        "pkg.side": {"pkg.low"},
+    }
     assert find_cycle(graph) == ["pkg.high", "pkg.low", "pkg.high"]
     graph["pkg.low"] = set()
     assert find_cycle(graph) is None
@@ -191,8 +216,12 @@ def project_modules() -> list[Path]:
 def test_the_package_layers_import_only_downward():
     graph = import_graph(project_modules())
     assert {"distill", "loss", "distillation.settings.config", "distillation.training.trainer"} <= set(graph)
-    upward = [f"{module} -> {imported}" for module, imports in sorted(graph.items()) for imported in sorted(imports)
-              if layer_of(imported) > layer_of(module)]
+    upward = [
+        f"{module} -> {imported}"
+        for module, imports in sorted(graph.items())
+        for imported in sorted(imports)
+        if layer_of(imported) > layer_of(module)
+    ]
     assert not upward, f"imports from a higher layer: {upward}"
     assert find_cycle(graph) is None, f"an import cycle: {' -> '.join(find_cycle(graph))}"
     assert graph["distill"] >= {"distillation.training.trainer", "models"}  # the graph holds real imports
@@ -202,14 +231,24 @@ def test_the_low_layers_load_neither_torch_nor_transformers():
     """errors, storage and the config import neither library, directly or through a project module they import."""
     files = project_modules()
     graph = import_graph(files)
-    names = {module_name(path): imported_names(ast.parse(path.read_text(encoding="utf-8")), module_name(path),
-                                               path.name == "__init__.py") for path in files}
+    names = {
+        module_name(path): imported_names(
+            ast.parse(path.read_text(encoding="utf-8")), module_name(path), path.name == "__init__.py"
+        )
+        for path in files
+    }
     for module in (name for name in graph if name.startswith(LOW_LAYERS)):
         reached, frontier = {module}, [module]
         while frontier:
             for imported in graph[frontier.pop()] - reached:
                 reached.add(imported)
                 frontier.append(imported)
-        heavy = sorted({f"{name} (in {reached_module})" for reached_module in reached
-                        for name in names[reached_module] if name.split(".")[0] in HEAVY_LIBRARIES})
+        heavy = sorted(
+            {
+                f"{name} (in {reached_module})"
+                for reached_module in reached
+                for name in names[reached_module]
+                if name.split(".")[0] in HEAVY_LIBRARIES
+            }
+        )
         assert not heavy, f"{module} loads {heavy}"

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import loss
 from distillation.data import batching
 from distillation.kernels import chunked_loss
-import loss
 from distillation.kernels.divergences import DIVERGENCES, token_divergence
 from loss import (
     IGNORE_INDEX,
@@ -101,12 +101,16 @@ def test_distillation_loss_combines_terms_with_alpha_and_beta():
 
 def test_teacher_extra_tokens_are_cropped_to_the_student_vocabulary():
     student, teacher, labels = random_batch(seed=2, extra_teacher_vocab=3)
-    cropped = DistillationLoss(temperature=1.0)(ModelOutput(student), ModelOutput(teacher[..., :-3].contiguous()), labels)
+    cropped = DistillationLoss(temperature=1.0)(
+        ModelOutput(student), ModelOutput(teacher[..., :-3].contiguous()), labels
+    )
     full = DistillationLoss(temperature=1.0)(ModelOutput(student), ModelOutput(teacher), labels)
     assert torch.allclose(cropped.kd, full.kd)
     # The extra columns really are ignored, not renormalised in: changing them changes nothing.
     teacher[..., -3:] += 100.0
-    assert torch.allclose(DistillationLoss(temperature=1.0)(ModelOutput(student), ModelOutput(teacher), labels).kd, full.kd)
+    assert torch.allclose(
+        DistillationLoss(temperature=1.0)(ModelOutput(student), ModelOutput(teacher), labels).kd, full.kd
+    )
 
 
 def test_teacher_smaller_than_student_is_refused():
@@ -126,7 +130,9 @@ def test_classic_loss_is_cross_entropy_without_teacher():
 def test_gradients_flow_to_the_student_only_through_real_targets():
     student, teacher, labels = random_batch(seed=5)
     student.requires_grad_(True)
-    DistillationLoss(alpha=1.0, beta=1.0, temperature=2.0)(ModelOutput(student), ModelOutput(teacher), labels).loss.backward()
+    DistillationLoss(alpha=1.0, beta=1.0, temperature=2.0)(
+        ModelOutput(student), ModelOutput(teacher), labels
+    ).loss.backward()
     # Logits at position t predict t + 1: where t + 1 is not a target (and at the last position) no gradient.
     not_predicting = torch.ones_like(labels, dtype=torch.bool)
     not_predicting[:, :-1] = labels[:, 1:] == IGNORE_INDEX
@@ -142,7 +148,9 @@ def test_same_samples_padded_differently_give_the_same_loss(tokenizer, teacher_d
     torch.manual_seed(0)
     student = AutoModelForCausalLM.from_config(teacher.config).eval()
     texts = ["Add 2 and 3.", "Sort these words: pear, apple, fig, and then list them again please."]
-    samples = [{"input_ids": tokenizer(text)["input_ids"] + [tokenizer.eos_token_id], "prompt_length": 0} for text in texts]
+    samples = [
+        {"input_ids": tokenizer(text)["input_ids"] + [tokenizer.eos_token_id], "prompt_length": 0} for text in texts
+    ]
     collate = batching.PaddingCollator(tokenizer.pad_token_id)
     criterion = DistillationLoss(alpha=1.0, beta=0.5, temperature=2.0)
 
@@ -187,7 +195,10 @@ def test_invalid_distillation_arguments_are_refused(arguments, message):
 
 def test_numeric_strings_are_accepted_as_yaml_1_1_reads_them():
     assert DistillationLoss(alpha="1e-1", beta="5e-1", temperature="2").spec() == {
-        "()": "loss.DistillationLoss", "alpha": 0.1, "beta": 0.5, "temperature": 2.0,
+        "()": "loss.DistillationLoss",
+        "alpha": 0.1,
+        "beta": 0.5,
+        "temperature": 2.0,
     }
 
 
@@ -223,12 +234,14 @@ def test_the_fused_loss_matches_the_full_logits_loss_in_value_and_gradient(argum
     )
     settings = {"alpha": 0.7, "beta": 0.4, **arguments}
     reference = DistillationLoss(**settings)(
-        ModelOutput(student_hidden @ student_head.T, student_hidden), ModelOutput(teacher_hidden @ teacher_head.T,
-                                                                                    teacher_hidden), labels
+        ModelOutput(student_hidden @ student_head.T, student_hidden),
+        ModelOutput(teacher_hidden @ teacher_head.T, teacher_hidden),
+        labels,
     )
     reference_gradients = torch.autograd.grad(reference.loss, (student_hidden, student_head))
     fused = ChunkedDistillationLoss(**settings, chunk_size=5)(
-        ModelOutput(hidden=student_hidden, head=student_head), ModelOutput(hidden=teacher_hidden, head=teacher_head),
+        ModelOutput(hidden=student_hidden, head=student_head),
+        ModelOutput(hidden=teacher_hidden, head=teacher_head),
         labels,
     )
     fused_gradients = torch.autograd.grad(fused.loss, (student_hidden, student_head))
@@ -241,7 +254,8 @@ def test_the_fused_loss_matches_the_full_logits_loss_in_value_and_gradient(argum
         assert torch.allclose(expected, actual, atol=1e-5)
     with torch.no_grad():  # evaluation: the same values without the gradients
         evaluated = ChunkedDistillationLoss(**settings, chunk_size=5)(
-            ModelOutput(hidden=student_hidden, head=student_head), ModelOutput(hidden=teacher_hidden, head=teacher_head),
+            ModelOutput(hidden=student_hidden, head=student_head),
+            ModelOutput(hidden=teacher_hidden, head=teacher_head),
             labels,
         )
     assert torch.allclose(evaluated.loss, fused.loss)
@@ -257,7 +271,8 @@ def test_the_fused_loss_under_bf16_autocast_projects_in_bf16_and_sums_in_float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fused = ChunkedDistillationLoss(**criterion_settings, chunk_size=4)(
             ModelOutput(hidden=student_hidden, head=student_head),
-            ModelOutput(hidden=teacher_hidden.bfloat16(), head=teacher_head), labels,
+            ModelOutput(hidden=teacher_hidden.bfloat16(), head=teacher_head),
+            labels,
         )
         student_logits = student_hidden @ student_head.T  # bf16 under autocast, as the fused projection
         teacher_logits = teacher_hidden.bfloat16() @ teacher_head.T
@@ -287,7 +302,8 @@ def test_the_bf16_fused_loss_over_several_projections_and_head_products(argument
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fused = ChunkedDistillationLoss(**settings)(
             ModelOutput(hidden=student_hidden, head=student_head),
-            ModelOutput(hidden=teacher_hidden.bfloat16(), head=teacher_head.bfloat16()), labels,
+            ModelOutput(hidden=teacher_hidden.bfloat16(), head=teacher_head.bfloat16()),
+            labels,
         )
         student_logits = student_hidden @ student_head.T
         teacher_logits = teacher_hidden.bfloat16() @ teacher_head.bfloat16().T
@@ -345,7 +361,10 @@ def reference_figures(student_logits, teacher_logits, labels):
         for position in range(labels.size(1) - 1):
             if labels[row, position + 1] == IGNORE_INDEX:
                 continue
-            student, teacher = student_logits[row, position].double(), teacher_logits[row, position, :student_logits.size(-1)].double()
+            student, teacher = (
+                student_logits[row, position].double(),
+                teacher_logits[row, position, : student_logits.size(-1)].double(),
+            )
             p, q = torch.softmax(teacher, dim=-1), torch.softmax(student, dim=-1)
             kl += (p * torch.log(p / q)).sum().item()
             agreements += float(student.argmax() == teacher.argmax())
@@ -365,13 +384,21 @@ def test_evaluation_sums_from_hidden_states_match_the_full_logits_and_the_defini
     count = int((labels[:, 1:] != IGNORE_INDEX).sum())
     assert count % chunked_loss.ROWS_AT_ONCE != 0
     with torch.no_grad():
-        reference = DistillationLoss(**settings)(ModelOutput(student_logits, student_hidden),
-                                                 ModelOutput(teacher_logits, teacher_hidden), labels)
-        full = DistillationLoss(**settings).evaluation_sums(ModelOutput(student_logits, student_hidden),
-                                                            ModelOutput(teacher_logits, teacher_hidden), labels)
-        fused = DistillationLoss(**settings).run_as(fused=True).evaluation_sums(
-            ModelOutput(hidden=student_hidden, head=student_head), ModelOutput(hidden=teacher_hidden, head=teacher_head),
-            labels)
+        reference = DistillationLoss(**settings)(
+            ModelOutput(student_logits, student_hidden), ModelOutput(teacher_logits, teacher_hidden), labels
+        )
+        full = DistillationLoss(**settings).evaluation_sums(
+            ModelOutput(student_logits, student_hidden), ModelOutput(teacher_logits, teacher_hidden), labels
+        )
+        fused = (
+            DistillationLoss(**settings)
+            .run_as(fused=True)
+            .evaluation_sums(
+                ModelOutput(hidden=student_hidden, head=student_head),
+                ModelOutput(hidden=teacher_hidden, head=teacher_head),
+                labels,
+            )
+        )
     kl, agreements = reference_figures(student_logits, teacher_logits, labels)
     expected = torch.tensor([reference.loss * count, reference.kd * count, reference.ce * count, kl, agreements])
     assert fused.dtype == full.dtype == torch.float32
@@ -383,14 +410,22 @@ def test_evaluation_sums_without_a_teacher_or_without_targets():
     student, teacher, labels = random_batch(seed=4)
     count = int((labels[:, 1:] != IGNORE_INDEX).sum())
     ce = next_token_cross_entropy(student, labels)
-    assert torch.allclose(ClassicLoss().evaluation_sums(ModelOutput(student), None, labels),
-                          torch.stack([ce * count, torch.tensor(0.0), ce * count, torch.tensor(0.0), torch.tensor(0.0)]))
+    assert torch.allclose(
+        ClassicLoss().evaluation_sums(ModelOutput(student), None, labels),
+        torch.stack([ce * count, torch.tensor(0.0), ce * count, torch.tensor(0.0), torch.tensor(0.0)]),
+    )
     student_hidden, student_head, teacher_hidden, teacher_head, labels = hidden_state_case()
     labels[:] = IGNORE_INDEX
     with torch.no_grad():
-        sums = DistillationLoss().run_as(fused=True).evaluation_sums(
-            ModelOutput(hidden=student_hidden, head=student_head), ModelOutput(hidden=teacher_hidden, head=teacher_head),
-            labels)
+        sums = (
+            DistillationLoss()
+            .run_as(fused=True)
+            .evaluation_sums(
+                ModelOutput(hidden=student_hidden, head=student_head),
+                ModelOutput(hidden=teacher_hidden, head=teacher_head),
+                labels,
+            )
+        )
     assert torch.equal(sums, torch.zeros(5))
 
 
@@ -454,7 +489,9 @@ DIVERGENCE_CASES = [
 @pytest.mark.parametrize("arguments", DIVERGENCE_CASES, ids=lambda case: "-".join(map(str, case.values())))
 def test_each_divergence_matches_its_definition(arguments, temperature):
     student, teacher, labels = random_batch(seed=11, extra_teacher_vocab=2)
-    output = DistillationLoss(alpha=0.7, beta=0.3, temperature=temperature, **arguments)(ModelOutput(student), ModelOutput(teacher), labels)
+    output = DistillationLoss(alpha=0.7, beta=0.3, temperature=temperature, **arguments)(
+        ModelOutput(student), ModelOutput(teacher), labels
+    )
     expected = reference_kd_of(student, teacher, labels, temperature, **arguments)
     assert output.kd.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
     assert torch.allclose(output.ce, next_token_cross_entropy(student, labels), atol=1e-6)
@@ -553,7 +590,9 @@ def test_teacher_zeros_give_finite_values_and_gradients(arguments):
     student, teacher, labels = random_batch(seed=13)
     teacher[..., :4] = float("-inf")  # the teacher gives 4 of the 11 tokens probability exactly 0
     student.requires_grad_(True)
-    output = DistillationLoss(alpha=1.0, beta=0.1, temperature=2.0, **arguments)(ModelOutput(student), ModelOutput(teacher), labels)
+    output = DistillationLoss(alpha=1.0, beta=0.1, temperature=2.0, **arguments)(
+        ModelOutput(student), ModelOutput(teacher), labels
+    )
     assert torch.isfinite(output.loss) and output.kd.item() > 0.0
     output.loss.backward()
     assert torch.isfinite(student.grad).all()
@@ -651,15 +690,24 @@ def test_spec_names_only_the_arguments_that_differ_from_the_defaults():
     assert DistillationLoss().spec() == {"()": "loss.DistillationLoss", "alpha": 1.0, "beta": 0.1, "temperature": 1.0}
     jsd = DistillationLoss(divergence="jsd", jsd_beta="3e-1", skew=0.2)
     assert jsd.spec() == {
-        "()": "loss.DistillationLoss", "alpha": 1.0, "beta": 0.1, "temperature": 1.0,
-        "divergence": "jsd", "jsd_beta": 0.3,
+        "()": "loss.DistillationLoss",
+        "alpha": 1.0,
+        "beta": 0.1,
+        "temperature": 1.0,
+        "divergence": "jsd",
+        "jsd_beta": 0.3,
     }
     assert DistillationLoss(divergence="jsd").spec()["divergence"] == "jsd"
     assert "jsd_beta" not in DistillationLoss(divergence="jsd").spec()
     skewed = DistillationLoss(divergence="skew_reverse_kl", jsd_beta=0.3, skew=0.2, hidden_weight=0.5)
     assert skewed.spec() == {
-        "()": "loss.DistillationLoss", "alpha": 1.0, "beta": 0.1, "temperature": 1.0,
-        "divergence": "skew_reverse_kl", "skew": 0.2, "hidden_weight": 0.5,
+        "()": "loss.DistillationLoss",
+        "alpha": 1.0,
+        "beta": 0.1,
+        "temperature": 1.0,
+        "divergence": "skew_reverse_kl",
+        "skew": 0.2,
+        "hidden_weight": 0.5,
     }
     for criterion in (jsd, skewed):
         arguments = {key: value for key, value in criterion.spec().items() if key != "()"}
@@ -669,7 +717,11 @@ def test_spec_names_only_the_arguments_that_differ_from_the_defaults():
 def test_chunked_loss_keeps_its_spec_and_its_logits_free_call():
     criterion = ChunkedDistillationLoss(alpha=0.5, beta=0.2, temperature=2.0, chunk_size=64)
     assert criterion.spec() == {
-        "()": "loss.ChunkedDistillationLoss", "alpha": 0.5, "beta": 0.2, "temperature": 2.0, "chunk_size": 64,
+        "()": "loss.ChunkedDistillationLoss",
+        "alpha": 0.5,
+        "beta": 0.2,
+        "temperature": 2.0,
+        "chunk_size": 64,
     }
     assert criterion.divergence == "forward_kl" and not criterion.compares_hidden_states
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from distillation.data import chat_data
 import dataset
 import distill
+from distillation.data import chat_data
 from distillation.run.checkpoints import set_generation_defaults
 from distillation.settings.config import ConfigError, load_config
 from helpers import REPO, SHORT, base_config, write_config
@@ -45,8 +45,9 @@ class StandInHub:
             from huggingface_hub.utils import filter_repo_objects
 
             names = sorted(path.name for path in Path(folder_path).iterdir())
-            hub.uploads.append((repo_id, Path(folder_path), sorted(filter_repo_objects(
-                names, ignore_patterns=ignore_patterns))))
+            hub.uploads.append(
+                (repo_id, Path(folder_path), sorted(filter_repo_objects(names, ignore_patterns=ignore_patterns)))
+            )
 
         patch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
         patch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
@@ -95,7 +96,9 @@ def test_the_saved_chat_template_is_the_one_that_rendered_the_training_text(toke
     assert fresh.chat_template == chat_data.alpaca_chat_template(SHORT)
     assert fresh(text)["input_ids"] == tokenizer(text)["input_ids"]
     assert (model.generation_config.eos_token_id, model.generation_config.pad_token_id) == (
-        tokenizer.eos_token_id, tokenizer.pad_token_id)
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+    )
     assert model.generation_config.do_sample is False and model.generation_config.max_new_tokens == 32
     whole_texts = copy.deepcopy(tokenizer)
     set_generation_defaults(whole_texts, model, None, max_length=64)  # a text_column run: no known prompt format
@@ -123,7 +126,7 @@ def test_best_checkpoint_prompts_as_trained_through_a_pipeline(shared_runs):
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         continued = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6)
-    assert reply["content"] == tokenizer.decode(continued[0, ids.shape[1]:], skip_special_tokens=True)
+    assert reply["content"] == tokenizer.decode(continued[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("run_index", [0, 1], ids=["distilled", "plain"])
@@ -138,9 +141,13 @@ def test_model_card_parses_and_holds_the_summary_figures(shared_runs, run_index)
     figures = {result.metric_name: result.metric_value for result in card.data.eval_results}
     expected = {"Test perplexity": summary["test"]["perplexity"]}
     if run_index == 0:
-        expected.update({"Teacher test perplexity": summary["teacher"]["test"]["perplexity"],
-                         "KL(teacher || student) at T=1": summary["test"]["kl_teacher"],
-                         "Top-1 agreement with the teacher": summary["test"]["top1_agreement"]})
+        expected.update(
+            {
+                "Teacher test perplexity": summary["teacher"]["test"]["perplexity"],
+                "KL(teacher || student) at T=1": summary["test"]["kl_teacher"],
+                "Top-1 agreement with the teacher": summary["test"]["top1_agreement"],
+            }
+        )
     assert figures == expected
     assert ("knowledge-distillation" if run_index == 0 else "distillation-baseline") in card.data.tags
     assert (run / "best" / "loss_curves.png").read_bytes() == (run / "loss_curves.png").read_bytes()
@@ -159,8 +166,15 @@ def test_end_of_run_push_uploads_best_without_the_resume_state(shared_runs):
     assert hub.created == [(MODEL_ID, "model", True)]  # the plain baseline is not pushed over the student
     ((repo_id, folder, files),) = hub.uploads
     assert repo_id == MODEL_ID and folder == distilled / "best"
-    assert {"README.md", "loss_curves.png", "model.safetensors", "config.json", "generation_config.json",
-            "tokenizer.json", "chat_template.jinja"} <= set(files)
+    assert {
+        "README.md",
+        "loss_curves.png",
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+    } <= set(files)
     assert not {"training_state.pt", "trainer_state.json"} & set(files)
 
 
@@ -177,8 +191,11 @@ def test_push_command_pushes_a_finished_run_later(shared_runs, monkeypatch):
 
 
 def tree_digest(directory: Path) -> dict:
-    return {str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(directory.rglob("*")) if path.is_file() and path.name != ".lock"}
+    return {
+        str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != ".lock"
+    }
 
 
 def test_push_to_an_unreachable_hub_is_one_sentence_and_exit_2(shared_runs):
@@ -186,8 +203,14 @@ def test_push_to_an_unreachable_hub_is_one_sentence_and_exit_2(shared_runs):
     distilled = shared_runs[0]
     before = tree_digest(distilled)
     environment = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "hf_fake"}
-    result = subprocess.run([sys.executable, str(REPO / "distill.py"), "--push", str(distilled)], cwd=REPO,
-                            env=environment, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "distill.py"), "--push", str(distilled)],
+        cwd=REPO,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     (error,) = [line for line in result.stderr.splitlines() if " ERROR " in line]
@@ -209,11 +232,14 @@ def test_failed_push_at_the_end_of_a_run_keeps_the_run(tmp_path, teacher_dir, da
     assert len(errors) == 1 and f"--push {run} --model-id {MODEL_ID}" in errors[0]
 
 
-@pytest.mark.parametrize("hub, fragment", [
-    ({"model_id": "a/b/c"}, "hub.model_id"),
-    ({"model_id": 3}, "hub.model_id"),
-    ({"model": "a/b"}, "unknown key hub.model"),
-])
+@pytest.mark.parametrize(
+    "hub, fragment",
+    [
+        ({"model_id": "a/b/c"}, "hub.model_id"),
+        ({"model_id": 3}, "hub.model_id"),
+        ({"model": "a/b"}, "unknown key hub.model"),
+    ],
+)
 def test_bad_hub_section_is_refused(tmp_path, config_values, hub, fragment):
     config_values["hub"] = hub
     with pytest.raises(ConfigError, match=fragment):

@@ -249,8 +249,9 @@ def test_initialise_from_a_bfloat16_teacher_keeps_the_student_dtype(four_layer_t
     half_teacher.load_state_dict(teacher.state_dict())
     models.initialise_from_teacher(student, half_teacher, [1, 2])
     assert student.transformer.wte.weight.dtype == torch.float32
-    assert torch.equal(student.transformer.h[0].attn.c_attn.weight,
-                       half_teacher.transformer.h[1].attn.c_attn.weight.float())
+    assert torch.equal(
+        student.transformer.h[0].attn.c_attn.weight, half_teacher.transformer.h[1].attn.c_attn.weight.float()
+    )
 
 
 def test_initialise_from_teacher_refuses_a_block_past_the_teacher(four_layer_teacher):

@@ -13,11 +13,11 @@ import pytest
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distillation.data import batching
 import dataset
-from distillation.settings import templates
 import distill
 from assets import hub_standins
+from distillation.data import batching
+from distillation.settings import templates
 from distillation.settings.config import load_config
 from helpers import REPO, check_a_distilled_pretrained_student
 from loss import IGNORE_INDEX
@@ -38,8 +38,15 @@ def standins(tmp_path_factory):
 
 def test_the_teacher_stand_in_has_the_hub_layout_and_shape(standins):
     teacher, _, _ = standins
-    assert {"config.json", "model.safetensors", "generation_config.json", "vocab.json", "merges.txt",
-            "tokenizer.json", "tokenizer_config.json"} <= {path.name for path in teacher.iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= {path.name for path in teacher.iterdir()}
     config = json.loads((teacher / "config.json").read_text())
     assert (config["vocab_size"], config["n_embd"], config["n_head"], config["n_positions"]) == (50260, 768, 12, 1024)
     tokenizer = AutoTokenizer.from_pretrained(teacher)
@@ -51,8 +58,15 @@ def test_the_default_template_tokenizes_as_the_text_column_at_gpt2_bpe(standins,
     """Every sample of every split is GPT-2's tokens of the row's `text` column, then EOS: the original's input."""
     teacher, data, rows = standins
     tokenizer = AutoTokenizer.from_pretrained(teacher)
-    spec = dataset.DataSpec(dataset=str(data), text_column=None, max_length=1024, split=(0.6, 0.2, 0.2),
-                            mask_instruction=False, max_samples=None, seed=0)
+    spec = dataset.DataSpec(
+        dataset=str(data),
+        text_column=None,
+        max_length=1024,
+        split=(0.6, 0.2, 0.2),
+        mask_instruction=False,
+        max_samples=None,
+        seed=0,
+    )
     splits = dataset.prepare_splits(spec, tokenizer, str(tmp_path), "tokenized")
     produced = Counter(tuple(ids) for name in dataset.SPLIT_NAMES for ids in splits[name]["input_ids"])
     expected = Counter(tuple(tokenizer(row["text"])["input_ids"] + [50256]) for row in rows)
@@ -63,13 +77,30 @@ def test_config_yaml_runs_at_real_shape_to_a_best_checkpoint(standins, tmp_path)
     """config.yaml as it runs on a CPU (float32; a bfloat16 run is emulated on CPUs without AMX or AVX-512 BF16, and
     takes minutes a step at this vocabulary)."""
     teacher, _, _ = standins
-    overrides = ["distilled_model.nb_layers=1", "data.max_length=128", "training_parameters.batch_size=4",
-                 "training_parameters.gradient_accumulation_steps=2", "training_parameters.sample_prompts=1"]
+    overrides = [
+        "distilled_model.nb_layers=1",
+        "data.max_length=128",
+        "training_parameters.batch_size=4",
+        "training_parameters.gradient_accumulation_steps=2",
+        "training_parameters.sample_prompts=1",
+    ]
     completed = subprocess.run(
-        [sys.executable, "-m", "bench.rehearsal", "--steps", "2", "--work", str(tmp_path),
-         "--standins", str(teacher.parent),
-         *(argument for override in overrides for argument in ("--set", override))],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "bench.rehearsal",
+            "--steps",
+            "2",
+            "--work",
+            str(tmp_path),
+            "--standins",
+            str(teacher.parent),
+            *(argument for override in overrides for argument in ("--set", override)),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     figures = json.loads(completed.stdout.strip().splitlines()[-1])
@@ -102,7 +133,7 @@ def test_config_yaml_runs_at_real_shape_to_a_best_checkpoint(standins, tmp_path)
             end = len(sample["input_ids"]) - 1
             if sample["input_ids"][end] == 50256:  # not cut at max_length
                 assert batch["labels"][row, end] == 50256
-            assert (batch["labels"][row, end + 1:] == IGNORE_INDEX).all()
+            assert (batch["labels"][row, end + 1 :] == IGNORE_INDEX).all()
         assert sum(sample["input_ids"][-1] == 50256 for sample in samples) > 0
 
 
@@ -113,10 +144,17 @@ def test_the_distilgpt2_config_runs_at_real_shape_on_stand_ins(standins, tmp_pat
     teacher, data, _ = standins
     student = hub_standins.save_distilgpt2(tmp_path / hub_standins.DISTILGPT2_DIRECTORY, layers=1)
     assert json.loads((student / "config.json").read_text())["vocab_size"] == 50257
-    overrides = [f"teacher.name={teacher}", f"student.pretrained={student}", f"data.dataset={data}",
-                 f"paths.data_folder={tmp_path / 'data'}", f"paths.checkpoints={tmp_path / 'checkpoints'}",
-                 "data.max_length=128", "training_parameters.max_steps=2", "training_parameters.sample_prompts=1",
-                 "training_parameters.report_to=none"]
+    overrides = [
+        f"teacher.name={teacher}",
+        f"student.pretrained={student}",
+        f"data.dataset={data}",
+        f"paths.data_folder={tmp_path / 'data'}",
+        f"paths.checkpoints={tmp_path / 'checkpoints'}",
+        "data.max_length=128",
+        "training_parameters.max_steps=2",
+        "training_parameters.sample_prompts=1",
+        "training_parameters.report_to=none",
+    ]
     arguments = ["--config", str(REPO / "configs" / "seed_distilgpt2.yaml"), "--run-name", "distilgpt2"]
     assert distill.main(arguments + [item for override in overrides for item in ("--set", override)]) == 0
     run = tmp_path / "checkpoints" / "distilgpt2"
@@ -133,8 +171,15 @@ def test_a_merge_across_the_prompt_boundary_stays_and_is_a_target(standins):
     tokenizer = AutoTokenizer.from_pretrained(teacher)
     prompt = dataset.alpaca_prompt("Say hi.", "")
     texts = Dataset.from_dict({"prompt": [prompt], "response": ["\n\nHi!"]})
-    spec = dataset.DataSpec(dataset="unused", text_column=None, max_length=1024, split=(0.6, 0.2, 0.2),
-                            mask_instruction=True, max_samples=None, seed=0)
+    spec = dataset.DataSpec(
+        dataset="unused",
+        text_column=None,
+        max_length=1024,
+        split=(0.6, 0.2, 0.2),
+        mask_instruction=True,
+        max_samples=None,
+        seed=0,
+    )
     sample = dataset.tokenize(texts, tokenizer, spec)[0]
     assert sample["input_ids"] == tokenizer(prompt + "\n\nHi!")["input_ids"] + [50256]
     assert sample["input_ids"][sample["prompt_length"]] == 628  # "\n\n": the first target

@@ -17,8 +17,8 @@ import torch
 import dataset
 import distill
 from distillation.run import plots
-from helpers import REPO, base_config, read_metrics, write_config
 from distillation.training.trainer import Trainer
+from helpers import REPO, base_config, read_metrics, write_config
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -48,8 +48,19 @@ def test_training_records_carry_every_documented_field(compared_runs):
     training = [record for record in records if record["split"] == "train"]
     assert [record["step"] for record in training] == list(range(2, 25, 2))  # log_every_steps 2, 24 steps
     for record in training:
-        for key in ("epoch", "samples_seen", "tokens_seen", "loss", "kd", "ce", "perplexity", "learning_rate",
-                    "tokens_per_s", "peak_memory_mib", "wall_time_s"):
+        for key in (
+            "epoch",
+            "samples_seen",
+            "tokens_seen",
+            "loss",
+            "kd",
+            "ce",
+            "perplexity",
+            "learning_rate",
+            "tokens_per_s",
+            "peak_memory_mib",
+            "wall_time_s",
+        ):
             assert record[key] is not None, key
         assert record["perplexity"] == pytest.approx(math.exp(record["ce"]))
         assert record["peak_memory_mib"] > 10  # a Python process with torch loaded
@@ -73,13 +84,14 @@ def test_summary_has_best_test_and_teacher_figures(compared_runs, teacher_dir):
     # The teacher's test perplexity, recomputed here from its own definition: exp of the mean CE over real targets.
     from transformers import AutoModelForCausalLM
 
-    from distillation.settings.config import load_config
     import models
+    from distillation.settings.config import load_config
 
     config = load_config(config_file)
     tokenizer = models.load_tokenizer(str(teacher_dir))
-    splits = dataset.prepare_splits(dataset.spec_from_config(config), tokenizer, config.paths.data_folder,
-                                    config.paths.token_dataset)
+    splits = dataset.prepare_splits(
+        dataset.spec_from_config(config), tokenizer, config.paths.data_folder, config.paths.token_dataset
+    )
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
     student = AutoModelForCausalLM.from_pretrained(distilled / "best").eval()
     total, count, kl_total, agreements = 0.0, 0, 0.0, 0
@@ -101,8 +113,9 @@ def test_summary_has_best_test_and_teacher_figures(compared_runs, teacher_dir):
 
 
 @pytest.mark.parametrize("best_metric, expected_best_step", [("loss", 4), ("perplexity", 12)])
-def test_the_best_checkpoint_follows_the_chosen_metric(tmp_path, teacher_dir, data_file, monkeypatch, best_metric,
-                                                       expected_best_step):
+def test_the_best_checkpoint_follows_the_chosen_metric(
+    tmp_path, teacher_dir, data_file, monkeypatch, best_metric, expected_best_step
+):
     """Validation results in which the loss only gets worse and the perplexity only better: each metric picks its
     own best step, and the best checkpoint and summary follow it."""
     evaluate = Trainer.evaluate
@@ -159,8 +172,12 @@ def test_a_resumed_run_appends_records_without_duplicates_or_gaps(tmp_path, teac
     # As if the process had died right after step 8's records but before its checkpoint: back to step 4.
     shutil.rmtree(run / "last")
     shutil.copytree(run / "step-00000004", run / "last")
-    assert distill.main(["--config", str(config_file), "--run-name", "run", "--resume",
-                         "--set", "training_parameters.max_steps=10"]) == 0
+    assert (
+        distill.main(
+            ["--config", str(config_file), "--run-name", "run", "--resume", "--set", "training_parameters.max_steps=10"]
+        )
+        == 0
+    )
     training_steps = [record["step"] for record in read_metrics(run) if record["split"] == "train"]
     assert training_steps == list(range(1, 11))
     assert [step for step, _ in tensorboard_scalars(run, "train/loss")] == list(range(1, 11))
@@ -180,7 +197,10 @@ def test_plots_command_writes_each_run_and_a_comparison(compared_runs, tmp_path)
     output = tmp_path / "side_by_side.png"
     completed = subprocess.run(
         [sys.executable, "-m", "distillation.run.plots", str(distilled), str(plain), "--output", str(output)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert completed.returncode == 0, completed.stderr
     for path in (distilled / plots.CURVES_FILE, plain / plots.CURVES_FILE, output):
@@ -190,7 +210,11 @@ def test_plots_command_writes_each_run_and_a_comparison(compared_runs, tmp_path)
 
 def test_plots_command_refuses_a_directory_that_is_not_a_run(tmp_path):
     completed = subprocess.run(
-        [sys.executable, "-m", "distillation.run.plots", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "distillation.run.plots", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert completed.returncode == 2
     assert "has no metrics.jsonl" in completed.stderr and "Traceback" not in completed.stderr
@@ -202,8 +226,10 @@ def test_summary_rows_compare_the_runs(compared_runs):
     assert rows["demo"]["loss"] == "DistillationLoss" and rows["demo-plain"]["loss"] == "ClassicLoss"
     assert rows["demo"]["teacher test perplexity"] > 1.0 and rows["demo-plain"]["teacher test perplexity"] is None
     assert 0 < rows["demo"]["test top-1 agreement"] <= 1 and rows["demo-plain"]["test KL to teacher"] is None
-    assert rows["demo"]["best validation perplexity"] == json.loads(
-        (distilled / "summary.json").read_text())["best_validation_perplexity"]
+    assert (
+        rows["demo"]["best validation perplexity"]
+        == json.loads((distilled / "summary.json").read_text())["best_validation_perplexity"]
+    )
 
 
 def test_latest_runs_picks_the_newest_run_of_each_loss(compared_runs):
@@ -224,9 +250,16 @@ def execute_notebook(name: str, first_cell: str):
     parameters = next(cell for cell in notebook.cells if cell.cell_type == "code")
     parameters.source = first_cell
     client = NotebookClient(
-        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO)}},
+        notebook,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(REPO)}},
     )
-    environment = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+    environment = {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+    }
     previous = {key: os.environ.get(key) for key in environment}
     os.environ.update(environment)
     try:
@@ -305,8 +338,12 @@ def test_committed_notebooks_show_their_outputs(name, figures):
     assert len(text) < 600_000
     notebook = nbformat.reads(text, as_version=4)
     assert sum(figures_by_cell(notebook)) >= figures and all(figures_by_cell(notebook)), figures_by_cell(notebook)
-    assert not any(output.get("output_type") == "error" for cell in notebook.cells if cell.cell_type == "code"
-                   for output in cell.outputs)
+    assert not any(
+        output.get("output_type") == "error"
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+    )
     assert str(REPO) not in text and "/tmp/" not in text and "site-packages" not in text
     printed, tables = notebook_outputs(notebook)
     if name == "experiments_exploration.ipynb":

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import distill
-from helpers import REPO, base_config, trainer_state, weights, write_config
 from distillation.training.trainer import Trainer
+from helpers import REPO, base_config, trainer_state, weights, write_config
 
 RUNNER = ["-m", "tests.crash_runner"]  # run from the repository root, as a module
 
@@ -27,7 +27,12 @@ def run_process(*arguments: str, point: str = "none", step: int = -1) -> int:
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     completed = subprocess.run(
         [sys.executable, *RUNNER, point, str(step), *arguments],
-        cwd=REPO, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300,
+        cwd=REPO,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=300,
     )
     assert "Traceback" not in completed.stderr, completed.stderr[-3000:]
     return completed.returncode
@@ -68,7 +73,7 @@ def without_key_biases(key: str, tensor: torch.Tensor) -> torch.Tensor:
     if not key.endswith("attn.c_attn.bias"):
         return tensor
     width = tensor.numel() // 3  # queries, keys, values
-    return torch.cat([tensor[:width], tensor[2 * width:]])
+    return torch.cat([tensor[:width], tensor[2 * width :]])
 
 
 def assert_same_as_straight(checkpoints: Path, name: str) -> None:
@@ -147,11 +152,18 @@ def test_signals_finish_the_step_write_a_checkpoint_and_resume_to_the_same_weigh
 
 
 def test_step_checkpoints_are_pruned_but_last_and_best_kept(tmp_path, config_file):
-    status = distill.main([
-        "--config", str(config_file), "--run-name", "pruned",
-        "--set", "training_parameters.checkpoint_every_steps=3",
-        "--set", "training_parameters.keep_step_checkpoints=2",
-    ])
+    status = distill.main(
+        [
+            "--config",
+            str(config_file),
+            "--run-name",
+            "pruned",
+            "--set",
+            "training_parameters.checkpoint_every_steps=3",
+            "--set",
+            "training_parameters.keep_step_checkpoints=2",
+        ]
+    )
     assert status == 0
     run = tmp_path / "checkpoints" / "pruned"
     assert sorted(path.name for path in run.glob("step-*")) == ["step-00000021", "step-00000024"]
@@ -170,13 +182,24 @@ class PlantedPayload:
 
 
 def test_a_malicious_training_state_is_refused_without_running_it(tmp_path, config_file):
-    assert distill.main(["--config", str(config_file), "--run-name", "victim", "--set", "training_parameters.max_steps=2"]) == 0
+    assert (
+        distill.main(["--config", str(config_file), "--run-name", "victim", "--set", "training_parameters.max_steps=2"])
+        == 0
+    )
     marker = tmp_path / "code-was-run"
     with open(tmp_path / "checkpoints" / "victim" / "last" / "training_state.pt", "wb") as handle:
         pickle.dump({"optimizer": PlantedPayload(marker)}, handle, protocol=2)
-    status = distill.main([
-        "--config", str(config_file), "--run-name", "victim", "--resume", "--set", "training_parameters.max_steps=4",
-    ])
+    status = distill.main(
+        [
+            "--config",
+            str(config_file),
+            "--run-name",
+            "victim",
+            "--resume",
+            "--set",
+            "training_parameters.max_steps=4",
+        ]
+    )
     assert status == 2
     assert not marker.exists()
 
@@ -198,9 +221,16 @@ def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, config_file
         return student, teacher
 
     monkeypatch.setattr(Trainer, "forward", poisoned)
-    status = distill.main([
-        "--config", str(config_file), "--run-name", "nan", "--set", "training_parameters.checkpoint_every_steps=5",
-    ])
+    status = distill.main(
+        [
+            "--config",
+            str(config_file),
+            "--run-name",
+            "nan",
+            "--set",
+            "training_parameters.checkpoint_every_steps=5",
+        ]
+    )
     assert status == distill.EXIT_NON_FINITE_LOSS
     last = tmp_path / "checkpoints" / "nan" / "last"
     assert trainer_state(last)["global_step"] == 5
@@ -218,9 +248,16 @@ def test_nan_loss_can_skip_the_batch(tmp_path, config_file, monkeypatch):
         return student, teacher
 
     monkeypatch.setattr(Trainer, "forward", poisoned)
-    status = distill.main([
-        "--config", str(config_file), "--run-name", "skip", "--set", "training_parameters.on_nonfinite_loss=skip",
-    ])
+    status = distill.main(
+        [
+            "--config",
+            str(config_file),
+            "--run-name",
+            "skip",
+            "--set",
+            "training_parameters.on_nonfinite_loss=skip",
+        ]
+    )
     assert status == 0
     last = tmp_path / "checkpoints" / "skip" / "last"
     assert trainer_state(last)["skipped_batches"] == 2
@@ -231,8 +268,9 @@ def test_the_optimizer_state_is_saved_by_parameter_name_and_loads_back(tmp_path)
     """Checkpoints key the optimizer state by parameter name (so it moves between process counts and FSDP), and it
     loads back into the same state; a state keyed by index (PyTorch's own form, never written here) is refused in
     one sentence."""
-    from distillation.run import checkpoints
     from transformers import GPT2Config, GPT2LMHeadModel
+
+    from distillation.run import checkpoints
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=32))
@@ -246,8 +284,9 @@ def test_the_optimizer_state_is_saved_by_parameter_name_and_loads_back(tmp_path)
 
     _, saved = checkpoints.gather_training_states(model, optimizer)
     assert set(saved["state"]) == {name for name, _ in model.named_parameters()}
-    assert saved["param_groups"][1]["params"] == [name for name, parameter in model.named_parameters()
-                                                  if parameter.dim() < 2]
+    assert saved["param_groups"][1]["params"] == [
+        name for name, parameter in model.named_parameters() if parameter.dim() < 2
+    ]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
     def load(form) -> torch.optim.Optimizer:
@@ -270,8 +309,12 @@ def test_pruning_step_copies_never_deletes_the_last_or_the_best_checkpoint(tmp_p
     """Checkpoint names that look like the step copies' (`step-...`) are still never pruned."""
     values = base_config(tmp_path, teacher_dir, data_file)
     values["training_parameters"].update(
-        max_steps=6, checkpoint_every_steps=2, keep_step_checkpoints=1, eval_every_steps=2,
-        checkpoints_name_last="step-last", checkpoints_name_best="step-best",
+        max_steps=6,
+        checkpoint_every_steps=2,
+        keep_step_checkpoints=1,
+        eval_every_steps=2,
+        checkpoints_name_last="step-last",
+        checkpoints_name_best="step-best",
     )
     config_file = write_config(tmp_path / "config.yaml", values)
     assert distill.main(["--config", str(config_file), "--run-name", "named"]) == 0
@@ -285,12 +328,22 @@ def test_pruning_step_copies_never_deletes_the_last_or_the_best_checkpoint(tmp_p
 def signal_when_changed(path: Path, number: int, *arguments: str) -> subprocess.CompletedProcess:
     """Run distill.py and send it the real signal `number` the moment `path` changes on disk."""
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    process = subprocess.Popen([sys.executable, "distill.py", *arguments], cwd=REPO, env=environment,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "distill.py", *arguments],
+        cwd=REPO,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     before = path.stat()
     while process.poll() is None:
         now = path.stat() if path.exists() else None
-        if now is None or (now.st_ino, now.st_size, now.st_mtime_ns) != (before.st_ino, before.st_size, before.st_mtime_ns):
+        if now is None or (now.st_ino, now.st_size, now.st_mtime_ns) != (
+            before.st_ino,
+            before.st_size,
+            before.st_mtime_ns,
+        ):
             process.send_signal(number)
             break
         time.sleep(0.0002)
@@ -321,14 +374,17 @@ def test_a_signal_while_a_resume_rewrites_the_history_loses_none_of_it(setup, ki
     assert run_process("--config", str(config_file), "--run-name", name, "--resume") == 0
     final = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert final[: len(old)] == old
-    assert_same_history(history(checkpoints / name)[len(old):], history(checkpoints / "straight"))
+    assert_same_history(history(checkpoints / name)[len(old) :], history(checkpoints / "straight"))
 
 
 def start_process(*arguments: str, point: str = "none", step: int = -1, **environment: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, *RUNNER, point, str(step), *arguments], cwd=REPO,
+        [sys.executable, *RUNNER, point, str(step), *arguments],
+        cwd=REPO,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **environment},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -336,15 +392,21 @@ def test_a_second_process_on_a_run_in_use_is_refused_and_the_run_ends_whole(setu
     config_file, checkpoints = setup
     name = "in-use"
     held, release = tmp_path / "held", tmp_path / "release"
-    first = start_process("--config", str(config_file), "--run-name", name, point="hold", step=10,
-                          HELD=str(held), RELEASE=str(release))
+    first = start_process(
+        "--config", str(config_file), "--run-name", name, point="hold", step=10, HELD=str(held), RELEASE=str(release)
+    )
     try:
         while not held.exists():  # the first process is training, past its first checkpoint
             assert first.poll() is None, first.communicate()[1][-3000:]
             time.sleep(0.05)
-        second = subprocess.run([sys.executable, "distill.py", "--config", str(config_file), "--run-name", name,
-                                 "--resume"], cwd=REPO, capture_output=True, text=True, timeout=300,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        second = subprocess.run(
+            [sys.executable, "distill.py", "--config", str(config_file), "--run-name", name, "--resume"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
         assert second.returncode == 2, second.stderr[-3000:]
         errors = [line for line in second.stderr.splitlines() if " error: " in line]
         assert len(errors) == 1 and f"in use by another process (pid {first.pid})" in errors[0], second.stderr
@@ -357,8 +419,14 @@ def test_a_second_process_on_a_run_in_use_is_refused_and_the_run_ends_whole(setu
 def test_runs_started_in_the_same_second_get_their_own_directories(setup, tmp_path):
     config_file, checkpoints = setup
     root = tmp_path / "checkpoints"
-    arguments = ("--config", str(config_file), "--set", f"paths.checkpoints={root}",
-                 "--set", "training_parameters.max_steps=3")
+    arguments = (
+        "--config",
+        str(config_file),
+        "--set",
+        f"paths.checkpoints={root}",
+        "--set",
+        "training_parameters.max_steps=3",
+    )
     barrier = tmp_path / "barrier"
     barrier.mkdir()
     processes = [start_process(*arguments, point="together", step=2, BARRIER=str(barrier)) for _ in range(2)]

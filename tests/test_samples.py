@@ -29,8 +29,9 @@ def sampled_config(tmp_path: Path, teacher_dir: Path, data_file: Path, **trainin
 def validation_rows(config_file: Path, teacher_dir: Path):
     config = load_config(config_file)
     tokenizer = models.load_tokenizer(str(teacher_dir))
-    splits = dataset.prepare_splits(dataset.spec_from_config(config), tokenizer, config.paths.data_folder,
-                                    config.paths.token_dataset)
+    splits = dataset.prepare_splits(
+        dataset.spec_from_config(config), tokenizer, config.paths.data_folder, config.paths.token_dataset
+    )
     return tokenizer, splits["validation"]
 
 
@@ -39,11 +40,19 @@ def test_each_validation_samples_the_student_and_the_first_the_teacher(tmp_path,
     assert distill.main(["--config", str(config_file), "--run-name", "run"]) == 0
     run = tmp_path / "checkpoints" / "run"
     records = read_samples(run)
-    validation_steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-                        if r["split"] == "validation"]
+    validation_steps = [
+        r["step"]
+        for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        if r["split"] == "validation"
+    ]
     assert validation_steps == [4, 8]
     assert [(r["step"], r["model"], r["prompt_index"]) for r in records] == [
-        (4, "student", 0), (4, "student", 1), (4, "teacher", 0), (4, "teacher", 1), (8, "student", 0), (8, "student", 1)
+        (4, "student", 0),
+        (4, "student", 1),
+        (4, "teacher", 0),
+        (4, "teacher", 1),
+        (8, "student", 0),
+        (8, "student", 1),
     ]
     tokenizer, validation = validation_rows(config_file, teacher_dir)
     for record in records:
@@ -64,18 +73,26 @@ def test_each_validation_samples_the_student_and_the_first_the_teacher(tmp_path,
 
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"tensors": 0})
     events.Reload()
-    texts = {tag: [(event.step, event.tensor_proto.string_val[0].decode()) for event in events.Tensors(tag)]
-             for tag in events.Tags()["tensors"] if tag.startswith("samples/")}
-    assert sorted(texts) == ["samples/student/0/text_summary", "samples/student/1/text_summary",
-                             "samples/teacher/0/text_summary", "samples/teacher/1/text_summary"]
+    texts = {
+        tag: [(event.step, event.tensor_proto.string_val[0].decode()) for event in events.Tensors(tag)]
+        for tag in events.Tags()["tensors"]
+        if tag.startswith("samples/")
+    }
+    assert sorted(texts) == [
+        "samples/student/0/text_summary",
+        "samples/student/1/text_summary",
+        "samples/teacher/0/text_summary",
+        "samples/teacher/1/text_summary",
+    ]
     assert [step for step, _ in texts["samples/student/0/text_summary"]] == [4, 8]
     assert [step for step, _ in texts["samples/teacher/1/text_summary"]] == [4]
     assert "**Reference**" in texts["samples/student/0/text_summary"][0][1]
 
 
 def test_a_resumed_run_ends_with_the_samples_of_a_straight_run(tmp_path, teacher_dir, data_file):
-    config_file = sampled_config(tmp_path, teacher_dir, data_file, eval_every_steps=2, checkpoint_every_steps=4,
-                                 keep_step_checkpoints=2)
+    config_file = sampled_config(
+        tmp_path, teacher_dir, data_file, eval_every_steps=2, checkpoint_every_steps=4, keep_step_checkpoints=2
+    )
     assert distill.main(["--config", str(config_file), "--run-name", "run"]) == 0
     run = tmp_path / "checkpoints" / "run"
     straight = read_samples(run)
@@ -102,13 +119,18 @@ def test_a_conversation_is_cut_where_its_first_answer_starts(tokenizer):
 
     from distillation.training import samples
 
-    user, answer, again, second = (tokenizer(text)["input_ids"] for text in ("Q: hi\nA:", " yes.", "\nQ: and?\nA:", " no."))
+    user, answer, again, second = (
+        tokenizer(text)["input_ids"] for text in ("Q: hi\nA:", " yes.", "\nQ: and?\nA:", " no.")
+    )
     ids = [*user, *answer, *again, *second]
     masked = [False] * len(user) + [True] * len(answer) + [False] * len(again) + [True] * len(second)
-    rows = Dataset.from_dict({
-        "input_ids": [ids, ids], "target_mask": [masked, [True] * len(ids)],
-        "prompt_length": [1 + masked[1:].count(False), 1],
-    })
+    rows = Dataset.from_dict(
+        {
+            "input_ids": [ids, ids],
+            "target_mask": [masked, [True] * len(ids)],
+            "prompt_length": [1 + masked[1:].count(False), 1],
+        }
+    )
     masked_prompt, unmasked_prompt = samples.validation_prompts(rows, tokenizer, 2)
     assert masked_prompt.ids == user
     assert masked_prompt.reference == tokenizer.decode([*answer, *again, *second])

@@ -15,14 +15,14 @@ import yaml
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from distillation.data import batching
 import dataset
-from distillation.settings import templates
 import distill
-from distillation.runtime import hardware
 import models
-from distillation.training import trainer
+from distillation.data import batching
+from distillation.runtime import hardware
+from distillation.settings import templates
 from distillation.settings.config import ConfigError, load_config, to_plain_dict
+from distillation.training import trainer
 from helpers import REPO, check_a_distilled_pretrained_student, save_gpt2, write_config
 from loss import DistillationLoss, next_token_cross_entropy
 
@@ -33,8 +33,15 @@ DISTILGPT2_CONFIG = "configs/seed_distilgpt2.yaml"
 SEED_KEYS = {
     "paths": {"data_folder", "token_dataset", "checkpoints"},
     "distilled_model": {"nb_layers"},
-    "training_parameters": {"learning_rate", "nb_epochs", "batch_size", "checkpoints_name_last",
-                            "checkpoints_name_best", "resume", "loss"},
+    "training_parameters": {
+        "learning_rate",
+        "nb_epochs",
+        "batch_size",
+        "checkpoints_name_last",
+        "checkpoints_name_best",
+        "resume",
+        "loss",
+    },
     "seed": None,
 }
 
@@ -78,14 +85,18 @@ def test_seed_config_runs_the_seed_experiment(native_bf16):
     assert isinstance(criterion, DistillationLoss)
     assert (criterion.alpha, criterion.beta, criterion.temperature) == (1.0, 0.1, 1.0)
     assert criterion.divergence == "forward_kl"
-    assert (training.checkpoints_name_last, training.checkpoints_name_best) == ("checkpoint_last.pth",
-                                                                               "checkpoint_best.pth")
+    assert (training.checkpoints_name_last, training.checkpoints_name_best) == (
+        "checkpoint_last.pth",
+        "checkpoint_best.pth",
+    )
 
     student = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
     optimizer = trainer.build_optimizer(student, training)
     assert type(optimizer) is torch.optim.SGD
-    assert all(group["lr"] == 0.001 and group["momentum"] == 0.0 and group["weight_decay"] == 0.0
-               for group in optimizer.param_groups)
+    assert all(
+        group["lr"] == 0.001 and group["momentum"] == 0.0 and group["weight_decay"] == 0.0
+        for group in optimizer.param_groups
+    )
     scheduler = trainer.build_scheduler(optimizer, training, total_steps=50)
     rates = []
     for _ in range(50):  # no warm-up and no decay: the original's fixed learning rate at every step
@@ -107,17 +118,31 @@ def test_the_distilgpt2_config_is_the_seed_config_with_pretrained_distilgpt2():
 
 def short_run(config_file: str, tmp_path, data_file, *overrides: str) -> list[str]:
     """distill.py's arguments for a 3-step run of `config_file` on the tests' data, in tmp_path."""
-    values = [f"data.dataset={data_file}", f"paths.data_folder={tmp_path / 'data'}",
-              f"paths.checkpoints={tmp_path / 'checkpoints'}", "data.template=alpaca_short", "data.max_length=64",
-              "training_parameters.max_steps=3", "training_parameters.sample_prompts=0",
-              "training_parameters.report_to=none", "hardware.device=cpu", *overrides]
-    return ["--config", str(REPO / config_file), "--run-name", "run",
-            *(argument for value in values for argument in ("--set", value))]
+    values = [
+        f"data.dataset={data_file}",
+        f"paths.data_folder={tmp_path / 'data'}",
+        f"paths.checkpoints={tmp_path / 'checkpoints'}",
+        "data.template=alpaca_short",
+        "data.max_length=64",
+        "training_parameters.max_steps=3",
+        "training_parameters.sample_prompts=0",
+        "training_parameters.report_to=none",
+        "hardware.device=cpu",
+        *overrides,
+    ]
+    return [
+        "--config",
+        str(REPO / config_file),
+        "--run-name",
+        "run",
+        *(argument for value in values for argument in ("--set", value)),
+    ]
 
 
 def test_the_seed_config_trains_in_float32_where_auto_would_pick_bf16(tmp_path, teacher_dir, data_file, native_bf16):
-    arguments = short_run(SEED_CONFIG, tmp_path, data_file, f"teacher.name={teacher_dir}",
-                          "distilled_model.nb_layers=1")
+    arguments = short_run(
+        SEED_CONFIG, tmp_path, data_file, f"teacher.name={teacher_dir}", "distilled_model.nb_layers=1"
+    )
     assert distill.main(arguments) == 0
     run = tmp_path / "checkpoints" / "run"
     assert json.loads((run / "summary.json").read_text())["mixed_precision"] == "no"
@@ -126,14 +151,16 @@ def test_the_seed_config_trains_in_float32_where_auto_would_pick_bf16(tmp_path, 
     assert (run / "checkpoint_last.pth" / "model.safetensors").is_file()
 
 
-def test_the_distilgpt2_config_distils_into_a_pretrained_student_against_a_wider_teacher(tmp_path, tokenizer,
-                                                                                          data_file):
+def test_the_distilgpt2_config_distils_into_a_pretrained_student_against_a_wider_teacher(
+    tmp_path, tokenizer, data_file
+):
     """The original's final experiment on tiny stand-ins: a pretrained student with the tokenizer's rows, and a
     teacher with 3 rows more (as vicgalle/gpt2-alpaca-gpt4 against distilgpt2)."""
     teacher = save_gpt2(tmp_path / "teacher", tokenizer, nb_layers=2, vocab_size=len(tokenizer) + 3)
     pretrained = save_gpt2(tmp_path / "distilgpt2", tokenizer, nb_layers=1, seed=5)
-    arguments = short_run(DISTILGPT2_CONFIG, tmp_path, data_file, f"teacher.name={teacher}",
-                          f"student.pretrained={pretrained}")
+    arguments = short_run(
+        DISTILGPT2_CONFIG, tmp_path, data_file, f"teacher.name={teacher}", f"student.pretrained={pretrained}"
+    )
     assert distill.main(arguments) == 0
     check_a_distilled_pretrained_student(tmp_path / "checkpoints" / "run", teacher, pretrained)
 
@@ -144,10 +171,10 @@ def test_the_distilgpt2_config_distils_into_a_pretrained_student_against_a_wider
 def difference_table() -> dict[str, tuple[str, str]]:
     """The README's "Differences from the original project" table: row name -> (original's cell, this project's)."""
     text = (REPO / "README.md").read_text(encoding="utf-8")
-    lines = text[text.index("**Differences from the original project**"):].splitlines()
+    lines = text[text.index("**Differences from the original project**") :].splitlines()
     start = next(index for index, line in enumerate(lines) if line.startswith("| | original project | here |"))
     rows = {}
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         name, original, here, _ = (cell.strip() for cell in line.strip().strip("|").split("|"))
@@ -157,9 +184,29 @@ def difference_table() -> dict[str, tuple[str, str]]:
 
 # Every difference the original's code shows: none of these rows may go.
 REQUIRED_ROWS = {
-    "student", "teacher", "activation", "text", "end of an answer", "tokenized data", "split", "seed", "KD term",
-    "CE term, `ClassicLoss`", "what is scored", "loss weights", "teacher's gradients", "best checkpoint", "resume",
-    "normalisation", "checkpoints", "records", "optimizer", "batch, epochs", "batches", "precision", "validations",
+    "student",
+    "teacher",
+    "activation",
+    "text",
+    "end of an answer",
+    "tokenized data",
+    "split",
+    "seed",
+    "KD term",
+    "CE term, `ClassicLoss`",
+    "what is scored",
+    "loss weights",
+    "teacher's gradients",
+    "best checkpoint",
+    "resume",
+    "normalisation",
+    "checkpoints",
+    "records",
+    "optimizer",
+    "batch, epochs",
+    "batches",
+    "precision",
+    "validations",
     "evaluation",
 }
 ORIGINAL, HERE = 0, 1
@@ -169,16 +216,27 @@ ALL_FILES = (*ORIGINAL_FILES, "config.yaml")
 
 def original_optimizer(config):
     training = config.training_parameters
-    plain_sgd = (training.optimizer == "sgd" and training.momentum == 0 and training.weight_decay == 0
-                 and training.lr_scheduler == "constant" and training.warmup_steps == 0 and training.max_grad_norm is None)
+    plain_sgd = (
+        training.optimizer == "sgd"
+        and training.momentum == 0
+        and training.weight_decay == 0
+        and training.lr_scheduler == "constant"
+        and training.warmup_steps == 0
+        and training.max_grad_norm is None
+    )
     return "SGD" if plain_sgd else "not plain SGD", training.learning_rate
 
 
 def here_optimizer(config):
     training = config.training_parameters
     assert training.optimizer == "adamw"
-    return (training.learning_rate, training.weight_decay, training.warmup_steps, training.lr_scheduler,
-            training.max_grad_norm)
+    return (
+        training.learning_rate,
+        training.weight_decay,
+        training.warmup_steps,
+        training.lr_scheduler,
+        training.max_grad_norm,
+    )
 
 
 def resolved_precision(config):
@@ -193,45 +251,131 @@ def loss_weights(config):
 
 # (row, column, pattern whose groups the cell states, the config files it describes, the same values from a config)
 CLAIMS = [
-    ("student", ORIGINAL, r"GPT-2's config with (\d+) layers", (SEED_CONFIG, "config.yaml"),
-     lambda config: (config.distilled_model.nb_layers if config.student.pretrained is None else None)),
-    ("student", HERE, r"pretrained `([\w-]+)` in `configs/seed_distilgpt2.yaml`", (DISTILGPT2_CONFIG,),
-     lambda config: config.student.pretrained),
-    ("teacher", ORIGINAL, r"^`([\w-]+/[\w.-]+)`, (float32)", ORIGINAL_FILES,
-     lambda config: (config.teacher.name, resolved_precision(config))),
+    (
+        "student",
+        ORIGINAL,
+        r"GPT-2's config with (\d+) layers",
+        (SEED_CONFIG, "config.yaml"),
+        lambda config: config.distilled_model.nb_layers if config.student.pretrained is None else None,
+    ),
+    (
+        "student",
+        HERE,
+        r"pretrained `([\w-]+)` in `configs/seed_distilgpt2.yaml`",
+        (DISTILGPT2_CONFIG,),
+        lambda config: config.student.pretrained,
+    ),
+    (
+        "teacher",
+        ORIGINAL,
+        r"^`([\w-]+/[\w.-]+)`, (float32)",
+        ORIGINAL_FILES,
+        lambda config: (config.teacher.name, resolved_precision(config)),
+    ),
     ("teacher", ORIGINAL, r"^`([\w-]+/[\w.-]+)`", ("config.yaml",), lambda config: config.teacher.name),
     ("text", ORIGINAL, r"padded to (\d+)", ALL_FILES, lambda config: config.data.max_length),
-    ("text", HERE, r"`data.template: (\w+)`.*cut at (\d+)", ALL_FILES,
-     lambda config: (config.data.template, config.data.max_length)),
-    ("tokenized data", HERE, r"`([\w.]+)/` with `configs/seed.yaml`", (SEED_CONFIG,),
-     lambda config: config.paths.token_dataset),
-    ("split", ORIGINAL, r"(\d+)/(\d+)/(\d+)", ALL_FILES,
-     lambda config: tuple(round(100 * share) for share in dataclass_values(config.data.split))),
+    (
+        "text",
+        HERE,
+        r"`data.template: (\w+)`.*cut at (\d+)",
+        ALL_FILES,
+        lambda config: (config.data.template, config.data.max_length),
+    ),
+    (
+        "tokenized data",
+        HERE,
+        r"`([\w.]+)/` with `configs/seed.yaml`",
+        (SEED_CONFIG,),
+        lambda config: config.paths.token_dataset,
+    ),
+    (
+        "split",
+        ORIGINAL,
+        r"(\d+)/(\d+)/(\d+)",
+        ALL_FILES,
+        lambda config: tuple(round(100 * share) for share in dataclass_values(config.data.split)),
+    ),
     ("loss weights", ORIGINAL, r"alpha ([\d.]+), beta ([\d.]+), temperature ([\d.]+)", ALL_FILES, loss_weights),
-    ("checkpoints", HERE, r"`([\w.]+)/` with `configs/seed.yaml`", ORIGINAL_FILES,
-     lambda config: config.training_parameters.checkpoints_name_last),
-    ("optimizer", ORIGINAL, r"(SGD), learning rate ([\d.]+), no schedule, no clipping", ORIGINAL_FILES,
-     original_optimizer),
-    ("optimizer", HERE, r"AdamW ([\d.e-]+), weight decay ([\d.]+) \(matrices\), (\d+) warm-up steps then (\w+), "
-     r"clipping at ([\d.]+)", ("config.yaml",), here_optimizer),
-    ("batch, epochs", ORIGINAL, r"^(\d+) samples, (\d+) epochs", ORIGINAL_FILES,
-     lambda config: (config.training_parameters.batch_size * config.training_parameters.gradient_accumulation_steps,
-                     config.training_parameters.nb_epochs)),
-    ("batch, epochs", HERE, r"(\d+) x (\d+) accumulated = (\d+) samples, (\d+) epochs", ("config.yaml",),
-     lambda config: (config.training_parameters.batch_size, config.training_parameters.gradient_accumulation_steps,
-                     config.training_parameters.batch_size * config.training_parameters.gradient_accumulation_steps,
-                     config.training_parameters.nb_epochs)),
-    ("batches", ORIGINAL, r"^(random) samples$", ORIGINAL_FILES,
-     lambda config: "random" if not (config.data.group_by_length or config.data.packing) else "grouped or packed"),
-    ("batches", HERE, r"(length-grouped)", ("config.yaml",),
-     lambda config: "length-grouped" if config.data.group_by_length else "random"),
+    (
+        "checkpoints",
+        HERE,
+        r"`([\w.]+)/` with `configs/seed.yaml`",
+        ORIGINAL_FILES,
+        lambda config: config.training_parameters.checkpoints_name_last,
+    ),
+    (
+        "optimizer",
+        ORIGINAL,
+        r"(SGD), learning rate ([\d.]+), no schedule, no clipping",
+        ORIGINAL_FILES,
+        original_optimizer,
+    ),
+    (
+        "optimizer",
+        HERE,
+        r"AdamW ([\d.e-]+), weight decay ([\d.]+) \(matrices\), (\d+) warm-up steps then (\w+), "
+        r"clipping at ([\d.]+)",
+        ("config.yaml",),
+        here_optimizer,
+    ),
+    (
+        "batch, epochs",
+        ORIGINAL,
+        r"^(\d+) samples, (\d+) epochs",
+        ORIGINAL_FILES,
+        lambda config: (
+            config.training_parameters.batch_size * config.training_parameters.gradient_accumulation_steps,
+            config.training_parameters.nb_epochs,
+        ),
+    ),
+    (
+        "batch, epochs",
+        HERE,
+        r"(\d+) x (\d+) accumulated = (\d+) samples, (\d+) epochs",
+        ("config.yaml",),
+        lambda config: (
+            config.training_parameters.batch_size,
+            config.training_parameters.gradient_accumulation_steps,
+            config.training_parameters.batch_size * config.training_parameters.gradient_accumulation_steps,
+            config.training_parameters.nb_epochs,
+        ),
+    ),
+    (
+        "batches",
+        ORIGINAL,
+        r"^(random) samples$",
+        ORIGINAL_FILES,
+        lambda config: "random" if not (config.data.group_by_length or config.data.packing) else "grouped or packed",
+    ),
+    (
+        "batches",
+        HERE,
+        r"(length-grouped)",
+        ("config.yaml",),
+        lambda config: "length-grouped" if config.data.group_by_length else "random",
+    ),
     ("precision", ORIGINAL, r"^(float32) \(", ORIGINAL_FILES, resolved_precision),
-    ("precision", HERE, r"`mixed_precision: (\w+)`, `teacher.dtype: (\w+)`", ("config.yaml",),
-     lambda config: (config.hardware.mixed_precision, config.teacher.dtype)),
-    ("validations", ORIGINAL, r"^(each epoch)$", ORIGINAL_FILES,
-     lambda config: "each epoch" if config.training_parameters.eval_every_steps is None else "more often"),
-    ("validations", HERE, r"each epoch and every (\d+) steps", ("config.yaml",),
-     lambda config: config.training_parameters.eval_every_steps),
+    (
+        "precision",
+        HERE,
+        r"`mixed_precision: (\w+)`, `teacher.dtype: (\w+)`",
+        ("config.yaml",),
+        lambda config: (config.hardware.mixed_precision, config.teacher.dtype),
+    ),
+    (
+        "validations",
+        ORIGINAL,
+        r"^(each epoch)$",
+        ORIGINAL_FILES,
+        lambda config: "each epoch" if config.training_parameters.eval_every_steps is None else "more often",
+    ),
+    (
+        "validations",
+        HERE,
+        r"each epoch and every (\d+) steps",
+        ("config.yaml",),
+        lambda config: config.training_parameters.eval_every_steps,
+    ),
 ]
 
 
@@ -254,11 +398,12 @@ def test_the_difference_table_lists_every_difference():
     assert REQUIRED_ROWS <= set(difference_table())
 
 
-@pytest.mark.parametrize("row, column, pattern, files, resolve", CLAIMS,
-                         ids=[f"{claim[0]}-{'original' if claim[1] == ORIGINAL else 'here'}-{index}"
-                              for index, claim in enumerate(CLAIMS)])
-def test_the_difference_table_says_what_the_config_files_resolve_to(native_bf16, row, column, pattern, files,
-                                                                   resolve):
+@pytest.mark.parametrize(
+    "row, column, pattern, files, resolve",
+    CLAIMS,
+    ids=[f"{claim[0]}-{'original' if claim[1] == ORIGINAL else 'here'}-{index}" for index, claim in enumerate(CLAIMS)],
+)
+def test_the_difference_table_says_what_the_config_files_resolve_to(native_bf16, row, column, pattern, files, resolve):
     """Each value the table states, read from its cell, against the config files it describes (resolved with
     their defaults, on a machine where `auto` would pick bf16)."""
     cell = difference_table()[row][column]
@@ -272,7 +417,7 @@ def test_the_difference_table_says_what_the_config_files_resolve_to(native_bf16,
 
 def test_the_activation_row_is_the_models_choice_and_the_same_function():
     original, here = difference_table()["activation"]
-    original_name, = re.findall(r"`(\w+)`", original)
+    (original_name,) = re.findall(r"`(\w+)`", original)
     here_name = re.findall(r"`(\w+)`", here)[0]
     assert models.FUSED_ACTIVATIONS[original_name] == here_name
     student = models.build_student(GPT2Config(n_layer=2, n_embd=16, n_head=2, activation_function=original_name), 1)
@@ -307,8 +452,16 @@ def test_config_yaml_is_the_seed_experiment_with_explicit_choices():
     assert config.training_parameters.loss.spec() == seed.training_parameters.loss.spec()  # alpha 1, beta 0.1, T 1
     # The better choices are written in config.yaml itself, not left to defaults.
     written = yaml.safe_load((REPO / "config.yaml").read_text())
-    for key in ("optimizer", "learning_rate", "lr_scheduler", "warmup_steps", "max_grad_norm", "batch_size",
-                "gradient_accumulation_steps", "nb_epochs"):
+    for key in (
+        "optimizer",
+        "learning_rate",
+        "lr_scheduler",
+        "warmup_steps",
+        "max_grad_norm",
+        "batch_size",
+        "gradient_accumulation_steps",
+        "nb_epochs",
+    ):
         assert key in written["training_parameters"], key
     assert {"group_by_length", "template", "max_length"} <= set(written["data"])
 
@@ -320,8 +473,8 @@ CARD_ROW = {
     "instruction": "Identify the odd one out.",
     "input": "Twitter, Instagram, Telegram",
     "output": "The odd one out is Telegram. Twitter and Instagram are social media platforms mainly for sharing "
-              "information, images and videos while Telegram is a cloud-based instant messaging and voice-over-IP "
-              "service.",
+    "information, images and videos while Telegram is a cloud-based instant messaging and voice-over-IP "
+    "service.",
 }
 CARD_TEXT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
@@ -336,8 +489,18 @@ NO_INPUT_TEXT = (
 
 def data_spec(**values) -> dataset.DataSpec:
     """The data settings of config.yaml's defaults (template alpaca), with `values` changed."""
-    return dataset.DataSpec(**{"dataset": "unused", "text_column": None, "max_length": 1024, "split": (0.6, 0.2, 0.2),
-                               "mask_instruction": False, "max_samples": None, "seed": 0, **values})
+    return dataset.DataSpec(
+        **{
+            "dataset": "unused",
+            "text_column": None,
+            "max_length": 1024,
+            "split": (0.6, 0.2, 0.2),
+            "mask_instruction": False,
+            "max_samples": None,
+            "seed": 0,
+            **values,
+        }
+    )
 
 
 def formatted(rows: list[dict], **spec_values) -> list[str]:
@@ -346,33 +509,42 @@ def formatted(rows: list[dict], **spec_values) -> list[str]:
 
 
 def test_default_template_renders_the_data_set_text_column_byte_for_byte():
-    no_input = {"instruction": "Give three tips for staying healthy.", "input": "",
-                "output": "1. Eat well.\n2. Sleep.\n3. Move."}
+    no_input = {
+        "instruction": "Give three tips for staying healthy.",
+        "input": "",
+        "output": "1. Eat well.\n2. Sleep.\n3. Move.",
+    }
     assert formatted([CARD_ROW, no_input]) == [CARD_TEXT, NO_INPUT_TEXT]
 
 
 def test_fields_are_used_as_they_are():
     """Stanford Alpaca strips nothing: surrounding spaces and newlines stay in the text, as in its `text` column."""
     row = {"instruction": " Say hi. ", "input": "", "output": "\nHi!\n"}
-    assert formatted([row]) == [NO_INPUT_TEXT.split("### Instruction:")[0]
-                                + "### Instruction:\n Say hi. \n\n### Response:\n\nHi!\n"]
+    assert formatted([row]) == [
+        NO_INPUT_TEXT.split("### Instruction:")[0] + "### Instruction:\n Say hi. \n\n### Response:\n\nHi!\n"
+    ]
 
 
 def test_a_custom_template_section_formats_both_variants():
     template = {"with_input": "Q: {instruction} ({input})\nA: ", "without_input": "Q: {instruction}\nA: "}
-    rows = [{"instruction": "2+2?", "input": "integers", "output": "4"}, {"instruction": "Hi?", "input": "",
-                                                                         "output": "Hello"}]
+    rows = [
+        {"instruction": "2+2?", "input": "integers", "output": "4"},
+        {"instruction": "Hi?", "input": "", "output": "Hello"},
+    ]
     texts = formatted(rows, template=dataset.prompt_template(template))
     assert texts == ["Q: 2+2? (integers)\nA: 4", "Q: Hi?\nA: Hello"]
 
 
-@pytest.mark.parametrize("template, problem", [
-    ("stanford", "use one of alpaca, alpaca_short"),
-    ({"with_input": "{instruction}"}, "exactly the keys with_input"),
-    ({"with_input": "{instruction} {input}", "without_input": "{instruction} {input}"}, "without_input"),
-    ({"with_input": "{instruction} {output}", "without_input": "{instruction}"}, "with_input"),
-    ({"with_input": "{instruction", "without_input": "{instruction}"}, "with_input"),
-])
+@pytest.mark.parametrize(
+    "template, problem",
+    [
+        ("stanford", "use one of alpaca, alpaca_short"),
+        ({"with_input": "{instruction}"}, "exactly the keys with_input"),
+        ({"with_input": "{instruction} {input}", "without_input": "{instruction} {input}"}, "without_input"),
+        ({"with_input": "{instruction} {output}", "without_input": "{instruction}"}, "with_input"),
+        ({"with_input": "{instruction", "without_input": "{instruction}"}, "with_input"),
+    ],
+)
 def test_a_wrong_template_is_one_config_sentence(tmp_path, config_values, template, problem):
     config_values["data"]["template"] = template
     with pytest.raises(ConfigError, match=problem) as raised:
@@ -396,7 +568,9 @@ def test_untrained_student_has_the_tokenizers_vocabulary_and_teacher_rows_are_cr
     teacher_config = GPT2Config(vocab_size=len(tokenizer) + 3, n_positions=32, n_embd=16, n_layer=2, n_head=2)
     teacher = AutoModelForCausalLM.from_config(teacher_config).eval()
     student = models.build_student(teacher.config, 1, vocab_size=len(tokenizer))
-    assert student.config.vocab_size == len(tokenizer) and student.get_input_embeddings().num_embeddings == len(tokenizer)
+    assert student.config.vocab_size == len(tokenizer) and student.get_input_embeddings().num_embeddings == len(
+        tokenizer
+    )
     assert student.config.n_embd == 16 and student.config.n_layer == 1
     models.initialise_from_teacher(student, teacher, [1])
     torch.testing.assert_close(student.get_input_embeddings().weight, teacher.get_input_embeddings().weight[:-3])

@@ -13,11 +13,14 @@ import torch.nn.functional as F
 
 import distill
 import models
-from distillation.training import teacher_cache
 from distillation.settings.config import ConfigError, load_config
+from distillation.training import teacher_cache
 from helpers import base_config, write_config
 from loss import (
-    IGNORE_INDEX, CachedTeacher, cached_teacher_kd_and_cross_entropy, divergence_and_cross_entropy,
+    IGNORE_INDEX,
+    CachedTeacher,
+    cached_teacher_kd_and_cross_entropy,
+    divergence_and_cross_entropy,
     kd_and_cross_entropy,
 )
 
@@ -95,8 +98,9 @@ def cached_config(tmp_path, teacher_dir, data_file, **loss_overrides) -> dict:
     return values
 
 
-def test_runs_after_the_first_reuse_the_cache_without_loading_the_teacher(tmp_path, teacher_dir, data_file,
-                                                                          monkeypatch):
+def test_runs_after_the_first_reuse_the_cache_without_loading_the_teacher(
+    tmp_path, teacher_dir, data_file, monkeypatch
+):
     config_file = write_config(tmp_path / "config.yaml", cached_config(tmp_path, teacher_dir, data_file))
     assert distill.main(["--config", str(config_file), "--run-name", "builds"]) == 0
     caches = list((tmp_path / "data" / "teacher_cache").iterdir())
@@ -125,18 +129,21 @@ def test_the_cached_teacher_figures_match_the_teacher_itself(tmp_path, teacher_d
     cached_file = write_config(tmp_path / "cached.yaml", values)
     assert distill.main(["--config", str(live_file), "--run-name", "live"]) == 0
     assert distill.main(["--config", str(cached_file), "--run-name", "cached"]) == 0
-    live, from_cache = (json.loads((tmp_path / "checkpoints" / name / "summary.json").read_text())
-                        for name in ("live", "cached"))
-    assert from_cache["teacher"]["test"]["perplexity"] == pytest.approx(live["teacher"]["test"]["perplexity"],
-                                                                         rel=1e-3)
+    live, from_cache = (
+        json.loads((tmp_path / "checkpoints" / name / "summary.json").read_text()) for name in ("live", "cached")
+    )
+    assert from_cache["teacher"]["test"]["perplexity"] == pytest.approx(live["teacher"]["test"]["perplexity"], rel=1e-3)
     for key in ("loss", "kd", "ce", "kl_teacher", "top1_agreement"):
         assert from_cache["test"][key] == pytest.approx(live["test"][key], rel=2e-3, abs=2e-3), key
 
 
-@pytest.mark.parametrize("setting, value, sentence", [
-    ("temperature", 2.0, "set the loss temperature to 1"),
-    ("packing", True, "set data.packing to false"),
-])
+@pytest.mark.parametrize(
+    "setting, value, sentence",
+    [
+        ("temperature", 2.0, "set the loss temperature to 1"),
+        ("packing", True, "set data.packing to false"),
+    ],
+)
 def test_a_cache_refuses_what_it_cannot_serve(tmp_path, teacher_dir, data_file, setting, value, sentence):
     values = cached_config(tmp_path, teacher_dir, data_file)
     if setting == "packing":
@@ -152,8 +159,9 @@ def test_the_cache_key_follows_the_teacher_and_k(tmp_path, teacher_dir, data_fil
 
     config = load_config(write_config(tmp_path / "config.yaml", cached_config(tmp_path, teacher_dir, data_file)))
     tokenizer = models.load_tokenizer(str(teacher_dir))
-    splits = dataset.prepare_splits(dataset.spec_from_config(config), tokenizer, config.paths.data_folder,
-                                    config.paths.token_dataset)
+    splits = dataset.prepare_splits(
+        dataset.spec_from_config(config), tokenizer, config.paths.data_folder, config.paths.token_dataset
+    )
     root = tmp_path / "cache"
 
     def key(teacher, top_k):

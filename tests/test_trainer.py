@@ -19,9 +19,12 @@ def trainer_for(config_file, run_name: str, resume: bool = False, *overrides: st
 def test_evaluation_figures_are_per_target_token_whatever_the_batch_size(config_file):
     """The same student on the same split: batches of 8 or of 3 samples give the same figures, because every
     figure is summed over target tokens before it is divided (not averaged over batches)."""
-    by_eight, by_three = (trainer_for(config_file, f"batches-of-{size}", False,
-                                      f"training_parameters.batch_size={size}").evaluate("validation")
-                          for size in (8, 3))
+    by_eight, by_three = (
+        trainer_for(config_file, f"batches-of-{size}", False, f"training_parameters.batch_size={size}").evaluate(
+            "validation"
+        )
+        for size in (8, 3)
+    )
     assert by_eight["target_tokens"] == by_three["target_tokens"] > 0
     for key in ("loss", "kd", "ce", "perplexity", "kl_teacher", "top1_agreement"):
         assert by_three[key] == pytest.approx(by_eight[key], rel=1e-5), key

@@ -18,11 +18,12 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import ContextManager, Iterator, Optional
 
 
-def atomic_directory(destination: Path, replace: bool = False) -> ContextManager[Path]:
+def atomic_directory(destination: Path, replace: bool = False) -> AbstractContextManager[Path]:
     """A context manager that yields an empty hidden staging directory beside `destination` to write into; when
     the block ends without an exception, fsyncs it and renames it into place. On an exception the staging directory
     is removed and `destination` is left as it was.
@@ -105,8 +106,11 @@ _FULL_DISK_MESSAGES = ("No space left on device", "Disk quota exceeded", "os err
 
 def is_disk_full(error: BaseException) -> bool:
     """Whether `error`, or an exception that caused it, says the file system is full (or the quota spent)."""
-    return any((isinstance(link, OSError) and link.errno in (errno.ENOSPC, errno.EDQUOT))
-               or any(message in str(link) for message in _FULL_DISK_MESSAGES) for link in _chain(error))
+    return any(
+        (isinstance(link, OSError) and link.errno in (errno.ENOSPC, errno.EDQUOT))
+        or any(message in str(link) for message in _FULL_DISK_MESSAGES)
+        for link in _chain(error)
+    )
 
 
 def is_refused_write(error: BaseException) -> bool:
@@ -114,12 +118,12 @@ def is_refused_write(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
-def written_path(error: BaseException) -> Optional[str]:
+def written_path(error: BaseException) -> str | None:
     """The file named by the first OSError in `error`'s chain, if any: where a failed write went."""
     return next((str(link.filename) for link in _chain(error) if isinstance(link, OSError) and link.filename), None)
 
 
-def _chain(error: Optional[BaseException]) -> Iterator[BaseException]:
+def _chain(error: BaseException | None) -> Iterator[BaseException]:
     """`error` and the exceptions that caused it, or were being handled when it was raised."""
     seen = set()
     while error is not None and id(error) not in seen:
@@ -128,7 +132,7 @@ def _chain(error: Optional[BaseException]) -> Iterator[BaseException]:
         error = error.__cause__ or error.__context__
 
 
-def make_folder(folder: Path) -> tuple[Optional[str], list[Path]]:
+def make_folder(folder: Path) -> tuple[str | None, list[Path]]:
     """Create `folder` and its missing parents: (None, the folders created, deepest first), or (why it cannot be a
     folder, []) for a configured path that is a file, lies under one, or cannot be written."""
     if folder.exists() and not folder.is_dir():

@@ -14,8 +14,9 @@ import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, TypeVar
 
 from distillation.base.errors import UserError, first_line
 from distillation.base.storage import atomic_directory
@@ -49,13 +50,21 @@ def write(directory: Path, manifest_name: str, fill: Callable[[Path], dict]) -> 
     finished the same entry first, theirs is kept."""
     with atomic_directory(directory) as staging:
         manifest = fill(staging)
-        manifest["files"] = {path.relative_to(staging).as_posix(): path.stat().st_size
-                             for path in sorted(staging.rglob("*")) if path.is_file()}
+        manifest["files"] = {
+            path.relative_to(staging).as_posix(): path.stat().st_size
+            for path in sorted(staging.rglob("*"))
+            if path.is_file()
+        }
         (staging / manifest_name).write_text(json.dumps(manifest, indent=2, default=str))
 
 
-def read(directory: Path, manifest_name: str, what: str, open_entry: Callable[[Path, dict], Entry],
-         errors: tuple[type[BaseException], ...] = ()) -> Optional[Entry]:
+def read(
+    directory: Path,
+    manifest_name: str,
+    what: str,
+    open_entry: Callable[[Path, dict], Entry],
+    errors: tuple[type[BaseException], ...] = (),
+) -> Entry | None:
     """The entry `directory` as `open_entry(directory, manifest)` opens it; None when there is none, or when it is
     damaged: its manifest unreadable, a file it lists missing or of another size, or `open_entry` raising Damaged,
     one of READ_ERRORS or of `errors`. A damaged entry is removed (see `remove_damaged`)."""
@@ -93,5 +102,6 @@ def remove_damaged(directory: Path, what: str, problem: str) -> None:
         else:
             directory.unlink()
     except OSError as error:
-        raise CacheError(f"the {what} {directory} is damaged ({problem}) and could not be removed "
-                         f"({first_line(error)}); delete it.") from None
+        raise CacheError(
+            f"the {what} {directory} is damaged ({problem}) and could not be removed ({first_line(error)}); delete it."
+        ) from None

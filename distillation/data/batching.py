@@ -61,8 +61,16 @@ class EpochBatches:
     batches (`shuffle=False`) are taken longest first.
     """
 
-    def __init__(self, lengths, batch_size: int, seed: int, shuffle: bool = True, group_by_length: bool = True,
-                 num_processes: int = 1, process_index: int = 0) -> None:
+    def __init__(
+        self,
+        lengths,
+        batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        group_by_length: bool = True,
+        num_processes: int = 1,
+        process_index: int = 0,
+    ) -> None:
         self.grouped = LengthGroupedBatchSampler(lengths, batch_size, seed, shuffle)
         self.count, self.batch_size, self.seed = len(self.grouped.lengths), batch_size, seed
         self.shuffle, self.group_by_length = shuffle, group_by_length
@@ -115,7 +123,12 @@ class PaddingCollator:
             input_ids[row, : len(ids)] = ids
             attention_mask[row, : len(ids)] = 1
             labels[row, : len(ids)] = self.sample_labels(sample, ids, first=0)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **self.token_counts(samples)}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            **self.token_counts(samples),
+        }
 
     def sample_labels(self, sample: dict, ids: torch.Tensor, first: int) -> torch.Tensor:
         """A sample's labels: its ids from position `first` on, and with `mask_instruction` only its targets: a chat
@@ -131,7 +144,9 @@ class PaddingCollator:
 
     def token_counts(self, samples: list[dict]) -> dict[str, int]:
         lengths = np.array([len(sample["input_ids"]) for sample in samples])
-        targets = target_counts(lengths, np.array([sample["prompt_length"] for sample in samples]), self.mask_instruction)
+        targets = target_counts(
+            lengths, np.array([sample["prompt_length"] for sample in samples]), self.mask_instruction
+        )
         return {"real_tokens": int(lengths.sum()), "target_tokens": int(targets.sum())}
 
 
@@ -207,8 +222,16 @@ def collator(pad_token_id: int, data) -> PaddingCollator:
     return PaddingCollator(pad_token_id, data.mask_instruction)
 
 
-def data_loader(split, collate, batch_size: int, seed: int, shuffle: bool, group_by_length: bool,
-                num_processes: int, process_index: int) -> DataLoader:
+def data_loader(
+    split,
+    collate,
+    batch_size: int,
+    seed: int,
+    shuffle: bool,
+    group_by_length: bool,
+    num_processes: int,
+    process_index: int,
+) -> DataLoader:
     """The batches of `split` for this process, in the order of `EpochBatches` (call its `set_epoch` through the
     loader's `batch_sampler` before each epoch)."""
     sampler = EpochBatches(split["length"], batch_size, seed, shuffle, group_by_length, num_processes, process_index)

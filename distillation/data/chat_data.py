@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Optional
+from typing import Any
 
 from datasets import Dataset
 from datasets.features import List, Value
 from jinja2 import TemplateError
 
-from distillation.data.data_files import DataError
 from distillation.base.errors import first_line
+from distillation.data.data_files import DataError
 
 ALPACA = "alpaca"
 MESSAGES = "messages"
@@ -31,16 +31,22 @@ FORMAT_COLUMNS = {
     SHAREGPT: ("conversations",),
     PROMPT_COMPLETION: ("prompt", "completion"),
 }
-ACCEPTED = ("Alpaca columns instruction/output (and input), a messages column of "
-            "{\"role\": ..., \"content\": ...} turns, a ShareGPT conversations column of "
-            "{\"from\": ..., \"value\": ...} turns, or prompt/completion columns")
+ACCEPTED = (
+    "Alpaca columns instruction/output (and input), a messages column of "
+    '{"role": ..., "content": ...} turns, a ShareGPT conversations column of '
+    '{"from": ..., "value": ...} turns, or prompt/completion columns'
+)
 ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user",
-                  **{name: "assistant" for name in ("gpt", "assistant", "chatgpt", "bing", "bard", "model")}}
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    **{name: "assistant" for name in ("gpt", "assistant", "chatgpt", "bing", "bard", "model")},
+}
 GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
-def data_format(columns) -> Optional[str]:
+def data_format(columns) -> str | None:
     """The format a data set's columns say (FORMAT_COLUMNS, first match), or None."""
     return next((name for name, needed in FORMAT_COLUMNS.items() if set(needed) <= set(columns)), None)
 
@@ -53,27 +59,37 @@ def check_columns(raw: Dataset, kind: str, dataset: str) -> None:
             return
         if all(isinstance(feature, List) for feature in features.values()):
             return
-        raise DataError(f"the columns 'prompt' and 'completion' of {dataset} must both be texts or both be lists of "
-                        f"{{\"role\": ..., \"content\": ...}} messages; write each row's two the same way.")
-    (name, feature), = features.items()
+        raise DataError(
+            f"the columns 'prompt' and 'completion' of {dataset} must both be texts or both be lists of "
+            f'{{"role": ..., "content": ...}} messages; write each row\'s two the same way.'
+        )
+    ((name, feature),) = features.items()
     if not isinstance(feature, List):
         turn = '{"role": ..., "content": ...}' if kind == MESSAGES else '{"from": ..., "value": ...}'
-        raise DataError(f"the column {name!r} of {dataset} does not hold lists of turns; write each row's {name} as "
-                        f"a list of {turn} records.")
+        raise DataError(
+            f"the column {name!r} of {dataset} does not hold lists of turns; write each row's {name} as "
+            f"a list of {turn} records."
+        )
 
 
 def to_messages(batch: dict, indices: list[int], kind: str, dataset: str) -> dict:
     """A batch of rows in format `kind` -> `messages`: lists of {"role", "content"} turns, each checked; and the
     `row` each comes from."""
     if kind == MESSAGES:
-        turns = [[_turn(turn, "role", "content", index, dataset) for turn in row or []]
-                 for row, index in zip(batch["messages"], indices)]
+        turns = [
+            [_turn(turn, "role", "content", index, dataset) for turn in row or []]
+            for row, index in zip(batch["messages"], indices)
+        ]
     elif kind == SHAREGPT:
-        turns = [[_sharegpt_turn(turn, index, dataset) for turn in row or []]
-                 for row, index in zip(batch["conversations"], indices)]
+        turns = [
+            [_sharegpt_turn(turn, index, dataset) for turn in row or []]
+            for row, index in zip(batch["conversations"], indices)
+        ]
     else:
-        turns = [_prompt_completion(prompt, completion, index, dataset)
-                 for prompt, completion, index in zip(batch["prompt"], batch["completion"], indices)]
+        turns = [
+            _prompt_completion(prompt, completion, index, dataset)
+            for prompt, completion, index in zip(batch["prompt"], batch["completion"], indices)
+        ]
     for conversation, index in zip(turns, indices):
         _check_conversation(conversation, index, dataset)
     return {"messages": turns, "row": [index + 1 for index in indices]}  # counted from 1, for the refusals
@@ -86,10 +102,15 @@ def has_response(batch: dict) -> list[bool]:
 
 def _turn(turn: Any, role_key: str, content_key: str, index: int, dataset: str) -> dict:
     where = f"row {index + 1} of {dataset}"
-    if not isinstance(turn, dict) or not isinstance(turn.get(role_key), str) \
-            or not isinstance(turn.get(content_key), str):
-        raise DataError(f"{where} has a turn without a text {role_key} and {content_key} ({turn!r}); write each "
-                        f"turn as {{\"{role_key}\": ..., \"{content_key}\": \"...\"}}.")
+    if (
+        not isinstance(turn, dict)
+        or not isinstance(turn.get(role_key), str)
+        or not isinstance(turn.get(content_key), str)
+    ):
+        raise DataError(
+            f"{where} has a turn without a text {role_key} and {content_key} ({turn!r}); write each "
+            f'turn as {{"{role_key}": ..., "{content_key}": "..."}}.'
+        )
     if role_key == "role" and turn["role"] not in ROLES:
         raise DataError(f"{where} has a turn of role {turn['role']!r}; use one of the roles {', '.join(ROLES)}.")
     return {"role": turn[role_key], "content": turn[content_key]}
@@ -98,8 +119,9 @@ def _turn(turn: Any, role_key: str, content_key: str, index: int, dataset: str) 
 def _sharegpt_turn(turn: Any, index: int, dataset: str) -> dict:
     checked = _turn(turn, "from", "value", index, dataset)
     if checked["role"] not in SHAREGPT_ROLES:
-        raise DataError(f"row {index + 1} of {dataset} has a turn from {checked['role']!r}; use one of "
-                        f"{', '.join(SHAREGPT_ROLES)}.")
+        raise DataError(
+            f"row {index + 1} of {dataset} has a turn from {checked['role']!r}; use one of {', '.join(SHAREGPT_ROLES)}."
+        )
     return {"role": SHAREGPT_ROLES[checked["role"]], "content": checked["content"]}
 
 
@@ -107,16 +129,20 @@ def _prompt_completion(prompt: Any, completion: Any, index: int, dataset: str) -
     if isinstance(prompt, list) or isinstance(completion, list):
         return [_turn(turn, "role", "content", index, dataset) for turn in (prompt or []) + (completion or [])]
     # Texts, as Alpaca's fields: a missing one is empty.
-    return [{"role": "user", "content": "" if prompt is None else str(prompt)},
-            {"role": "assistant", "content": "" if completion is None else str(completion)}]
+    return [
+        {"role": "user", "content": "" if prompt is None else str(prompt)},
+        {"role": "assistant", "content": "" if completion is None else str(completion)},
+    ]
 
 
 def _check_conversation(conversation: list[dict], index: int, dataset: str) -> None:
     if not conversation:
         raise DataError(f"row {index + 1} of {dataset} is an empty conversation; give it turns, or remove it.")
     if not any(turn["role"] == "assistant" for turn in conversation):
-        raise DataError(f"row {index + 1} of {dataset} has no assistant turn, so nothing to learn; add the answer, "
-                        f"or remove the row.")
+        raise DataError(
+            f"row {index + 1} of {dataset} has no assistant turn, so nothing to learn; add the answer, "
+            f"or remove the row."
+        )
 
 
 def rendering_template(tokenizer, template: Any) -> str:
@@ -144,8 +170,11 @@ def alpaca_chat_template(template: Any) -> str:
     return (
         "{%- for message in messages -%}"
         "{%- if message['role'] == 'system' -%}{{ message['content'] }}{{ " + literal("\n\n") + " }}"
-        "{%- elif message['role'] == 'user' -%}{{ " + literal(prefix) + " }}{{ message['content'] }}{{ "
-        + literal(suffix) + " }}"
+        "{%- elif message['role'] == 'user' -%}{{ "
+        + literal(prefix)
+        + " }}{{ message['content'] }}{{ "
+        + literal(suffix)
+        + " }}"
         "{%- elif message['role'] == 'assistant' -%}{% generation %}{{ message['content'] }}{{ eos_token }}"
         "{% endgeneration %}"
         "{%- endif -%}"
@@ -153,7 +182,7 @@ def alpaca_chat_template(template: Any) -> str:
     )
 
 
-def tokenizer_template(tokenizer) -> Optional[str]:
+def tokenizer_template(tokenizer) -> str | None:
     """The tokenizer's own chat template, if it has one."""
     own = getattr(tokenizer, "chat_template", None)
     if isinstance(own, dict):  # several named templates: the one apply_chat_template would use
@@ -161,8 +190,7 @@ def tokenizer_template(tokenizer) -> Optional[str]:
     return own or None
 
 
-def tokenize_conversations(rows: Dataset, tokenizer, chat_template: str, spec, num_proc,
-                           fingerprint: str) -> Dataset:
+def tokenize_conversations(rows: Dataset, tokenizer, chat_template: str, spec, num_proc, fingerprint: str) -> Dataset:
     """`messages` -> `input_ids` (the rendered conversation, cut at `spec.max_length`), `target_mask` (with
     `spec.mask_instruction`, True on the tokens of assistant turns: their text and the end of turn the template
     writes; else True everywhere), `prompt_length` and `length`.
@@ -179,8 +207,9 @@ def tokenize_conversations(rows: Dataset, tokenizer, chat_template: str, spec, n
                 ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
                 masks = [[True] * len(sample) for sample in ids]
             elif tagged:
-                encoded = tokenizer.apply_chat_template(batch["messages"], chat_template=chat_template,
-                                                        return_dict=True, return_assistant_tokens_mask=True)
+                encoded = tokenizer.apply_chat_template(
+                    batch["messages"], chat_template=chat_template, return_dict=True, return_assistant_tokens_mask=True
+                )
                 ids, masks = encoded["input_ids"], encoded["assistant_masks"]
             else:
                 ids, masks = _tokenize_by_prefixes(tokenizer, batch, chat_template, spec.dataset)
@@ -195,8 +224,14 @@ def tokenize_conversations(rows: Dataset, tokenizer, chat_template: str, spec, n
             "target_mask": masks,
         }
 
-    return rows.map(encode, batched=True, remove_columns=rows.column_names, num_proc=num_proc,
-                    load_from_cache_file=False, new_fingerprint=fingerprint)
+    return rows.map(
+        encode,
+        batched=True,
+        remove_columns=rows.column_names,
+        num_proc=num_proc,
+        load_from_cache_file=False,
+        new_fingerprint=fingerprint,
+    )
 
 
 def _tokenize_by_prefixes(tokenizer, batch: dict, chat_template: str, dataset: str) -> tuple[list, list]:
@@ -213,16 +248,20 @@ def _tokenize_by_prefixes(tokenizer, batch: dict, chat_template: str, dataset: s
             before = _render(tokenizer, messages[:position], chat_template, True) if position else ""
             through = _render(tokenizer, messages[: position + 1], chat_template)
             if not (text.startswith(through) and through.startswith(before)):
-                raise DataError(f"the tokenizer's chat template renders the first turns of row {row} of {dataset} "
-                                f"differently when more follow, so its assistant turns cannot be found; add "
-                                f"{{% generation %}} tags around its assistant turns, or set data.mask_instruction "
-                                f"to false.")
+                raise DataError(
+                    f"the tokenizer's chat template renders the first turns of row {row} of {dataset} "
+                    f"differently when more follow, so its assistant turns cannot be found; add "
+                    f"{{% generation %}} tags around its assistant turns, or set data.mask_instruction "
+                    f"to false."
+                )
             turns.append((len(before), len(through)))
         texts.append(text)
         spans.append(turns)
     encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    masks = [[any(end > low and start < high for low, high in turns) for start, end in offsets]
-             for offsets, turns in zip(encoded["offset_mapping"], spans)]
+    masks = [
+        [any(end > low and start < high for low, high in turns) for start, end in offsets]
+        for offsets, turns in zip(encoded["offset_mapping"], spans)
+    ]
     return encoded["input_ids"], masks
 
 
@@ -237,13 +276,16 @@ def _unrenderable(tokenizer, batch: dict, chat_template: str, dataset: str, erro
             row, error = number, own_error
             break
     where = f"row {row} of {dataset}" if row is not None else f"a conversation of {dataset}"
-    return DataError(f"the chat template cannot render {where} ({first_line(error)}); fix the conversation, or "
-                     f"the tokenizer's chat_template.")
+    return DataError(
+        f"the chat template cannot render {where} ({first_line(error)}); fix the conversation, or "
+        f"the tokenizer's chat_template."
+    )
 
 
 def _render(tokenizer, messages: list, chat_template: str, add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(
+        messages, chat_template=chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def _is_text(feature) -> bool:

@@ -7,13 +7,12 @@ import codecs
 import contextlib
 import hashlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 from datasets import Dataset, load_dataset
 
-from distillation.base import storage
-from distillation.base import verified_cache
+from distillation.base import storage, verified_cache
 from distillation.base.errors import UserError, first_line
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -27,11 +26,13 @@ def check_data_folder(data_folder: str) -> None:
     """paths.data_folder holds the caches (tokenized data, `datasets`' copies): it must be, or become, a folder."""
     problem, _created = storage.make_folder(Path(data_folder))
     if problem is not None:
-        raise DataError(f"paths.data_folder {data_folder} cannot hold the data caches ({problem}); set "
-                        f"paths.data_folder to a folder this user can write to.")
+        raise DataError(
+            f"paths.data_folder {data_folder} cannot hold the data caches ({problem}); set "
+            f"paths.data_folder to a folder this user can write to."
+        )
 
 
-def resolve_local_files(dataset: str, data_folder: str) -> Optional[list[Path]]:
+def resolve_local_files(dataset: str, data_folder: str) -> list[Path] | None:
     """The local data files that `dataset` names (as given, or inside `data_folder`), or None for a Hub name."""
     for candidate in (Path(dataset), Path(data_folder) / dataset):
         if candidate.is_file():
@@ -116,8 +117,10 @@ def _check_utf8(files: list[Path]) -> None:
 
 
 def _empty_file(path: Path) -> DataError:
-    return DataError(f"the data file {path} is empty (no sample in it); put the samples back in it, or set "
-                     f"data.dataset to another file.")
+    return DataError(
+        f"the data file {path} is empty (no sample in it); put the samples back in it, or set "
+        f"data.dataset to another file."
+    )
 
 
 @contextlib.contextmanager

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -55,8 +54,15 @@ class _Scratch:
         return [tensor[:rows] for tensor in self.tensors]
 
 
-def _forward_kl_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
-                     terms: FusedTerms, count: int, gradient_out: Optional[torch.Tensor], scratch: _Scratch):
+def _forward_kl_rows(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    terms: FusedTerms,
+    count: int,
+    gradient_out: torch.Tensor | None,
+    scratch: _Scratch,
+):
     """(KL sum, CE sum) of at most ROWS_AT_ONCE rows of logits `(R, V)` in the compute dtype, and the gradient of the
     objective with respect to those logits written into `gradient_out` `(R, V)` when given."""
     temperature, alpha, beta = terms.temperature, terms.alpha, terms.beta
@@ -70,8 +76,9 @@ def _forward_kl_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         torch.log_softmax(teacher_log_probs_t.copy_(teacher_logits).div_(temperature), dim=-1, out=teacher_log_probs_t)
     torch.exp(teacher_log_probs_t, out=teacher_probs_t)
     # Computed in the teacher's log-probabilities, which the gradient does not read: no (R, V) tensor to allocate.
-    kd_sum = kl_divergence(teacher_log_probs_t, student_log_probs_t, finite=True, probs_a=teacher_probs_t,
-                           out=teacher_log_probs_t).sum()
+    kd_sum = kl_divergence(
+        teacher_log_probs_t, student_log_probs_t, finite=True, probs_a=teacher_probs_t, out=teacher_log_probs_t
+    ).sum()
     ce_sum = -log_probs.gather(1, targets[:, None]).sum()
     if gradient_out is None:
         return kd_sum, ce_sum
@@ -88,20 +95,30 @@ def _forward_kl_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return kd_sum, ce_sum
 
 
-def _any_divergence_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
-                         terms: FusedTerms, count: int, gradient_out: Optional[torch.Tensor], scratch: _Scratch):
+def _any_divergence_rows(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    terms: FusedTerms,
+    count: int,
+    gradient_out: torch.Tensor | None,
+    scratch: _Scratch,
+):
     """As `_forward_kl_rows` for any divergence, by autograd over these rows' logits only: the divergence is
     `divergences.token_divergence`, the very function of the full-logits loss."""
     temperature, wants_gradient = terms.temperature, gradient_out is not None
-    student_logits_32, teacher_logits_32 = (tensor.copy_(logits) for tensor, logits in
-                                            zip(scratch.take(student_logits.size(0)), (student_logits, teacher_logits)))
+    student_logits_32, teacher_logits_32 = (
+        tensor.copy_(logits)
+        for tensor, logits in zip(scratch.take(student_logits.size(0)), (student_logits, teacher_logits))
+    )
     with torch.enable_grad() if wants_gradient else contextlib.nullcontext():
         logits = student_logits_32.requires_grad_(wants_gradient)
         log_probs = F.log_softmax(logits, dim=-1)
         student_log_probs_t = log_probs if temperature == 1.0 else F.log_softmax(logits / temperature, dim=-1)
         teacher_log_probs_t = F.log_softmax(teacher_logits_32 / temperature, dim=-1)
-        kd_sum = token_divergence(student_log_probs_t, teacher_log_probs_t, terms.divergence, terms.jsd_beta,
-                                  terms.skew).sum()
+        kd_sum = token_divergence(
+            student_log_probs_t, teacher_log_probs_t, terms.divergence, terms.jsd_beta, terms.skew
+        ).sum()
         ce_sum = -log_probs.gather(1, targets[:, None]).sum()
         if not wants_gradient:
             return kd_sum, ce_sum
@@ -120,8 +137,16 @@ class FusedDivergenceCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student_hidden, student_head, teacher_hidden, teacher_head, targets, terms: FusedTerms,
-                compute_dtype: torch.dtype):
+    def forward(
+        ctx,
+        student_hidden,
+        student_head,
+        teacher_hidden,
+        teacher_head,
+        targets,
+        terms: FusedTerms,
+        compute_dtype: torch.dtype,
+    ):
         count = max(targets.numel(), 1)  # no target: both terms are 0
         wants_gradient = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]  # not during evaluation
         # Cast once, not per chunk: a (V, d) copy each.
@@ -138,9 +163,17 @@ class FusedDivergenceCE(torch.autograd.Function):
         for start in range(0, targets.numel(), group_rows):
             group = slice(start, start + group_rows)
             hidden_gradient_rows = hidden_gradient[group] if wants_gradient else None
-            kd_sum, ce_sum, head_gradient = _project_group(student_hidden[group], teacher_hidden[group],
-                                                           targets[group], heads, terms, count, hidden_gradient_rows,
-                                                           head_gradient, workspace)
+            kd_sum, ce_sum, head_gradient = _project_group(
+                student_hidden[group],
+                teacher_hidden[group],
+                targets[group],
+                heads,
+                terms,
+                count,
+                hidden_gradient_rows,
+                head_gradient,
+                workspace,
+            )
             kd_total += kd_sum
             ce_total += ce_sum
         kd = terms.temperature**2 * kd_total / count
@@ -155,8 +188,15 @@ class FusedDivergenceCE(torch.autograd.Function):
         hidden_gradient, head_gradient, hidden_dtype, head_dtype = ctx.gradients
         ctx.gradients = None
         # In place: the stored gradients are used once, and a copy of the head's gradient would cost (V, d) again.
-        return (hidden_gradient.mul_(loss_gradient).to(hidden_dtype), head_gradient.mul_(loss_gradient).to(head_dtype),
-                None, None, None, None, None)
+        return (
+            hidden_gradient.mul_(loss_gradient).to(hidden_dtype),
+            head_gradient.mul_(loss_gradient).to(head_dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 # In 16 bits, rows whose logits gradients are kept for one product with the head: (rows, V) 16-bit values, 200 MiB
@@ -183,21 +223,31 @@ class _Workspace:
     """What one loss call reuses for every chunk: the chunk's logits `(C, V)` in the compute dtype (the products
     write there), the group's logits gradient `(G, V)` in the compute dtype, and the float32 scratch rows."""
 
-    def __init__(self, targets: int, heads: tuple[torch.Tensor, torch.Tensor], terms: FusedTerms,
-                 wants_gradient: bool) -> None:
+    def __init__(
+        self, targets: int, heads: tuple[torch.Tensor, torch.Tensor], terms: FusedTerms, wants_gradient: bool
+    ) -> None:
         student_head = heads[0]
         vocabulary, dtype, device = student_head.size(0), student_head.dtype, student_head.device
         rows = min(targets, _chunk_rows(terms.chunk_size, dtype))
-        self.student_logits, self.teacher_logits = (torch.empty(rows, vocabulary, dtype=dtype, device=device)
-                                                    for _ in range(2))
+        self.student_logits, self.teacher_logits = (
+            torch.empty(rows, vocabulary, dtype=dtype, device=device) for _ in range(2)
+        )
         group_rows = min(targets, _group_rows(terms.chunk_size, dtype))
-        self.logits_gradient = (torch.empty(group_rows, vocabulary, dtype=dtype, device=device) if wants_gradient
-                                else None)
+        self.logits_gradient = (
+            torch.empty(group_rows, vocabulary, dtype=dtype, device=device) if wants_gradient else None
+        )
         self.scratch = _Scratch(vocabulary, device, count=4)
 
 
-def _chunk_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, terms: FusedTerms,
-                count: int, logits_gradient: Optional[torch.Tensor], scratch: _Scratch):
+def _chunk_sums(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    terms: FusedTerms,
+    count: int,
+    logits_gradient: torch.Tensor | None,
+    scratch: _Scratch,
+):
     """The KD and CE sums of a chunk's logits `(C, V)`, ROWS_AT_ONCE rows at a time; with `logits_gradient` (the
     chunk's `(C, V)` rows of it), the gradient of the objective with respect to the logits is written there."""
     row_sums = _forward_kl_rows if terms.has_closed_form else _any_divergence_rows
@@ -205,15 +255,24 @@ def _chunk_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targ
     for start in range(0, targets.numel(), ROWS_AT_ONCE):
         rows = slice(start, start + ROWS_AT_ONCE)
         gradient_out = None if logits_gradient is None else logits_gradient[rows]
-        kd_sum, ce_sum = row_sums(student_logits[rows], teacher_logits[rows], targets[rows], terms, count,
-                                  gradient_out, scratch)
+        kd_sum, ce_sum = row_sums(
+            student_logits[rows], teacher_logits[rows], targets[rows], terms, count, gradient_out, scratch
+        )
         kd_total, ce_total = kd_total + kd_sum, ce_total + ce_sum
     return kd_total, ce_total
 
 
-def _project_group(student_hidden, teacher_hidden, targets, heads, terms: FusedTerms, count: int,
-                   hidden_gradient_rows: Optional[torch.Tensor], head_gradient: Optional[torch.Tensor],
-                   workspace: _Workspace):
+def _project_group(
+    student_hidden,
+    teacher_hidden,
+    targets,
+    heads,
+    terms: FusedTerms,
+    count: int,
+    hidden_gradient_rows: torch.Tensor | None,
+    head_gradient: torch.Tensor | None,
+    workspace: _Workspace,
+):
     """The KD and CE sums of a group of G positions (`(G, d)` hidden states) and the head's float32 gradient so far
     (None before the first group); with `hidden_gradient_rows` (the group's `(G, d)` rows of the hidden states'
     float32 gradient), the group's gradients are written there and added to the head's."""
@@ -228,8 +287,15 @@ def _project_group(student_hidden, teacher_hidden, targets, heads, terms: FusedT
         chunk = targets[rows].numel()
         student_logits = torch.mm(hidden[rows], student_head.T, out=workspace.student_logits[:chunk])
         teacher_logits = torch.mm(teacher_hidden[rows], teacher_head.T, out=workspace.teacher_logits[:chunk])
-        kd_sum, ce_sum = _chunk_sums(student_logits, teacher_logits, targets[rows], terms, count,
-                                     None if logits_gradient is None else logits_gradient[rows], workspace.scratch)
+        kd_sum, ce_sum = _chunk_sums(
+            student_logits,
+            teacher_logits,
+            targets[rows],
+            terms,
+            count,
+            None if logits_gradient is None else logits_gradient[rows],
+            workspace.scratch,
+        )
         kd_total, ce_total = kd_total + kd_sum, ce_total + ce_sum
     if not wants_gradient:
         return kd_total, ce_total, head_gradient
@@ -243,16 +309,22 @@ def _project_group(student_hidden, teacher_hidden, targets, heads, terms: FusedT
     return kd_total, ce_total, head_gradient
 
 
-def _compute_dtype(device_type: str, compute_dtype: Optional[torch.dtype]) -> torch.dtype:
+def _compute_dtype(device_type: str, compute_dtype: torch.dtype | None) -> torch.dtype:
     """`compute_dtype`, by default the autocast dtype where autocast is on at the call, else float32."""
     if compute_dtype is not None:
         return compute_dtype
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else torch.float32
 
 
-def fused_divergence_ce(student_hidden: torch.Tensor, student_head: torch.Tensor, teacher_hidden: torch.Tensor,
-                        teacher_head: torch.Tensor, targets: torch.Tensor, terms: FusedTerms,
-                        compute_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fused_divergence_ce(
+    student_hidden: torch.Tensor,
+    student_head: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_head: torch.Tensor,
+    targets: torch.Tensor,
+    terms: FusedTerms,
+    compute_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(alpha * KD + beta * CE, KD, CE)` of `student_hidden (N, d) @ student_head (V, d).T` against
     `teacher_hidden (N, d') @ teacher_head (V', d').T` with the targets `(N,)`; differentiable in the student's
     hidden states and head. The projections run in `compute_dtype`; by default the autocast dtype where autocast is
@@ -260,8 +332,9 @@ def fused_divergence_ce(student_hidden: torch.Tensor, student_head: torch.Tensor
     device_type = student_hidden.device.type
     compute_dtype = _compute_dtype(device_type, compute_dtype)
     with torch.autocast(device_type, enabled=False):  # the casts are explicit here
-        return FusedDivergenceCE.apply(student_hidden, student_head, teacher_hidden, teacher_head, targets, terms,
-                                       compute_dtype)
+        return FusedDivergenceCE.apply(
+            student_hidden, student_head, teacher_hidden, teacher_head, targets, terms, compute_dtype
+        )
 
 
 # --- evaluation: the same projections, values only -------------------------------------------------------------
@@ -270,8 +343,13 @@ def fused_divergence_ce(student_hidden: torch.Tensor, student_head: torch.Tensor
 FIGURES = ("kd", "ce", "kl_teacher", "top1_agreement")
 
 
-def _figure_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
-                 terms: FusedTerms, scratch: _Scratch) -> torch.Tensor:
+def _figure_rows(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    terms: FusedTerms,
+    scratch: _Scratch,
+) -> torch.Tensor:
     """`FIGURES` summed over at most ROWS_AT_ONCE rows of logits `(R, V)` in the compute dtype."""
     temperature = terms.temperature
     log_probs, teacher_log_probs, student_log_probs_t, teacher_log_probs_t = scratch.take(student_logits.size(0))
@@ -284,8 +362,9 @@ def _figure_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tar
     else:
         torch.log_softmax(student_log_probs_t.copy_(student_logits).div_(temperature), dim=-1, out=student_log_probs_t)
         torch.log_softmax(teacher_log_probs_t.copy_(teacher_logits).div_(temperature), dim=-1, out=teacher_log_probs_t)
-    divergence_sum = token_divergence(student_log_probs_t, teacher_log_probs_t, terms.divergence, terms.jsd_beta,
-                                      terms.skew, finite=True).sum()
+    divergence_sum = token_divergence(
+        student_log_probs_t, teacher_log_probs_t, terms.divergence, terms.jsd_beta, terms.skew, finite=True
+    ).sum()
     if terms.has_closed_form and temperature == 1.0:
         kl_sum = divergence_sum  # the KD divergence is the KL at T = 1 itself
     else:
@@ -294,9 +373,15 @@ def _figure_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tar
 
 
 @torch.no_grad()
-def fused_figures(student_hidden: torch.Tensor, student_head: torch.Tensor, teacher_hidden: torch.Tensor,
-                  teacher_head: torch.Tensor, targets: torch.Tensor, terms: FusedTerms,
-                  compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def fused_figures(
+    student_hidden: torch.Tensor,
+    student_head: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_head: torch.Tensor,
+    targets: torch.Tensor,
+    terms: FusedTerms,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """What an evaluation reads of a batch, projected as `fused_divergence_ce` projects it (same shapes, same
     precision), a chunk of positions at a time: `(len(FIGURES),)` float32 sums over the N rows of the KD term
     (`T**2` times the divergence), the CE, KL(teacher || student) at temperature 1 and the rows where both models'
@@ -305,7 +390,10 @@ def fused_figures(student_hidden: torch.Tensor, student_head: torch.Tensor, teac
     compute_dtype = _compute_dtype(device_type, compute_dtype)
     totals = torch.zeros(len(FIGURES), dtype=torch.float32, device=student_hidden.device)
     with torch.autocast(device_type, enabled=False):
-        student_head, teacher_head = student_head.to(compute_dtype), teacher_head[: student_head.size(0)].to(compute_dtype)
+        student_head, teacher_head = (
+            student_head.to(compute_dtype),
+            teacher_head[: student_head.size(0)].to(compute_dtype),
+        )
         hidden, teacher_hidden = student_hidden.to(compute_dtype), teacher_hidden.to(compute_dtype)
         workspace = _Workspace(targets.numel(), (student_head, teacher_head), terms, wants_gradient=False)
         chunk_rows = _chunk_rows(terms.chunk_size, compute_dtype)
@@ -316,14 +404,20 @@ def fused_figures(student_hidden: torch.Tensor, student_head: torch.Tensor, teac
             teacher_logits = torch.mm(teacher_hidden[rows], teacher_head.T, out=workspace.teacher_logits[:chunk])
             for block in range(0, chunk, ROWS_AT_ONCE):
                 block_rows = slice(block, block + ROWS_AT_ONCE)
-                totals += _figure_rows(student_logits[block_rows], teacher_logits[block_rows],
-                                       targets[rows][block_rows], terms, workspace.scratch)
+                totals += _figure_rows(
+                    student_logits[block_rows],
+                    teacher_logits[block_rows],
+                    targets[rows][block_rows],
+                    terms,
+                    workspace.scratch,
+                )
     return totals
 
 
 @torch.no_grad()
-def fused_cross_entropy_sum(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor,
-                            compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def fused_cross_entropy_sum(
+    hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, compute_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """The CE of `hidden (N, d) @ head (V, d).T` against the targets `(N,)`, summed over the rows (float32), a
     chunk of positions at a time, projected as `fused_divergence_ce` projects (its precision, its chunks)."""
     device_type = hidden.device.type
@@ -332,8 +426,9 @@ def fused_cross_entropy_sum(hidden: torch.Tensor, head: torch.Tensor, targets: t
     with torch.autocast(device_type, enabled=False):
         head, hidden = head.to(compute_dtype), hidden.to(compute_dtype)
         chunk_rows = _chunk_rows(FusedTerms.chunk_size, compute_dtype)
-        logits_rows = torch.empty(min(targets.numel(), chunk_rows), head.size(0), dtype=compute_dtype,
-                                  device=hidden.device)
+        logits_rows = torch.empty(
+            min(targets.numel(), chunk_rows), head.size(0), dtype=compute_dtype, device=hidden.device
+        )
         (log_probs,) = _Scratch(head.size(0), hidden.device, count=1).tensors
         for start in range(0, targets.numel(), chunk_rows):
             rows = slice(start, start + chunk_rows)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import math
 
-from typing import Optional
-
 import torch
 
 # p is the teacher's distribution, q the student's.
@@ -36,8 +34,13 @@ def check_divergence(divergence: str, jsd_beta: float = 0.5, skew: float = 0.1) 
             raise ValueError(f"{name} must be between 0 and 1 (got {value})")
 
 
-def kl_divergence(log_a: torch.Tensor, log_b: torch.Tensor, finite: bool = False,
-                  probs_a: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def kl_divergence(
+    log_a: torch.Tensor,
+    log_b: torch.Tensor,
+    finite: bool = False,
+    probs_a: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-row KL(a || b) = sum of a (log a - log b), from `(N, K)` log-probabilities -> `(N,)`: the one
     implementation of the KL divergence, which every KL-type term of the project (training, the fused kernel,
     evaluation) computes through.
@@ -77,8 +80,12 @@ def _log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float, fini
 
 
 def token_divergence(
-    student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, divergence: str,
-    jsd_beta: float = 0.5, skew: float = 0.1, finite: bool = False,
+    student_log_probs: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    divergence: str,
+    jsd_beta: float = 0.5,
+    skew: float = 0.1,
+    finite: bool = False,
 ) -> torch.Tensor:
     """Per-row divergence between the teacher's distribution p and the student's q, see `DIVERGENCES`.
 

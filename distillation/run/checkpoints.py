@@ -21,7 +21,6 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import safetensors.torch
@@ -51,13 +50,13 @@ class TrainerState:
     global_step: int = 0
     samples_seen: int = 0
     tokens_seen: int = 0
-    best_validation_loss: Optional[float] = None
-    best_validation_perplexity: Optional[float] = None
-    best_step: Optional[int] = None
-    last_evaluated_step: Optional[int] = None
+    best_validation_loss: float | None = None
+    best_validation_perplexity: float | None = None
+    best_step: int | None = None
+    last_evaluated_step: int | None = None
     skipped_batches: int = 0
     # Loss, kd and ce summed over the micro-batches since the last log step, and their count.
-    interval_sums: Optional[list] = None
+    interval_sums: list | None = None
     # Seconds of the run up to this checkpoint, over every process that worked on it (resumes add theirs).
     elapsed_s: float = 0.0
 
@@ -69,7 +68,7 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def gather_training_states(model: torch.nn.Module, optimizer) -> tuple[Optional[dict], dict]:
+def gather_training_states(model: torch.nn.Module, optimizer) -> tuple[dict | None, dict]:
     """The model's whole weights and the optimizer state keyed by parameter name, for a checkpoint.
 
     A sharded model's states are gathered from every process onto the main one (so every process must call this);
@@ -78,7 +77,9 @@ def gather_training_states(model: torch.nn.Module, optimizer) -> tuple[Optional[
     optimizer = getattr(optimizer, "optimizer", optimizer)  # inside Accelerate's wrapper
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
         )
 
         whole_on_main = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -98,8 +99,10 @@ def _parameter_names(model: torch.nn.Module, optimizer) -> list[str]:
 def _keyed_by_name(optimizer_state: dict, names: list[str]) -> dict:
     return {
         "state": {names[index]: values for index, values in optimizer_state["state"].items()},
-        "param_groups": [{**group, "params": [names[index] for index in group["params"]]}
-                         for group in optimizer_state["param_groups"]],
+        "param_groups": [
+            {**group, "params": [names[index] for index in group["params"]]}
+            for group in optimizer_state["param_groups"]
+        ],
     }
 
 
@@ -107,8 +110,9 @@ def _keyed_by_index(optimizer_state: dict, names: list[str]) -> dict:
     index = {name: position for position, name in enumerate(names)}
     return {
         "state": {index[name]: values for name, values in optimizer_state["state"].items()},
-        "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
-                         for group in optimizer_state["param_groups"]],
+        "param_groups": [
+            {**group, "params": [index[name] for name in group["params"]]} for group in optimizer_state["param_groups"]
+        ],
     }
 
 
@@ -117,20 +121,30 @@ class RunCheckpoints:
     part in a save (a sharded model's states are gathered from all of them) and the main process writes it; a
     resume reads the last one back. `identity` (`run_identity`) is what a resume must share with the config."""
 
-    def __init__(self, run_directory: Path, training, model, tokenizer, optimizer, scheduler, accelerator,
-                 identity: dict) -> None:
+    def __init__(
+        self, run_directory: Path, training, model, tokenizer, optimizer, scheduler, accelerator, identity: dict
+    ) -> None:
         self.last = run_directory / training.checkpoints_name_last
         self.best = run_directory / training.checkpoints_name_best
         self.model, self.tokenizer, self.optimizer, self.scheduler = model, tokenizer, optimizer, scheduler
         self.accelerator, self.identity = accelerator, identity
-        self.last_saved_step: Optional[int] = None
+        self.last_saved_step: int | None = None
 
     def save(self, directory: Path, state: TrainerState) -> None:
         weights, optimizer_state = gather_training_states(self.model, self.optimizer)
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            save_checkpoint(directory, self.model, self.tokenizer, optimizer_state, self.scheduler, state,
-                            self.identity, self.accelerator.scaler, weights)
+            save_checkpoint(
+                directory,
+                self.model,
+                self.tokenizer,
+                optimizer_state,
+                self.scheduler,
+                state,
+                self.identity,
+                self.accelerator.scaler,
+                weights,
+            )
         self.accelerator.wait_for_everyone()  # no process reads a checkpoint (the best, for the test) mid-write
 
     def keep_step_copy(self, step: int, keep: int) -> None:
@@ -143,19 +157,25 @@ class RunCheckpoints:
         is written before the run directory)."""
         state = load_trainer_state(self.last, self.identity)
         if not check_best(self.best) and state.best_step is not None:
-            logger.warning("The best checkpoint %s is missing: the best validation from now on will be kept there",
-                           self.best)
+            logger.warning(
+                "The best checkpoint %s is missing: the best validation from now on will be kept there", self.best
+            )
             state.best_validation_loss = state.best_validation_perplexity = state.best_step = None
             state.last_evaluated_step = None  # a complete run validates once more, to have a best to test
         self.last_saved_step = state.global_step
         load_model_weights(self.last, self.model)
         load_training_state(self.last, self.model, self.optimizer, self.scheduler, self.accelerator.scaler)
-        logger.info("Resumed from %s: epoch %d, step %d, %d batches into the epoch",
-                    self.last, state.epoch + 1, state.global_step, state.batches_done_in_epoch)
+        logger.info(
+            "Resumed from %s: epoch %d, step %d, %d batches into the epoch",
+            self.last,
+            state.epoch + 1,
+            state.global_step,
+            state.batches_done_in_epoch,
+        )
         return state
 
 
-def set_generation_defaults(tokenizer, model, chat_template: Optional[str], max_length: int) -> None:
+def set_generation_defaults(tokenizer, model, chat_template: str | None, max_length: int) -> None:
     """What every checkpoint carries so that `pipeline("text-generation", model=checkpoint)` prompts the student as it
     was trained and stops at its end: `chat_template`, the one that rendered the training text
     (`dataset.training_chat_template`; None keeps the tokenizer's own, if any) and a greedy generation config with
@@ -166,14 +186,24 @@ def set_generation_defaults(tokenizer, model, chat_template: Optional[str], max_
 
     # A response is at most what the student saw whole in training, and leaves room for a prompt of as much.
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, do_sample=False, max_new_tokens=min(256, max(max_length // 2, 1)),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+        max_new_tokens=min(256, max(max_length // 2, 1)),
     )
 
 
 def save_checkpoint(
-    directory: Path, model, tokenizer, optimizer_state: dict, scheduler, state: TrainerState, identity: dict,
-    scaler=None, weights: Optional[dict] = None,
+    directory: Path,
+    model,
+    tokenizer,
+    optimizer_state: dict,
+    scheduler,
+    state: TrainerState,
+    identity: dict,
+    scaler=None,
+    weights: dict | None = None,
 ) -> None:
     """Write a complete checkpoint to a staging folder, then swap it in: the old one stays until the new is whole.
 
@@ -224,8 +254,11 @@ def keep_step_snapshot(last: Path, step: int, keep: int, best_name: str) -> None
 def step_copies(run_directory: Path, excluding: tuple[str, ...] = ()) -> list[Path]:
     """The run's `step-<8 digits>` copies (keep_step_checkpoints), oldest first; a last or best checkpoint whose
     configured name looks like one is given in `excluding`."""
-    return sorted(path for path in run_directory.glob("step-*")
-                  if re.fullmatch(r"step-\d{8}", path.name) and path.name not in excluding)
+    return sorted(
+        path
+        for path in run_directory.glob("step-*")
+        if re.fullmatch(r"step-\d{8}", path.name) and path.name not in excluding
+    )
 
 
 def _check_identity(directory: Path, saved: dict, identity: dict) -> None:
@@ -244,8 +277,12 @@ def _check_batches(directory: Path, saved: dict, configured: dict) -> None:
     """A checkpoint saves how many of the epoch's batches are done: the same count of other batches is not a resume."""
     for key, value in saved.items():
         if key in configured and configured[key] != value:
-            what = ("the tokenized data (data.dataset, template, text_column, max_length, split, max_samples or the "
-                    "seed's split)" if key == "data" else f"{key} {value!r}")
+            what = (
+                "the tokenized data (data.dataset, template, text_column, max_length, split, max_samples or the "
+                "seed's split)"
+                if key == "data"
+                else f"{key} {value!r}"
+            )
             raise CheckpointError(
                 f"the checkpoint in {directory} was trained on {what}, and the config changes it "
                 f"({'another data set' if key == 'data' else repr(configured[key])}); a resume continues the saved "
@@ -279,10 +316,14 @@ def _damaged_advice(checkpoint: Path) -> str:
     """What to do about a damaged checkpoint: put back the run's newest good step copy, if it kept any."""
     copies = step_copies(checkpoint.parent, excluding=(checkpoint.name,))
     if copies:
-        return (f"the checkpoint is damaged: move it away (mv {checkpoint} {checkpoint}.damaged), put the run's newest "
-                f"step copy in its place (cp -a {copies[-1]} {checkpoint}) and resume again.")
-    return (f"the checkpoint is damaged and the run kept no step copies: move it away "
-            f"(mv {checkpoint} {checkpoint}.damaged) and start a new run.")
+        return (
+            f"the checkpoint is damaged: move it away (mv {checkpoint} {checkpoint}.damaged), put the run's newest "
+            f"step copy in its place (cp -a {copies[-1]} {checkpoint}) and resume again."
+        )
+    return (
+        f"the checkpoint is damaged and the run kept no step copies: move it away "
+        f"(mv {checkpoint} {checkpoint}.damaged) and start a new run."
+    )
 
 
 def check_best(directory: Path) -> bool:
@@ -308,7 +349,9 @@ def _checked_state(state: TrainerState) -> TrainerState:
         if value is None and kind.startswith("Optional"):
             continue
         if "list" in kind:
-            valid = isinstance(value, list) and len(value) == 4 and all(isinstance(item, (int, float)) for item in value)
+            valid = (
+                isinstance(value, list) and len(value) == 4 and all(isinstance(item, (int, float)) for item in value)
+            )
         elif "float" in kind:
             valid = isinstance(value, (int, float)) and not isinstance(value, bool)
         else:
@@ -384,7 +427,9 @@ def _is_tied(model: torch.nn.Module, key: str) -> bool:
     # save_pretrained stores a tied output head once, under the input embedding's name.
     output = getattr(model, "get_output_embeddings", lambda: None)()
     inputs = getattr(model, "get_input_embeddings", lambda: None)()
-    return output is not None and inputs is not None and output.weight is inputs.weight and key.endswith("lm_head.weight")
+    return (
+        output is not None and inputs is not None and output.weight is inputs.weight and key.endswith("lm_head.weight")
+    )
 
 
 def _rng_states() -> dict:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from distillation.run.checkpoints import TRAINER_STATE_FILE, TRAINING_STATE_FILE
 from distillation.base.errors import UserError, first_line
+from distillation.run.checkpoints import TRAINER_STATE_FILE, TRAINING_STATE_FILE
 
 logger = logging.getLogger("distill")
 
@@ -29,19 +29,30 @@ def push_checkpoint(checkpoint: Path, model_id: str, retry: str) -> str:
     from huggingface_hub.utils import httpx
 
     if huggingface_hub.constants.HF_HUB_OFFLINE:
-        raise PushError(f"the Hub is in offline mode (HF_HUB_OFFLINE is set), so {checkpoint} was not pushed to "
-                        f"{model_id}; unset HF_HUB_OFFLINE and retry with {retry}.")
+        raise PushError(
+            f"the Hub is in offline mode (HF_HUB_OFFLINE is set), so {checkpoint} was not pushed to "
+            f"{model_id}; unset HF_HUB_OFFLINE and retry with {retry}."
+        )
     if huggingface_hub.get_token() is None:
-        raise PushError(f"no Hugging Face token is set, so {checkpoint} was not pushed to {model_id}; log in with "
-                        f"`hf auth login` (or set HF_TOKEN) and retry with {retry}.")
+        raise PushError(
+            f"no Hugging Face token is set, so {checkpoint} was not pushed to {model_id}; log in with "
+            f"`hf auth login` (or set HF_TOKEN) and retry with {retry}."
+        )
     api = huggingface_hub.HfApi()
     try:
         url = api.create_repo(model_id, repo_type="model", exist_ok=True)
-        api.upload_folder(repo_id=model_id, folder_path=checkpoint, repo_type="model", ignore_patterns=NOT_PUSHED,
-                          commit_message=f"Upload {checkpoint.parent.name}/{checkpoint.name}")
+        api.upload_folder(
+            repo_id=model_id,
+            folder_path=checkpoint,
+            repo_type="model",
+            ignore_patterns=NOT_PUSHED,
+            commit_message=f"Upload {checkpoint.parent.name}/{checkpoint.name}",
+        )
     except (OSError, ValueError, httpx.HTTPError) as error:  # unreachable, refused (401, 403), or a bad request
-        raise PushError(f"pushing {checkpoint} to the Hub repository {model_id} failed ({first_line(error)}), and "
-                        f"the run is kept as it is; check the network, the token and the name, then retry with "
-                        f"{retry}.") from None
+        raise PushError(
+            f"pushing {checkpoint} to the Hub repository {model_id} failed ({first_line(error)}), and "
+            f"the run is kept as it is; check the network, the token and the name, then retry with "
+            f"{retry}."
+        ) from None
     logger.info("Pushed %s to %s", checkpoint, url)
     return str(url)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Optional
 
 import safetensors
 
@@ -35,7 +34,7 @@ def write_model_card(run_directory: Path, config: Config) -> Path:
     return best / CARD_FILE
 
 
-def _copy_figure(run_directory: Path, best: Path) -> Optional[str]:
+def _copy_figure(run_directory: Path, best: Path) -> str | None:
     curves = run_directory / CURVES_FILE
     if not curves.is_file():  # matplotlib is not installed: the card goes without its figure
         return None
@@ -59,28 +58,30 @@ def student_shape(checkpoint: Path) -> dict:
     }
 
 
-def hub_id(name: Optional[str]) -> Optional[str]:
+def hub_id(name: str | None) -> str | None:
     """`name` if it names a Hub repository rather than a local path, else None."""
     if name is None or Path(name).exists() or not is_hub_repo_id(name):
         return None
     return name
 
 
-def build_card(config: Config, summary: dict, shape: dict, figure: Optional[str], run_directory: Path):
+def build_card(config: Config, summary: dict, shape: dict, figure: str | None, run_directory: Path):
     from huggingface_hub import ModelCard
 
     distilled = config.training_parameters.loss.requires_teacher
-    body = "\n\n".join([
-        f"# {summary['run']}",
-        _introduction(config, shape, distilled),
-        _usage_section(config),
-        _student_section(config, shape),
-        _data_section(config, summary),
-        _loss_section(config),
-        _results_section(summary),
-        f"## Loss curves\n\n![loss curves of the run]({figure})" if figure else "",
-        _reproduce_section(config, run_directory),
-    ])
+    body = "\n\n".join(
+        [
+            f"# {summary['run']}",
+            _introduction(config, shape, distilled),
+            _usage_section(config),
+            _student_section(config, shape),
+            _data_section(config, summary),
+            _loss_section(config),
+            _results_section(summary),
+            f"## Loss curves\n\n![loss curves of the run]({figure})" if figure else "",
+            _reproduce_section(config, run_directory),
+        ]
+    )
     metadata = card_data(config, summary, shape, distilled).to_yaml()
     return ModelCard(f"---\n{metadata}\n---\n\n{body}\n")
 
@@ -94,8 +95,12 @@ def card_data(config: Config, summary: dict, shape: dict, distilled: bool):
     data_id = hub_id(config.data.dataset)
     tags = ["knowledge-distillation" if distilled else "distillation-baseline", shape["model_type"]]
     return ModelCardData(
-        model_name=summary["run"], library_name="transformers", pipeline_tag="text-generation",
-        base_model=base_model, datasets=[data_id] if data_id else None, tags=tags,
+        model_name=summary["run"],
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        base_model=base_model,
+        datasets=[data_id] if data_id else None,
+        tags=tags,
         eval_results=_eval_results(config, summary),
     )
 
@@ -112,32 +117,48 @@ def _eval_results(config: Config, summary: dict) -> list:
         figures.append(("accuracy", "Top-1 agreement with the teacher", test["top1_agreement"]))
     dataset = config.data.dataset
     return [
-        EvalResult(task_type="text-generation", dataset_type=hub_id(dataset) or Path(dataset).name,
-                   dataset_name=dataset, dataset_split="test", metric_type=kind, metric_name=name, metric_value=value)
+        EvalResult(
+            task_type="text-generation",
+            dataset_type=hub_id(dataset) or Path(dataset).name,
+            dataset_name=dataset,
+            dataset_split="test",
+            metric_type=kind,
+            metric_name=name,
+            metric_value=value,
+        )
         for kind, name, value in figures
     ]
 
 
 def _introduction(config: Config, shape: dict, distilled: bool) -> str:
-    how = (f"distilled from the teacher `{config.teacher.name}` with `{_loss_name(config)}`" if distilled
-           else f"trained without a teacher (plain next-token training, `{_loss_name(config)}`): the baseline of "
-                f"the distilled students of this config")
-    return (f"A {shape['layers']}-layer, {shape['parameters']:,}-parameter {shape['model_type']} student {how}, on "
-            f"`{config.data.dataset}`. Trained with this project's `distill.py`; the best checkpoint by validation "
-            f"{config.training_parameters.best_metric}.")
+    how = (
+        f"distilled from the teacher `{config.teacher.name}` with `{_loss_name(config)}`"
+        if distilled
+        else f"trained without a teacher (plain next-token training, `{_loss_name(config)}`): the baseline of "
+        f"the distilled students of this config"
+    )
+    return (
+        f"A {shape['layers']}-layer, {shape['parameters']:,}-parameter {shape['model_type']} student {how}, on "
+        f"`{config.data.dataset}`. Trained with this project's `distill.py`; the best checkpoint by validation "
+        f"{config.training_parameters.best_metric}."
+    )
 
 
 def _usage_section(config: Config) -> str:
     template = config.data.template
-    prompt = ("The tokenizer's chat template writes a user message in the prompt format the student was trained on "
-              f"(`data.template: {template if isinstance(template, str) else 'custom'}`); generation is greedy and "
-              "stops at EOS (`generation_config.json`)." if config.data.text_column is None else
-              f"The student was trained on the `{config.data.text_column}` column as whole texts: prompt it as those "
-              f"texts begin.")
-    return ("## Use\n\n```python\nfrom transformers import pipeline\n\n"
-            'generator = pipeline("text-generation", model="PATH_OR_HUB_ID")\n'
-            'print(generator([{"role": "user", "content": "Give three tips for staying healthy."}]))\n```\n\n'
-            + prompt)
+    prompt = (
+        "The tokenizer's chat template writes a user message in the prompt format the student was trained on "
+        f"(`data.template: {template if isinstance(template, str) else 'custom'}`); generation is greedy and "
+        "stops at EOS (`generation_config.json`)."
+        if config.data.text_column is None
+        else f"The student was trained on the `{config.data.text_column}` column as whole texts: prompt it as those "
+        f"texts begin."
+    )
+    return (
+        "## Use\n\n```python\nfrom transformers import pipeline\n\n"
+        'generator = pipeline("text-generation", model="PATH_OR_HUB_ID")\n'
+        'print(generator([{"role": "user", "content": "Give three tips for staying healthy."}]))\n```\n\n' + prompt
+    )
 
 
 def _student_section(config: Config, shape: dict) -> str:
@@ -150,19 +171,26 @@ def _student_section(config: Config, shape: dict) -> str:
         start = "the teacher's embeddings, final norm and head, and teacher blocks evenly spaced"
     else:
         start = f"the teacher's embeddings, final norm and head, and its blocks {student.teacher_layers}"
-    return ("## Student\n\n| layers | width | vocabulary | parameters | initialisation |\n|---|---|---|---|---|\n"
-            f"| {shape['layers']} | {shape['width']} | {shape['vocabulary']} | {shape['parameters']:,} | {start} |")
+    return (
+        "## Student\n\n| layers | width | vocabulary | parameters | initialisation |\n|---|---|---|---|---|\n"
+        f"| {shape['layers']} | {shape['width']} | {shape['vocabulary']} | {shape['parameters']:,} | {start} |"
+    )
 
 
 def _data_section(config: Config, summary: dict) -> str:
     data, split = config.data, config.data.split
-    text = (f"the `{data.text_column}` column" if data.text_column is not None
-            else f"the Alpaca fields in the `{data.template if isinstance(data.template, str) else 'custom'}` prompt")
+    text = (
+        f"the `{data.text_column}` column"
+        if data.text_column is not None
+        else f"the Alpaca fields in the `{data.template if isinstance(data.template, str) else 'custom'}` prompt"
+    )
     limit = f", the first {data.max_samples} rows" if data.max_samples is not None else ""
-    return (f"## Data\n\n`{data.dataset}`{limit}: {text}, then EOS, cut at {data.max_length} tokens; split "
-            f"{split.train:g}/{split.validation:g}/{split.test:g} (train/validation/test) with seed {config.seed}"
-            f"{'; only the responses scored' if data.mask_instruction else ''}. Trained for {summary['steps']} steps "
-            f"({summary['samples_seen']:,} samples, {summary['tokens_seen']:,} tokens).")
+    return (
+        f"## Data\n\n`{data.dataset}`{limit}: {text}, then EOS, cut at {data.max_length} tokens; split "
+        f"{split.train:g}/{split.validation:g}/{split.test:g} (train/validation/test) with seed {config.seed}"
+        f"{'; only the responses scored' if data.mask_instruction else ''}. Trained for {summary['steps']} steps "
+        f"({summary['samples_seen']:,} samples, {summary['tokens_seen']:,} tokens)."
+    )
 
 
 def _loss_name(config: Config) -> str:
@@ -182,12 +210,14 @@ def _results_section(summary: dict) -> str:
         rows.append(("KL(teacher ‖ student) per token, T = 1", _number(test["kl_teacher"]), "-"))
         rows.append(("top-1 agreement with the teacher", _number(test["top1_agreement"]), "-"))
     table = "\n".join(f"| {name} | {student} | {reference} |" for name, student, reference in rows)
-    return (f"## Results\n\nOn the test split ({test['target_tokens']:,} target tokens), the best checkpoint (step "
-            f"{summary['best_step']}, validation loss {_number(summary['best_validation_loss'])}):\n\n"
-            f"| | student | teacher |\n|---|---|---|\n{table}")
+    return (
+        f"## Results\n\nOn the test split ({test['target_tokens']:,} target tokens), the best checkpoint (step "
+        f"{summary['best_step']}, validation loss {_number(summary['best_validation_loss'])}):\n\n"
+        f"| | student | teacher |\n|---|---|---|\n{table}"
+    )
 
 
-def _number(value: Optional[float]) -> str:
+def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
@@ -196,6 +226,8 @@ def _reproduce_section(config: Config, run_directory: Path) -> str:
 
     config_file = run_directory / "config.yaml"
     text = config_file.read_text() if config_file.is_file() else yaml.safe_dump(to_plain_dict(config), sort_keys=False)
-    return (f"## Reproduce\n\nThe run's resolved config is kept as `{config_file}`; from this project's root:\n\n"
-            f"```\npython3 distill.py --config {config_file} --run-name {run_directory.name}-again\n```\n\n"
-            f"<details><summary>config.yaml</summary>\n\n```yaml\n{text.rstrip()}\n```\n\n</details>")
+    return (
+        f"## Reproduce\n\nThe run's resolved config is kept as `{config_file}`; from this project's root:\n\n"
+        f"```\npython3 distill.py --config {config_file} --run-name {run_directory.name}-again\n```\n\n"
+        f"<details><summary>config.yaml</summary>\n\n```yaml\n{text.rstrip()}\n```\n\n</details>"
+    )

@@ -14,7 +14,6 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import yaml
 
@@ -30,7 +29,7 @@ class Run:
     directory: Path
     config: dict
     records: list[dict]
-    summary: Optional[dict] = None
+    summary: dict | None = None
     label: str = field(default="")
 
     @property
@@ -142,7 +141,7 @@ def plot_comparison(runs: list[Run], figure=None):
     return figure
 
 
-def _teacher_perplexity(run: Run) -> Optional[float]:
+def _teacher_perplexity(run: Run) -> float | None:
     teacher = (run.summary or {}).get("teacher") or {}
     return (teacher.get("validation") or {}).get("perplexity")
 
@@ -155,19 +154,21 @@ def summary_rows(runs: list[Run]) -> list[dict]:
         test = summary.get("test") or {}
         teacher = summary.get("teacher") or {}
         speeds = [record["tokens_per_s"] for record in run.split("train") if record.get("tokens_per_s")]
-        rows.append({
-            "run": run.name,
-            "loss": run.loss_name,
-            "steps": summary.get("steps"),
-            "best step": summary.get("best_step"),
-            "best validation perplexity": summary.get("best_validation_perplexity"),
-            "test perplexity": test.get("perplexity"),
-            "teacher test perplexity": (teacher.get("test") or {}).get("perplexity"),
-            "test KL to teacher": test.get("kl_teacher"),
-            "test top-1 agreement": test.get("top1_agreement"),
-            "tokens/s": round(sum(speeds) / len(speeds)) if speeds else None,
-            "wall time (s)": summary.get("wall_time_s"),
-        })
+        rows.append(
+            {
+                "run": run.name,
+                "loss": run.loss_name,
+                "steps": summary.get("steps"),
+                "best step": summary.get("best_step"),
+                "best validation perplexity": summary.get("best_validation_perplexity"),
+                "test perplexity": test.get("perplexity"),
+                "teacher test perplexity": (teacher.get("test") or {}).get("perplexity"),
+                "test KL to teacher": test.get("kl_teacher"),
+                "test top-1 agreement": test.get("top1_agreement"),
+                "tokens/s": round(sum(speeds) / len(speeds)) if speeds else None,
+                "wall time (s)": summary.get("wall_time_s"),
+            }
+        )
     return rows
 
 

@@ -13,16 +13,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 import dataset
-from distillation.runtime import hardware
 import models
 from distillation.base import storage
 from distillation.run.checkpoints import TrainerState
 from distillation.run.runs import RunLocation
+from distillation.runtime import hardware
 from distillation.settings.config import dump_config, to_plain_dict
 from distillation.settings.schema import Config, ConfigError, report_to_names
 
@@ -136,7 +135,9 @@ def _flat(values: dict, prefix: str = "") -> dict:
         if isinstance(value, dict):
             flat.update(_flat(value, f"{prefix}{key}."))
         else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) or value is None else str(value)
+            flat[f"{prefix}{key}"] = (
+                value if isinstance(value, (bool, int, float, str)) or value is None else str(value)
+            )
     return flat
 
 
@@ -147,7 +148,7 @@ class MetricsLog:
         self.path = path
         self.accelerator = accelerator
 
-    def write(self, split: str, values: dict, state: TrainerState, elapsed_s: float, epoch: Optional[int] = None) -> None:
+    def write(self, split: str, values: dict, state: TrainerState, elapsed_s: float, epoch: int | None = None) -> None:
         record = {
             "split": split,
             "step": state.global_step,
@@ -164,8 +165,9 @@ class MetricsLog:
 
     def drop_after(self, step: int) -> None:
         """A resumed run replays the steps after its last checkpoint: forget their records, so none is doubled."""
-        rewrite_records(self.path, self.accelerator,
-                        lambda record: record.get("step", 0) <= step and record.get("split") != "test")
+        rewrite_records(
+            self.path, self.accelerator, lambda record: record.get("step", 0) <= step and record.get("split") != "test"
+        )
 
 
 def rewrite_records(path: Path, accelerator, keep) -> None:
@@ -175,21 +177,36 @@ def rewrite_records(path: Path, accelerator, keep) -> None:
         return
     records, damaged = storage.read_json_lines(path)
     if damaged:
-        logger.warning("%s: lines %s are not JSON records (cut by a crash or edited) and are dropped",
-                       path, ", ".join(map(str, damaged)))
+        logger.warning(
+            "%s: lines %s are not JSON records (cut by a crash or edited) and are dropped",
+            path,
+            ", ".join(map(str, damaged)),
+        )
     kept = [record for record in records if keep(record)]
     storage.atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
-def log_setup(student, teacher, cached_top_k: Optional[int], criterion, splits, total_steps: int,
-              batches_per_step: int, training, accelerator) -> None:
+def log_setup(
+    student,
+    teacher,
+    cached_top_k: int | None,
+    criterion,
+    splits,
+    total_steps: int,
+    batches_per_step: int,
+    training,
+    accelerator,
+) -> None:
     """What the run trains, against what, on which data, in how many steps and processes."""
     logger.info(
         "Student: %s parameters, %d layers; teacher: %s; loss: %r",
         f"{models.count_parameters(student):,}",
         student.config.num_hidden_layers,
-        f"{models.count_parameters(teacher):,} parameters" if teacher is not None
-        else f"its cached top-{cached_top_k} distributions" if cached_top_k else "not loaded",
+        f"{models.count_parameters(teacher):,} parameters"
+        if teacher is not None
+        else f"its cached top-{cached_top_k} distributions"
+        if cached_top_k
+        else "not loaded",
         criterion,
     )
     logger.info(
@@ -212,8 +229,15 @@ def log_setup(student, teacher, cached_top_k: Optional[int], criterion, splits, 
     )
 
 
-def write_summary(run: RunLocation, state: TrainerState, best_metric: str, test: dict, teacher: Optional[dict],
-                  accelerator, elapsed_s: float) -> None:
+def write_summary(
+    run: RunLocation,
+    state: TrainerState,
+    best_metric: str,
+    test: dict,
+    teacher: dict | None,
+    accelerator,
+    elapsed_s: float,
+) -> None:
     """summary.json: the run's outcome in one file, the best checkpoint's test figures and the teacher's."""
     summary = {
         "run": run.name,
@@ -266,11 +290,11 @@ class RunningSums:
     steps: int = 0
 
     @classmethod
-    def zeros(cls, device) -> "RunningSums":
+    def zeros(cls, device) -> RunningSums:
         return cls(*(torch.zeros((), device=device) for _ in range(3)))
 
     @classmethod
-    def from_list(cls, values: list[float], device) -> "RunningSums":
+    def from_list(cls, values: list[float], device) -> RunningSums:
         # float32 -> Python float -> float32 is exact, so the restored sums are bitwise the saved ones.
         return cls(*(torch.tensor(value, dtype=torch.float32, device=device) for value in values[:3]), int(values[3]))
 

@@ -13,11 +13,10 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
+from distillation.base.storage import make_folder, previous_version, recover_interrupted_write
 from distillation.run.checkpoints import TRAINER_STATE_FILE, CheckpointError, step_copies
 from distillation.settings.schema import check_simple_name
-from distillation.base.storage import make_folder, previous_version, recover_interrupted_write
 
 # `--plain-baseline` trains the run's plain baseline in `<run name>-plain`, beside the run.
 PLAIN_BASELINE_SUFFIX = "-plain"
@@ -30,8 +29,9 @@ class RunLocation:
     resume: bool
 
 
-def locate_run(checkpoints_root: str, config_name: str, run_name: Optional[str], resume: bool,
-               last_name: str) -> RunLocation:
+def locate_run(
+    checkpoints_root: str, config_name: str, run_name: str | None, resume: bool, last_name: str
+) -> RunLocation:
     """Decide which run directory to use, and hold its lock (see `hold_run`) until `release_runs`.
 
     A new run gets `<config name>-<timestamp>` unless named; its directory is created here, so two runs started at
@@ -75,8 +75,11 @@ def _check_checkpoints_root(root: Path) -> None:
 
 def _latest_run(root: Path, config_name: str, last_name: str) -> Path:
     # Read only: the runs looked at here may be in use by another process, which alone may repair them.
-    candidates = [path for path in root.glob(f"{config_name}-*")
-                  if _saved_state(path / last_name) is not None and not _is_plain_baseline(path)]
+    candidates = [
+        path
+        for path in root.glob(f"{config_name}-*")
+        if _saved_state(path / last_name) is not None and not _is_plain_baseline(path)
+    ]
     if not candidates:
         raise CheckpointError(
             f"there is no run of {config_name!r} with a checkpoint to resume in {root}; "
@@ -85,7 +88,7 @@ def _latest_run(root: Path, config_name: str, last_name: str) -> Path:
     return max(candidates, key=lambda path: _saved_state(path / last_name).stat().st_mtime)
 
 
-def _saved_state(checkpoint: Path) -> Optional[Path]:
+def _saved_state(checkpoint: Path) -> Path | None:
     """The checkpoint's trainer state, or its previous version's during a replacing write (storage.py)."""
     for candidate in (checkpoint, previous_version(checkpoint)):
         if (candidate / TRAINER_STATE_FILE).is_file():
@@ -96,11 +99,15 @@ def _saved_state(checkpoint: Path) -> Optional[Path]:
 def _no_checkpoint_message(directory: Path, last_name: str) -> str:
     copies = [path for path in step_copies(directory, excluding=(last_name,)) if _saved_state(path) is not None]
     if copies:
-        return (f"there is no checkpoint to resume in {directory / last_name}, but the run kept step copies (the newest "
-                f"is {copies[-1].name}); copy it into place (cp -a {copies[-1]} {directory / last_name}) and resume "
-                f"again.")
-    return (f"there is no checkpoint to resume in {directory / last_name}; check --run-name, or start a new run "
-            f"without --resume.")
+        return (
+            f"there is no checkpoint to resume in {directory / last_name}, but the run kept step copies (the newest "
+            f"is {copies[-1].name}); copy it into place (cp -a {copies[-1]} {directory / last_name}) and resume "
+            f"again."
+        )
+    return (
+        f"there is no checkpoint to resume in {directory / last_name}; check --run-name, or start a new run "
+        f"without --resume."
+    )
 
 
 # Run directory -> (its open lock file, whether this process created the directory).

@@ -89,7 +89,9 @@ def build_accelerator(config: Config, run_directory: Path, trackers: list, proje
     if hardware.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("hardware.device is 'cuda' but no CUDA GPU is available; set hardware.device to auto or cpu.")
     if hardware.device == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("hardware.device is 'mps' but this machine has no MPS device; set hardware.device to auto or cpu.")
+        raise ConfigError(
+            "hardware.device is 'mps' but this machine has no MPS device; set hardware.device to auto or cpu."
+        )
     if hardware.mixed_precision == "fp16" and device_type(hardware) != "cuda":
         raise ConfigError("hardware.mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this machine.")
     sharding = fsdp_plugin(config, projects_hidden_states)

@@ -16,18 +16,17 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
-from distillation.settings import config_guard, schema
-from distillation.settings.schema import DEFAULT_LOSS, Config, ConfigError, TrainingParameters
 from distillation.base import storage
 from distillation.base.errors import first_line
-
-
+from distillation.settings import config_guard, schema
+from distillation.settings.schema import DEFAULT_LOSS, Config, ConfigError, TrainingParameters
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
@@ -39,11 +38,15 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise ConfigError(f"config file {path} does not exist; pass an existing YAML file with --config.")
     raw = _read_with_configue(path)
     if raw is None:  # an empty file, or only comments: most likely a truncated or unsaved one
-        raise ConfigError(f"config file {path} is empty; write its settings (config.yaml shows every section) or "
-                          f"pass another file with --config.")
+        raise ConfigError(
+            f"config file {path} is empty; write its settings (config.yaml shows every section) or "
+            f"pass another file with --config."
+        )
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path} holds a {type(raw).__name__}, not a mapping of sections; write its settings as "
-                          f"sections (paths:, training_parameters:, ...) at the top level.")
+        raise ConfigError(
+            f"{path} holds a {type(raw).__name__}, not a mapping of sections; write its settings as "
+            f"sections (paths:, training_parameters:, ...) at the top level."
+        )
     tree = _to_plain_tree(raw)
     for override in overrides:
         _apply_override(tree, override)
@@ -56,7 +59,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
 def to_plain_dict(config: Config) -> dict:
     """The resolved config as plain YAML-ready values, the loss back in configue's `()` form."""
     training = config.training_parameters
-    plain = dataclasses.asdict(dataclasses.replace(config, training_parameters=dataclasses.replace(training, loss=None)))
+    plain = dataclasses.asdict(
+        dataclasses.replace(config, training_parameters=dataclasses.replace(training, loss=None))
+    )
     plain["training_parameters"]["loss"] = training.loss.spec()
     return plain
 
@@ -89,8 +94,7 @@ def _read_with_configue(path: Path) -> Any:
     except (TypeError, ValueError) as error:
         # Raised by a class constructor that configue called, e.g. the loss with a misspelt or invalid argument.
         raise ConfigError(
-            f"{path}: training_parameters.loss: {_argument_problem(error)}; fix it under "
-            f"training_parameters.loss."
+            f"{path}: training_parameters.loss: {_argument_problem(error)}; fix it under training_parameters.loss."
         ) from None
 
 
@@ -154,12 +158,12 @@ def _check_override_path(keys: list[str], key_path: str) -> None:
         names = {item.name: item for item in dataclasses.fields(schema)}
         if key not in names:
             raise ConfigError(
-                f"--set {key_path}: unknown key {'.'.join(keys[:depth + 1])}{_closest(key, names)}; "
+                f"--set {key_path}: unknown key {'.'.join(keys[: depth + 1])}{_closest(key, names)}; "
                 f"valid keys here are {', '.join(names)}."
             )
         schema = _field_schema(schema, names[key])
         if not dataclasses.is_dataclass(schema) and schema is not _LOSS_SECTION and depth != len(keys) - 1:
-            raise ConfigError(f"--set {key_path}: {'.'.join(keys[:depth + 1])} is a single value, not a section.")
+            raise ConfigError(f"--set {key_path}: {'.'.join(keys[: depth + 1])} is a single value, not a section.")
     if dataclasses.is_dataclass(schema):
         raise ConfigError(f"--set {key_path}: this is a section; set one of its keys instead.")
 
@@ -175,14 +179,14 @@ def _field_schema(owner: type, item: dataclasses.Field) -> Any:
 
 def _build(schema: type, values: Any, source: str, prefix: str) -> Any:
     if not isinstance(values, dict):
-        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'the top level'} must be a section of keys, not {values!r}.")
+        raise ConfigError(
+            f"{source}: {prefix.rstrip('.') or 'the top level'} must be a section of keys, not {values!r}."
+        )
     known = {item.name: item for item in dataclasses.fields(schema)}
     for key in values:
         if key not in known:
             hint = _closest(str(key), known)
-            raise ConfigError(
-                f"{source}: unknown key {prefix}{key}{hint}; valid keys here are {', '.join(known)}."
-            )
+            raise ConfigError(f"{source}: unknown key {prefix}{key}{hint}; valid keys here are {', '.join(known)}.")
     kwargs = {}
     for name, item in known.items():
         key = f"{prefix}{name}"
@@ -220,8 +224,9 @@ def _criterion(section: Any, source: str, key: str) -> Any:
     arguments = dict(section)
     class_path = config_guard.criterion_path(arguments.pop("()"))
     if class_path is None:
-        raise ConfigError(f"{source}: {key}: {section['()']!r} is not a loss class; use loss.DistillationLoss or "
-                          f"loss.ClassicLoss.")
+        raise ConfigError(
+            f"{source}: {key}: {section['()']!r} is not a loss class; use loss.DistillationLoss or loss.ClassicLoss."
+        )
     module_name, _, class_name = class_path.rpartition(".")
     try:
         return getattr(importlib.import_module(module_name), class_name)(**arguments)
@@ -232,7 +237,7 @@ def _criterion(section: Any, source: str, key: str) -> Any:
 def _check_value(value: Any, kind: Any, metadata: typing.Mapping, source: str, key: str) -> Any:
     origin = typing.get_origin(kind)
     arguments = typing.get_args(kind)
-    if origin is typing.Union and type(None) in arguments:
+    if origin in (typing.Union, types.UnionType) and type(None) in arguments:  # X | None
         if value is None:
             return None
         kind = next(argument for argument in arguments if argument is not type(None))
@@ -248,8 +253,9 @@ def _check_value(value: Any, kind: Any, metadata: typing.Mapping, source: str, k
         if not isinstance(value, list):
             raise ConfigError(f"{source}: {key} is {value!r}; it must be a list, written [a, b, ...] in YAML.")
         # Each entry meets the field's type and range, e.g. a whole number at least 0.
-        return [_check_value(entry, arguments[0], metadata, source, f"{key}[{index}]")
-                for index, entry in enumerate(value)]
+        return [
+            _check_value(entry, arguments[0], metadata, source, f"{key}[{index}]") for index, entry in enumerate(value)
+        ]
     converted = _convert(value, kind)
     if converted is None:
         raise ConfigError(f"{source}: {key} is {value!r}; it must be {_describe(kind)}.")
@@ -262,7 +268,7 @@ def _check_value(value: Any, kind: Any, metadata: typing.Mapping, source: str, k
     return converted
 
 
-def as_number(value) -> Optional[float]:
+def as_number(value) -> float | None:
     """`value` as a float, or None when it is not a number. YAML 1.1 (configue, `--set`) reads `1e-1` as text, so a
     text that is a plain number counts; true and false do not."""
     if isinstance(value, bool):

@@ -10,7 +10,6 @@ nesting deeper than a config needs; and the files pulled in with `!import` are c
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import yaml
 
@@ -51,8 +50,10 @@ def _check_depth(text: str, path: Path) -> None:
         if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
             depth += 1
             if depth > MAX_DEPTH:
-                raise UnsafeConfig(f"{path} line {event.start_mark.line + 1}: its values nest more than {MAX_DEPTH} "
-                                   f"levels deep; write a flatter config.")
+                raise UnsafeConfig(
+                    f"{path} line {event.start_mark.line + 1}: its values nest more than {MAX_DEPTH} "
+                    f"levels deep; write a flatter config."
+                )
         elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
             depth -= 1
 
@@ -64,19 +65,26 @@ def _check_size(root: yaml.Node, path: Path) -> None:
     def size(node: yaml.Node) -> int:
         if id(node) in sizes:
             if sizes[id(node)] < 0:
-                raise UnsafeConfig(f"{path} line {node.start_mark.line + 1}: an alias refers to the value that "
-                                   f"holds it, which makes an endless tree; write the value without the alias.")
+                raise UnsafeConfig(
+                    f"{path} line {node.start_mark.line + 1}: an alias refers to the value that "
+                    f"holds it, which makes an endless tree; write the value without the alias."
+                )
             return sizes[id(node)]
         sizes[id(node)] = -1  # being measured: met again below, it holds itself
-        children = node.value if isinstance(node, yaml.SequenceNode) else (
-            [item for pair in node.value for item in pair] if isinstance(node, yaml.MappingNode) else [])
+        children = (
+            node.value
+            if isinstance(node, yaml.SequenceNode)
+            else ([item for pair in node.value for item in pair] if isinstance(node, yaml.MappingNode) else [])
+        )
         total = 1 + sum(size(child) for child in children)
         sizes[id(node)] = min(total, MAX_VALUES + 1)  # capped, so that the sums stay small
         return sizes[id(node)]
 
     if size(root) > MAX_VALUES:
-        raise UnsafeConfig(f"{path}: its aliases (*name) expand it to more than {MAX_VALUES} values, as a "
-                           f"\"billion laughs\" file does; write the values out without aliases.")
+        raise UnsafeConfig(
+            f"{path}: its aliases (*name) expand it to more than {MAX_VALUES} values, as a "
+            f'"billion laughs" file does; write the values out without aliases.'
+        )
 
 
 def _check_node(node: yaml.Node, keys: tuple, path: Path, seen: frozenset) -> None:
@@ -87,7 +95,7 @@ def _check_node(node: yaml.Node, keys: tuple, path: Path, seen: frozenset) -> No
         )
     if node.tag.startswith(PYTHON_TAG):
         raise UnsafeConfig(
-            f"{where}: the tag `!!{node.tag[len('tag:yaml.org,2002:'):]}` would run Python code while the file "
+            f"{where}: the tag `!!{node.tag[len('tag:yaml.org,2002:') :]}` would run Python code while the file "
             f"loads; write the value itself."
         )
     if node.tag.startswith("!import") and isinstance(node, yaml.ScalarNode):
@@ -119,7 +127,7 @@ def _check_constructor(node: yaml.Node, keys: tuple, where: str) -> None:
         )
 
 
-def criterion_path(named) -> Optional[str]:
+def criterion_path(named) -> str | None:
     """The criterion that a `()` entry names (`loss.DistillationLoss`, or the bare class name) as its path in
     `CRITERIA`, or None when it names none of them."""
     module_name, _, class_name = str(named).rpartition(".")

@@ -5,9 +5,10 @@ config.py). Imports neither torch nor the layers above."""
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from distillation.base.errors import UserError
 from distillation.settings import templates
@@ -43,19 +44,19 @@ class Teacher:
     # K: distil against the teacher's K most likely next tokens (and the rest of its probability mass), computed once
     # and cached on disk (teacher_cache.py), so that runs after the first never load the teacher. None: the full
     # distribution, from the teacher at every step.
-    cache_top_k: Optional[int] = field(default=None, metadata=_range(1))
+    cache_top_k: int | None = field(default=None, metadata=_range(1))
 
 
 @dataclass(frozen=True)
 class Student:
     # None: the untrained truncated teacher (teacher config, `distilled_model.nb_layers` layers, random weights).
     # Otherwise a Hub name or local directory of a pretrained causal LM, e.g. "distilgpt2".
-    pretrained: Optional[str] = None
+    pretrained: str | None = None
     # Weights of the untrained truncated student: random, or the teacher's embeddings, final norm and head with
     # teacher blocks chosen evenly spaced (uniform: 12 -> 6 gives 0, 2, 4, 7, 9, 11, Hugging Face's distilgpt2
     # choice) or listed in teacher_layers (one per student layer, student block j <- teacher block teacher_layers[j]).
     init: Literal["random", "uniform", "teacher_layers"] = "random"
-    teacher_layers: Optional[list[int]] = field(default=None, metadata=_range(0))
+    teacher_layers: list[int] | None = field(default=None, metadata=_range(0))
 
 
 def _check_student(config: Config, source: str) -> None:
@@ -107,7 +108,7 @@ class Data:
     dataset: str = "vicgalle/alpaca-gpt4"
     # None: build each sample from the Alpaca fields instruction/input/output with `template`; else take this column
     # as the whole text.
-    text_column: Optional[str] = None
+    text_column: str | None = None
     # The prompt before the output: a name from templates.PROMPT_TEMPLATES (alpaca: Stanford Alpaca's, as the `text`
     # column of vicgalle/alpaca-gpt4 holds it) or a section {with_input: ..., without_input: ...} of format strings
     # with the fields {instruction} and {input}. Checked by templates.prompt_template; unused with a text_column.
@@ -117,7 +118,7 @@ class Data:
     # Score only the response: the instruction part of an Alpaca sample is not a target for either loss term.
     mask_instruction: bool = False
     # Keep only the first N rows of the data set (before splitting), for quick experiments.
-    max_samples: Optional[int] = field(default=None, metadata=_range(1))
+    max_samples: int | None = field(default=None, metadata=_range(1))
     num_proc: int = field(default=1, metadata=_range(1))
     # Batch samples of similar lengths (in shuffled groups) so that little compute goes to padding; false: batches
     # of random samples, as the original's.
@@ -133,22 +134,22 @@ class TrainingParameters:
     batch_size: int = field(default=2, metadata=_range(1))
     gradient_accumulation_steps: int = field(default=1, metadata=_range(1))
     # Stop after this many optimizer steps in all (None: run all epochs).
-    max_steps: Optional[int] = field(default=None, metadata=_range(1))
+    max_steps: int | None = field(default=None, metadata=_range(1))
     optimizer: Literal["adamw", "sgd"] = "sgd"
     weight_decay: float = field(default=0.0, metadata=_range(0.0))
     momentum: float = field(default=0.0, metadata=_range(0.0, 1.0))
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = field(default=0, metadata=_range(0))
     # None disables clipping.
-    max_grad_norm: Optional[float] = field(default=None, metadata=_range(0.0, low_open=True))
+    max_grad_norm: float | None = field(default=None, metadata=_range(0.0, low_open=True))
     log_every_steps: int = field(default=10, metadata=_range(1))
     # Validation runs at the end of every epoch, and also every N optimizer steps when set.
-    eval_every_steps: Optional[int] = field(default=None, metadata=_range(1))
+    eval_every_steps: int | None = field(default=None, metadata=_range(1))
     # At each validation, the student's greedy continuations of this many validation prompts (the teacher's at the
     # first) go to samples.jsonl and the trackers; 0: none.
     sample_prompts: int = field(default=3, metadata=_range(0))
     # The last checkpoint is written at the end of every epoch, and also every N optimizer steps when set.
-    checkpoint_every_steps: Optional[int] = field(default=None, metadata=_range(1))
+    checkpoint_every_steps: int | None = field(default=None, metadata=_range(1))
     # Also keep the checkpoints of the last N `checkpoint_every_steps` steps as step-<N> (0: only last and best).
     keep_step_checkpoints: int = field(default=0, metadata=_range(0))
     # A NaN or inf loss: `stop` (naming the last good checkpoint) or `skip` the batch (costs a sync per batch).
@@ -190,13 +191,13 @@ class Hub:
     # A Hugging Face Hub model repository (user/name, org/name, or name in the token's own namespace) that the best
     # checkpoint, its model card and loss curves are pushed to at the end of a run; needs a token (`hf auth login` or
     # HF_TOKEN). None: nothing is pushed (`python3 distill.py --push RUN_DIR --model-id ID` pushes a run later).
-    model_id: Optional[str] = None
+    model_id: str | None = None
 
 
 @dataclass(frozen=True)
 class Config:
     # Prefix of the run names; defaults to the config file's stem.
-    name: Optional[str] = None
+    name: str | None = None
     seed: int = 42
     paths: Paths = field(default_factory=Paths)
     teacher: Teacher = field(default_factory=Teacher)
@@ -214,9 +215,7 @@ def check(config: Config, source: str) -> None:
     split = config.data.split
     total = split.train + split.validation + split.test
     if abs(total - 1.0) > 1e-6:
-        raise ConfigError(
-            f"{source}: data.split fractions sum to {total:g}; make train + validation + test equal 1."
-        )
+        raise ConfigError(f"{source}: data.split fractions sum to {total:g}; make train + validation + test equal 1.")
     training = config.training_parameters
     if training.checkpoints_name_last == training.checkpoints_name_best:
         raise ConfigError(
@@ -269,13 +268,15 @@ def check_model_id(value: str, what: str) -> None:
         )
 
 
-def one_block_per_layer_problem(layers: list[int], student_layer_count: int) -> Optional[str]:
+def one_block_per_layer_problem(layers: list[int], student_layer_count: int) -> str | None:
     """The sentence that refuses `student.teacher_layers` when it does not name one teacher block per student
     layer, or None."""
     if len(layers) == student_layer_count:
         return None
-    return (f"student.teacher_layers lists {len(layers)} teacher blocks but distilled_model.nb_layers is "
-            f"{student_layer_count}; list exactly one teacher block per student layer.")
+    return (
+        f"student.teacher_layers lists {len(layers)} teacher blocks but distilled_model.nb_layers is "
+        f"{student_layer_count}; list exactly one teacher block per student layer."
+    )
 
 
 def _check_template(config: Config, source: str) -> None:
@@ -333,7 +334,7 @@ def _kind_text(kind: Any, metadata: typing.Mapping) -> str:
     if kind == "loss":
         return "a `()` entry naming a class of loss.py, with its arguments"
     arguments = typing.get_args(kind)
-    if typing.get_origin(kind) is typing.Union:  # Optional[X]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
         return f"{_kind_text(arguments[0], metadata)} or null"
     if typing.get_origin(kind) is Literal:
         return "one of " + ", ".join(f"`{choice}`" for choice in arguments)

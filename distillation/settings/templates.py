@@ -58,8 +58,11 @@ def prompt_template(value: Any) -> PromptTemplate:
     for key, fields in (("with_input", {"instruction", "input"}), ("without_input", {"instruction"})):
         text = value[key]
         try:
-            found = {name for _, name, _, _ in string.Formatter().parse(text) if name is not None} \
-                if isinstance(text, str) else None
+            found = (
+                {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+                if isinstance(text, str)
+                else None
+            )
         except ValueError:
             found = None
         if found != fields:

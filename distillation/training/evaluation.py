@@ -9,7 +9,7 @@ projects the hidden states a chunk at a time here too, so that evaluating never 
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Iterator, Optional
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -64,8 +64,9 @@ def evaluate(criterion, forward, batches: WeightedBatches, accelerator, has_teac
 
 
 @torch.no_grad()
-def teacher_figures(teacher: Optional[Callable[[dict], ModelOutput]], vocab_size: int, batches: WeightedBatches,
-                    accelerator) -> dict:
+def teacher_figures(
+    teacher: Callable[[dict], ModelOutput] | None, vocab_size: int, batches: WeightedBatches, accelerator
+) -> dict:
     """The teacher's next-token CE and perplexity, over the student's `vocab_size` first tokens: the reference a
     student's perplexity is read against. `teacher(batch)` gives the teacher's output as the criterion reads it
     (logits, or the last hidden states and the head); None reads the cached teacher's log-probability of each

@@ -17,8 +17,16 @@ class Networks:
     criterion that projects them. With `cached_teacher` (teacher_cache.py) the teacher is never called: its
     distributions come with the batches. `optimizer` is the student's, as Accelerate wrapped it."""
 
-    def __init__(self, accelerator, criterion: Criterion, student, teacher, optimizer: torch.optim.Optimizer,
-                 compile_models: bool, cached_teacher: bool) -> None:
+    def __init__(
+        self,
+        accelerator,
+        criterion: Criterion,
+        student,
+        teacher,
+        optimizer: torch.optim.Optimizer,
+        compile_models: bool,
+        cached_teacher: bool,
+    ) -> None:
         self.accelerator, self.criterion, self.cached_teacher = accelerator, criterion, cached_teacher
         self.has_teacher = teacher is not None or cached_teacher
         self.student_model, self.teacher_model = student, teacher

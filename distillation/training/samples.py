@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
 import models
-from distillation.run import records
 from distillation.base import storage
+from distillation.run import records
 
 # Enough tokens to read the start of an answer, few enough that a validation costs no more than a few forward passes.
 MAX_NEW_TOKENS = 48
@@ -48,13 +48,17 @@ def _response_start(row: dict) -> int:
     target_mask = row.get("target_mask")  # chat data (chat_data.py): its prompt_length counts every non-target
     if target_mask is None:
         return row["prompt_length"]
-    return next((position for position, target in enumerate(target_mask) if target and position > 0), 0) \
-        if not all(target_mask) else 0
+    return (
+        next((position for position, target in enumerate(target_mask) if target and position > 0), 0)
+        if not all(target_mask)
+        else 0
+    )
 
 
 @torch.no_grad()
-def greedy_continuation(model, prompt_ids: list[int], eos_token_id: int, accelerator,
-                        max_new_tokens: int = MAX_NEW_TOKENS) -> list[int]:
+def greedy_continuation(
+    model, prompt_ids: list[int], eos_token_id: int, accelerator, max_new_tokens: int = MAX_NEW_TOKENS
+) -> list[int]:
     """The most likely next token, again and again, each time from the whole text so far (no key-value cache: a
     few dozen short forward passes, and nothing kept between them), cut at EOS. With several processes each one
     runs every step, since a sharded model's forward pass needs them all."""
@@ -69,7 +73,7 @@ def greedy_continuation(model, prompt_ids: list[int], eos_token_id: int, acceler
         ids = torch.cat([ids, token], dim=1)
         if accelerator.num_processes == 1 and token.item() == eos_token_id:
             break
-    new = ids[0, len(prompt_ids):].tolist()
+    new = ids[0, len(prompt_ids) :].tolist()
     return new[: new.index(eos_token_id)] if eos_token_id in new else new
 
 
@@ -86,8 +90,14 @@ class SamplesLog:
         for name, network in networks.items():
             for index, prompt in enumerate(self.prompts):
                 new = greedy_continuation(network, prompt.ids, self.tokenizer.eos_token_id, self.accelerator)
-                record = {"step": step, "model": name, "prompt_index": index, "prompt": prompt.text,
-                          "completion": self.tokenizer.decode(new), "reference": prompt.reference}
+                record = {
+                    "step": step,
+                    "model": name,
+                    "prompt_index": index,
+                    "prompt": prompt.text,
+                    "completion": self.tokenizer.decode(new),
+                    "reference": prompt.reference,
+                }
                 lines.append(json.dumps(record) + "\n")
                 texts[f"samples/{name}/{index}"] = _markdown(record)
         if not lines:
@@ -106,11 +116,13 @@ def _markdown(record: dict) -> str:
     def quoted(text: str) -> str:
         return "\n".join("    " + line for line in (text or "(empty)").splitlines() or [""])
 
-    return (f"**Prompt**\n\n{quoted(record['prompt'])}\n\n**{record['model'].capitalize()}**\n\n"
-            f"{quoted(record['completion'])}\n\n**Reference**\n\n{quoted(record['reference'])}")
+    return (
+        f"**Prompt**\n\n{quoted(record['prompt'])}\n\n**{record['model'].capitalize()}**\n\n"
+        f"{quoted(record['completion'])}\n\n**Reference**\n\n{quoted(record['reference'])}"
+    )
 
 
-def sampled_networks(prompts: Optional[list], student, teacher, first_validation: bool) -> dict:
+def sampled_networks(prompts: list | None, student, teacher, first_validation: bool) -> dict:
     """The models to sample at this validation: the student each time, the teacher (when loaded) the first time."""
     if not prompts:
         return {}

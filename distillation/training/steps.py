@@ -9,9 +9,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -21,16 +21,18 @@ from distillation.data import batching
 from distillation.run import records
 from distillation.run.checkpoints import RunCheckpoints, TrainerState
 from distillation.runtime import hardware
-from distillation.training import evaluation
-from distillation.training import teacher_cache
+from distillation.training import evaluation, teacher_cache
 
 logger = logging.getLogger("distill")
 
 
 class NonFiniteLoss(Exception):
-    def __init__(self, step: int, checkpoint: Path, checkpoint_step: Optional[int]) -> None:
-        last_good = f"the last good checkpoint is {checkpoint} (step {checkpoint_step})" \
-            if checkpoint_step is not None else "no checkpoint was written yet"
+    def __init__(self, step: int, checkpoint: Path, checkpoint_step: int | None) -> None:
+        last_good = (
+            f"the last good checkpoint is {checkpoint} (step {checkpoint_step})"
+            if checkpoint_step is not None
+            else "no checkpoint was written yet"
+        )
         super().__init__(
             f"the loss became NaN or inf by step {step}, so training stopped without saving those weights; "
             f"{last_good}. Lower the learning rate or check the data, or set "
@@ -59,19 +61,28 @@ class Step:
 class StepBatches:
     """The splits' data loaders, and the training split as optimizer steps of `batches_per_step` global batches."""
 
-    def __init__(self, splits, tokenizer, config, accelerator, cached_teacher: Optional[dict]) -> None:
+    def __init__(self, splits, tokenizer, config, accelerator, cached_teacher: dict | None) -> None:
         self.accelerator = accelerator
         collate = batching.collator(tokenizer.pad_token_id, config.data)
         collators = {name: collate for name in dataset.SPLIT_NAMES}
         if cached_teacher is not None:
-            splits = {name: splits[name].add_column("sample_index", np.arange(len(splits[name])))
-                      for name in dataset.SPLIT_NAMES}
-            collators = {name: teacher_cache.CachedTeacherCollator(collate, cached_teacher[name])
-                         for name in dataset.SPLIT_NAMES}
+            splits = {
+                name: splits[name].add_column("sample_index", np.arange(len(splits[name])))
+                for name in dataset.SPLIT_NAMES
+            }
+            collators = {
+                name: teacher_cache.CachedTeacherCollator(collate, cached_teacher[name]) for name in dataset.SPLIT_NAMES
+            }
         self.loaders = {
             name: batching.data_loader(
-                splits[name], collators[name], config.training_parameters.batch_size, config.seed, name == "train",
-                config.data.group_by_length, accelerator.num_processes, accelerator.process_index,
+                splits[name],
+                collators[name],
+                config.training_parameters.batch_size,
+                config.seed,
+                name == "train",
+                config.data.group_by_length,
+                accelerator.num_processes,
+                accelerator.process_index,
             )
             for name in dataset.SPLIT_NAMES
         }
@@ -107,13 +118,18 @@ class StepBatches:
             # Global batch k of the step is on process k % processes: this process's share of the step.
             in_step = min(self.batches_per_step, len(remaining_batches) - step_start)
             mine = max(0, -(-(in_step - index) // processes))
-            yield Step([self.place(next(my_batches)) for _ in range(mine)],
-                       int(self.sample_targets[step_indices].sum()), int(self.sample_tokens[step_indices].sum()),
-                       len(step_indices), in_step)
+            yield Step(
+                [self.place(next(my_batches)) for _ in range(mine)],
+                int(self.sample_targets[step_indices].sum()),
+                int(self.sample_tokens[step_indices].sum()),
+                len(step_indices),
+                in_step,
+            )
 
     def evaluation_batches(self, split: str) -> Iterator:
-        return evaluation.padded_batches(self.loaders[split], self.stand_in_batch, self.accelerator.num_processes,
-                                         self.place)
+        return evaluation.padded_batches(
+            self.loaders[split], self.stand_in_batch, self.accelerator.num_processes, self.place
+        )
 
     def place(self, batch: dict) -> dict:
         return hardware.on_device(batch, self.accelerator)
@@ -127,8 +143,17 @@ class OptimizerSteps:
     `loss` computes a batch's criterion output; `stand_in` gives the batch of weight 0 that a process without one
     computes; `checkpoints` names the last good checkpoint when a NaN or inf loss stops the run."""
 
-    def __init__(self, accelerator, student, optimizer, scheduler, training, loss: Callable[[dict], object],
-                 stand_in: Callable[[], dict], checkpoints: RunCheckpoints) -> None:
+    def __init__(
+        self,
+        accelerator,
+        student,
+        optimizer,
+        scheduler,
+        training,
+        loss: Callable[[dict], object],
+        stand_in: Callable[[], dict],
+        checkpoints: RunCheckpoints,
+    ) -> None:
         self.accelerator, self.student, self.optimizer, self.scheduler = accelerator, student, optimizer, scheduler
         self.training, self.loss, self.stand_in, self.checkpoints = training, loss, stand_in, checkpoints
         self.sums = records.RunningSums.zeros(accelerator.device)
@@ -198,7 +223,7 @@ class OptimizerSteps:
         """The sums over every process, and their count, as a checkpoint keeps them (TrainerState.interval_sums)."""
         return [*self._global_sums().tolist(), self.sums.steps]
 
-    def restore_sums(self, interval_sums: Optional[list]) -> None:
+    def restore_sums(self, interval_sums: list | None) -> None:
         if interval_sums is None:
             return
         if self.accelerator.is_main_process:

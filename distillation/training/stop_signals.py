@@ -6,8 +6,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 logger = logging.getLogger("distill")
 
@@ -29,11 +29,11 @@ class StopSignals:
     """
 
     def __init__(self) -> None:
-        self.received: Optional[int] = None
+        self.received: int | None = None
         self._deferring = False
         self._previous: dict = {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         for number in (signal.SIGINT, signal.SIGTERM):
             self._previous[number] = signal.signal(number, self._handle)
         return self

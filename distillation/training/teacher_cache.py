@@ -24,7 +24,6 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -32,8 +31,8 @@ import torch.nn.functional as F
 
 import dataset
 import models
-from distillation.data.batching import PaddingCollator
 from distillation.base import verified_cache
+from distillation.data.batching import PaddingCollator
 from loss import CachedTeacher
 
 logger = logging.getLogger(__name__)
@@ -59,9 +58,11 @@ class CachedSplit:
         return self.ids.shape[1]
 
     @classmethod
-    def open(cls, directory: Path) -> "CachedSplit":
-        arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r")
-                  for name in ("ids", "log_probs", "rest", "target", "offsets")}
+    def open(cls, directory: Path) -> CachedSplit:
+        arrays = {
+            name: np.load(directory / f"{name}.npy", mmap_mode="r")
+            for name in ("ids", "log_probs", "rest", "target", "offsets")
+        }
         return cls(**arrays)
 
 
@@ -88,8 +89,9 @@ def teacher_fingerprint(name: str) -> str:
     return "|".join(parts) or name
 
 
-def cache_directory(root: Path, teacher_name: str, teacher_dtype: torch.dtype, splits, top_k: int,
-                    vocab_size: int) -> Path:
+def cache_directory(
+    root: Path, teacher_name: str, teacher_dtype: torch.dtype, splits, top_k: int, vocab_size: int
+) -> Path:
     description = {
         "version": CACHE_FORMAT_VERSION,
         "teacher": teacher_fingerprint(teacher_name),
@@ -101,7 +103,7 @@ def cache_directory(root: Path, teacher_name: str, teacher_dtype: torch.dtype, s
     return verified_cache.location(root, description)
 
 
-def load(directory: Path, splits, top_k: int, vocab_size: int) -> Optional[dict[str, CachedSplit]]:
+def load(directory: Path, splits, top_k: int, vocab_size: int) -> dict[str, CachedSplit] | None:
     """The cached distributions of `splits` (name -> tokenized split); None when there are none, or when they are
     damaged (a file missing, truncated or not what was written): a damaged cache is removed, to be built again, with
     a warning."""
@@ -116,11 +118,14 @@ def load(directory: Path, splits, top_k: int, vocab_size: int) -> Optional[dict[
     return verified_cache.read(directory, MANIFEST, "teacher cache", open_splits)
 
 
-def _damage(meta, cached: dict[str, CachedSplit], splits, top_k: int, vocab_size: int) -> Optional[str]:
+def _damage(meta, cached: dict[str, CachedSplit], splits, top_k: int, vocab_size: int) -> str | None:
     """What does not match the splits the cache was built from; None when all does. The offsets follow from the
     samples' lengths, and every array has one row per position they count."""
-    expected = {"top_k": top_k, "vocab_size": vocab_size,
-                "splits": {name: len(split) for name, split in splits.items()}}
+    expected = {
+        "top_k": top_k,
+        "vocab_size": vocab_size,
+        "splits": {name: len(split) for name, split in splits.items()},
+    }
     if not isinstance(meta, dict) or any(meta.get(key) != value for key, value in expected.items()):
         return "meta.json does not describe these splits"
     for name, split in splits.items():
@@ -138,24 +143,46 @@ def _damage(meta, cached: dict[str, CachedSplit], splits, top_k: int, vocab_size
 
 
 @torch.no_grad()
-def build(directory: Path, teacher, splits, top_k: int, vocab_size: int, pad_token_id: int, batch_size: int,
-          device: torch.device, autocast=None) -> dict[str, CachedSplit]:
+def build(
+    directory: Path,
+    teacher,
+    splits,
+    top_k: int,
+    vocab_size: int,
+    pad_token_id: int,
+    batch_size: int,
+    device: torch.device,
+    autocast=None,
+) -> dict[str, CachedSplit]:
     """Run the teacher once over every split and write its top-k distributions (see the module docstring)."""
     started = time.time()
 
     def fill(staging: Path) -> dict:
         for name, split in splits.items():
             _build_split(staging / name, teacher, split, top_k, vocab_size, pad_token_id, batch_size, device, autocast)
-        return {"top_k": top_k, "vocab_size": vocab_size, "splits": {name: len(split) for name, split in splits.items()},
-                "seconds": round(time.time() - started, 2)}
+        return {
+            "top_k": top_k,
+            "vocab_size": vocab_size,
+            "splits": {name: len(split) for name, split in splits.items()},
+            "seconds": round(time.time() - started, 2),
+        }
 
     verified_cache.write(directory, MANIFEST, fill)  # when another process finished the same cache first, theirs stays
     logger.info("Cached the teacher's top-%d distributions in %s (%.1f s)", top_k, directory, time.time() - started)
     return load(directory, splits, top_k, vocab_size)
 
 
-def _build_split(directory: Path, teacher, split, top_k: int, vocab_size: int, pad_token_id: int, batch_size: int,
-                 device: torch.device, autocast) -> None:
+def _build_split(
+    directory: Path,
+    teacher,
+    split,
+    top_k: int,
+    vocab_size: int,
+    pad_token_id: int,
+    batch_size: int,
+    device: torch.device,
+    autocast,
+) -> None:
     directory.mkdir(parents=True)
     lengths = np.asarray(split["length"], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(np.maximum(lengths - 1, 0))])
@@ -173,7 +200,7 @@ def _build_split(directory: Path, teacher, split, top_k: int, vocab_size: int, p
     all_ids = split["input_ids"]  # one read of the column: row-by-row access is slow
     collate = PaddingCollator(pad_token_id)  # padded as training pads them; every position is read here
     for start in range(0, len(order), batch_size):
-        indices = order[start:start + batch_size]
+        indices = order[start : start + batch_size]
         batch = collate([{"input_ids": all_ids[int(index)], "prompt_length": 0} for index in indices])
         input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         with autocast() if autocast is not None else torch.autocast(device.type, enabled=False):
@@ -225,8 +252,12 @@ class CachedTeacherCollator:
             log_probs[row, :count] = torch.from_numpy(self.cached.log_probs[start:stop].astype(np.float32))
             rest[row, :count] = torch.from_numpy(self.cached.rest[start:stop].astype(np.float32))
             target[row, :count] = torch.from_numpy(self.cached.target[start:stop].astype(np.float32))
-        batch.update(teacher_top_ids=ids, teacher_top_log_probs=log_probs, teacher_rest_log_prob=rest,
-                     teacher_target_log_prob=target)
+        batch.update(
+            teacher_top_ids=ids,
+            teacher_top_log_probs=log_probs,
+            teacher_rest_log_prob=rest,
+            teacher_target_log_prob=target,
+        )
         return batch
 
 
@@ -240,7 +271,7 @@ def is_used(config) -> bool:
     return config.teacher.cache_top_k is not None and config.training_parameters.loss.requires_teacher
 
 
-def prepare(config, accelerator, tokenizer, vocab_size: int, splits, teacher_dtype: torch.dtype) -> Optional[dict]:
+def prepare(config, accelerator, tokenizer, vocab_size: int, splits, teacher_dtype: torch.dtype) -> dict | None:
     """Every split's cached teacher distributions when `is_used(config)`, built here (loading the teacher for that
     pass only) unless an earlier run left them; else None."""
     if not is_used(config):
@@ -257,6 +288,13 @@ def prepare(config, accelerator, tokenizer, vocab_size: int, splits, teacher_dty
             return cached
         teacher = models.load_teacher(config.teacher.name, teacher_dtype).to(accelerator.device)
         return build(
-            directory, teacher, splits, top_k, vocab_size, tokenizer.pad_token_id,
-            config.training_parameters.batch_size, accelerator.device, accelerator.autocast,
+            directory,
+            teacher,
+            splits,
+            top_k,
+            vocab_size,
+            tokenizer.pad_token_id,
+            config.training_parameters.batch_size,
+            accelerator.device,
+            accelerator.autocast,
         )

@@ -12,19 +12,15 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
-from distillation.runtime import hardware
 from distillation.run import records
-from distillation.run.checkpoints import RunCheckpoints, TrainerState, run_identity, load_model_weights
+from distillation.run.checkpoints import RunCheckpoints, TrainerState, load_model_weights, run_identity
 from distillation.run.runs import RunLocation
+from distillation.runtime import hardware
 from distillation.settings.schema import Config
-from distillation.training import evaluation
-from distillation.training import networks
-from distillation.training import samples
-from distillation.training import steps
+from distillation.training import evaluation, networks, samples, steps
 from distillation.training.stop_signals import StoppedBySignal, StopSignals
 from loss import Criterion, ModelOutput
 
@@ -59,30 +55,70 @@ class Trainer:
     """The loop over the training steps (`batches`, `steps`), its validations, checkpoints (`checkpoints`) and
     records; holds where training stands (`state`)."""
 
-    def __init__(self, config: Config, run: RunLocation, accelerator, tokenizer, teacher, student, splits,
-                 criterion: Criterion, cached_teacher: Optional[dict] = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        run: RunLocation,
+        accelerator,
+        tokenizer,
+        teacher,
+        student,
+        splits,
+        criterion: Criterion,
+        cached_teacher: dict | None = None,
+    ) -> None:
         self.config, self.run, self.accelerator, self.training = config, run, accelerator, config.training_parameters
         self.criterion = criterion
         self.batches = steps.StepBatches(splits, tokenizer, config, accelerator, cached_teacher)
         optimizer = build_optimizer(student, self.training)
         self.total_steps = self.batches.total_steps(self.training)
         self.scheduler = build_scheduler(optimizer, self.training, self.total_steps)
-        self.networks = networks.Networks(accelerator, criterion, student, teacher, optimizer, config.hardware.compile,
-                                          cached_teacher is not None)
+        self.networks = networks.Networks(
+            accelerator, criterion, student, teacher, optimizer, config.hardware.compile, cached_teacher is not None
+        )
         self.state, self.stop_signals = TrainerState(), StopSignals()
         identity = run_identity(student.config, tokenizer, criterion, config, splits["train"])
-        self.checkpoints = RunCheckpoints(run.directory, self.training, student, tokenizer, self.networks.optimizer,
-                                          self.scheduler, accelerator, identity)
-        self.steps = steps.OptimizerSteps(accelerator, self.networks.student, self.networks.optimizer, self.scheduler,
-                                          self.training, self._loss, self.batches.stand_in, self.checkpoints)
+        self.checkpoints = RunCheckpoints(
+            run.directory,
+            self.training,
+            student,
+            tokenizer,
+            self.networks.optimizer,
+            self.scheduler,
+            accelerator,
+            identity,
+        )
+        self.steps = steps.OptimizerSteps(
+            accelerator,
+            self.networks.student,
+            self.networks.optimizer,
+            self.scheduler,
+            self.training,
+            self._loss,
+            self.batches.stand_in,
+            self.checkpoints,
+        )
         self.metrics = records.MetricsLog(run.directory / "metrics.jsonl", accelerator)
-        self.samples = samples.SamplesLog(run.directory, accelerator, tokenizer, samples.validation_prompts(
-            splits["validation"], tokenizer, self.training.sample_prompts))
+        self.samples = samples.SamplesLog(
+            run.directory,
+            accelerator,
+            tokenizer,
+            samples.validation_prompts(splits["validation"], tokenizer, self.training.sample_prompts),
+        )
         self.started_at, self.elapsed_before = time.time(), 0.0
         self.teacher_results: dict[str, dict] = {}  # the frozen teacher's figures per split, computed once
         cached_top_k = config.teacher.cache_top_k if cached_teacher is not None else None
-        records.log_setup(student, teacher, cached_top_k, criterion, splits, self.total_steps,
-                          self.batches.batches_per_step, self.training, accelerator)
+        records.log_setup(
+            student,
+            teacher,
+            cached_top_k,
+            criterion,
+            splits,
+            self.total_steps,
+            self.batches.batches_per_step,
+            self.training,
+            accelerator,
+        )
 
     def elapsed(self) -> float:
         """Seconds of the run so far, including those of the processes it was resumed from."""
@@ -112,8 +148,12 @@ class Trainer:
             self.validate()
         if self.checkpoints.last_saved_step != state.global_step:
             self.save_last()
-        logger.info("Training done: %d steps; best validation loss %.4f at step %s",
-                    state.global_step, state.best_validation_loss, state.best_step)
+        logger.info(
+            "Training done: %d steps; best validation loss %.4f at step %s",
+            state.global_step,
+            state.best_validation_loss,
+            state.best_step,
+        )
 
     def _train_one_epoch(self, epoch: int) -> bool:
         """One pass over the training split (from the saved position when resuming); True when the run stops in it
@@ -121,8 +161,13 @@ class Trainer:
         state, training = self.state, self.training
         epoch_steps = self.batches.epoch(epoch, state.batches_done_in_epoch)
         interval = records.Interval()
-        progress = records.progress_bar(self.accelerator, self.batches.train_loader.batch_sampler.total,
-                                        state.batches_done_in_epoch, epoch, training)
+        progress = records.progress_bar(
+            self.accelerator,
+            self.batches.train_loader.batch_sampler.total,
+            state.batches_done_in_epoch,
+            epoch,
+            training,
+        )
         self.networks.student.train()
         for step in epoch_steps:
             self.step(step.batches, step.targets)
@@ -133,7 +178,9 @@ class Trainer:
                 interval = self._log_training(epoch, interval, progress)
             with interval.paused():  # evaluation and checkpoints do not count against tokens per second
                 self._after_step()
-            if self.stop_signals.received is not None or (training.max_steps and state.global_step >= training.max_steps):
+            if self.stop_signals.received is not None or (
+                training.max_steps and state.global_step >= training.max_steps
+            ):
                 progress.close()
                 self._stop_for_signal()
                 return True
@@ -175,10 +222,15 @@ class Trainer:
         """The training record of the steps since the last log step; the next interval starts."""
         tokens_per_second = interval.tokens_per_second()
         loss, kd, ce = self.steps.interval_means(self.state)
-        record = {"loss": loss, "kd": kd if self.networks.has_teacher else None, "ce": ce,
-                  "perplexity": evaluation.perplexity(ce), "learning_rate": self.scheduler.get_last_lr()[0],
-                  "tokens_per_s": round(tokens_per_second, 1),
-                  "peak_memory_mib": hardware.peak_memory_mib(self.accelerator.device)}
+        record = {
+            "loss": loss,
+            "kd": kd if self.networks.has_teacher else None,
+            "ce": ce,
+            "perplexity": evaluation.perplexity(ce),
+            "learning_rate": self.scheduler.get_last_lr()[0],
+            "tokens_per_s": round(tokens_per_second, 1),
+            "peak_memory_mib": hardware.peak_memory_mib(self.accelerator.device),
+        }
         self.metrics.write("train", record, self.state, self.elapsed(), epoch=epoch)
         progress.set_postfix({key: f"{record[key]:.3f}" for key in ("loss", "kd", "ce") if record[key] is not None})
         self.steps.start_interval()
@@ -189,8 +241,13 @@ class Trainer:
     def evaluate(self, split: str) -> dict:
         """The student's figures on a split (see evaluation.evaluate)."""
         self.networks.student.eval()
-        return evaluation.evaluate(self.criterion, self.forward, self.batches.evaluation_batches(split),
-                                   self.accelerator, self.networks.has_teacher)
+        return evaluation.evaluate(
+            self.criterion,
+            self.forward,
+            self.batches.evaluation_batches(split),
+            self.accelerator,
+            self.networks.has_teacher,
+        )
 
     def teacher_result(self, split: str) -> dict:
         """The frozen teacher's figures on a split, computed once per run."""
@@ -198,25 +255,38 @@ class Trainer:
             teacher = None if self.networks.cached_teacher else self.networks.teacher_outputs
             vocab_size = self.networks.student_model.config.vocab_size
             self.teacher_results[split] = evaluation.teacher_figures(
-                teacher, vocab_size, self.batches.evaluation_batches(split), self.accelerator)
+                teacher, vocab_size, self.batches.evaluation_batches(split), self.accelerator
+            )
         return self.teacher_results[split]
 
     def validate(self) -> None:
         self.steps.check_finite(self.state)
         state = self.state
         result = self.evaluate("validation")
-        self.samples.write(state.global_step, samples.sampled_networks(
-            self.samples.prompts, self.networks.student_model, self.networks.teacher_model,
-            state.last_evaluated_step is None))
+        self.samples.write(
+            state.global_step,
+            samples.sampled_networks(
+                self.samples.prompts,
+                self.networks.student_model,
+                self.networks.teacher_model,
+                state.last_evaluated_step is None,
+            ),
+        )
         state.last_evaluated_step = state.global_step
         improved = _improves(result, state, self.training.best_metric)
         if improved:
             state.best_validation_loss, state.best_step = result["loss"], state.global_step
             state.best_validation_perplexity = result["perplexity"]
         self.metrics.write("validation", result, state, self.elapsed())
-        logger.info("Validation at step %d: loss %.4f, kd %s, ce %.4f, perplexity %.2f%s", state.global_step,
-                    result["loss"], _format(result["kd"]), result["ce"], result["perplexity"],
-                    " (best so far)" if improved else "")
+        logger.info(
+            "Validation at step %d: loss %.4f, kd %s, ce %.4f, perplexity %.2f%s",
+            state.global_step,
+            result["loss"],
+            _format(result["kd"]),
+            result["ce"],
+            result["perplexity"],
+            " (best so far)" if improved else "",
+        )
         if improved:
             self.save(self.checkpoints.best)
 
@@ -225,15 +295,25 @@ class Trainer:
         load_model_weights(self.checkpoints.best, self.networks.student_model)
         result = self.evaluate("test")
         self.metrics.write("test", result, self.state, self.elapsed())
-        logger.info("Test (best checkpoint, step %s): loss %.4f, kd %s, ce %.4f, perplexity %.2f", self.state.best_step,
-                    result["loss"], _format(result["kd"]), result["ce"], result["perplexity"])
+        logger.info(
+            "Test (best checkpoint, step %s): loss %.4f, kd %s, ce %.4f, perplexity %.2f",
+            self.state.best_step,
+            result["loss"],
+            _format(result["kd"]),
+            result["ce"],
+            result["perplexity"],
+        )
         teacher = None
         if self.networks.has_teacher:
             teacher = {name: self.teacher_result(name) for name in ("validation", "test")}
-            logger.info("Teacher: validation perplexity %.2f, test perplexity %.2f",
-                        teacher["validation"]["perplexity"], teacher["test"]["perplexity"])
-        records.write_summary(self.run, self.state, self.training.best_metric, result, teacher, self.accelerator,
-                              self.elapsed())
+            logger.info(
+                "Teacher: validation perplexity %.2f, test perplexity %.2f",
+                teacher["validation"]["perplexity"],
+                teacher["test"]["perplexity"],
+            )
+        records.write_summary(
+            self.run, self.state, self.training.best_metric, result, teacher, self.accelerator, self.elapsed()
+        )
 
     # --- checkpoints ---------------------------------------------------------------------------------------------
 
@@ -264,5 +344,5 @@ def _improves(result: dict, state: TrainerState, best_metric: str) -> bool:
     return state.best_validation_loss is None or result["loss"] < state.best_validation_loss
 
 
-def _format(value: Optional[float]) -> str:
+def _format(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
