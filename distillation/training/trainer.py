@@ -78,33 +78,23 @@ class Trainer:
         )
         self.state, self.stop_signals = TrainerState(), StopSignals()
         identity = run_identity(student.config, tokenizer, criterion, config, splits["train"])
+        training, prepared, scheduler = self.training, self.networks, self.scheduler
         self.checkpoints = RunCheckpoints(
-            run.directory,
-            self.training,
-            student,
-            tokenizer,
-            self.networks.optimizer,
-            self.scheduler,
-            accelerator,
-            identity,
+            run.directory, training, student, tokenizer, prepared.optimizer, scheduler, accelerator, identity
         )
         self.steps = steps.OptimizerSteps(
             accelerator,
-            self.networks.student,
-            self.networks.optimizer,
-            self.scheduler,
-            self.training,
+            prepared.student,
+            prepared.optimizer,
+            scheduler,
+            training,
             self._loss,
             self.batches.stand_in,
             self.checkpoints,
         )
         self.metrics = records.MetricsLog(run.directory / "metrics.jsonl", accelerator)
-        self.samples = samples.SamplesLog(
-            run.directory,
-            accelerator,
-            tokenizer,
-            samples.validation_prompts(splits["validation"], tokenizer, self.training.sample_prompts),
-        )
+        prompts = samples.validation_prompts(splits["validation"], tokenizer, training.sample_prompts)
+        self.samples = samples.SamplesLog(run.directory, accelerator, tokenizer, prompts)
         self.started_at, self.elapsed_before = time.time(), 0.0
         self.teacher_results: dict[str, dict] = {}  # the frozen teacher's figures per split, computed once
         cached_top_k = config.teacher.cache_top_k if cached_teacher is not None else None
@@ -116,7 +106,7 @@ class Trainer:
             splits,
             self.total_steps,
             self.batches.batches_per_step,
-            self.training,
+            training,
             accelerator,
         )
 
