@@ -346,7 +346,7 @@ def _checked_state(state: TrainerState) -> TrainerState:
     """The saved state's values, of the types the loop counts with (a hand-edited or damaged file may hold others)."""
     for field in dataclasses.fields(TrainerState):
         value, kind = getattr(state, field.name), str(field.type)
-        if value is None and kind.startswith("Optional"):
+        if value is None and kind.endswith("| None"):
             continue
         if "list" in kind:
             valid = (
