@@ -25,7 +25,7 @@ def _status(key: str) -> int:
 def main() -> int:
     config_file, call = Path(sys.argv[1]), sys.argv[2]
     trainer = distill.setup(load_config(config_file), call, False)
-    batch = next(iter(trainer.train_loader))
+    batch = next(iter(trainer.batches.train_loader))
     Path("/proc/self/clear_refs").write_text("5")  # the peak resident size starts again from the current one
     before = _status("VmRSS:")
     if call == "validation":
