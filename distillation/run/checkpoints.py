@@ -19,6 +19,7 @@ import os
 import random
 import re
 import shutil
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -344,15 +345,16 @@ def check_best(directory: Path) -> bool:
 
 def _checked_state(state: TrainerState) -> TrainerState:
     """The saved state's values, of the types the loop counts with (a hand-edited or damaged file may hold others)."""
+    hints = typing.get_type_hints(TrainerState)
     for field in dataclasses.fields(TrainerState):
-        value, kind = getattr(state, field.name), str(field.type)
-        if value is None and kind.endswith("| None"):
+        value, kinds = getattr(state, field.name), typing.get_args(hints[field.name]) or (hints[field.name],)
+        if value is None and type(None) in kinds:
             continue
-        if "list" in kind:
+        if list in kinds:
             valid = (
                 isinstance(value, list) and len(value) == 4 and all(isinstance(item, (int, float)) for item in value)
             )
-        elif "float" in kind:
+        elif float in kinds:
             valid = isinstance(value, (int, float)) and not isinstance(value, bool)
         else:
             valid = isinstance(value, int) and not isinstance(value, bool) and value >= 0
