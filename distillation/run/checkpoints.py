@@ -61,6 +61,18 @@ class TrainerState:
     # Seconds of the run up to this checkpoint, over every process that worked on it (resumes add theirs).
     elapsed_s: float = 0.0
 
+    def record_validation(self, result: dict, best_metric: str) -> bool:
+        """Note a validation at this step; True when its result is the best so far by `best_metric` (then kept)."""
+        self.last_evaluated_step = self.global_step
+        if best_metric == "perplexity":
+            improved = self.best_validation_perplexity is None or result["perplexity"] < self.best_validation_perplexity
+        else:
+            improved = self.best_validation_loss is None or result["loss"] < self.best_validation_loss
+        if improved:
+            self.best_validation_loss, self.best_step = result["loss"], self.global_step
+            self.best_validation_perplexity = result["perplexity"]
+        return improved
+
 
 def is_sharded(model: torch.nn.Module) -> bool:
     """Whether FSDP shards the model's parameters over the processes (each holds a slice of every weight)."""

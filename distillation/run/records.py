@@ -229,6 +229,40 @@ def log_setup(
     )
 
 
+def log_validation(step: int, result: dict, improved: bool) -> None:
+    logger.info(
+        "Validation at step %d: loss %.4f, kd %s, ce %.4f, perplexity %.2f%s",
+        step,
+        result["loss"],
+        _format(result["kd"]),
+        result["ce"],
+        result["perplexity"],
+        " (best so far)" if improved else "",
+    )
+
+
+def log_test(best_step: int | None, result: dict, teacher: dict | None) -> None:
+    """The best checkpoint's test figures, and the teacher's perplexities (None: no teacher)."""
+    logger.info(
+        "Test (best checkpoint, step %s): loss %.4f, kd %s, ce %.4f, perplexity %.2f",
+        best_step,
+        result["loss"],
+        _format(result["kd"]),
+        result["ce"],
+        result["perplexity"],
+    )
+    if teacher is not None:
+        logger.info(
+            "Teacher: validation perplexity %.2f, test perplexity %.2f",
+            teacher["validation"]["perplexity"],
+            teacher["test"]["perplexity"],
+        )
+
+
+def _format(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def write_summary(
     run: RunLocation,
     state: TrainerState,

@@ -38,6 +38,35 @@ def padded_batches(loader, stand_in: dict, num_processes: int, place: Callable[[
         yield place(stand_in), 0
 
 
+class Evaluator:
+    """A run's figures on its splits: the student's, as training computes its loss, and the frozen teacher's, once
+    per split. `networks` (networks.Networks) calls the models; `batches` (steps.StepBatches) gives each split."""
+
+    def __init__(self, networks, batches) -> None:
+        self.networks, self.batches = networks, batches
+        self.teacher_results: dict[str, dict] = {}
+
+    def student(self, split: str) -> dict:
+        """The student's figures (see `evaluate`), in eval mode."""
+        networks = self.networks
+        networks.student.eval()
+        batches = self.batches.evaluation_batches(split)
+        return evaluate(networks.criterion, networks.forward, batches, networks.accelerator, networks.has_teacher)
+
+    def teacher(self, split: str) -> dict:
+        """The frozen teacher's figures (see `teacher_figures`), computed once per run."""
+        if split not in self.teacher_results:
+            networks = self.networks
+            teacher = None if networks.cached_teacher else networks.teacher_outputs
+            self.teacher_results[split] = teacher_figures(
+                teacher,
+                networks.student_model.config.vocab_size,
+                self.batches.evaluation_batches(split),
+                networks.accelerator,
+            )
+        return self.teacher_results[split]
+
+
 @torch.no_grad()
 def evaluate(criterion, forward, batches: WeightedBatches, accelerator, has_teacher: bool) -> dict:
     """The criterion's terms, the student's perplexity and, with a teacher, KL(teacher || student) at temperature 1

@@ -84,8 +84,10 @@ class SamplesLog:
         self.path = directory / FILE_NAME
         self.accelerator, self.tokenizer, self.prompts = accelerator, tokenizer, prompts
 
-    def write(self, step: int, networks: dict) -> None:
-        """Generate from each of `networks` (name -> causal LM, in eval mode) and record the texts."""
+    def write(self, step: int, student, teacher=None) -> None:
+        """Generate from the student (and the teacher, when given: a run samples it once) and record the texts.
+        Both are causal LMs in eval mode."""
+        networks = {"student": student} if teacher is None else {"student": student, "teacher": teacher}
         lines, texts = [], {}
         for name, network in networks.items():
             for index, prompt in enumerate(self.prompts):
@@ -120,13 +122,3 @@ def _markdown(record: dict) -> str:
         f"**Prompt**\n\n{quoted(record['prompt'])}\n\n**{record['model'].capitalize()}**\n\n"
         f"{quoted(record['completion'])}\n\n**Reference**\n\n{quoted(record['reference'])}"
     )
-
-
-def sampled_networks(prompts: list | None, student, teacher, first_validation: bool) -> dict:
-    """The models to sample at this validation: the student each time, the teacher (when loaded) the first time."""
-    if not prompts:
-        return {}
-    chosen = {"student": student}
-    if teacher is not None and first_validation:
-        chosen["teacher"] = teacher
-    return chosen

@@ -140,23 +140,23 @@ class StepBatches:
 
 class OptimizerSteps:
     """Optimizer steps over each process's micro-batches, and the sums of their loss terms since the last log step.
-    `loss` computes a batch's criterion output; `stand_in` gives the batch of weight 0 that a process without one
+    `networks` (networks.Networks) holds the prepared student and its optimizer; `loss` computes a batch's
+    criterion output; `stand_in` gives the batch of weight 0 that a process without one
     computes; `checkpoints` names the last good checkpoint when a NaN or inf loss stops the run."""
 
     def __init__(
         self,
-        accelerator,
-        student,
-        optimizer,
+        networks,
         scheduler,
         training,
         loss: Callable[[dict], object],
         stand_in: Callable[[], dict],
         checkpoints: RunCheckpoints,
     ) -> None:
-        self.accelerator, self.student, self.optimizer, self.scheduler = accelerator, student, optimizer, scheduler
-        self.training, self.loss, self.stand_in, self.checkpoints = training, loss, stand_in, checkpoints
-        self.sums = records.RunningSums.zeros(accelerator.device)
+        self.accelerator, self.student, self.optimizer = networks.accelerator, networks.student, networks.optimizer
+        self.scheduler, self.training, self.loss = scheduler, training, loss
+        self.stand_in, self.checkpoints = stand_in, checkpoints
+        self.sums = records.RunningSums.zeros(self.accelerator.device)
 
     def take(self, state: TrainerState, step_batches: list[dict], step_targets: int) -> None:
         """One optimizer step over this process's micro-batches, normalised by `step_targets`, the real target

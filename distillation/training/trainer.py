@@ -10,6 +10,7 @@ signals (stop_signals.py).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -52,8 +53,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, training, total_steps: int
 
 
 class Trainer:
-    """The loop over the training steps (`batches`, `steps`), its validations, checkpoints (`checkpoints`) and
-    records; holds where training stands (`state`)."""
+    """The loop over the training steps (`batches`, `steps`), its validations (`evaluator`, `samples`), checkpoints
+    (`checkpoints`) and records; holds where training stands (`state`)."""
 
     def __init__(
         self,
@@ -68,47 +69,30 @@ class Trainer:
         cached_teacher: dict | None = None,
     ) -> None:
         self.config, self.run, self.accelerator, self.training = config, run, accelerator, config.training_parameters
-        self.criterion = criterion
+        self.criterion, training = criterion, self.training
         self.batches = steps.StepBatches(splits, tokenizer, config, accelerator, cached_teacher)
-        optimizer = build_optimizer(student, self.training)
-        self.total_steps = self.batches.total_steps(self.training)
-        self.scheduler = build_scheduler(optimizer, self.training, self.total_steps)
-        self.networks = networks.Networks(
+        self.total_steps = self.batches.total_steps(training)
+        optimizer = build_optimizer(student, training)
+        self.scheduler = build_scheduler(optimizer, training, self.total_steps)
+        self.networks = nets = networks.Networks(
             accelerator, criterion, student, teacher, optimizer, config.hardware.compile, cached_teacher is not None
         )
         self.state, self.stop_signals = TrainerState(), StopSignals()
         identity = run_identity(student.config, tokenizer, criterion, config, splits["train"])
-        training, prepared, scheduler = self.training, self.networks, self.scheduler
         self.checkpoints = RunCheckpoints(
-            run.directory, training, student, tokenizer, prepared.optimizer, scheduler, accelerator, identity
+            run.directory, training, student, tokenizer, nets.optimizer, self.scheduler, accelerator, identity
         )
         self.steps = steps.OptimizerSteps(
-            accelerator,
-            prepared.student,
-            prepared.optimizer,
-            scheduler,
-            training,
-            self._loss,
-            self.batches.stand_in,
-            self.checkpoints,
+            nets, self.scheduler, training, self._loss, self.batches.stand_in, self.checkpoints
         )
+        self.evaluator = evaluation.Evaluator(nets, self.batches)
         self.metrics = records.MetricsLog(run.directory / "metrics.jsonl", accelerator)
         prompts = samples.validation_prompts(splits["validation"], tokenizer, training.sample_prompts)
         self.samples = samples.SamplesLog(run.directory, accelerator, tokenizer, prompts)
         self.started_at, self.elapsed_before = time.time(), 0.0
-        self.teacher_results: dict[str, dict] = {}  # the frozen teacher's figures per split, computed once
-        cached_top_k = config.teacher.cache_top_k if cached_teacher is not None else None
-        records.log_setup(
-            student,
-            teacher,
-            cached_top_k,
-            criterion,
-            splits,
-            self.total_steps,
-            self.batches.batches_per_step,
-            training,
-            accelerator,
-        )
+        top_k = config.teacher.cache_top_k if cached_teacher is not None else None
+        per_step = self.batches.batches_per_step
+        records.log_setup(student, teacher, top_k, criterion, splits, self.total_steps, per_step, training, accelerator)
 
     def elapsed(self) -> float:
         """Seconds of the run so far, including those of the processes it was resumed from."""
@@ -138,12 +122,8 @@ class Trainer:
             self.validate()
         if self.checkpoints.last_saved_step != state.global_step:
             self.save_last()
-        logger.info(
-            "Training done: %d steps; best validation loss %.4f at step %s",
-            state.global_step,
-            state.best_validation_loss,
-            state.best_step,
-        )
+        best = (state.global_step, state.best_validation_loss, state.best_step)
+        logger.info("Training done: %d steps; best validation loss %.4f at step %s", *best)
 
     def _train_one_epoch(self, epoch: int) -> bool:
         """One pass over the training split (from the saved position when resuming); True when the run stops in it
@@ -151,13 +131,8 @@ class Trainer:
         state, training = self.state, self.training
         epoch_steps = self.batches.epoch(epoch, state.batches_done_in_epoch)
         interval = records.Interval()
-        progress = records.progress_bar(
-            self.accelerator,
-            self.batches.train_loader.batch_sampler.total,
-            state.batches_done_in_epoch,
-            epoch,
-            training,
-        )
+        total_batches = self.batches.train_loader.batch_sampler.total
+        progress = records.progress_bar(self.accelerator, total_batches, state.batches_done_in_epoch, epoch, training)
         self.networks.student.train()
         for step in epoch_steps:
             self.step(step.batches, step.targets)
@@ -168,9 +143,7 @@ class Trainer:
                 interval = self._log_training(epoch, interval, progress)
             with interval.paused():  # evaluation and checkpoints do not count against tokens per second
                 self._after_step()
-            if self.stop_signals.received is not None or (
-                training.max_steps and state.global_step >= training.max_steps
-            ):
+            if self.stop_signals.received is not None or state.global_step >= (training.max_steps or math.inf):
                 progress.close()
                 self._stop_for_signal()
                 return True
@@ -230,53 +203,18 @@ class Trainer:
 
     def evaluate(self, split: str) -> dict:
         """The student's figures on a split (see evaluation.evaluate)."""
-        self.networks.student.eval()
-        return evaluation.evaluate(
-            self.criterion,
-            self.forward,
-            self.batches.evaluation_batches(split),
-            self.accelerator,
-            self.networks.has_teacher,
-        )
-
-    def teacher_result(self, split: str) -> dict:
-        """The frozen teacher's figures on a split, computed once per run."""
-        if split not in self.teacher_results:
-            teacher = None if self.networks.cached_teacher else self.networks.teacher_outputs
-            vocab_size = self.networks.student_model.config.vocab_size
-            self.teacher_results[split] = evaluation.teacher_figures(
-                teacher, vocab_size, self.batches.evaluation_batches(split), self.accelerator
-            )
-        return self.teacher_results[split]
+        return self.evaluator.student(split)
 
     def validate(self) -> None:
+        """The student's validation figures and samples; a better result becomes the best checkpoint."""
         self.steps.check_finite(self.state)
-        state = self.state
+        state, networks = self.state, self.networks
         result = self.evaluate("validation")
-        self.samples.write(
-            state.global_step,
-            samples.sampled_networks(
-                self.samples.prompts,
-                self.networks.student_model,
-                self.networks.teacher_model,
-                state.last_evaluated_step is None,
-            ),
-        )
-        state.last_evaluated_step = state.global_step
-        improved = _improves(result, state, self.training.best_metric)
-        if improved:
-            state.best_validation_loss, state.best_step = result["loss"], state.global_step
-            state.best_validation_perplexity = result["perplexity"]
+        first = state.last_evaluated_step is None  # the teacher writes its samples once
+        self.samples.write(state.global_step, networks.student_model, networks.teacher_model if first else None)
+        improved = state.record_validation(result, self.training.best_metric)
         self.metrics.write("validation", result, state, self.elapsed())
-        logger.info(
-            "Validation at step %d: loss %.4f, kd %s, ce %.4f, perplexity %.2f%s",
-            state.global_step,
-            result["loss"],
-            _format(result["kd"]),
-            result["ce"],
-            result["perplexity"],
-            " (best so far)" if improved else "",
-        )
+        records.log_validation(state.global_step, result, improved)
         if improved:
             self.save(self.checkpoints.best)
 
@@ -285,25 +223,12 @@ class Trainer:
         load_model_weights(self.checkpoints.best, self.networks.student_model)
         result = self.evaluate("test")
         self.metrics.write("test", result, self.state, self.elapsed())
-        logger.info(
-            "Test (best checkpoint, step %s): loss %.4f, kd %s, ce %.4f, perplexity %.2f",
-            self.state.best_step,
-            result["loss"],
-            _format(result["kd"]),
-            result["ce"],
-            result["perplexity"],
-        )
         teacher = None
         if self.networks.has_teacher:
-            teacher = {name: self.teacher_result(name) for name in ("validation", "test")}
-            logger.info(
-                "Teacher: validation perplexity %.2f, test perplexity %.2f",
-                teacher["validation"]["perplexity"],
-                teacher["test"]["perplexity"],
-            )
-        records.write_summary(
-            self.run, self.state, self.training.best_metric, result, teacher, self.accelerator, self.elapsed()
-        )
+            teacher = {name: self.evaluator.teacher(name) for name in ("validation", "test")}
+        records.log_test(self.state.best_step, result, teacher)
+        best_metric, elapsed = self.training.best_metric, self.elapsed()
+        records.write_summary(self.run, self.state, best_metric, result, teacher, self.accelerator, elapsed)
 
     # --- checkpoints ---------------------------------------------------------------------------------------------
 
@@ -325,14 +250,3 @@ class Trainer:
             self.state = self.checkpoints.restore()
             self.elapsed_before = self.state.elapsed_s
             self.steps.restore_sums(self.state.interval_sums)
-
-
-def _improves(result: dict, state: TrainerState, best_metric: str) -> bool:
-    """Whether a validation result is better than the best one so far, by the configured metric."""
-    if best_metric == "perplexity":
-        return state.best_validation_perplexity is None or result["perplexity"] < state.best_validation_perplexity
-    return state.best_validation_loss is None or result["loss"] < state.best_validation_loss
-
-
-def _format(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
