@@ -436,3 +436,19 @@ def test_the_alpaca_chat_template_renders_the_training_text(tokenizer, template)
     response = [token for token, marked in zip(encoded["input_ids"], encoded["assistant_masks"]) if marked]
     # A token that merges the prompt's last space with the response's first word belongs to the response.
     assert tokenizer.decode(response).lstrip(" ") == "hi hi" + tokenizer.eos_token
+
+
+def test_dropped_samples_above_one_percent_are_a_warning_with_the_cause(tmp_path, rows, caplog):
+    """Before, any count of dropped samples was an INFO line; 3 in 100 is a warning, 1 in 151 stays information."""
+    blank = {"instruction": "Say nothing.", "input": "", "output": "  "}
+    path = write_jsonl(tmp_path / "some_blank.jsonl", rows[:97] + [blank] * 3)
+    with caplog.at_level("INFO"):
+        dataset.load_text_splits(make_spec(path), str(tmp_path / "data"))
+    (warning,) = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert warning.startswith("Dropped 3 of 100 samples (3.0%)") and "empty or all-whitespace output" in warning
+    caplog.clear()
+    path = write_jsonl(tmp_path / "one_blank.jsonl", rows[:150] + [blank])
+    with caplog.at_level("INFO"):
+        dataset.load_text_splits(make_spec(path), str(tmp_path / "data"))
+    assert not [record for record in caplog.records if record.levelname == "WARNING"]
+    assert any(record.getMessage().startswith("Dropped 1 of 151 samples") for record in caplog.records)

@@ -66,9 +66,12 @@ def check_columns(raw: Dataset, kind: str, dataset: str) -> None:
     ((name, feature),) = features.items()
     if not isinstance(feature, List):
         turn = '{"role": ..., "content": ...}' if kind == MESSAGES else '{"from": ..., "value": ...}'
+        # Lists in most rows and something else in some (datasets' Json): the first such row is named.
+        row = next((row for row, value in enumerate(raw[name]) if not isinstance(value, list | None)), None)
+        where = f"the {name} of row {row + 1} of {dataset} is not a list of turns" if row is not None else ""
         raise DataError(
-            f"the column {name!r} of {dataset} does not hold lists of turns; write each row's {name} as "
-            f"a list of {turn} records."
+            (where or f"the column {name!r} of {dataset} does not hold lists of turns")
+            + f"; write each row's {name} as a list of {turn} records."
         )
 
 
