@@ -292,8 +292,14 @@ def test_each_format_trains_end_to_end(tmp_path, config_values, rows, shape, mas
     assert (run / "best" / "model.safetensors").is_file()
     metrics = read_metrics(run)
     assert [record["step"] for record in metrics if record["split"] == "validation"][:2] == [2, 4]
-    test = json.loads((run / "summary.json").read_text())["test"]
+    summary = json.loads((run / "summary.json").read_text())
+    test = summary["test"]
     assert torch.isfinite(torch.tensor(test["loss"])) and test["perplexity"] > 1.0
+    # The model card says what the student read: conversations, not Alpaca fields (as it said before).
+    data_section = (run / "best" / "README.md").read_text().split("## Data\n\n")[1].split("\n\n")[0]
+    assert summary["data_format"] == "chat" and "conversations (role/content turns)" in data_section
+    assert "Alpaca fields" not in data_section and "cut at 64 tokens" in data_section
+    assert ("only the assistant turns scored" in data_section) == mask_instruction
     # The checkpoint's chat template renders a conversation as training did (the fixtures' tokenizer has none of
     # its own, so the Alpaca one of data.template).
     from transformers import AutoTokenizer

@@ -93,6 +93,7 @@ class Trainer:
             self.checkpoints,
         )
         self.metrics = records.MetricsLog(run.directory / "metrics.jsonl", accelerator)
+        self.data_format = records.trained_format(splits, config)
         prompts = samples.validation_prompts(splits["validation"], tokenizer, training.sample_prompts)
         self.samples = samples.SamplesLog(run.directory, accelerator, tokenizer, prompts)
         self.started_at, self.elapsed_before = time.time(), 0.0
@@ -302,7 +303,14 @@ class Trainer:
                 teacher["test"]["perplexity"],
             )
         records.write_summary(
-            self.run, self.state, self.training.best_metric, result, teacher, self.accelerator, self.elapsed()
+            self.run,
+            self.state,
+            self.training.best_metric,
+            result,
+            teacher,
+            self.accelerator,
+            self.elapsed(),
+            self.data_format,
         )
 
     # --- checkpoints ---------------------------------------------------------------------------------------------
