@@ -2,8 +2,8 @@
 read into one `messages` column of role/content turns, rendered with a chat template and tokenized with a mask of
 the assistant turns' tokens.
 
-dataset.py picks the format from the columns (`data_format`), calls `to_messages` when formatting the rows and
-`tokenize_conversations` when tokenizing them; the template that renders them (`rendering_template`) is part of the
+formats.py decides the format (from the columns, FORMAT_COLUMNS, then the first row); dataset.py calls `to_messages`
+when formatting the rows and `tokenize_conversations` when tokenizing them; the template that renders them (`rendering_template`) is part of the
 tokenized-data cache key. Any malformed conversation is a DataError naming its row (counted from 1).
 """
 
@@ -24,7 +24,7 @@ ALPACA = "alpaca"
 MESSAGES = "messages"
 SHAREGPT = "conversations"
 PROMPT_COMPLETION = "prompt/completion"
-# In order of precedence: the first whose columns a data set has is its format.
+# In order of precedence: the first whose columns a data set has (and its first row fills) is its format.
 FORMAT_COLUMNS = {
     ALPACA: ("instruction", "output"),
     MESSAGES: ("messages",),
@@ -44,11 +44,6 @@ SHAREGPT_ROLES = {
     **{name: "assistant" for name in ("gpt", "assistant", "chatgpt", "bing", "bard", "model")},
 }
 GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
-
-
-def data_format(columns) -> str | None:
-    """The format a data set's columns say (FORMAT_COLUMNS, first match), or None."""
-    return next((name for name, needed in FORMAT_COLUMNS.items() if set(needed) <= set(columns)), None)
 
 
 def check_columns(raw: Dataset, kind: str, dataset: str) -> None:
