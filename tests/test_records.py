@@ -303,12 +303,13 @@ def test_data_exploration_notebook_runs_and_draws_every_figure(compared_runs):
 
 def test_experiments_notebook_compares_the_runs_and_generates(compared_runs, tmp_path):
     """With a third run, damaged by hand (records without their split, a summary.json that is a list, no best
-    checkpoint), which before ended the notebook in a KeyError: what it cannot give is left out and named."""
+    checkpoint), and a directory that is not a run, which before ended the notebook in a KeyError and a
+    FileNotFoundError: what they cannot give is left out and named."""
     _, _, distilled, plain = compared_runs
     damaged = damaged_copy(distilled, tmp_path / "damaged", "[]", b"seed: [1\n")
     notebook = execute_notebook(
         "experiments_exploration.ipynb",
-        f"RUNS = [{str(distilled)!r}, {str(plain)!r}, {str(damaged)!r}]\n"
+        f"RUNS = [{str(distilled)!r}, {str(plain)!r}, {str(damaged)!r}, {str(tmp_path)!r}]\n"
         "CHECKPOINTS, DEMO_PREFIX = 'checkpoints', 'tiny'\n"
         "PROMPTS = [{'instruction': 'Add the two numbers.', 'input': '3 and 4'}]\nMAX_NEW_TOKENS = 8",
     )
@@ -319,6 +320,7 @@ def test_experiments_notebook_compares_the_runs_and_generates(compared_runs, tmp
     assert "--- demo:" in printed and "--- demo-plain:" in printed
     assert f"note: {damaged / 'summary.json'} holds a list" in printed and "4 of its records left out" in printed
     assert f"note: damaged has no best checkpoint in {damaged / 'best'}" in printed
+    assert f"note: {tmp_path} has no metrics.jsonl" in printed  # not a run: named and left out
     # samples.jsonl side by side: a table per prompt, a column per run, the teacher's row once.
     sample_tables = [table for table in tables if ">teacher<" in table]
     assert len(sample_tables) == 3 and "=== prompt 2:" in printed
