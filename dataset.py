@@ -134,7 +134,7 @@ def _check_targets_left(splits: dict[str, Dataset], tokenized: DatasetDict, spec
             )
     total = sum(len(rows) for rows in splits.values())
     dropped = total - sum(len(split) for split in tokenized.values())
-    report_dropped(dropped, total, f"samples cut at data.max_length {spec.max_length} before any response token", fix)
+    _report_dropped(dropped, total, f"samples cut at data.max_length {spec.max_length} before any response token", fix)
 
 
 def load_text_splits(spec: DataSpec, data_folder: str, num_proc: int = 1) -> dict[str, Dataset]:
@@ -204,7 +204,7 @@ def _drop_empty(texts: Dataset, non_empty, spec: DataSpec, kind: str | None) -> 
         if kind == chat_data.ALPACA
         else "no assistant turn with text"
     )
-    report_dropped(
+    _report_dropped(
         len(texts) - len(kept),
         len(texts),
         f"rows of {spec.dataset} with {empty}",
@@ -215,7 +215,7 @@ def _drop_empty(texts: Dataset, non_empty, spec: DataSpec, kind: str | None) -> 
     return kept
 
 
-def report_dropped(dropped: int, total: int, what: str, fix: str, warn: bool = True) -> None:
+def _report_dropped(dropped: int, total: int, what: str, fix: str, warn: bool = True) -> None:
     """Say how many samples were dropped and why: a warning, with the fix, when they are more than
     DROPPED_WARNING_SHARE of the data (a cause that concerns the whole data set, not a stray row)."""
     if not dropped:

@@ -4,7 +4,10 @@
 
 writes `loss_curves.png` into each run directory and, for several runs, one comparison figure (validation
 perplexity and the CE term against samples seen, one line per run; by default `comparison.png` beside the first
-run). Works without a display (matplotlib's Agg backend).
+run, and `--output`'s folder is created). Works without a display (matplotlib's Agg backend). What a damaged run
+cannot give (a record without its split, step or samples_seen; a summary.json or config.yaml that cannot be read)
+is left out and named in a `note:` line; a directory without metrics.jsonl, or a figure that cannot be written, is
+one sentence and exit 2.
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ def load_run(directory) -> Run:
             f"{metrics}: {len(damaged) + len(lines) - len(records)} of its records left out (not a JSON object, "
             f"or without a text split, a whole step and a number samples_seen)"
         )
-    config = _read_mapping(directory / "config.yaml", _parse_yaml, problems)
+    config = _read_mapping(directory / "config.yaml", yaml.safe_load, problems)
     summary = _read_mapping(directory / "summary.json", json.loads, problems)
     run = Run(directory, config or {}, records, summary, problems=problems)
     run.label = f"{run.name} ({run.loss_name})"
@@ -101,10 +104,6 @@ def _usable(record: dict) -> bool:
         and not isinstance(record.get("step"), bool)
         and _number(record.get("samples_seen")) is not None
     )
-
-
-def _parse_yaml(text: str):
-    return yaml.safe_load(text)
 
 
 def _read_mapping(path: Path, parse, problems: list[str]) -> dict | None:
