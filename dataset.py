@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow
-from datasets import Dataset, DatasetDict, List, Value, load_from_disk
+from datasets import Dataset, DatasetDict, load_from_disk
 
 from distillation.base import verified_cache
-from distillation.data import chat_data, data_files
+from distillation.data import chat_data, data_files, formats
 from distillation.data.data_files import DataError
 from distillation.settings.templates import DEFAULT_TEMPLATE, PromptTemplate, prompt_template
 
@@ -30,9 +30,12 @@ logger = logging.getLogger(__name__)
 
 # Bump when the formatting or tokenization below changes, so that old caches are not reused.
 CACHE_FORMAT_VERSION = 3
+# Dropped samples above this share of the data are a warning: a stray empty row or two is common in public data
+# sets, 1 in 100 is not (a max_length too small for the data, answers in a column the format does not read).
+DROPPED_WARNING_SHARE = 0.01
 SPLIT_NAMES = ("train", "validation", "test")
 MANIFEST = "produced_by.json"
-ALPACA_FIELDS = ("instruction", "input", "output")
+ALPACA_FIELDS = formats.ALPACA_FIELDS
 
 
 def alpaca_prompt(instruction: str, context: str, template: PromptTemplate = DEFAULT_TEMPLATE) -> str:
@@ -104,12 +107,7 @@ def prepare_splits(spec: DataSpec, tokenizer, data_folder: str, token_dataset: s
     texts = format_rows(raw, spec, num_proc)
     splits = split_rows(texts, spec.split, spec.seed)
     tokenized = DatasetDict({name: tokenize(rows, tokenizer, spec, num_proc) for name, rows in splits.items()})
-    for name in SPLIT_NAMES:
-        if len(tokenized[name]) == 0:
-            raise DataError(
-                f"the {name} split of {spec.dataset!r} is empty after tokenization; "
-                f"use more data or a larger data.split.{name} fraction."
-            )
+    _check_targets_left(splits, tokenized, spec)
     _save_atomically(tokenized, cache_dir, spec, data_fingerprint)
     logger.info(
         "Tokenized %s: %s samples, cached in %s",
@@ -118,6 +116,25 @@ def prepare_splits(spec: DataSpec, tokenizer, data_folder: str, token_dataset: s
         cache_dir,
     )
     return load_from_disk(str(cache_dir))
+
+
+def _check_targets_left(splits: dict[str, Dataset], tokenized: DatasetDict, spec: DataSpec) -> None:
+    """Samples with no target token left are dropped (tokenize): with data.mask_instruction, a prompt as long as
+    max_length leaves none of the response. Many of them, or a whole split, say that max_length is too small for
+    this data, not that the data is too small."""
+    fix = f"raise data.max_length (now {spec.max_length})"
+    if spec.mask_instruction:
+        fix += ", or set data.mask_instruction: false to score the prompts too"
+    for name in SPLIT_NAMES:
+        if len(tokenized[name]) == 0:
+            raise DataError(
+                f"every sample of the {name} split of {spec.dataset} ({len(splits[name])}) is cut at "
+                f"data.max_length {spec.max_length} tokens before its first target (response) token, so the "
+                f"split is empty; {fix}."
+            )
+    total = sum(len(rows) for rows in splits.values())
+    dropped = total - sum(len(split) for split in tokenized.values())
+    _report_dropped(dropped, total, f"samples cut at data.max_length {spec.max_length} before any response token", fix)
 
 
 def load_text_splits(spec: DataSpec, data_folder: str, num_proc: int = 1) -> dict[str, Dataset]:
@@ -137,7 +154,7 @@ def format_rows(raw: Dataset, spec: DataSpec, num_proc: int = 1) -> Dataset:
     turns; empty or all-whitespace samples are dropped and counted."""
     if spec.max_samples is not None:
         raw = raw.select(range(min(spec.max_samples, len(raw))))
-    kind = _check_columns(raw, spec)
+    kind = formats.decide_format(raw, spec.dataset, spec.text_column)
     if kind not in (None, chat_data.ALPACA):
         messages = raw.map(
             chat_data.to_messages,
@@ -148,7 +165,7 @@ def format_rows(raw: Dataset, spec: DataSpec, num_proc: int = 1) -> Dataset:
             num_proc=_procs(num_proc, raw),
             load_from_cache_file=False,
         )
-        return _drop_empty(messages, chat_data.has_response, spec)
+        return _drop_empty(messages, chat_data.has_response, spec, kind)
 
     def to_texts(batch: dict) -> dict:
         if spec.text_column is not None:
@@ -173,76 +190,40 @@ def format_rows(raw: Dataset, spec: DataSpec, num_proc: int = 1) -> Dataset:
         num_proc=_procs(num_proc, raw),
         load_from_cache_file=False,
     )
-    return _drop_empty(texts, lambda batch: [bool(r.strip()) for r in batch["response"]], spec)
+    return _drop_empty(texts, lambda batch: [bool(r.strip()) for r in batch["response"]], spec, kind)
 
 
-def _drop_empty(texts: Dataset, non_empty, spec: DataSpec) -> Dataset:
+def _drop_empty(texts: Dataset, non_empty, spec: DataSpec, kind: str | None) -> Dataset:
     kept = texts.filter(non_empty, batched=True, load_from_cache_file=False)
-    dropped = len(texts) - len(kept)
-    if dropped:
-        logger.info("Dropped %d empty or all-whitespace samples out of %d", dropped, len(texts))
     if len(kept) == 0:
         raise DataError(f"the data set {spec.dataset!r} has no non-empty sample; check data.dataset and its columns.")
+    empty = (
+        f"an empty or all-whitespace {spec.text_column}"
+        if kind is None
+        else "an empty or all-whitespace output (or none)"
+        if kind == chat_data.ALPACA
+        else "no assistant turn with text"
+    )
+    _report_dropped(
+        len(texts) - len(kept),
+        len(texts),
+        f"rows of {spec.dataset} with {empty}",
+        "fill them in or remove them, and check that data.dataset's rows hold their answers where this format "
+        "reads them",
+        warn=kind is not None,  # blank lines separate the paragraphs of a text file: no sign of a problem
+    )
     return kept
 
 
-def _check_columns(raw: Dataset, spec: DataSpec) -> str | None:
-    """The data format (chat_data.FORMAT_COLUMNS; None for a text_column), once its columns are found to hold what
-    it reads: text, where a number or a record would be quoted into the samples as its Python form."""
-    columns = set(raw.column_names)
-    listed = ", ".join(sorted(columns))
-    kind = chat_data.data_format(columns)
-    if spec.text_column is not None:
-        if spec.text_column not in columns:
-            raise DataError(
-                f"the data set {spec.dataset} has no column {spec.text_column!r} (it has {listed}); "
-                f"fix data.text_column."
-            )
-        if isinstance(raw.features[spec.text_column], List):
-            raise DataError(
-                f"the column {spec.text_column!r} of {spec.dataset} holds lists, not text; set "
-                f"data.text_column: null so that it is read as a conversation."
-            )
-        kind, used = None, [spec.text_column]
-    elif kind == chat_data.ALPACA:
-        used = [name for name in ALPACA_FIELDS if name in columns]
-    elif kind is not None:
-        chat_data.check_columns(raw, kind, spec.dataset)
-        return kind
+def _report_dropped(dropped: int, total: int, what: str, fix: str, warn: bool = True) -> None:
+    """Say how many samples were dropped and why: a warning, with the fix, when they are more than
+    DROPPED_WARNING_SHARE of the data (a cause that concerns the whole data set, not a stray row)."""
+    if not dropped:
+        return
+    if warn and dropped > DROPPED_WARNING_SHARE * total:
+        logger.warning("Dropped %d of %d samples (%.1f%%): %s; %s.", dropped, total, 100 * dropped / total, what, fix)
     else:
-        texts = [name for name in sorted(columns) if _holds_text(raw, name)]
-        hint = "write the rows in one of these formats"
-        if texts:
-            hint += (
-                ", or set data.text_column: text"
-                if "text" in texts
-                else f", or set data.text_column to the column with the whole text ({', '.join(texts)})"
-            )
-        raise DataError(
-            f"the data set {spec.dataset} is in none of the formats read here ({chat_data.ACCEPTED}): "
-            f"its columns are {listed}; {hint}."
-        )
-    for name in used:
-        empty = raw.data.column(name).null_count == raw.data.num_rows
-        if _holds_text(raw, name) or (empty and name == "input"):  # csv reads empty inputs as missing values
-            continue
-        feature = raw.features[name]
-        found = (
-            "null in every row"
-            if empty
-            else f"{feature.dtype} values"
-            if isinstance(feature, Value)
-            else "records or lists"
-        )
-        raise DataError(
-            f"the column {name!r} of {spec.dataset} holds {found}, not text; write each {name} as a "
-            f'text (a JSON string "..."), or fix data.dataset.'
-        )
-    return kind
-
-
-def _holds_text(raw: Dataset, name: str) -> bool:
-    return getattr(raw.features[name], "dtype", None) in ("string", "large_string")
+        logger.info("Dropped %d of %d samples: %s", dropped, total, what)
 
 
 def split_rows(rows: Dataset, fractions: tuple[float, float, float], seed: int) -> dict[str, Dataset]:
@@ -319,10 +300,7 @@ def _keep_samples_with_targets(encoded: Dataset, spec: DataSpec) -> Dataset:
         first_target = [max(1, p) if spec.mask_instruction else 1 for p in batch["prompt_length"]]
         return [len(ids) > first for ids, first in zip(batch["input_ids"], first_target)]
 
-    kept = encoded.filter(has_target, batched=True, load_from_cache_file=False)
-    if len(kept) < len(encoded):
-        logger.info("Dropped %d samples left with no target token after truncation", len(encoded) - len(kept))
-    return kept
+    return encoded.filter(has_target, batched=True, load_from_cache_file=False)
 
 
 def _tokenize_with_prompt_lengths(tokenizer, texts: list[str], prompts: list[str]) -> tuple[list, list[int]]:

@@ -208,6 +208,16 @@ CASES: list[tuple[str, str, Callable[[Context], list[str]]]] = [
     ),
     ("empty conversation", "row 2 of", chat_data({"messages": []})),
     (
+        "file mixing two formats",
+        "row 2 of",
+        chat_data({"instruction": "A", "input": "", "output": "B"}),
+    ),
+    (
+        "every prompt longer than max_length",
+        "raise data.max_length",
+        lambda c: ["--config", c.config(**{"data.max_length": 8, "data.mask_instruction": True})],
+    ),
+    (
         "conversation without an answer",
         "no assistant turn",
         chat_data({"messages": [{"role": "user", "content": "A"}]}),

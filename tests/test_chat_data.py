@@ -292,8 +292,14 @@ def test_each_format_trains_end_to_end(tmp_path, config_values, rows, shape, mas
     assert (run / "best" / "model.safetensors").is_file()
     metrics = read_metrics(run)
     assert [record["step"] for record in metrics if record["split"] == "validation"][:2] == [2, 4]
-    test = json.loads((run / "summary.json").read_text())["test"]
+    summary = json.loads((run / "summary.json").read_text())
+    test = summary["test"]
     assert torch.isfinite(torch.tensor(test["loss"])) and test["perplexity"] > 1.0
+    # The model card says what the student read: conversations, not Alpaca fields (as it said before).
+    data_section = (run / "best" / "README.md").read_text().split("## Data\n\n")[1].split("\n\n")[0]
+    assert summary["data_format"] == "chat" and "conversations (role/content turns)" in data_section
+    assert "Alpaca fields" not in data_section and "cut at 64 tokens" in data_section
+    assert ("only the assistant turns scored" in data_section) == mask_instruction
     # The checkpoint's chat template renders a conversation as training did (the fixtures' tokenizer has none of
     # its own, so the Alpaca one of data.template).
     from transformers import AutoTokenizer
@@ -303,3 +309,68 @@ def test_each_format_trains_end_to_end(tmp_path, config_values, rows, shape, mas
     assert saved.apply_chat_template(conversation, tokenize=False) == (
         dataset.alpaca_prompt("Name a colour.", "", SHORT) + "Red." + saved.eos_token
     )
+
+
+# ---------------------------------------------------------------- one data set, one format
+
+FORMAT_WORDS = {"alpaca": "Alpaca", "messages": "messages", "sharegpt": "ShareGPT", "prompt_completion": "prompt/"}
+
+
+@pytest.mark.parametrize(
+    "first, second",
+    [("alpaca", "messages"), ("messages", "sharegpt"), ("messages", "alpaca"), ("prompt_completion", "sharegpt")],
+)
+def test_a_file_mixing_two_formats_is_refused_at_the_first_row_of_the_second(tmp_path, rows, first, second):
+    """Before, Alpaca rows then messages rows trained on the Alpaca half (the rest dropped as empty, at INFO), and
+    messages rows then conversations rows were refused as "an empty conversation"."""
+    formatted = shapes(exchanges(rows[:20]))
+    path = write_jsonl(tmp_path / "mixed.jsonl", formatted[first][:10] + formatted[second][10:])
+    with pytest.raises(dataset.DataError) as refused:
+        dataset.load_text_splits(spec(path), str(tmp_path / "data"))
+    message = str(refused.value)
+    assert message.startswith(f"row 11 of {path} is in the {FORMAT_WORDS[second]}")
+    assert FORMAT_WORDS[first] in message.split("but the data set is read in the")[1] and "; " in message
+
+
+def test_rows_of_another_format_in_a_text_column_data_set_are_refused(tmp_path, rows):
+    texts = [{"text": f"{row['instruction']} {row['output']}"} for row in rows[:10]]
+    path = write_jsonl(tmp_path / "texts.jsonl", texts + shapes(exchanges(rows[10:12]))["alpaca"])
+    with pytest.raises(dataset.DataError, match=r"^row 11 of .*texts\.jsonl is in the Alpaca .*'text'"):
+        dataset.load_text_splits(spec(path, text_column="text"), str(tmp_path / "data"))
+
+
+@pytest.mark.parametrize(
+    "shape, bad_row, expected",
+    [
+        ("alpaca", {"instruction": "Add.", "input": "", "output": 7}, r"row 4 of .* has a number as its output \(7\)"),
+        ("alpaca", {"instruction": ["a", "b"], "input": "", "output": "c"}, r"row 4 of .* a list as its instruction"),
+        ("messages", {"messages": "Hello."}, r"messages of row 4 of .* is not a list of turns"),
+    ],
+)
+def test_a_row_holding_another_type_than_text_is_named(tmp_path, rows, shape, bad_row, expected):
+    """One row's field of another JSON type makes `datasets` read the whole column as JSON values: before, the
+    column was refused without naming the row."""
+    good = shapes(exchanges(rows[:10]))[shape]
+    path = write_jsonl(tmp_path / "typed.jsonl", good[:3] + [bad_row] + good[3:])
+    with pytest.raises(dataset.DataError, match=expected):
+        dataset.load_text_splits(spec(path), str(tmp_path / "data"))
+
+
+def test_conversations_longer_than_max_length_ask_for_a_larger_max_length(tmp_path, tokenizer, caplog):
+    """With the user turns masked, a conversation cut at max_length within its user turn has nothing to learn: a
+    split of only those was refused as "use more data"; some of them are a warning with the fix."""
+    short_pairs = [(f"Say {i}.", f"{i}") for i in range(20)]
+    long_pairs = [(user + " apple river garden window" * 12, answer) for user, answer in short_pairs]
+    assert all(len(tokenizer(user)["input_ids"]) > 48 for user, _ in long_pairs)  # spec's max_length
+    path = write_jsonl(tmp_path / "long.jsonl", shapes(long_pairs)["messages"])
+    with pytest.raises(
+        dataset.DataError, match=r"every sample of the train split .* data.max_length 48 tokens .*; raise"
+    ):
+        prepare(spec(path), tokenizer, tmp_path / "data")
+
+    path = write_jsonl(tmp_path / "some_long.jsonl", shapes(short_pairs + long_pairs[:2])["messages"])
+    with caplog.at_level("INFO"):
+        splits = prepare(spec(path), tokenizer, tmp_path / "data")
+    assert sum(len(splits[name]) for name in dataset.SPLIT_NAMES) == 20
+    (warning,) = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert warning.startswith("Dropped 2 of 22 samples") and "raise data.max_length (now 48)" in warning

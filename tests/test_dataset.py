@@ -350,6 +350,34 @@ def test_folder_of_data_files_loads(tmp_path, tokenizer, rows):
     assert sum(split_sizes(splits)) == 20
 
 
+def test_a_folder_of_files_in_two_formats_is_refused_naming_them(tmp_path, rows):
+    """Before: "could not read ... as json (Couldn't cast); fix the file", about files each of which is sound."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    write_jsonl(folder / "part-0.jsonl", rows[:10])
+    conversations = [
+        {"messages": [{"role": "user", "content": row["instruction"]}, {"role": "assistant", "content": row["output"]}]}
+        for row in rows[10:20]
+    ]
+    write_jsonl(folder / "part-1.jsonl", conversations)
+    with pytest.raises(dataset.DataError, match=r"part-0\.jsonl, .*part-1\.jsonl do not all have the same columns"):
+        dataset.load_text_splits(make_spec(folder), str(tmp_path / "data"))
+
+
+def test_csv_lines_with_missing_fields_are_counted_and_warned_about(tmp_path, rows, caplog):
+    """A CSV line cut short reads as a row without its output: before, its drop was an INFO line."""
+    lines = (
+        ["instruction,input,output"] + [f"Say {i}.,,It is {i}." for i in range(20)] + [f"Say {i}." for i in range(5)]
+    )
+    path = tmp_path / "short_lines.csv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with caplog.at_level("INFO"):
+        texts = dataset.load_text_splits(make_spec(path), str(tmp_path / "data"))
+    assert sum(len(split) for split in texts.values()) == 20
+    (warning,) = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert warning.startswith("Dropped 5 of 25 samples (20.0%)")
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -436,3 +464,19 @@ def test_the_alpaca_chat_template_renders_the_training_text(tokenizer, template)
     response = [token for token, marked in zip(encoded["input_ids"], encoded["assistant_masks"]) if marked]
     # A token that merges the prompt's last space with the response's first word belongs to the response.
     assert tokenizer.decode(response).lstrip(" ") == "hi hi" + tokenizer.eos_token
+
+
+def test_dropped_samples_above_one_percent_are_a_warning_with_the_cause(tmp_path, rows, caplog):
+    """Before, any count of dropped samples was an INFO line; 3 in 100 is a warning, 1 in 151 stays information."""
+    blank = {"instruction": "Say nothing.", "input": "", "output": "  "}
+    path = write_jsonl(tmp_path / "some_blank.jsonl", rows[:97] + [blank] * 3)
+    with caplog.at_level("INFO"):
+        dataset.load_text_splits(make_spec(path), str(tmp_path / "data"))
+    (warning,) = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert warning.startswith("Dropped 3 of 100 samples (3.0%)") and "empty or all-whitespace output" in warning
+    caplog.clear()
+    path = write_jsonl(tmp_path / "one_blank.jsonl", rows[:150] + [blank])
+    with caplog.at_level("INFO"):
+        dataset.load_text_splits(make_spec(path), str(tmp_path / "data"))
+    assert not [record for record in caplog.records if record.levelname == "WARNING"]
+    assert any(record.getMessage().startswith("Dropped 1 of 151 samples") for record in caplog.records)

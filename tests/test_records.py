@@ -301,18 +301,26 @@ def test_data_exploration_notebook_runs_and_draws_every_figure(compared_runs):
     assert "<th>1</th>" in top_k and "<th>10</th>" in top_k
 
 
-def test_experiments_notebook_compares_the_runs_and_generates(compared_runs):
+def test_experiments_notebook_compares_the_runs_and_generates(compared_runs, tmp_path):
+    """With a third run, damaged by hand (records without their split, a summary.json that is a list, no best
+    checkpoint), and a directory that is not a run, which before ended the notebook in a KeyError and a
+    FileNotFoundError: what they cannot give is left out and named."""
     _, _, distilled, plain = compared_runs
+    damaged = damaged_copy(distilled, tmp_path / "damaged", "[]", b"seed: [1\n")
     notebook = execute_notebook(
         "experiments_exploration.ipynb",
-        f"RUNS = [{str(distilled)!r}, {str(plain)!r}]\nCHECKPOINTS, DEMO_PREFIX = 'checkpoints', 'tiny'\n"
+        f"RUNS = [{str(distilled)!r}, {str(plain)!r}, {str(damaged)!r}, {str(tmp_path)!r}]\n"
+        "CHECKPOINTS, DEMO_PREFIX = 'checkpoints', 'tiny'\n"
         "PROMPTS = [{'instruction': 'Add the two numbers.', 'input': '3 and 4'}]\nMAX_NEW_TOKENS = 8",
     )
-    # One figure per run, the comparison, then kl_teacher and top1_agreement (the distilled run has them).
-    assert figures_by_cell(notebook) == [2, 1, 1]
+    # One figure per run, the comparison, then kl_teacher and top1_agreement (the distilled runs have them).
+    assert figures_by_cell(notebook) == [3, 1, 1]
     printed, tables = notebook_outputs(notebook)
     assert any("demo-plain" in table and "ClassicLoss" in table for table in tables)
     assert "--- demo:" in printed and "--- demo-plain:" in printed
+    assert f"note: {damaged / 'summary.json'} holds a list" in printed and "4 of its records left out" in printed
+    assert f"note: damaged has no best checkpoint in {damaged / 'best'}" in printed
+    assert f"note: {tmp_path} has no metrics.jsonl" in printed  # not a run: named and left out
     # samples.jsonl side by side: a table per prompt, a column per run, the teacher's row once.
     sample_tables = [table for table in tables if ">teacher<" in table]
     assert len(sample_tables) == 3 and "=== prompt 2:" in printed
@@ -320,12 +328,30 @@ def test_experiments_notebook_compares_the_runs_and_generates(compared_runs):
 
 
 def test_experiments_notebook_without_runs_says_so(tmp_path):
+    (tmp_path / "tiny-not-a-run").mkdir()  # a finished run's summary.json, but no metrics.jsonl: passed over
+    (tmp_path / "tiny-not-a-run" / "summary.json").write_text("{}")
     notebook = execute_notebook(
         "experiments_exploration.ipynb",
         f"RUNS = []\nCHECKPOINTS, DEMO_PREFIX = {str(tmp_path)!r}, 'tiny'\nPROMPTS = []\nMAX_NEW_TOKENS = 8",
     )
     printed, _ = notebook_outputs(notebook)
     assert "No finished run under" in printed and figures_by_cell(notebook) == [0, 0, 0]
+
+
+def test_data_exploration_notebook_runs_on_chat_data(tmp_path, teacher_dir, rows, tokenizer):
+    """Before, the notebook read Alpaca prompt and response texts, which chat data does not have (KeyError)."""
+    conversations = [
+        {"messages": [{"role": "user", "content": row["instruction"]}, {"role": "assistant", "content": row["output"]}]}
+        for row in rows[:60]
+    ]
+    chat_file = tmp_path / "chat.jsonl"
+    chat_file.write_text("".join(json.dumps(conversation) + "\n" for conversation in conversations))
+    config_file = write_config(tmp_path / "chat.yaml", base_config(tmp_path, teacher_dir, chat_file))
+    notebook = execute_notebook("data_exploration.ipynb", f"CONFIG = {str(config_file)!r}")
+    assert figures_by_cell(notebook) == [1, 1, 1, 1]
+    printed, _ = notebook_outputs(notebook)
+    # The samples as training renders the conversations: the Alpaca chat template, each answer ended by EOS.
+    assert printed.count("### Instruction:") >= 3 and printed.count(f"{tokenizer.eos_token}\n") >= 3
 
 
 @pytest.mark.parametrize("name, figures", [("data_exploration.ipynb", 4), ("experiments_exploration.ipynb", 4)])
@@ -385,3 +411,68 @@ def test_report_to_wandb_logs_through_accelerate(tmp_path, teacher_dir, data_fil
     training = [r for r in read_metrics(tmp_path / "checkpoints" / "tracked") if r["split"] == "train"]
     assert logged_losses == [(record["step"], record["loss"]) for record in training]
     assert not (tmp_path / "checkpoints" / "tracked" / "tensorboard").exists()  # only the trackers asked for
+
+
+# ---------------------------------------------------------------- damaged records
+
+
+def damaged_copy(run: Path, destination: Path, summary: str, config: bytes) -> Path:
+    """A copy of a finished run whose records were damaged by hand: metrics records without their split or
+    samples_seen, or with them (or a figure) of another type; summary.json and config.yaml replaced."""
+    shutil.copytree(run, destination, ignore=shutil.ignore_patterns("last", "best", "step-*", "tensorboard"))
+    damaged = [
+        {"split": "train", "step": 26, "loss": 1.0},  # no samples_seen
+        {"step": 26, "samples_seen": 999, "loss": 1.0},  # no split
+        {"split": "validation", "step": "26", "samples_seen": 208, "perplexity": 3.0},
+        {"split": "train", "step": 26, "samples_seen": "many", "ce": 1.0},
+        # Usable, with some of their figures missing or damaged: drawn without them.
+        {"split": "validation", "step": 26, "samples_seen": 208, "kl_teacher": 0.5, "perplexity": "high"},
+        {"split": "train", "step": 26, "samples_seen": 208, "ce": 1.0, "tokens_per_s": "fast"},
+    ]
+    with (destination / "metrics.jsonl").open("a") as metrics:
+        metrics.write("".join(json.dumps(record) + "\n" for record in damaged))
+    (destination / "summary.json").write_text(summary)
+    (destination / "config.yaml").write_bytes(config)
+    return destination
+
+
+def test_plots_command_leaves_out_and_names_what_a_damaged_run_cannot_give(compared_runs, tmp_path, capsys):
+    """Before, a record without split or samples_seen, a summary.json that is a list, a config.yaml that is not
+    UTF-8 and an --output into a missing folder each ended the command in a traceback."""
+    _, _, distilled, plain = compared_runs
+    latin1 = "name: caf\xe9\n".encode("latin-1")
+    listed = damaged_copy(distilled, tmp_path / "listed", "[1, 2]", latin1)
+    emptied = damaged_copy(distilled, tmp_path / "emptied", "{}", b"seed: [1\n")
+    output = tmp_path / "new" / "folder" / "side_by_side.png"
+    assert plots.main([str(listed), str(plain), "--output", str(output)]) == 0
+    printed = capsys.readouterr()
+    notes = [line for line in printed.err.splitlines() if line.startswith("note: ")]
+    assert notes == [
+        f"note: {listed / 'metrics.jsonl'}: 4 of its records left out (not a JSON object, or without a text split, "
+        "a whole step and a number samples_seen).",
+        f"note: {listed / 'config.yaml'} is not UTF-8 text, so it is left out.",
+        f"note: {listed / 'summary.json'} holds a list, not the mapping a run writes, so it is left out.",
+    ]
+    assert plots.load_run(emptied).problems[1:] == [
+        f"{emptied / 'config.yaml'} cannot be read (while parsing a flow sequence), so it is left out"
+    ]
+    for path in (listed / plots.CURVES_FILE, output):
+        assert path.read_bytes().startswith(PNG_SIGNATURE) and str(path) in printed.out
+    rows = plots.summary_rows([plots.load_run(listed), plots.load_run(emptied)])
+    assert [row["loss"] for row in rows] == ["?", "?"] and rows[1]["test perplexity"] is None
+    assert rows[0]["tokens/s"] == plots.summary_rows([plots.load_run(distilled)])[0]["tokens/s"]
+
+
+def test_plots_command_refuses_in_one_sentence_what_it_cannot_draw_or_write(compared_runs, tmp_path, capsys):
+    _, _, distilled, plain = compared_runs
+    empty_run = tmp_path / "empty-run"
+    empty_run.mkdir()
+    (empty_run / "metrics.jsonl").write_text('{"split": "train"}\n')
+    assert plots.main([str(empty_run), "--output", str(tmp_path / "unused.png")]) == 0
+    assert "has no usable record in metrics.jsonl" in capsys.readouterr().err
+    assert not (empty_run / plots.CURVES_FILE).exists() and not (tmp_path / "unused.png").exists()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert plots.main([str(distilled), str(plain), "--output", str(blocker / "comparison.png")]) == 2
+    (error,) = capsys.readouterr().err.splitlines()[-1:]
+    assert error.startswith(f"error: cannot write the figure {blocker / 'comparison.png'} (it is a file); ")

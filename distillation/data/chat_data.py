@@ -2,8 +2,8 @@
 read into one `messages` column of role/content turns, rendered with a chat template and tokenized with a mask of
 the assistant turns' tokens.
 
-dataset.py picks the format from the columns (`data_format`), calls `to_messages` when formatting the rows and
-`tokenize_conversations` when tokenizing them; the template that renders them (`rendering_template`) is part of the
+formats.py decides the format (from the columns, FORMAT_COLUMNS, then the first row); dataset.py calls `to_messages`
+when formatting the rows and `tokenize_conversations` when tokenizing them; the template that renders them (`rendering_template`) is part of the
 tokenized-data cache key. Any malformed conversation is a DataError naming its row (counted from 1).
 """
 
@@ -24,7 +24,7 @@ ALPACA = "alpaca"
 MESSAGES = "messages"
 SHAREGPT = "conversations"
 PROMPT_COMPLETION = "prompt/completion"
-# In order of precedence: the first whose columns a data set has is its format.
+# In order of precedence: the first whose columns a data set has (and its first row fills) is its format.
 FORMAT_COLUMNS = {
     ALPACA: ("instruction", "output"),
     MESSAGES: ("messages",),
@@ -46,11 +46,6 @@ SHAREGPT_ROLES = {
 GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
-def data_format(columns) -> str | None:
-    """The format a data set's columns say (FORMAT_COLUMNS, first match), or None."""
-    return next((name for name, needed in FORMAT_COLUMNS.items() if set(needed) <= set(columns)), None)
-
-
 def check_columns(raw: Dataset, kind: str, dataset: str) -> None:
     """The columns of a chat format hold lists of turns (or, for prompt/completion, both texts or both lists)."""
     features = {name: raw.features[name] for name in FORMAT_COLUMNS[kind]}
@@ -66,9 +61,12 @@ def check_columns(raw: Dataset, kind: str, dataset: str) -> None:
     ((name, feature),) = features.items()
     if not isinstance(feature, List):
         turn = '{"role": ..., "content": ...}' if kind == MESSAGES else '{"from": ..., "value": ...}'
+        # Lists in most rows and something else in some (datasets' Json): the first such row is named.
+        row = next((row for row, value in enumerate(raw[name]) if not isinstance(value, list | None)), None)
+        where = f"the {name} of row {row + 1} of {dataset} is not a list of turns" if row is not None else ""
         raise DataError(
-            f"the column {name!r} of {dataset} does not hold lists of turns; write each row's {name} as "
-            f"a list of {turn} records."
+            (where or f"the column {name!r} of {dataset} does not hold lists of turns")
+            + f"; write each row's {name} as a list of {turn} records."
         )
 
 

@@ -95,6 +95,11 @@ def _unreadable(files: list[Path], kind: str, error: Exception) -> DataError:
     cause = error.__cause__ or error
     if isinstance(cause, UnicodeDecodeError) or "utf-8" in str(cause).lower():
         return DataError(f"{files[0]} is not UTF-8 text; convert it to UTF-8.")
+    if len(files) > 1 and "column names don't match" in str(cause):  # `datasets` reads a folder's files as one table
+        return DataError(
+            f"the data files {', '.join(map(str, files))} do not all have the same columns, so they mix formats; "
+            f"keep one format per data set: move the files of another format to a folder of their own."
+        )
     return DataError(f"could not read {', '.join(map(str, files))} as {kind} ({first_line(cause)}); fix the file.")
 
 

@@ -179,16 +179,27 @@ def _student_section(config: Config, shape: dict) -> str:
 
 def _data_section(config: Config, summary: dict) -> str:
     data, split = config.data, config.data.split
-    text = (
-        f"the `{data.text_column}` column"
-        if data.text_column is not None
-        else f"the Alpaca fields in the `{data.template if isinstance(data.template, str) else 'custom'}` prompt"
-    )
+    template = data.template if isinstance(data.template, str) else "custom"
+    if summary.get("data_format") == "chat":  # a summary written before the field is an Alpaca or text run's
+        text = (
+            "conversations (role/content turns), each rendered by the chat template saved with this tokenizer (a "
+            f"teacher's own, else user turns in the `{template}` prompt format and each assistant turn as its "
+            "response then EOS)"
+        )
+        scored = "; only the assistant turns scored"
+    else:
+        text = (
+            f"the `{data.text_column}` column"
+            if data.text_column is not None
+            else f"the Alpaca fields in the `{template}` prompt"
+        )
+        text += ", then EOS"
+        scored = "; only the responses scored"
     limit = f", the first {data.max_samples} rows" if data.max_samples is not None else ""
     return (
-        f"## Data\n\n`{data.dataset}`{limit}: {text}, then EOS, cut at {data.max_length} tokens; split "
+        f"## Data\n\n`{data.dataset}`{limit}: {text}, cut at {data.max_length} tokens; split "
         f"{split.train:g}/{split.validation:g}/{split.test:g} (train/validation/test) with seed {config.seed}"
-        f"{'; only the responses scored' if data.mask_instruction else ''}. Trained for {summary['steps']} steps "
+        f"{scored if data.mask_instruction else ''}. Trained for {summary['steps']} steps "
         f"({summary['samples_seen']:,} samples, {summary['tokens_seen']:,} tokens)."
     )
 

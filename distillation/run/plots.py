@@ -4,7 +4,10 @@
 
 writes `loss_curves.png` into each run directory and, for several runs, one comparison figure (validation
 perplexity and the CE term against samples seen, one line per run; by default `comparison.png` beside the first
-run). Works without a display (matplotlib's Agg backend).
+run, and `--output`'s folder is created). Works without a display (matplotlib's Agg backend). What a damaged run
+cannot give (a record without its split, step or samples_seen; a summary.json or config.yaml that cannot be read)
+is left out and named in a `note:` line; a directory without metrics.jsonl, or a figure that cannot be written, is
+one sentence and exit 2.
 """
 
 from __future__ import annotations
@@ -18,19 +21,30 @@ from pathlib import Path
 import yaml
 
 from distillation.base import storage
+from distillation.base.errors import UserError, first_line
 
 CURVES_FILE = "loss_curves.png"
 
 
+class NotARun(UserError):
+    """A directory the readers cannot use as a run: no metrics.jsonl, or one that cannot be read at all."""
+
+
+class UnwritableFigure(UserError):
+    """A figure's destination cannot be written (a file where its folder should be, no permission, a full disk)."""
+
+
 @dataclass
 class Run:
-    """What a run directory records: its resolved config, metrics.jsonl (by split) and summary.json."""
+    """What a run directory records: its resolved config, metrics.jsonl (by split) and summary.json. What could not
+    be used (a damaged record, summary or config) is left out, each in one sentence of `problems`."""
 
     directory: Path
     config: dict
     records: list[dict]
     summary: dict | None = None
     label: str = field(default="")
+    problems: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -39,50 +53,105 @@ class Run:
     @property
     def loss_name(self) -> str:
         """`DistillationLoss`, `ClassicLoss`...: the class from the config's `()` entry."""
-        loss = (self.config.get("training_parameters") or {}).get("loss") or {}
+        loss = _mapping(_mapping(self.config.get("training_parameters")).get("loss"))
         return str(loss.get("()", "?")).rsplit(".", 1)[-1]
 
     @property
     def best_directory(self) -> Path:
         """The run's best checkpoint (a Hugging Face model directory)."""
-        name = (self.config.get("training_parameters") or {}).get("checkpoints_name_best") or "best"
-        return self.directory / name
+        name = _mapping(self.config.get("training_parameters")).get("checkpoints_name_best")
+        return self.directory / (name if isinstance(name, str) and name else "best")
 
     @property
     def is_distilled(self) -> bool:
-        return any(record.get("kd") is not None for record in self.records)
+        return any(_number(record.get("kd")) is not None for record in self.records)
 
     def split(self, name: str) -> list[dict]:
         return [record for record in self.records if record["split"] == name]
 
 
 def load_run(directory) -> Run:
+    """The run in `directory`; NotARun where it has no readable metrics.jsonl. A record without its split, step or
+    samples_seen (or with them of another type), a summary.json or config.yaml that is not the mapping written, or
+    not UTF-8 text, or not JSON/YAML, is left out and named in `problems`."""
     directory = Path(directory)
     metrics = directory / "metrics.jsonl"
     if not metrics.is_file():
-        raise FileNotFoundError(f"{directory} has no metrics.jsonl; give the directory of a run made by distill.py")
-    records, _damaged = storage.read_json_lines(metrics)  # a line cut by a crash does not hide the rest
-    config_file = directory / "config.yaml"
-    config = yaml.safe_load(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
-    summary_file = directory / "summary.json"
-    summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else None
-    run = Run(directory, config or {}, records, summary)
+        raise NotARun(f"{directory} has no metrics.jsonl; give the directory of a run made by distill.py.")
+    try:
+        lines, damaged = storage.read_json_lines(metrics)  # a line cut by a crash does not hide the rest
+    except OSError as error:
+        raise NotARun(f"cannot read {metrics} ({error.strerror or error}); check its permissions.") from None
+    records = [record for record in lines if _usable(record)]
+    problems = []
+    if damaged or len(records) < len(lines):
+        problems.append(
+            f"{metrics}: {len(damaged) + len(lines) - len(records)} of its records left out (not a JSON object, "
+            f"or without a text split, a whole step and a number samples_seen)"
+        )
+    config = _read_mapping(directory / "config.yaml", yaml.safe_load, problems)
+    summary = _read_mapping(directory / "summary.json", json.loads, problems)
+    run = Run(directory, config or {}, records, summary, problems=problems)
     run.label = f"{run.name} ({run.loss_name})"
     return run
 
 
+def _usable(record: dict) -> bool:
+    """A metrics record the figures can place: its split, its step and the samples seen at it."""
+    return (
+        isinstance(record.get("split"), str)
+        and isinstance(record.get("step"), int)
+        and not isinstance(record.get("step"), bool)
+        and _number(record.get("samples_seen")) is not None
+    )
+
+
+def _read_mapping(path: Path, parse, problems: list[str]) -> dict | None:
+    """The mapping the file holds, or None (absent, or left out with a sentence in `problems`)."""
+    if not path.is_file():
+        return None
+    try:
+        value = parse(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        problems.append(f"{path} is not UTF-8 text, so it is left out")
+        return None
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        problems.append(f"{path} cannot be read ({first_line(error)}), so it is left out")
+        return None
+    if not isinstance(value, dict):
+        problems.append(f"{path} holds a {type(value).__name__}, not the mapping a run writes, so it is left out")
+        return None
+    return value
+
+
+def _mapping(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _number(value) -> float | None:
+    """`value` where it is a number (a JSON number; not true or false), else None."""
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
 def latest_runs(checkpoints: str | Path, prefix: str = "") -> list[Path]:
     """The newest finished run (it has summary.json) of each loss class under `checkpoints` whose name starts with
-    `prefix`: by default the distilled and the plain run that the demo made."""
+    `prefix`: by default the distilled and the plain run that the demo made. A directory that is not a run (no
+    metrics.jsonl) is passed over."""
     newest: dict[str, Path] = {}
     candidates = sorted(Path(checkpoints).glob(f"{prefix}*/summary.json"), key=lambda path: path.stat().st_mtime)
     for summary in candidates:
-        newest[load_run(summary.parent).loss_name] = summary.parent
+        try:
+            newest[load_run(summary.parent).loss_name] = summary.parent
+        except NotARun:
+            continue
     return sorted(newest.values())
 
 
-def _axis_values(records: list[dict], key: str) -> tuple[list[float], list[float]]:
-    points = [(record["samples_seen"], record[key]) for record in records if record.get(key) is not None]
+def series(records: list[dict], key: str, along: str = "samples_seen") -> tuple[list[float], list[float]]:
+    """The values of `key` against `along` in `records`, where both are numbers (a value left null, or damaged, is
+    not drawn)."""
+    points = [(_number(record.get(along)), _number(record.get(key))) for record in records]
+    points = [(x, y) for x, y in points if x is not None and y is not None]
     return [x for x, _ in points], [y for _, y in points]
 
 
@@ -98,13 +167,14 @@ def plot_run(run: Run, figure=None):
     axes = figure.subplots(1, len(keys), squeeze=False)[0]
     for axis, key in zip(axes, keys):
         for split, style in (("train", "-"), ("validation", "o-")):
-            xs, ys = _axis_values(run.split(split), key)
+            xs, ys = series(run.split(split), key)
             if xs:
                 axis.plot(xs, ys, style, label=split, markersize=4)
         axis.set_title(titles[key])
         axis.set_xlabel("samples seen")
         axis.grid(alpha=0.3)
-        axis.legend()
+        if axis.get_legend_handles_labels()[0]:  # a run stopped before its first record of this term has none
+            axis.legend()
     figure.suptitle(run.label)
     figure.tight_layout()
     return figure
@@ -119,9 +189,9 @@ def plot_comparison(runs: list[Run], figure=None):
         figure = plt.figure(figsize=(11, 4))
     perplexity_axis, ce_axis = figure.subplots(1, 2)
     for run in runs:
-        xs, ys = _axis_values(run.split("validation"), "perplexity")
+        xs, ys = series(run.split("validation"), "perplexity")
         perplexity_axis.plot(xs, ys, "o-", label=run.label, markersize=4)
-        xs, ys = _axis_values(run.split("train"), "ce")
+        xs, ys = series(run.split("train"), "ce")
         ce_axis.plot(xs, ys, label=run.label)
     teacher = next((_teacher_perplexity(run) for run in runs if _teacher_perplexity(run) is not None), None)
     if teacher is not None:
@@ -142,18 +212,17 @@ def plot_comparison(runs: list[Run], figure=None):
 
 
 def _teacher_perplexity(run: Run) -> float | None:
-    teacher = (run.summary or {}).get("teacher") or {}
-    return (teacher.get("validation") or {}).get("perplexity")
+    teacher = _mapping(_mapping(run.summary).get("teacher"))
+    return _number(_mapping(teacher.get("validation")).get("perplexity"))
 
 
 def summary_rows(runs: list[Run]) -> list[dict]:
     """One row per run: what a comparison table needs, from summary.json and metrics.jsonl."""
     rows = []
     for run in runs:
-        summary = run.summary or {}
-        test = summary.get("test") or {}
-        teacher = summary.get("teacher") or {}
-        speeds = [record["tokens_per_s"] for record in run.split("train") if record.get("tokens_per_s")]
+        summary = _mapping(run.summary)
+        test, teacher = _mapping(summary.get("test")), _mapping(summary.get("teacher"))
+        speeds = [speed for speed in (_number(r.get("tokens_per_s")) for r in run.split("train")) if speed]
         rows.append(
             {
                 "run": run.name,
@@ -162,7 +231,7 @@ def summary_rows(runs: list[Run]) -> list[dict]:
                 "best step": summary.get("best_step"),
                 "best validation perplexity": summary.get("best_validation_perplexity"),
                 "test perplexity": test.get("perplexity"),
-                "teacher test perplexity": (teacher.get("test") or {}).get("perplexity"),
+                "teacher test perplexity": _mapping(teacher.get("test")).get("perplexity"),
                 "test KL to teacher": test.get("kl_teacher"),
                 "test top-1 agreement": test.get("top1_agreement"),
                 "tokens/s": round(sum(speeds) / len(speeds)) if speeds else None,
@@ -197,20 +266,53 @@ def _use_file_backend() -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="run directories (checkpoints/<run name>)")
-    parser.add_argument("--output", help="where to write the comparison of several runs (default: beside the first)")
+    parser.add_argument(
+        "--output",
+        help="where to write the comparison of several runs (default: beside the first); its folder is created",
+    )
     arguments = parser.parse_args(argv)
     try:
         runs = [load_run(directory) for directory in arguments.runs]
-    except (FileNotFoundError, json.JSONDecodeError, yaml.YAMLError) as error:
+        _use_file_backend()
+        drawn = [run for run in runs if _draw_curves(run)]
+        if len(drawn) > 1:
+            output = Path(arguments.output) if arguments.output else drawn[0].directory.parent / "comparison.png"
+            print(_write(plot_comparison(drawn), output))
+        elif arguments.output:
+            print(
+                f"note: fewer than two runs to compare, so no comparison is written to {arguments.output}",
+                file=sys.stderr,
+            )
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    _use_file_backend()
-    for run in runs:
-        print(save(plot_run(run), run.directory / CURVES_FILE))
-    if len(runs) > 1:
-        output = Path(arguments.output) if arguments.output else runs[0].directory.parent / "comparison.png"
-        print(save(plot_comparison(runs), output))
     return 0
+
+
+def _draw_curves(run: Run) -> bool:
+    """Draw the run's curves, after naming what of it was left out; False for a run with no record to draw."""
+    for problem in run.problems:
+        print(f"note: {problem}.", file=sys.stderr)
+    if not run.records:
+        print(
+            f"note: {run.directory} has no usable record in metrics.jsonl, so nothing of it is drawn.", file=sys.stderr
+        )
+        return False
+    print(_write(plot_run(run), run.directory / CURVES_FILE))
+    return True
+
+
+def _write(figure, path: Path) -> Path:
+    """save(), its folder made first; a place that cannot be written is one sentence (UnwritableFigure)."""
+    problem, _created = storage.make_folder(path.parent)
+    if problem is None:
+        try:
+            return save(figure, path)
+        except OSError as error:
+            problem = error.strerror or first_line(error)
+    raise UnwritableFigure(
+        f"cannot write the figure {path} ({problem}); give an --output in a folder you can write to."
+    )
 
 
 if __name__ == "__main__":

@@ -263,6 +263,14 @@ def _format(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def trained_format(splits, config: Config) -> str:
+    """What the student was trained on, for its model card: "chat" (conversations, rendered by a chat template;
+    chat data alone carries a target_mask), "text" (whole texts of data.text_column) or "alpaca" (Alpaca samples)."""
+    if "target_mask" in splits["train"].column_names:
+        return "chat"
+    return "text" if config.data.text_column is not None else "alpaca"
+
+
 def write_summary(
     run: RunLocation,
     state: TrainerState,
@@ -271,10 +279,13 @@ def write_summary(
     teacher: dict | None,
     accelerator,
     elapsed_s: float,
+    data_format: str,
 ) -> None:
-    """summary.json: the run's outcome in one file, the best checkpoint's test figures and the teacher's."""
+    """summary.json: the run's outcome in one file, the best checkpoint's test figures and the teacher's, and the
+    format of the data it was trained on (trained_format)."""
     summary = {
         "run": run.name,
+        "data_format": data_format,
         "steps": state.global_step,
         "samples_seen": state.samples_seen,
         "tokens_seen": state.tokens_seen,

@@ -87,6 +87,7 @@ class Trainer:
         )
         self.evaluator = evaluation.Evaluator(nets, self.batches)
         self.metrics = records.MetricsLog(run.directory / "metrics.jsonl", accelerator)
+        self.data_format = records.trained_format(splits, config)
         prompts = samples.validation_prompts(splits["validation"], tokenizer, training.sample_prompts)
         self.samples = samples.SamplesLog(run.directory, accelerator, tokenizer, prompts)
         self.started_at, self.elapsed_before = time.time(), 0.0
@@ -227,8 +228,8 @@ class Trainer:
         if self.networks.has_teacher:
             teacher = {name: self.evaluator.teacher(name) for name in ("validation", "test")}
         records.log_test(self.state.best_step, result, teacher)
-        best_metric, elapsed = self.training.best_metric, self.elapsed()
-        records.write_summary(self.run, self.state, best_metric, result, teacher, self.accelerator, elapsed)
+        run, state, best_metric, elapsed = self.run, self.state, self.training.best_metric, self.elapsed()
+        records.write_summary(run, state, best_metric, result, teacher, self.accelerator, elapsed, self.data_format)
 
     # --- checkpoints ---------------------------------------------------------------------------------------------
 
