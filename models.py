@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from distillation.base.errors import UserError, first_line
-from distillation.settings.schema import one_block_per_layer_problem
+from distillation.settings.schema import is_hub_repo_id, one_block_per_layer_problem
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def _load_error(what: str, name: str, key: str, error: BaseException) -> ModelEr
     if Path(name).expanduser().exists():
         fix = f"repair or replace the files in {name}, or set {key} to another model"
     else:
-        fix = OFFLINE_HINT
+        fix = f"{OFFLINE_HINT} (relative paths are read from the current directory, {Path.cwd()})"
     return ModelError(f"could not load {what} from {key} {name!r} ({first_line(error)}); {fix}.")
 
 
@@ -78,6 +78,13 @@ def check_model_directory(name: str, key: str) -> None:
         raise ModelError(
             f"{key} is {name}, a file; set it to a model directory (config.json, weights and tokenizer "
             f"files) or a Hugging Face Hub name."
+        )
+    if not path.exists() and not is_hub_repo_id(name):
+        # Not a Hub name, so a path; transformers would say only that the Hub has no such repository.
+        relative = "" if path.is_absolute() else f" (a relative path is read from the current directory, {Path.cwd()})"
+        raise ModelError(
+            f"{key} is {name}, which is not a Hugging Face Hub name, and no such directory exists{relative}; set "
+            f"{key} to the model directory's absolute path, or run from the directory it is relative to."
         )
     if not path.is_dir():
         return
