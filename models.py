@@ -487,11 +487,18 @@ def build_models(config, criterion, teacher_dtype: torch.dtype):
 
 
 def _check_against_config(config, criterion, student: PreTrainedModel, teacher, teacher_config) -> None:
-    """The loss's hidden-state term needs models of one width; data.max_length must fit both models' positions."""
+    """The loss's hidden-state term needs models of one width; the cached teacher's K most likely tokens are at most
+    the vocabulary; data.max_length must fit both models' positions."""
     if criterion.compares_hidden_states and teacher_config.hidden_size != student.config.hidden_size:
         raise ModelError(
             f"the loss's hidden_weight aligns the last hidden states, but the teacher's are {teacher_config.hidden_size} "
             f"wide and the student's {student.config.hidden_size}; set hidden_weight to 0 or use models of one width."
+        )
+    top_k, vocabulary = config.teacher.cache_top_k, student.config.vocab_size
+    if top_k is not None and criterion.requires_teacher and top_k > vocabulary:
+        raise ModelError(
+            f"teacher.cache_top_k is {top_k} but the student's vocabulary has {vocabulary} tokens; set "
+            f"teacher.cache_top_k to at most {vocabulary}."
         )
     for role, model in (("student", student), ("teacher", teacher)):
         positions = max_positions(model.config) if model is not None else None

@@ -282,6 +282,14 @@ CASES: list[tuple[str, str, Callable[[Context], list[str]]]] = [
         lambda c: config_text_with(c, "import.yaml", "hub: !import nowhere.yaml\n"),
     ),
     (
+        "cached teacher's top k above the vocabulary",
+        "teacher.cache_top_k is 401 but the student's vocabulary has 400 tokens",
+        lambda c: [
+            "--config",
+            c.config(**{"teacher.cache_top_k": 401, "training_parameters.loss.temperature": 1.0}),
+        ],
+    ),
+    (
         "cached teacher at another temperature",
         "cache_top_k",
         lambda c: ["--config", c.config(**{"teacher.cache_top_k": 4})],
