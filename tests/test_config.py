@@ -556,6 +556,11 @@ BAD_FILES = {
         {"main.yaml": MAIN + "training_parameters:\n  nb_epochs: !cfg training_parameters.nb_epochs\n"},
         r"main.yaml line 4: this `!cfg` leads back to itself",
     ),
+    "an unset environment variable": (
+        {"main.yaml": MAIN + "teacher:\n  name: ${DISTILL_TEST_UNSET}/teacher\n"},
+        r"main.yaml line 4: \$\{DISTILL_TEST_UNSET\} names the environment variable DISTILL_TEST_UNSET, which is "
+        r"not set; set it, or write a default as \$\{DISTILL_TEST_UNSET-value\}\.",
+    ),
     "an !import of a missing part": (
         {"main.yaml": MAIN + "training_parameters: !import:train t.yaml\n", "t.yaml": "training:\n  nb_epochs: 2\n"},
         r"`!import:train t.yaml` refers to train, which \S+/t.yaml does not hold",
@@ -573,13 +578,22 @@ def test_a_file_that_cannot_be_read_as_written_is_named_with_its_line(tmp_path, 
     assert "\n" not in str(raised.value) and "`()` entry" not in str(raised.value)
 
 
-def test_imports_references_and_merges_still_read_as_written(tmp_path):
+def test_a_key_twice_in_a_set_value_and_a_misread_choice_are_one_sentence(plain_config):
+    with pytest.raises(ConfigError, match=r"training_parameters.loss.alpha is written twice, on line 1"):
+        load_config(plain_config, ["training_parameters.loss={'()': loss.DistillationLoss, alpha: 1, alpha: 2}"])
+    with pytest.raises(ConfigError, match=r"is False \(YAML reads an unquoted yes, no, on or off as true or false\)"):
+        load_config(plain_config, ["training_parameters.on_nonfinite_loss=off"])
+
+
+def test_imports_references_and_merges_still_read_as_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILL_TEST_PART", "t")
     (tmp_path / "t.yaml").write_text("training:\n  nb_epochs: 2\n  batch_size: 4\n")
     (tmp_path / "main.yaml").write_text(
-        "seed: 5\ntraining_parameters: !import:training t.yaml\n"
+        "seed: 5\ntraining_parameters: !import:training ${DISTILL_TEST_PART}.yaml\nname: ${DISTILL_TEST_UNSET-x}\n"
         "data: &data {max_length: 32, max_samples: !cfg seed}\n"
         "student:\n  <<: {init: uniform, pretrained: null}\n  init: random\n"
     )
     config = load_config(tmp_path / "main.yaml")
     assert (config.training_parameters.nb_epochs, config.training_parameters.batch_size) == (2, 4)
     assert (config.data.max_length, config.data.max_samples, config.student.init) == (32, 5, "random")
+    assert config.name == "x"

@@ -145,7 +145,11 @@ def _apply_override(tree: dict, override: str) -> tuple:
             raise ConfigError(f"--set {key_path}: {key} is a single value, not a section.")
         node = child
     try:
+        if text:
+            config_guard.check_keys_once(text, tuple(keys), f"--set {key_path}")
         node[keys[-1]] = yaml.safe_load(text) if text else None
+    except config_guard.ConfigFileError as error:
+        raise ConfigError(str(error)) from None
     except yaml.YAMLError as error:
         problem = getattr(error, "problem", None) or first_line(error)
         raise ConfigError(
@@ -274,7 +278,8 @@ def _check_value(value: Any, kind: Any, metadata: typing.Mapping, source: str, k
             value = "no"
         if value not in arguments:
             choices = ", ".join(repr(choice) for choice in arguments)
-            raise ConfigError(f"{source}: {key} is {value!r}; it must be one of {choices}.")
+            misread = " (YAML reads an unquoted yes, no, on or off as true or false)" if isinstance(value, bool) else ""
+            raise ConfigError(f"{source}: {key} is {value!r}{misread}; it must be one of {choices}.")
         return value
     if origin is list:
         if not isinstance(value, list):

@@ -15,9 +15,11 @@ them (configue's own errors name neither the imported file nor the fix).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
+from configue.configue_loader import ENV_PATTERN_REGEX
 
 LOSS_SECTION = ("training_parameters", "loss")
 # The criteria that a config may name: loss.py's Criterion subclasses (a test keeps the two the same).
@@ -121,6 +123,8 @@ def _check_node(node: yaml.Node, keys: tuple, path: Path, seen: frozenset, root:
             f"{where}: the tag `!!{node.tag[len('tag:yaml.org,2002:') :]}` would run Python code while the file "
             f"loads; write the value itself."
         )
+    if isinstance(node, yaml.ScalarNode):
+        _check_environment(node.value, where)
     if node.tag.startswith("!import") and isinstance(node, yaml.ScalarNode):
         _check_import(node, keys, path, seen, where)
     if node.tag == "!cfg" and isinstance(node, yaml.ScalarNode):
@@ -129,7 +133,7 @@ def _check_node(node: yaml.Node, keys: tuple, path: Path, seen: frozenset, root:
         for index, item in enumerate(node.value):
             _check_node(item, (*keys, str(index)), path, seen, root)
     if isinstance(node, yaml.MappingNode):
-        _check_keys_once(node, keys, path)
+        _check_keys_once(node, keys, str(path))
         for key_node, value_node in node.value:
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
             if key == "()":
@@ -137,10 +141,27 @@ def _check_node(node: yaml.Node, keys: tuple, path: Path, seen: frozenset, root:
             _check_node(value_node, (*keys, key), path, seen, root)
 
 
+def _check_environment(text: str, where: str) -> None:
+    """configue writes the environment variable in place of `${NAME}` (`${NAME-default}`: the default when it is
+    unset), and an empty text, with a mere warning, for an unset one without a default: refused here instead."""
+    for match in ENV_PATTERN_REGEX.finditer(text):
+        name, has_default = match.group(2, 3)
+        if name not in os.environ and not has_default:
+            raise ConfigFileError(
+                f"{where}: {match.group(0)} names the environment variable {name}, which is not set; set it, or "
+                f"write a default as ${{{name}-value}}."
+            )
+
+
+def with_environment(text: str) -> str:
+    """`text` as configue reads it, each `${NAME}` or `${NAME-default}` replaced (once checked)."""
+    return ENV_PATTERN_REGEX.sub(lambda match: os.environ.get(match.group(2), match.group(4)), text)
+
+
 def _check_import(node: yaml.ScalarNode, keys: tuple, path: Path, seen: frozenset, where: str) -> None:
     """`!import other.yaml` (relative to the importing file's folder, as configue reads it), or `!import:a.b
     other.yaml` for the value at a.b in it: the file is checked as a part of this one."""
-    imported = path.parent / Path(node.value).expanduser()
+    imported = path.parent / Path(with_environment(node.value)).expanduser()
     if not imported.is_file():
         problem = "a folder, not a file" if imported.is_dir() else "not there"
         raise ConfigFileError(
@@ -214,7 +235,19 @@ def _missing_part(root: yaml.Node | None, dotted: str) -> str | None:
     return None
 
 
-def _check_keys_once(node: yaml.MappingNode, keys: tuple, path: Path) -> None:
+def check_keys_once(text: str, keys: tuple, what: str) -> None:
+    """Refuse a key written twice in any mapping of the YAML `text` (a `--set` value), as in a file."""
+    nodes = [yaml.compose(text, Loader=yaml.SafeLoader)]
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, yaml.MappingNode):
+            _check_keys_once(node, keys, what)  # the dotted names of nested mappings start from `keys`
+            nodes += [value for _, value in node.value]
+        elif isinstance(node, yaml.SequenceNode):
+            nodes += node.value
+
+
+def _check_keys_once(node: yaml.MappingNode, keys: tuple, path: str) -> None:
     """Refuse a key written twice in one mapping (a merge `<<:` may repeat keys: it is how one overrides them)."""
     first_lines: dict[tuple, int] = {}
     for key_node, _ in node.value:
