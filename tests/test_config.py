@@ -17,6 +17,12 @@ from helpers import REPO, write_config
 from loss import ClassicLoss, DistillationLoss
 
 
+@pytest.fixture(scope="module")
+def plain_config(tmp_path_factory) -> Path:
+    """A config of defaults (nothing of it is loaded: the checks here are the config's own)."""
+    return write_config(tmp_path_factory.mktemp("plain") / "plain.yaml", {"name": "plain"})
+
+
 def test_shipped_configs_are_valid():
     main = load_config(REPO / "config.yaml")
     assert main.teacher.name == "vicgalle/gpt2-alpaca-gpt4" and main.distilled_model.nb_layers == 6
@@ -44,6 +50,15 @@ def test_yaml_1_1_exponent_strings_become_floats(tmp_path, config_values):
     assert "3e-4" in text
     (tmp_path / "c.yaml").write_text(text)
     assert load_config(tmp_path / "c.yaml").training_parameters.learning_rate == pytest.approx(3e-4)
+
+
+def test_whole_numbers_in_exponent_form_are_whole_numbers(plain_config):
+    """YAML 1.1 reads `1e3` as text: a whole number written so counts, as `3e-4` counts as a number; a quoted "8"
+    stays text, and `1.5e0` is no whole number."""
+    assert load_config(plain_config, ["training_parameters.max_steps=1e3"]).training_parameters.max_steps == 1000
+    for text in ("'8'", "1.5e0"):
+        with pytest.raises(ConfigError, match="batch_size is .*; it must be a whole number at least 1"):
+            load_config(plain_config, [f"training_parameters.batch_size={text}"])
 
 
 def test_config_is_read_only(config_file):
@@ -376,12 +391,6 @@ def test_the_bound_cases_cover_every_numeric_key():
     }
     seed = next(metadata for key, _, _, metadata in NUMERIC_KEYS if key == "seed")
     assert (seed["low"], seed["high"]) == (0, 2**32 - 1)  # numpy's seeding takes no other seed
-
-
-@pytest.fixture(scope="module")
-def plain_config(tmp_path_factory) -> Path:
-    """A config of defaults (nothing of it is loaded: the checks here are the config's own)."""
-    return write_config(tmp_path_factory.mktemp("plain") / "plain.yaml", {"name": "plain"})
 
 
 @pytest.mark.parametrize(

@@ -167,7 +167,8 @@ def _keep_arguments_the_class_takes(tree: dict, overridden: set[str]) -> None:
     class_path = config_guard.criterion_path(section["()"])
     if class_path is None or class_path != section["()"]:
         return  # refused when the section is built
-    taken = inspect.signature(_criterion_class(class_path)).parameters
+    parameters = inspect.signature(_criterion_class(class_path)).parameters.values()
+    taken = {item.name for item in parameters if item.kind not in (item.VAR_POSITIONAL, item.VAR_KEYWORD)}
     for name in [name for name in section if name != "()" and name not in taken and name not in overridden]:
         del section[name]
 
