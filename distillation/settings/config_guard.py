@@ -9,8 +9,9 @@ nesting deeper than a config needs; and the files pulled in with `!import` are c
 
 YAML loaders (configue's too) keep the last of two equal keys in a mapping without a word, so a key or a whole
 section written twice loses the first one's values: refused here, with both lines. A YAML error, an `!import` of a
-file that does not exist, and a `!cfg` path the file does not hold are refused here too, naming the file that holds
-them (configue's own errors name neither the imported file nor the fix).
+file that does not exist, a `!cfg` path the file does not hold, and a `${NAME}` of an unset environment variable
+(which configue reads as an empty text) are refused here too, naming the file that holds them (configue's own errors
+name neither the imported file nor the fix).
 """
 
 from __future__ import annotations
@@ -172,7 +173,7 @@ def _check_import(node: yaml.ScalarNode, keys: tuple, path: Path, seen: frozense
     sub_path = node.tag[len("!import") + 1 :]
     if not sub_path:
         return
-    missing = _missing_part(yaml.compose(imported.read_text(encoding="utf-8"), Loader=yaml.SafeLoader), sub_path)
+    _, missing = _follow(yaml.compose(imported.read_text(encoding="utf-8"), Loader=yaml.SafeLoader), sub_path)
     if missing is not None:
         raise ConfigFileError(
             f"{where}: `{node.tag} {node.value}` refers to {missing}, which {imported} does not hold; fix the path "
@@ -184,14 +185,14 @@ def _check_reference(node: yaml.ScalarNode, root: yaml.Node, path: Path, where: 
     """`!cfg a.b` is the value at a.b of the same file: it must be there, and not lead back to itself."""
     followed = {id(node)}
     while node.tag == "!cfg" and isinstance(node, yaml.ScalarNode):
-        missing = _missing_part(root, node.value)
+        reference = node.value
+        node, missing = _follow(root, reference)
         if missing is not None:
             raise ConfigFileError(
-                f"{where}: `!cfg {node.value}` refers to {missing}, which {path.name} does not hold; write the "
+                f"{where}: `!cfg {reference}` refers to {missing}, which {path.name} does not hold; write the "
                 f"path of an existing value of this file, keys joined with dots (e.g. `!cfg training_parameters."
                 f"batch_size`)."
             )
-        node = _node_at(root, node.value)
         if node is None:  # through a value an !import reads: configue follows it
             return
         if id(node) in followed:
@@ -202,49 +203,37 @@ def _check_reference(node: yaml.ScalarNode, root: yaml.Node, path: Path, where: 
         followed.add(id(node))
 
 
-def _node_at(root: yaml.Node, dotted: str) -> yaml.Node | None:
-    node = root
-    for part in [part for part in dotted.split(".") if part]:
-        if isinstance(node, yaml.MappingNode):
-            node = next(value for key, value in node.value if str(key.value) == part)
-        elif isinstance(node, yaml.SequenceNode):
-            node = node.value[int(part)]
-        else:
-            return None
-    return node
-
-
-def _missing_part(root: yaml.Node | None, dotted: str) -> str | None:
-    """The first part of the path `dotted` (keys and list indexes joined with dots, as configue reads `!cfg`)
-    that `root` does not hold, as "a.b", or None when it holds the whole path (or the path goes through a tagged
-    value such as an `!import`, which is only known once it is read)."""
+def _follow(root: yaml.Node | None, dotted: str) -> tuple[yaml.Node | None, str | None]:
+    """The node at the path `dotted` (keys and list indexes joined with dots, as configue reads `!cfg`) and None;
+    or None and the path's first part that `root` does not hold, as "a.b"; or None twice where the path goes
+    through a tagged value such as an `!import`, which is only known once it is read."""
     node, walked = root, []
     for part in [part for part in dotted.split(".") if part]:
         walked.append(part)
+        if isinstance(node, yaml.ScalarNode) and node.tag.startswith("!"):
+            return None, None
         if isinstance(node, yaml.MappingNode):
             node = next((value for key, value in node.value if str(key.value) == part), None)
         elif isinstance(node, yaml.SequenceNode):
             index = int(part) if part.lstrip("-").isdigit() else None
             node = node.value[index] if index is not None and -len(node.value) <= index < len(node.value) else None
-        elif isinstance(node, yaml.ScalarNode) and node.tag.startswith("!"):
-            return None
         else:
             node = None
         if node is None:
-            return ".".join(walked)
-    return None
+            return None, ".".join(walked)
+    return node, None
 
 
 def check_keys_once(text: str, keys: tuple, what: str) -> None:
     """Refuse a key written twice in any mapping of the YAML `text` (a `--set` value), as in a file."""
-    nodes = [yaml.compose(text, Loader=yaml.SafeLoader)]
+    nodes = [(yaml.compose(text, Loader=yaml.SafeLoader), keys)]
     while nodes:
-        node = nodes.pop()
+        node, node_keys = nodes.pop()
         if isinstance(node, yaml.MappingNode):
-            _check_keys_once(node, keys, what)  # the dotted names of nested mappings start from `keys`
-            nodes += [value for _, value in node.value]
+            _check_keys_once(node, node_keys, what)
+            nodes += [(value, (*node_keys, key.value)) for key, value in node.value]
         elif isinstance(node, yaml.SequenceNode):
-            nodes += node.value
+            nodes += [(item, (*node_keys, str(index))) for index, item in enumerate(node.value)]
 
 
 def _check_keys_once(node: yaml.MappingNode, keys: tuple, path: str) -> None:
