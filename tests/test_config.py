@@ -455,6 +455,9 @@ def test_another_class_named_alone_keeps_the_arguments_it_takes(tmp_path):
     default = load_config(_loss_file(tmp_path, None), ["training_parameters.loss.temperature=3"])
     assert default.training_parameters.loss.spec() == {**schema.DEFAULT_LOSS, "temperature": 3.0}
     assert load_config(_loss_file(tmp_path, "")).training_parameters.loss.spec() == schema.DEFAULT_LOSS
+    # A class named without arguments takes its defaults, which are the default loss's.
+    named_alone = load_config(_loss_file(tmp_path, "(): loss.DistillationLoss"))
+    assert named_alone.training_parameters.loss.spec() == schema.DEFAULT_LOSS
 
 
 BAD_LOSSES = {
