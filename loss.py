@@ -14,6 +14,7 @@ Conventions, defined here once for the whole project:
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -251,10 +252,21 @@ def agreement_with_cached_teacher(
 # --- the criteria: one call shape, `criterion(student, teacher, labels) -> LossOutput` ---------------------------
 
 
+# The range of each number of DistillationLoss, in the words of its messages.
+ARGUMENT_RANGES = {
+    "alpha": ">= 0",
+    "beta": ">= 0",
+    "temperature": "> 0",
+    "jsd_beta": "between 0 and 1",
+    "skew": "between 0 and 1",
+    "hidden_weight": ">= 0",
+}
+
+
 def _number(name: str, value) -> float:
     number = as_number(value)
-    if number is None:
-        raise ValueError(f"{name} must be a number, not {value!r}")
+    if number is None or not math.isfinite(number):  # an infinite weight or temperature makes every loss NaN
+        raise ValueError(f"{name} must be a finite number {ARGUMENT_RANGES[name]}, not {value!r}")
     return number
 
 
@@ -473,10 +485,9 @@ class DistillationLoss(Criterion):
 
 
 def _check_weights(alpha: float, beta: float, temperature: float, hidden_weight: float, **_) -> None:
-    if alpha < 0 or beta < 0:
-        raise ValueError(f"alpha and beta must be >= 0 (got alpha={alpha}, beta={beta})")
-    if not hidden_weight >= 0:
-        raise ValueError(f"hidden_weight must be >= 0 (got {hidden_weight})")
+    for name, weight in (("alpha", alpha), ("beta", beta), ("hidden_weight", hidden_weight)):
+        if weight < 0:
+            raise ValueError(f"{name} must be >= 0 (got {weight})")
     if alpha == 0 and beta == 0 and hidden_weight == 0:
         raise ValueError(
             "alpha and beta are both 0 and so is hidden_weight, so nothing would be learned; make at least one positive"

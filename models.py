@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from distillation.base.errors import UserError, first_line
-from distillation.settings.schema import one_block_per_layer_problem
+from distillation.settings.schema import is_hub_repo_id, one_block_per_layer_problem
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def _load_error(what: str, name: str, key: str, error: BaseException) -> ModelEr
     if Path(name).expanduser().exists():
         fix = f"repair or replace the files in {name}, or set {key} to another model"
     else:
-        fix = OFFLINE_HINT
+        fix = f"{OFFLINE_HINT} (relative paths are read from the current directory, {Path.cwd()})"
     return ModelError(f"could not load {what} from {key} {name!r} ({first_line(error)}); {fix}.")
 
 
@@ -78,6 +78,13 @@ def check_model_directory(name: str, key: str) -> None:
         raise ModelError(
             f"{key} is {name}, a file; set it to a model directory (config.json, weights and tokenizer "
             f"files) or a Hugging Face Hub name."
+        )
+    if not path.exists() and not is_hub_repo_id(name):
+        # Not a Hub name, so a path; transformers would say only that the Hub has no such repository.
+        relative = "" if path.is_absolute() else f" (a relative path is read from the current directory, {Path.cwd()})"
+        raise ModelError(
+            f"{key} is {name}, which is not a Hugging Face Hub name, and no such directory exists{relative}; set "
+            f"{key} to the model directory's absolute path, or run from the directory it is relative to."
         )
     if not path.is_dir():
         return
@@ -480,11 +487,18 @@ def build_models(config, criterion, teacher_dtype: torch.dtype):
 
 
 def _check_against_config(config, criterion, student: PreTrainedModel, teacher, teacher_config) -> None:
-    """The loss's hidden-state term needs models of one width; data.max_length must fit both models' positions."""
+    """The loss's hidden-state term needs models of one width; the cached teacher's K most likely tokens are at most
+    the vocabulary; data.max_length must fit both models' positions."""
     if criterion.compares_hidden_states and teacher_config.hidden_size != student.config.hidden_size:
         raise ModelError(
             f"the loss's hidden_weight aligns the last hidden states, but the teacher's are {teacher_config.hidden_size} "
             f"wide and the student's {student.config.hidden_size}; set hidden_weight to 0 or use models of one width."
+        )
+    top_k, vocabulary = config.teacher.cache_top_k, student.config.vocab_size
+    if top_k is not None and criterion.requires_teacher and top_k > vocabulary:
+        raise ModelError(
+            f"teacher.cache_top_k is {top_k} but the student's vocabulary has {vocabulary} tokens; set "
+            f"teacher.cache_top_k to at most {vocabulary}."
         )
     for role, model in (("student", student), ("teacher", teacher)):
         positions = max_positions(model.config) if model is not None else None

@@ -47,6 +47,12 @@ class Context:
         return name
 
 
+def config_text_with(context: Context, name: str, extra: str) -> list[str]:
+    """The base config's text with `extra` lines after it, as a file `name`."""
+    text = Path(context.config()).read_text() + extra
+    return ["--config", context.data(name, text)]
+
+
 def alpaca_lines(rows: list[dict]) -> str:
     return "".join(json.dumps(row) + "\n" for row in rows)
 
@@ -268,6 +274,31 @@ CASES: list[tuple[str, str, Callable[[Context], list[str]]]] = [
         "teacher",
         lambda c: ["--config", c.config(**{"student.init": "teacher_layers", "student.teacher_layers": [5]})],
     ),
+    ("seed below numpy's range", "seed is -1", lambda c: ["--config", c.config(**{"seed": -1})]),
+    (
+        "seed above numpy's range",
+        "from 0 to 4294967295",
+        lambda c: ["--config", c.config(), "--set", f"seed={2**32}"],
+    ),
+    (
+        "infinite temperature",
+        "temperature must be a finite number",
+        lambda c: ["--config", c.config(), "--set", "training_parameters.loss.temperature=.inf"],
+    ),
+    ("section written twice", "seed is written twice", lambda c: config_text_with(c, "twice.yaml", "seed: 4\n")),
+    (
+        "!import of a missing file",
+        "`!import nowhere.yaml`",
+        lambda c: config_text_with(c, "import.yaml", "hub: !import nowhere.yaml\n"),
+    ),
+    (
+        "cached teacher's top k above the vocabulary",
+        "teacher.cache_top_k is 401 but the student's vocabulary has 400 tokens",
+        lambda c: [
+            "--config",
+            c.config(**{"teacher.cache_top_k": 401, "training_parameters.loss.temperature": 1.0}),
+        ],
+    ),
     (
         "cached teacher at another temperature",
         "cache_top_k",
@@ -319,3 +350,25 @@ def test_bad_input_is_one_sentence_exit_2_and_harms_nothing(context, capsys, fra
     assert tree_digest(earlier) == before
     assert set((context.root / "checkpoints").iterdir()) == runs_prepared  # no new run directory
     assert runs_prepared >= runs_before
+
+
+def test_a_relative_teacher_path_from_another_directory_names_where_it_was_looked_for(
+    context, capsys, teacher_dir, tmp_path, monkeypatch
+):
+    """Relative paths are read from the current directory, not the config file's folder: a run started elsewhere
+    is told so, not told to set teacher.name to the value it already has."""
+    beside_config = context.root / "assets" / "tiny" / "teacher"
+    beside_config.parent.mkdir(parents=True, exist_ok=True)
+    if not beside_config.exists():
+        beside_config.symlink_to(teacher_dir)
+    config = context.config(**{"teacher.name": "assets/tiny/teacher"})
+    monkeypatch.chdir(tmp_path)
+
+    assert distill.main(["--config", config]) == 2
+
+    errors = [line for line in capsys.readouterr().err.splitlines() if " error: " in line]
+    assert len(errors) == 1
+    assert "teacher.name is assets/tiny/teacher, which is not a Hugging Face Hub name" in errors[0]
+    assert f"read from the current directory, {tmp_path}" in errors[0]
+    assert "set teacher.name (and student.pretrained) to a local directory" not in errors[0]
+    assert list(tmp_path.iterdir()) == []

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
 
 import distill
 import loss
-from distillation.settings import config_guard
+from distillation.settings import config_guard, schema
 from distillation.settings.config import ConfigError, load_config, to_plain_dict
 from helpers import REPO, write_config
 from loss import ClassicLoss, DistillationLoss
+
+
+@pytest.fixture(scope="module")
+def plain_config(tmp_path_factory) -> Path:
+    """A config of defaults (nothing of it is loaded: the checks here are the config's own)."""
+    return write_config(tmp_path_factory.mktemp("plain") / "plain.yaml", {"name": "plain"})
 
 
 def test_shipped_configs_are_valid():
@@ -43,6 +50,15 @@ def test_yaml_1_1_exponent_strings_become_floats(tmp_path, config_values):
     assert "3e-4" in text
     (tmp_path / "c.yaml").write_text(text)
     assert load_config(tmp_path / "c.yaml").training_parameters.learning_rate == pytest.approx(3e-4)
+
+
+def test_whole_numbers_in_exponent_form_are_whole_numbers(plain_config):
+    """YAML 1.1 reads `1e3` as text: a whole number written so counts, as `3e-4` counts as a number; a quoted "8"
+    stays text, and `1.5e0` is no whole number."""
+    assert load_config(plain_config, ["training_parameters.max_steps=1e3"]).training_parameters.max_steps == 1000
+    for text in ("'8'", "1.5e0"):
+        with pytest.raises(ConfigError, match="batch_size is .*; it must be a whole number at least 1"):
+            load_config(plain_config, [f"training_parameters.batch_size={text}"])
 
 
 def test_config_is_read_only(config_file):
@@ -235,11 +251,15 @@ BAD_STUDENTS = [
     (
         {"init": "teacher_layers", "teacher_layers": [0, "one"]},
         2,
-        r"student.teacher_layers\[1\] is 'one'; it must be a whole number\.",
+        r"student.teacher_layers\[1\] is 'one'; it must be a whole number at least 0\.",
     ),
     ({"init": "teacher_layers", "teacher_layers": [0, 1.5]}, 2, r"teacher_layers\[1\] is 1.5; it must be a whole"),
     ({"init": "teacher_layers", "teacher_layers": [True]}, 1, r"teacher_layers\[0\] is True; it must be a whole"),
-    ({"init": "teacher_layers", "teacher_layers": [-1]}, 1, r"teacher_layers\[0\] is -1; it must be at least 0\."),
+    (
+        {"init": "teacher_layers", "teacher_layers": [-1]},
+        1,
+        r"teacher_layers\[0\] is -1; it must be a whole number at least 0\.",
+    ),
     ({"init": "teacher_layers"}, 1, r"student.teacher_layers is null; list the teacher block"),
     (
         {"init": "teacher_layers", "teacher_layers": [0, 1]},
@@ -323,3 +343,269 @@ def test_an_unquoted_no_is_the_choice_no_not_false(config_file):
     """YAML 1.1 reads `no` as false: `--set hardware.mixed_precision=no`, as a user types it, still means no."""
     assert load_config(config_file, ["hardware.mixed_precision=no"]).hardware.mixed_precision == "no"
     assert load_config(config_file, ["hardware.mixed_precision=auto"]).hardware.mixed_precision == "auto"
+
+
+# ---------------------------------------------------------------- every number of the schema, at its bounds
+
+
+def _numeric_keys() -> list[tuple[str, type, bool, dict]]:
+    """(key, int or float, whether the value is a list of them, range) of every number the schema holds."""
+    keys = []
+    for key, kind, metadata, _ in schema.leaves():
+        arguments = [argument for argument in typing.get_args(kind) if argument is not type(None)]
+        if typing.get_args(kind) and type(None) in typing.get_args(kind):  # X | None
+            kind = arguments[0]
+        in_list = typing.get_origin(kind) is list
+        kind = typing.get_args(kind)[0] if in_list else kind
+        if kind in (int, float):
+            keys.append((key, kind, in_list, dict(metadata)))
+    return keys
+
+
+def _bound_cases() -> list[tuple[str, str, bool, str]]:
+    """(key, the value as --set writes it, accepted?, what the refusal must name) for every numeric key: nan, the
+    infinities, text, a boolean, a fraction for a whole number, each bound and the value just past it."""
+    cases = []
+    for key, kind, in_list, metadata in _numeric_keys():
+        low, high, low_open = metadata.get("low"), metadata.get("high"), metadata.get("low_open")
+        step = 1 if kind is int else 1e-3
+        values = [(".nan", False), (".inf", False), ("-.inf", False), ("many", False), ("true", False)]
+        if kind is int:
+            values.append((f"{(low or 0) + 0.5}", False))
+        if low is not None:
+            values += [(str(low), not low_open), (str(low - step), False)]
+        if high is not None:
+            values += [(str(high), True), (str(high + step), False)]
+        word = "whole number" if kind is int else "finite number"
+        cases += [(key, f"[{text}]" if in_list else text, ok, word) for text, ok in values]
+    return cases
+
+
+NUMERIC_KEYS = _numeric_keys()
+BOUND_CASES = _bound_cases()
+
+
+def test_the_bound_cases_cover_every_numeric_key():
+    assert len(NUMERIC_KEYS) >= 24 and {"seed", "student.teacher_layers", "data.split.test"} <= {
+        key for key, *_ in NUMERIC_KEYS
+    }
+    seed = next(metadata for key, _, _, metadata in NUMERIC_KEYS if key == "seed")
+    assert (seed["low"], seed["high"]) == (0, 2**32 - 1)  # numpy's seeding takes no other seed
+
+
+@pytest.mark.parametrize(
+    "key, text, accepted, word", BOUND_CASES, ids=[f"{key}={text}" for key, text, _, _ in BOUND_CASES]
+)
+def test_every_number_is_checked_for_range_and_finiteness(plain_config, key, text, accepted, word):
+    """A value outside a key's range (nan and the infinities included) is one sentence naming the key, the value
+    and the whole range; a value at a bound is accepted (or refused by a check across keys, never by its range)."""
+    metadata = next(metadata for name, _, _, metadata in NUMERIC_KEYS if name == key)
+    if accepted:
+        try:
+            load_config(plain_config, [f"{key}={text}"])
+        except ConfigError as error:
+            assert f"; it must be a {word}" not in str(error)
+        return
+    with pytest.raises(ConfigError) as raised:
+        load_config(plain_config, [f"{key}={text}"])
+    message = str(raised.value)
+    assert message.startswith(f"{plain_config}: {key}") and "\n" not in message and message.count("; ") == 1
+    assert word in message.split("; ")[1]
+    bounds = [metadata[name] for name in ("low", "high") if metadata.get(name) is not None]
+    assert all(f" {bound}" in message.split("; ")[1] for bound in bounds)
+
+
+# ---------------------------------------------------------------- every way of naming a loss
+
+
+def _loss_file(tmp_path: Path, loss_text: str | None) -> Path:
+    """A config whose training_parameters.loss is written as `loss_text` (YAML), or left out."""
+    text = "name: losses\ntraining_parameters:\n  batch_size: 2\n"
+    if loss_text is not None:
+        text += "  loss:\n" + "".join(f"    {line}\n" for line in loss_text.splitlines())
+    (tmp_path / "losses.yaml").write_text(text)
+    return tmp_path / "losses.yaml"
+
+
+DISTILLATION = "(): loss.DistillationLoss\nalpha: 0.5\nbeta: 0.25\ntemperature: 2.0"
+SAME_CLASSIC_LOSS = {
+    "the file": ("(): loss.ClassicLoss", []),
+    "the file, configue's escaped key": ("\\(): loss.ClassicLoss", []),
+    "--set of the section": (DISTILLATION, ["training_parameters.loss={'()': loss.ClassicLoss}"]),
+    "--set of () alone": (DISTILLATION, ["training_parameters.loss.()=loss.ClassicLoss"]),
+    "--set of () alone, no loss in the file": (None, ["training_parameters.loss.()=loss.ClassicLoss"]),
+}
+
+
+@pytest.mark.parametrize("loss_text, overrides", SAME_CLASSIC_LOSS.values(), ids=SAME_CLASSIC_LOSS.keys())
+def test_every_way_of_naming_a_loss_gives_the_same_criterion(tmp_path, loss_text, overrides):
+    criterion = load_config(_loss_file(tmp_path, loss_text), overrides).training_parameters.loss
+    assert type(criterion) is ClassicLoss and criterion.spec() == {"()": "loss.ClassicLoss"}
+
+
+def test_another_class_named_alone_keeps_the_arguments_it_takes(tmp_path):
+    path = _loss_file(tmp_path, DISTILLATION)
+    chunked = load_config(path, ["training_parameters.loss.()=loss.ChunkedDistillationLoss"])
+    written = load_config(
+        path, ["training_parameters.loss={'()': loss.ChunkedDistillationLoss, alpha: 0.5, beta: 0.25, temperature: 2}"]
+    )
+    assert chunked.training_parameters.loss.spec() == written.training_parameters.loss.spec()
+    assert (chunked.training_parameters.loss.alpha, chunked.training_parameters.loss.temperature) == (0.5, 2.0)
+    # A loss the file leaves out is the default one: an argument set alone changes it.
+    default = load_config(_loss_file(tmp_path, None), ["training_parameters.loss.temperature=3"])
+    assert default.training_parameters.loss.spec() == {**schema.DEFAULT_LOSS, "temperature": 3.0}
+    assert load_config(_loss_file(tmp_path, "")).training_parameters.loss.spec() == schema.DEFAULT_LOSS
+    # A class named without arguments takes its defaults, which are the default loss's.
+    named_alone = load_config(_loss_file(tmp_path, "(): loss.DistillationLoss"))
+    assert named_alone.training_parameters.loss.spec() == schema.DEFAULT_LOSS
+
+
+BAD_LOSSES = {
+    "a bare class name in the file": (
+        "(): ClassicLoss",
+        [],
+        "'ClassicLoss' names the loss class without its module; write it as loss.ClassicLoss",
+    ),
+    "a bare class name in --set": (
+        DISTILLATION,
+        ["training_parameters.loss.()=ClassicLoss"],
+        "write it as loss.ClassicLoss",
+    ),
+    "an argument the class does not take": ("(): loss.ClassicLoss\nalpha: 1", [], "unknown argument 'alpha'"),
+    "an argument set with --set that the new class does not take": (
+        DISTILLATION,
+        ["training_parameters.loss.()=loss.ClassicLoss", "training_parameters.loss.alpha=2"],
+        "unknown argument 'alpha'",
+    ),
+    "a class that is not a criterion": (
+        "(): loss.LossOutput",
+        [],
+        "'loss.LossOutput' is not a loss class of this project",
+    ),
+    "the criteria's base class": (DISTILLATION, ["training_parameters.loss.()=loss.Criterion"], "not a loss class"),
+    "no class": (DISTILLATION, ["training_parameters.loss.()="], "None is not a loss class"),
+    "an infinite temperature": (
+        DISTILLATION,
+        ["training_parameters.loss.temperature=.inf"],
+        "temperature must be a finite number > 0, not inf",
+    ),
+    "an infinite temperature as text": (DISTILLATION, ["training_parameters.loss.temperature=inf"], "not 'inf'"),
+    "a weight that is not a number": (
+        "(): loss.DistillationLoss\nalpha: .nan",
+        [],
+        "alpha must be a finite number >= 0, not nan",
+    ),
+    "an infinite beta": (DISTILLATION, ["training_parameters.loss.beta=.inf"], "beta must be a finite number >= 0"),
+    "an infinite hidden weight": (
+        DISTILLATION,
+        ["training_parameters.loss.hidden_weight=-.inf"],
+        "hidden_weight must be a finite",
+    ),
+    "a skew that is not a number": (
+        DISTILLATION,
+        ["training_parameters.loss.divergence=skew_kl", "training_parameters.loss.skew=.nan"],
+        "skew must be a finite number between 0 and 1",
+    ),
+}
+
+
+@pytest.mark.parametrize("loss_text, overrides, fragment", BAD_LOSSES.values(), ids=BAD_LOSSES.keys())
+def test_a_loss_that_cannot_be_built_is_one_sentence(tmp_path, loss_text, overrides, fragment):
+    with pytest.raises(ConfigError) as raised:
+        load_config(_loss_file(tmp_path, loss_text), overrides)
+    message = str(raised.value)
+    assert fragment in message and "training_parameters.loss" in message and "\n" not in message
+    assert message.endswith(".") and "; " in message
+
+
+# ---------------------------------------------------------------- the YAML files: imports, references, keys twice
+
+MAIN = "name: files\nseed: 1\n"
+BAD_FILES = {
+    "an !import of a missing file": (
+        {"main.yaml": MAIN + "data: !import missing.yaml\n"},
+        r"main.yaml line 3: `!import missing.yaml` names \S+/missing.yaml, which is not there; fix the path, which is "
+        r"relative to the folder of main.yaml\.",
+    ),
+    "an !import of a folder": (
+        {"main.yaml": MAIN + "data: !import parts\n", "parts/x.yaml": ""},
+        "a folder, not a file",
+    ),
+    "a YAML error in an imported file": (
+        {"main.yaml": MAIN + "data: !import parts/data.yaml\n", "parts/data.yaml": "dataset: x\nmax_length: [4\n"},
+        r"parts/data.yaml is not valid YAML at line 3, column 1 \(expected ',' or '\]', but got '<stream end>'\); fix",
+    ),
+    "an imported file that is not UTF-8": (
+        {"main.yaml": MAIN + "data: !import data.yaml\n", "data.yaml": b"dataset: caf\xe9\n"},
+        r"/data.yaml is not UTF-8 text; save it as UTF-8\.",
+    ),
+    "a section written twice": (
+        {"main.yaml": "training_parameters:\n  batch_size: 4\nseed: 1\ntraining_parameters:\n  nb_epochs: 3\n"},
+        r"main.yaml: training_parameters is written twice, at lines 1 and 4, and YAML would keep only the second",
+    ),
+    "a key written twice": (
+        {"main.yaml": MAIN + "hardware:\n  device: cpu\n  compile: true\n  device: cuda\n"},
+        r"hardware.device is written twice, at lines 4 and 6",
+    ),
+    "a key written twice on one line": (
+        {"main.yaml": MAIN + "data: {max_length: 8, max_length: 16}\n"},
+        r"data.max_length is written twice, on line 3",
+    ),
+    "a key written twice in an imported file": (
+        {"main.yaml": MAIN + "training_parameters: !import t.yaml\n", "t.yaml": "loss:\n  alpha: 1\n  alpha: 2\n"},
+        r"/t.yaml: training_parameters.loss.alpha is written twice, at lines 2 and 3",
+    ),
+    "a missing !cfg path": (
+        {"main.yaml": MAIN + "training_parameters:\n  nb_epochs: !cfg training_parameters.epochs\n"},
+        r"main.yaml line 4: `!cfg training_parameters.epochs` refers to training_parameters.epochs, which main.yaml "
+        r"does not hold; write the path of an existing value",
+    ),
+    "a !cfg past a list's end": (
+        {"main.yaml": MAIN + "data:\n  split: [0.5]\n  max_length: !cfg data.split.1\n"},
+        r"refers to data.split.1, which main.yaml does not hold",
+    ),
+    "a !cfg that refers to itself": (
+        {"main.yaml": MAIN + "training_parameters:\n  nb_epochs: !cfg training_parameters.nb_epochs\n"},
+        r"main.yaml line 4: this `!cfg` leads back to itself",
+    ),
+    "an unset environment variable": (
+        {"main.yaml": MAIN + "teacher:\n  name: ${DISTILL_TEST_UNSET}/teacher\n"},
+        r"main.yaml line 4: \$\{DISTILL_TEST_UNSET\} names the environment variable DISTILL_TEST_UNSET, which is "
+        r"not set; set it, or write a default as \$\{DISTILL_TEST_UNSET-value\}\.",
+    ),
+    "an !import of a missing part": (
+        {"main.yaml": MAIN + "training_parameters: !import:train t.yaml\n", "t.yaml": "training:\n  nb_epochs: 2\n"},
+        r"`!import:train t.yaml` refers to train, which \S+/t.yaml does not hold",
+    ),
+}
+
+
+@pytest.mark.parametrize("files, pattern", BAD_FILES.values(), ids=BAD_FILES.keys())
+def test_a_file_that_cannot_be_read_as_written_is_named_with_its_line(tmp_path, files, pattern):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError, match=pattern) as raised:
+        load_config(tmp_path / "main.yaml")
+    assert "\n" not in str(raised.value) and "`()` entry" not in str(raised.value)
+
+
+def test_a_key_twice_in_a_set_value_and_a_misread_choice_are_one_sentence(plain_config):
+    with pytest.raises(ConfigError, match=r"training_parameters.loss.alpha is written twice, on line 1"):
+        load_config(plain_config, ["training_parameters.loss={'()': loss.DistillationLoss, alpha: 1, alpha: 2}"])
+    with pytest.raises(ConfigError, match=r"is False \(YAML reads an unquoted yes, no, on or off as true or false\)"):
+        load_config(plain_config, ["training_parameters.on_nonfinite_loss=off"])
+
+
+def test_imports_references_and_merges_still_read_as_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILL_TEST_PART", "t")
+    (tmp_path / "t.yaml").write_text("training:\n  nb_epochs: 2\n  batch_size: 4\n")
+    (tmp_path / "main.yaml").write_text(
+        "seed: 5\ntraining_parameters: !import:training ${DISTILL_TEST_PART}.yaml\nname: ${DISTILL_TEST_UNSET-x}\n"
+        "data: &data {max_length: 32, max_samples: !cfg seed}\n"
+        "student:\n  <<: {init: uniform, pretrained: null}\n  init: random\n"
+    )
+    config = load_config(tmp_path / "main.yaml")
+    assert (config.training_parameters.nb_epochs, config.training_parameters.batch_size) == (2, 4)
+    assert (config.data.max_length, config.data.max_samples, config.student.init) == (32, 5, "random")
+    assert config.name == "x"

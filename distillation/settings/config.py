@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -26,6 +28,7 @@ import yaml
 from distillation.base import storage
 from distillation.base.errors import first_line
 from distillation.settings import config_guard, schema
+from distillation.settings.config_guard import LOSS_SECTION
 from distillation.settings.schema import DEFAULT_LOSS, Config, ConfigError, TrainingParameters
 
 
@@ -48,8 +51,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
             f"sections (paths:, training_parameters:, ...) at the top level."
         )
     tree = _to_plain_tree(raw)
-    for override in overrides:
-        _apply_override(tree, override)
+    overridden = [_apply_override(tree, override) for override in overrides]
+    if (*LOSS_SECTION, "()") in overridden:
+        _keep_arguments_the_class_takes(tree, {keys[-1] for keys in overridden if keys[:-1] == LOSS_SECTION})
     tree.setdefault("name", path.stem)
     config = _build(Config, tree, str(path), "")
     schema.check(config, str(path))
@@ -72,20 +76,22 @@ def dump_config(config: Config, path: Path) -> None:
 
 def _read_with_configue(path: Path) -> Any:
     import configue
-    from configue.exceptions import ConfigueError
+    from configue.exceptions import ConfigueError, SubPathNotFound
 
     try:
         config_guard.check_file(path)  # before configue runs anything the file names
         return configue.load(str(path))
-    except config_guard.UnsafeConfig as error:
+    except config_guard.ConfigFileError as error:
         raise ConfigError(str(error)) from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path} is not UTF-8 text; save it as UTF-8.") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or first_line(error)
-        raise ConfigError(f"{path} is not valid YAML{where} ({problem}); fix the syntax there.") from None
+    except yaml.YAMLError as error:  # what only constructing finds, e.g. a !cfg that refers to itself
+        raise ConfigError(
+            f"{path} cannot be read{config_guard.yaml_error_place(error)}; fix the value there."
+        ) from None
+    except (SubPathNotFound, KeyError, IndexError) as error:  # a !cfg path through a value an !import reads
+        raise ConfigError(
+            f"{path}: a `!cfg` path goes through an imported value and leads to no value ({first_line(error)}); "
+            f"fix the path."
+        ) from None
     except ConfigueError as error:
         raise ConfigError(
             f"{path}: {first_line(error)}; the `()` entry must name an existing class such as "
@@ -121,30 +127,50 @@ def _to_plain_tree(value: Any) -> Any:
     return value
 
 
-def _apply_override(tree: dict, override: str) -> None:
+def _apply_override(tree: dict, override: str) -> tuple:
+    """Set the value of one `key.path=value` in `tree`; returns the key path."""
     key_path, separator, text = override.partition("=")
     if not separator or not key_path:
         raise ConfigError(f"--set {override!r} must look like key.path=value, e.g. training_parameters.batch_size=8.")
     keys = key_path.split(".")
     _check_override_path(keys, key_path)
     node = tree
-    for key in keys[:-1]:
+    for depth, key in enumerate(keys[:-1]):
         child = node.get(key)
-        if child is None:
-            child = node[key] = {}
+        if child is None:  # a loss the file leaves out is the default one, whose arguments may change
+            child = node[key] = dict(DEFAULT_LOSS) if tuple(keys[: depth + 1]) == LOSS_SECTION else {}
         if _is_criterion(child):  # one of its arguments changes: it is built again from its `()` form
             child = node[key] = child.spec()
         if not isinstance(child, dict):
             raise ConfigError(f"--set {key_path}: {key} is a single value, not a section.")
         node = child
     try:
+        if text:
+            config_guard.check_keys_once(text, tuple(keys), f"--set {key_path}")
         node[keys[-1]] = yaml.safe_load(text) if text else None
+    except config_guard.ConfigFileError as error:
+        raise ConfigError(str(error)) from None
     except yaml.YAMLError as error:
         problem = getattr(error, "problem", None) or first_line(error)
         raise ConfigError(
             f"--set {key_path}: the value {text!r} is not valid YAML ({problem}); quote a text, e.g. "
             f"{key_path}='\"{text}\"', or fix the value."
         ) from None
+    return tuple(keys)
+
+
+def _keep_arguments_the_class_takes(tree: dict, overridden: set[str]) -> None:
+    """`--set training_parameters.loss.()=...` names another class for the file's loss: the file's arguments
+    that class does not take (alpha for loss.ClassicLoss) go, so that it is the criterion that the whole section
+    `{'()': ...}` gives; an argument set with --set stays, and is checked as written."""
+    section = tree["training_parameters"]["loss"]
+    class_path = config_guard.criterion_path(section["()"])
+    if class_path is None or class_path != section["()"]:
+        return  # refused when the section is built
+    parameters = inspect.signature(_criterion_class(class_path)).parameters.values()
+    taken = {item.name for item in parameters if item.kind not in (item.VAR_POSITIONAL, item.VAR_KEYWORD)}
+    for name in [name for name in section if name != "()" and name not in taken and name not in overridden]:
+        del section[name]
 
 
 def _check_override_path(keys: list[str], key_path: str) -> None:
@@ -216,22 +242,28 @@ def _criterion(section: Any, source: str, key: str) -> Any:
     (an override, the default) the way configue builds it, by importing the class it names, once checked."""
     if _is_criterion(section):
         return section
+    if section is None:  # `loss:` written empty, as a section left empty gets its defaults
+        section = dict(DEFAULT_LOSS)
     if not isinstance(section, dict) or "()" not in section:
         raise ConfigError(
             f"{source}: {key}: the section needs a `()` entry naming the loss class, e.g. `(): loss.DistillationLoss` "
             f"with alpha, beta and temperature, or `(): loss.ClassicLoss`."
         )
     arguments = dict(section)
-    class_path = config_guard.criterion_path(arguments.pop("()"))
-    if class_path is None:
-        raise ConfigError(
-            f"{source}: {key}: {section['()']!r} is not a loss class; use loss.DistillationLoss or loss.ClassicLoss."
-        )
-    module_name, _, class_name = class_path.rpartition(".")
+    named = arguments.pop("()")
+    problem = config_guard.naming_problem(named)
+    if problem is not None:
+        raise ConfigError(f"{source}: {key}: {problem}.")
     try:
-        return getattr(importlib.import_module(module_name), class_name)(**arguments)
+        return _criterion_class(named)(**arguments)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"{source}: {key}: {_argument_problem(error)}; fix it under {key}.") from None
+
+
+def _criterion_class(class_path: str) -> type:
+    """The class of a criterion path of config_guard.CRITERIA, imported as configue imports it."""
+    module_name, _, class_name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 def _check_value(value: Any, kind: Any, metadata: typing.Mapping, source: str, key: str) -> Any:
@@ -247,7 +279,8 @@ def _check_value(value: Any, kind: Any, metadata: typing.Mapping, source: str, k
             value = "no"
         if value not in arguments:
             choices = ", ".join(repr(choice) for choice in arguments)
-            raise ConfigError(f"{source}: {key} is {value!r}; it must be one of {choices}.")
+            misread = " (YAML reads an unquoted yes, no, on or off as true or false)" if isinstance(value, bool) else ""
+            raise ConfigError(f"{source}: {key} is {value!r}{misread}; it must be one of {choices}.")
         return value
     if origin is list:
         if not isinstance(value, list):
@@ -257,15 +290,28 @@ def _check_value(value: Any, kind: Any, metadata: typing.Mapping, source: str, k
             _check_value(entry, arguments[0], metadata, source, f"{key}[{index}]") for index, entry in enumerate(value)
         ]
     converted = _convert(value, kind)
-    if converted is None:
-        raise ConfigError(f"{source}: {key} is {value!r}; it must be {_describe(kind)}.")
-    low, high = metadata.get("low"), metadata.get("high")
-    if low is not None and (converted < low or (metadata.get("low_open") and converted == low)):
-        relation = "above" if metadata.get("low_open") else "at least"
-        raise ConfigError(f"{source}: {key} is {value!r}; it must be {relation} {low}.")
-    if high is not None and converted > high:
-        raise ConfigError(f"{source}: {key} is {value!r}; it must be at most {high}.")
+    if converted is None or not _in_range(converted, metadata):
+        raise ConfigError(f"{source}: {key} is {value!r}; it must be {requirement(kind, metadata)}.")
     return converted
+
+
+def _in_range(value: Any, metadata: typing.Mapping) -> bool:
+    low, high = metadata.get("low"), metadata.get("high")
+    if low is not None and (value < low or (metadata.get("low_open") and value == low)):
+        return False
+    return high is None or value <= high
+
+
+def requirement(kind: type, metadata: typing.Mapping) -> str:
+    """What a value of `kind` in the range of `metadata` must be, in words: "a whole number at least 1"."""
+    low, high = metadata.get("low"), metadata.get("high")
+    if low is not None and high is not None:
+        bounds = f"above {low} and at most {high}" if metadata.get("low_open") else f"from {low} to {high}"
+    elif low is not None:
+        bounds = f"above {low}" if metadata.get("low_open") else f"at least {low}"
+    else:
+        bounds = f"at most {high}" if high is not None else ""
+    return f"{_describe(kind)} {bounds}".strip()
 
 
 def as_number(value) -> float | None:
@@ -280,17 +326,16 @@ def as_number(value) -> float | None:
 
 
 def _convert(value: Any, kind: type) -> Any:
-    """The value as `kind`, or None when it is not one. YAML 1.1 reads `3e-4` as a string: accept it as a float."""
+    """The value as `kind`, or None when it is not one (nan and infinities are no number of any key). YAML 1.1 reads
+    `3e-4` as a string: accept it as a number."""
     if kind is bool:
         return value if isinstance(value, bool) else None
     if kind is int:
-        if isinstance(value, bool):
-            return None
-        if isinstance(value, int):
+        if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        return None
+        # 8.0, or `1e5`, which YAML 1.1 reads as text; a quoted "8" stays text
+        number = as_number(value) if isinstance(value, float) or _EXPONENT.fullmatch(str(value)) else None
+        return int(number) if number is not None and number.is_integer() else None
     if kind is float:
         number = as_number(value)
         return number if number is not None and math.isfinite(number) else None
@@ -299,7 +344,10 @@ def _convert(value: Any, kind: type) -> Any:
     return value
 
 
+_EXPONENT = re.compile(r"[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+")
+
+
 def _describe(kind: type) -> str:
-    return {bool: "true or false", int: "a whole number", float: "a number", str: "a non-empty text"}.get(
+    return {bool: "true or false", int: "a whole number", float: "a finite number", str: "a non-empty text"}.get(
         kind, kind.__name__
     )

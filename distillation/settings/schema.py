@@ -198,7 +198,8 @@ class Hub:
 class Config:
     # Prefix of the run names; defaults to the config file's stem.
     name: str | None = None
-    seed: int = 42
+    # numpy's seeding (the split, the batch order) takes 0 to 2**32 - 1.
+    seed: int = field(default=42, metadata=_range(0, 2**32 - 1))
     paths: Paths = field(default_factory=Paths)
     teacher: Teacher = field(default_factory=Teacher)
     student: Student = field(default_factory=Student)
@@ -312,17 +313,19 @@ def key_table() -> str:
     """docs/configuration.md's table of every key with its type, range and default, in Markdown, written from the
     dataclasses above (a test keeps the page equal to it): `python3 -m distillation.settings.schema`."""
     rows = ["| key | type | default |", "|---|---|---|"]
-    for key, kind, metadata, default in _leaves(Config, ""):
+    for key, kind, metadata, default in leaves():
         rows.append(f"| `{key}` | {_kind_text(kind, metadata)} | `{_yaml_text(default)}` |")
     return "\n".join(rows)
 
 
-def _leaves(section: type, prefix: str):
+def leaves(section: type = Config, prefix: str = ""):
+    """Every key of `section` (a whole config by default) that holds a value, not a section: (dotted key, type,
+    range metadata, default)."""
     hints = typing.get_type_hints(section)
     for item in dataclasses.fields(section):
         kind = hints[item.name]
         if dataclasses.is_dataclass(kind):
-            yield from _leaves(kind, f"{prefix}{item.name}.")
+            yield from leaves(kind, f"{prefix}{item.name}.")
             continue
         default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
         if section is TrainingParameters and item.name == "loss":
