@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from distillation.data.batching import IGNORE_INDEX
 from distillation.kernels.chunked_loss import FusedTerms, fused_divergence_ce, fused_figures
 from distillation.kernels.divergences import SKEW_DIVERGENCES, check_divergence, kl_divergence, token_divergence
-from distillation.settings.config import as_number
+from distillation.settings.values import as_number
 
 
 class LossOutput(NamedTuple):
