@@ -16,24 +16,25 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import signal
 import sys
 from pathlib import Path
 
 import dataset
 import models
-from distillation.base import storage
+from distillation.base import hub_client, storage
 from distillation.base.errors import EXIT_NON_FINITE_LOSS, EXIT_SIGNAL_BASE, EXIT_USER_ERROR, UserError, first_line
 from distillation.run import checkpoints, model_card, records, runs
 from distillation.run.checkpoints import CheckpointError
-from distillation.run.hub_push import push_checkpoint
+from distillation.run.hub_push import PushStopped, push_checkpoint
 from distillation.run.runs import PLAIN_BASELINE_SUFFIX, locate_run
 from distillation.runtime import hardware
 from distillation.settings.config import load_config
 from distillation.settings.schema import Config, ConfigError, check_model_id
 from distillation.training import teacher_cache
 from distillation.training.steps import NonFiniteLoss
-from distillation.training.stop_signals import StoppedBySignal
+from distillation.training.stop_signals import StoppedBySignal, StopSignals
 from distillation.training.trainer import Trainer
 
 logger = logging.getLogger("distill")
@@ -50,27 +51,32 @@ BASELINE_RESUME_DECIDED = "training_parameters.resume=false"
 
 def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(argv)
+    hub_client.bound_waits()  # a Hub that never answers ends a run's loading, or a push, after a bounded wait
     if arguments.push is not None:
         return push_run(Path(arguments.push), arguments.model_id)
-    status, run = train(arguments.config, arguments.set, arguments.run_name, arguments.resume)
+    status, run, pushed = train(arguments.config, arguments.set, arguments.run_name, arguments.resume)
     if status == 0 and arguments.plain_baseline:
+        # A failed push of the run (said, with the command that retries it) does not keep its baseline from training.
         # The same config, seed, data and steps, with plain next-token training: the comparison distillation needs.
         baseline = run.directory.with_name(run.name + PLAIN_BASELINE_SUFFIX)
         resume = run.resume and baseline.exists()  # continued with the run (--resume or resume: true), if started
-        status, _ = train(
+        status, _, _ = train(
             arguments.config,
             [*arguments.set, PLAIN_LOSS_OVERRIDE, BASELINE_NOT_PUSHED, BASELINE_RESUME_DECIDED],
             baseline.name,
             resume,
         )
+    status = status or pushed
     hardware.end_processes(status)
     return status
 
 
 def train(config_file: str, overrides: list[str], run_name: str | None, resume: bool):
-    """One run, from the config to the tested best checkpoint: (exit status, its RunLocation or None)."""
+    """One run, from the config to the tested best checkpoint and its model card, then its push to the Hub when
+    hub.model_id names a repository: (the run's exit status, its RunLocation or None, the push's exit status). The
+    push comes once the run is released: however long the Hub takes, it never holds the run."""
     early_records = records.setup_console_logging()
-    run = None
+    run = card = None
     try:
         config = load_config(config_file, overrides)
         trainer = setup(config, run_name, resume)
@@ -81,31 +87,42 @@ def train(config_file: str, overrides: list[str], run_name: str | None, resume: 
             trainer.fit()
             trainer.test_best()
             records.report_where(run, accelerator, config.training_parameters.checkpoints_name_best)
-            share(run, config, accelerator)
+            if accelerator.is_main_process:
+                card = model_card.write_model_card(run.directory, config)
+                logger.info("Model card: %s", card)
     except (Exception, KeyboardInterrupt) as error:
         status = ending(error, run)
         if status is None:
             raise
-        return status, run
+        return status, run, 0
     finally:
         records.close_log_handlers()
         runs.release_runs()
-    return 0, run
+    if card is None or config.hub.model_id is None:
+        return 0, run, 0
+    records.setup_console_logging()  # the push is said on the console; the run's own log is closed
+    try:
+        return 0, run, push(card.parent, config.hub.model_id, run.directory)
+    finally:
+        records.close_log_handlers()
 
 
-def share(run, config: Config, accelerator) -> None:
-    """The end of a run: the best checkpoint's model card, and its push to the Hub when hub.model_id names a
-    repository. A push that fails leaves the run complete as it is, and names the command that retries it."""
-    if not accelerator.is_main_process:
-        return
-    card = model_card.write_model_card(run.directory, config)
-    logger.info("Model card: %s", card)
-    if config.hub.model_id is not None:
-        push_checkpoint(card.parent, config.hub.model_id, push_command(run.directory, config.hub.model_id))
+def push(best: Path, model_id: str, run_directory: Path) -> int:
+    """Push a run's best checkpoint, SIGINT and SIGTERM included: its exit status. A push that fails or is stopped
+    leaves the run as it is, and its one sentence names the command that retries it."""
+    try:
+        with StopSignals():  # SIGTERM too becomes an interrupt, which the push turns into PushStopped
+            push_checkpoint(best, model_id, push_command(run_directory, model_id))
+    except (Exception, KeyboardInterrupt) as error:
+        status = ending(error, None)
+        if status is None:
+            raise
+        return status
+    return 0
 
 
 def push_command(run_directory: Path, model_id: str) -> str:
-    return f"python3 distill.py --push {run_directory} --model-id {model_id}"
+    return shlex.join(["python3", "distill.py", "--push", str(run_directory), "--model-id", model_id])
 
 
 def push_run(run_directory: Path, model_id: str | None) -> int:
@@ -113,17 +130,18 @@ def push_run(run_directory: Path, model_id: str | None) -> int:
     `model_id`, or to the run's own hub.model_id."""
     records.setup_console_logging()
     try:
-        config, model_id = read_push_target(run_directory, model_id)
-        runs.hold_run(run_directory, created=False)  # not while a process trains it
-        best = run_directory / config.training_parameters.checkpoints_name_best
-        if not (run_directory / model_card.SUMMARY_FILE).is_file() or not best.is_dir():
-            raise CheckpointError(
-                f"the run {run_directory} has not finished (no summary.json or best checkpoint); "
-                f"finish it with --resume --run-name {run_directory.name}, then push it."
-            )
-        if not (best / model_card.CARD_FILE).is_file():  # a card the user edited is pushed as it is
-            model_card.write_model_card(run_directory, config)
-        push_checkpoint(best, model_id, push_command(run_directory, model_id))
+        with StopSignals():  # SIGTERM too becomes an interrupt: the run is released, and the push said stopped
+            config, model_id = read_push_target(run_directory, model_id)
+            runs.hold_run(run_directory, created=False)  # not while a process trains it
+            best = run_directory / config.training_parameters.checkpoints_name_best
+            if not (run_directory / model_card.SUMMARY_FILE).is_file() or not best.is_dir():
+                raise CheckpointError(
+                    f"the run {run_directory} has not finished (no summary.json or best checkpoint); "
+                    f"finish it with --resume --run-name {shlex.quote(run_directory.name)}, then push it."
+                )
+            if not (best / model_card.CARD_FILE).is_file():  # a card the user edited is pushed as it is
+                model_card.write_model_card(run_directory, config)
+            push_checkpoint(best, model_id, push_command(run_directory, model_id))
     except (Exception, KeyboardInterrupt) as error:
         status = ending(error, None)
         if status is None and isinstance(error, (OSError, ValueError)):
@@ -168,7 +186,7 @@ def ending(error: BaseException, run) -> int | None:
     if isinstance(error, UserError):
         logger.error("error: %s", error)
         return EXIT_USER_ERROR
-    if isinstance(error, StoppedBySignal):
+    if isinstance(error, (StoppedBySignal, PushStopped)):
         logger.error("%s", error)
         return EXIT_SIGNAL_BASE + error.signal_number
     if isinstance(error, NonFiniteLoss):
@@ -177,7 +195,7 @@ def ending(error: BaseException, run) -> int | None:
     if isinstance(error, KeyboardInterrupt):  # Ctrl-C before the run started, a second signal, or one outside the loop
         number = getattr(error, "signal_number", signal.SIGINT)
         then = (
-            f"every checkpoint written is kept, continue with --resume --run-name {run.name}"
+            f"every checkpoint written is kept, continue with --resume --run-name {shlex.quote(run.name)}"
             if run is not None
             else "the run had not started, run the same command again"
         )
@@ -194,7 +212,11 @@ def file_system_message(error: Exception, run) -> str | None:
     """One sentence for a write that the file system refused (every file is written whole or not at all, so what
     was written before is intact); None for any other error."""
     where = storage.written_path(error)
-    then = f"continue with --resume --run-name {run.name}" if run is not None else "run the same command again"
+    then = (
+        f"continue with --resume --run-name {shlex.quote(run.name)}"
+        if run is not None
+        else "run the same command again"
+    )
     if storage.is_disk_full(error):
         return (
             f"the disk is full{f' (writing {where})' if where else ''}, and everything written before is intact; "

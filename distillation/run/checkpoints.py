@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import re
+import shlex
 import shutil
 import typing
 from dataclasses import dataclass
@@ -242,7 +243,7 @@ def save_checkpoint(
         if is_disk_full(error):
             raise CheckpointError(
                 f"the disk is full: the checkpoint {directory} could not be written, and the previous one there is "
-                f"intact; free some space and continue with --resume --run-name {directory.parent.name}."
+                f"intact; free some space and continue with --resume --run-name {shlex.quote(directory.parent.name)}."
             ) from None
         raise
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from pathlib import Path
 
 import safetensors
@@ -22,16 +23,44 @@ from distillation.settings.schema import Config, is_hub_repo_id
 CARD_FILE = "README.md"
 SUMMARY_FILE = "summary.json"
 CURVES_FILE = "loss_curves.png"  # what plots.write_run_curves draws in the run directory
+# The figures of summary.json that the card shows: counts (whole numbers), and other figures (a number or null).
+SUMMARY_COUNTS = ("steps", "samples_seen", "tokens_seen", "best_step")
+SUMMARY_FIGURES = ("run", "best_validation_loss")
 
 
 def write_model_card(run_directory: Path, config: Config) -> Path:
     """Write `<best checkpoint>/README.md` (and copy the run's loss curves there), replacing an earlier card."""
     best = run_directory / config.training_parameters.checkpoints_name_best
     summary = json.loads((run_directory / SUMMARY_FILE).read_text())
+    check_summary(summary)
     figure = _copy_figure(run_directory, best)
     card = build_card(config, summary, student_shape(best), figure, run_directory)
     storage.atomic_write_text(best / CARD_FILE, str(card))
     return best / CARD_FILE
+
+
+def check_summary(summary) -> None:
+    """Refuse a summary.json that lacks a figure the card shows (an object written by hand, `{}`), naming every one
+    with a ValueError: the card would otherwise stop at the first, with a KeyError or a TypeError."""
+    if not isinstance(summary, dict):
+        raise ValueError(f"{SUMMARY_FILE} holds a JSON {type(summary).__name__}, not an object of the run's figures")
+    test = summary.get("test") if isinstance(summary.get("test"), dict) else {}
+    teacher = summary.get("teacher") or {}
+    missing = [field for field in SUMMARY_FIGURES if field not in summary]
+    missing += [field for field in SUMMARY_COUNTS if not _is_count(summary.get(field))]
+    missing += [] if "perplexity" in test else ["test.perplexity"]
+    missing += [] if _is_count(test.get("target_tokens")) else ["test.target_tokens"]
+    if test.get("kl_teacher") is not None and "top1_agreement" not in test:
+        missing.append("test.top1_agreement")
+    teacher_test = teacher.get("test", {"perplexity": None}) if isinstance(teacher, dict) else None
+    if not isinstance(teacher_test, dict) or "perplexity" not in teacher_test:
+        missing.append("teacher.test.perplexity")
+    if missing:
+        raise ValueError(f"{SUMMARY_FILE} lacks {', '.join(missing)}")
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _copy_figure(run_directory: Path, best: Path) -> str | None:
@@ -236,9 +265,10 @@ def _reproduce_section(config: Config, run_directory: Path) -> str:
     import yaml
 
     config_file = run_directory / "config.yaml"
+    again = f"{run_directory.name}-again"
     text = config_file.read_text() if config_file.is_file() else yaml.safe_dump(to_plain_dict(config), sort_keys=False)
     return (
         f"## Reproduce\n\nThe run's resolved config is kept as `{config_file}`; from this project's root:\n\n"
-        f"```\npython3 distill.py --config {config_file} --run-name {run_directory.name}-again\n```\n\n"
+        f"```\n{shlex.join(['python3', 'distill.py', '--config', str(config_file), '--run-name', again])}\n```\n\n"
         f"<details><summary>config.yaml</summary>\n\n```yaml\n{text.rstrip()}\n```\n\n</details>"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shlex
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ class StoppedBySignal(Exception):
         self.signal_number = signal_number
         super().__init__(
             f"stopped by {signal.Signals(signal_number).name} after step {step}; the checkpoint {checkpoint} holds it, "
-            f"continue with --resume --run-name {checkpoint.parent.name}"
+            f"continue with --resume --run-name {shlex.quote(checkpoint.parent.name)}"
         )
 
 
