@@ -260,7 +260,7 @@ def after_a_stop(run, command: Command | None) -> str:
         return f"the run {command.main_run} is complete, continue with {command.line(True, command.main_run)}"
     if run is None:  # nothing was written in a run directory (one created for it is removed again)
         again = f": {command.again()}" if command is not None else ""
-        return f"the run had not started, run the same command again{again}"
+        return f"nothing was written in the run yet, run the same command again{again}"
     if runs.is_untrained(run.directory):  # a new run of its name takes the directory over (runs.py)
         again = f": {command.line(False, run.name)}" if command is not None else f" with --run-name {run.name}"
         return f"nothing was trained yet, start it again{again}"

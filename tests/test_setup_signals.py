@@ -104,7 +104,10 @@ def test_signals_and_a_kill_while_building_the_teacher_cache(tmp_path, cached_te
     status, error = stopped(held_in_setup("teacher_cache", tmp_path, *arguments), signal.SIGTERM)
     assert status == 128 + signal.SIGTERM
     assert "stopped by SIGTERM while building the teacher cache" in error
-    assert f"the run had not started, run the same command again: python3 distill.py {shlex.join(arguments)}" in error
+    assert (
+        f"nothing was written in the run yet, run the same command again: python3 distill.py {shlex.join(arguments)}"
+        in error
+    )
     assert staging_in(cache_root) == []  # the killed process's (swept at the start), and its own (on the signal)
     assert not run.exists()
 
@@ -171,7 +174,7 @@ def test_a_signal_while_the_config_is_read(tmp_path, config_file, monkeypatch, c
     monkeypatch.setattr(distill, "load_config", read_after_a_signal)
     handler = signal.getsignal(signal.SIGTERM)
     assert distill.main(["--config", str(config_file)]) == 128 + signal.SIGTERM
-    assert "stopped by SIGTERM while reading the config; the run had not started" in caplog.text
+    assert "stopped by SIGTERM while reading the config; nothing was written in the run yet" in caplog.text
     assert signal.getsignal(signal.SIGTERM) is handler
 
 
