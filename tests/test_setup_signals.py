@@ -213,3 +213,24 @@ def test_staging_is_swept_only_when_its_writer_is_gone(tmp_path):
     assert len(storage.sweep_staging(folder)) == 2
     assert staging_in(folder) == [] and sorted(path.name for path in folder.iterdir()) == ["done", "mine"]
     assert (folder / "done" / "whole").read_text() == "entry"
+
+
+def test_a_held_run_directory_loses_its_staging_and_keeps_the_rest(tmp_path):
+    """In a run directory (held: one writer), the staging of a checkpoint and of a record go; the previous version of
+    a checkpoint (put back by recover_interrupted_write), the lock, and files of the user's stay."""
+    run = tmp_path / "run"
+    for folder in (".last.staging", ".last.previous", "last"):
+        (run / folder).mkdir(parents=True)
+    for name in (".lock", "config.yaml", ".config.yaml-ab12cd34", ".notes", "my-notes"):
+        (run / name).write_text("x")
+    assert storage.sweep_staging(run) == []  # not held: another writer may be at work
+    removed = storage.sweep_staging(run, held=True)
+    assert sorted(path.name for path in removed) == [".config.yaml-ab12cd34", ".last.staging"]
+    assert sorted(path.name for path in run.iterdir()) == [
+        ".last.previous",
+        ".lock",
+        ".notes",
+        "config.yaml",
+        "last",
+        "my-notes",
+    ]
