@@ -9,7 +9,8 @@
 Every run writes `<paths.checkpoints>/<run name>/`: config.yaml (resolved), train.log, metrics.jsonl, summary.json,
 loss_curves.png, TensorBoard events, and the last and best checkpoints (best/ with its model card, README.md; pushed
 to the Hub when hub.model_id is set). A configuration or data mistake stops the program with one sentence and exit
-code 2 before anything is written.
+code 2 before anything is written; SIGINT (Ctrl-C) or SIGTERM, at any moment, with one sentence that names what it
+stopped and the command that goes on from there, and exit code 130 or 143.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import shlex
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import dataset
@@ -32,9 +34,9 @@ from distillation.run.runs import PLAIN_BASELINE_SUFFIX, locate_run
 from distillation.runtime import hardware
 from distillation.settings.config import load_config
 from distillation.settings.schema import Config, ConfigError, check_model_id
-from distillation.training import teacher_cache
+from distillation.training import stop_signals, teacher_cache
 from distillation.training.steps import NonFiniteLoss
-from distillation.training.stop_signals import StoppedBySignal, StopSignals
+from distillation.training.stop_signals import StoppedBySignal, during
 from distillation.training.trainer import Trainer
 
 logger = logging.getLogger("distill")
@@ -50,54 +52,112 @@ BASELINE_RESUME_DECIDED = "training_parameters.resume=false"
 
 
 def main(argv: list[str] | None = None) -> int:
-    arguments = parse_arguments(argv)
-    hub_client.bound_waits()  # a Hub that never answers ends a run's loading, or a push, after a bounded wait
-    if arguments.push is not None:
-        return push_run(Path(arguments.push), arguments.model_id)
-    status, run, pushed = train(arguments.config, arguments.set, arguments.run_name, arguments.resume)
+    # From here to the end, SIGINT and SIGTERM stop with one sentence (ending); the processes' final barrier is
+    # outside, where a signal ends a process as it would without this program's handlers.
+    with stop_signals.interrupting():
+        status = run_command(argv)
+    hardware.end_processes(status)
+    return status
+
+
+def run_command(argv: list[str] | None) -> int:
+    command = None
+    try:
+        command = Command(parse_arguments(argv))
+        hub_client.bound_waits()  # a Hub that never answers ends a run's loading, or a push, after a bounded wait
+        if command.arguments.push is not None:
+            return push_run(Path(command.arguments.push), command.arguments.model_id, command)
+        return train_runs(command)
+    except KeyboardInterrupt as stop:  # between two runs, or while the cleanup after an error or a stop ran
+        stop_signals.ignore_further()
+        records.setup_console_logging()
+        try:
+            return ending(stop, command.run if command else None, command)
+        finally:
+            records.close_log_handlers()
+
+
+def train_runs(command: Command) -> int:
+    """The run the arguments name, then its plain baseline if asked for."""
+    arguments = command.arguments
+    status, run, pushed = train(arguments.config, arguments.set, arguments.run_name, arguments.resume, command)
     if status == 0 and arguments.plain_baseline:
         # A failed push of the run (said, with the command that retries it) does not keep its baseline from training.
+        command.main_run = run.name
         # The same config, seed, data and steps, with plain next-token training: the comparison distillation needs.
         baseline = run.directory.with_name(run.name + PLAIN_BASELINE_SUFFIX)
-        resume = run.resume and baseline.exists()  # continued with the run (--resume or resume: true), if started
+        # Continued with the run (--resume or resume: true) if it had started training.
+        resume = run.resume and baseline.exists() and not runs.is_untrained(baseline)
         status, _, _ = train(
             arguments.config,
             [*arguments.set, PLAIN_LOSS_OVERRIDE, BASELINE_NOT_PUSHED, BASELINE_RESUME_DECIDED],
             baseline.name,
             resume,
+            command,
         )
-    status = status or pushed
-    hardware.end_processes(status)
-    return status
+    return status or pushed
 
 
-def train(config_file: str, overrides: list[str], run_name: str | None, resume: bool):
+@dataclass
+class Command:
+    """The command line, and where it stands: what a stop names as the command to run next (`line`)."""
+
+    arguments: argparse.Namespace
+    run: runs.RunLocation | None = None  # the run being trained, once set up
+    main_run: str | None = None  # the first run's name, once it is complete and its plain baseline starts
+
+    def line(self, resume: bool, run_name: str | None) -> str:
+        """The command, continuing the run `run_name` (resume) or naming it; the same config and overrides."""
+        arguments, words = self.arguments, ["python3", "distill.py"]
+        if arguments.push is not None:
+            words += ["--push", arguments.push]
+            return shlex.join(words + (["--model-id", arguments.model_id] if arguments.model_id else []))
+        if arguments.config != DEFAULT_CONFIG:
+            words += ["--config", arguments.config]
+        for override in arguments.set:
+            words += ["--set", override]
+        words += (["--plain-baseline"] if arguments.plain_baseline else []) + (["--resume"] if resume else [])
+        return shlex.join(words + (["--run-name", run_name] if run_name is not None else []))
+
+    def again(self) -> str:
+        return self.line(self.arguments.resume, self.arguments.run_name)
+
+
+def train(config_file: str, overrides: list[str], run_name: str | None, resume: bool, command: Command):
     """One run, from the config to the tested best checkpoint and its model card, then its push to the Hub when
     hub.model_id names a repository: (the run's exit status, its RunLocation or None, the push's exit status). The
     push comes once the run is released: however long the Hub takes, it never holds the run."""
     early_records = records.setup_console_logging()
-    run = card = None
+    run = command.run = card = None
     try:
-        config = load_config(config_file, overrides)
-        trainer = setup(config, run_name, resume)
-        run, accelerator = trainer.run, trainer.accelerator
+        with during("reading the config"):
+            config = load_config(config_file, overrides)
+        with during("setting up the run"):
+            trainer = setup(config, run_name, resume)
+        run = command.run = trainer.run
+        accelerator = trainer.accelerator
         with trainer.stop_signals:  # from the first file written in the run directory to the last
-            records.start_run_directory(run, config, early_records, accelerator)
-            records.start_trackers(accelerator, config, trainer.state)
-            trainer.fit()
-            trainer.test_best()
+            with during("starting the run"):
+                records.start_run_directory(run, config, early_records, accelerator)
+                records.start_trackers(accelerator, config, trainer.state)
+            with during("training"):
+                trainer.fit()
+            with during("testing the best checkpoint"):
+                trainer.test_best()
             records.report_where(run, accelerator, config.training_parameters.checkpoints_name_best)
             if accelerator.is_main_process:
-                card = model_card.write_model_card(run.directory, config)
+                with during("writing the model card"):
+                    card = model_card.write_model_card(run.directory, config)
                 logger.info("Model card: %s", card)
     except (Exception, KeyboardInterrupt) as error:
-        status = ending(error, run)
+        status = ending(error, run, command)
         if status is None:
             raise
         return status, run, 0
     finally:
-        records.close_log_handlers()
-        runs.release_runs()
+        with stop_signals.held_back():  # a signal now is delivered once the run is released (run_command)
+            records.close_log_handlers()
+            runs.release_runs()
     if card is None or config.hub.model_id is None:
         return 0, run, 0
     records.setup_console_logging()  # the push is said on the console; the run's own log is closed
@@ -108,11 +168,10 @@ def train(config_file: str, overrides: list[str], run_name: str | None, resume: 
 
 
 def push(best: Path, model_id: str, run_directory: Path) -> int:
-    """Push a run's best checkpoint, SIGINT and SIGTERM included: its exit status. A push that fails or is stopped
-    leaves the run as it is, and its one sentence names the command that retries it."""
+    """Push a run's best checkpoint: its exit status. A push that fails or is stopped (SIGINT and SIGTERM are
+    interrupts from the start of `main`) leaves the run as it is, and its one sentence names the retry command."""
     try:
-        with StopSignals():  # SIGTERM too becomes an interrupt, which the push turns into PushStopped
-            push_checkpoint(best, model_id, push_command(run_directory, model_id))
+        push_checkpoint(best, model_id, push_command(run_directory, model_id))
     except (Exception, KeyboardInterrupt) as error:
         status = ending(error, None)
         if status is None:
@@ -125,25 +184,24 @@ def push_command(run_directory: Path, model_id: str) -> str:
     return shlex.join(["python3", "distill.py", "--push", str(run_directory), "--model-id", model_id])
 
 
-def push_run(run_directory: Path, model_id: str | None) -> int:
+def push_run(run_directory: Path, model_id: str | None, command: Command | None = None) -> int:
     """`--push RUN_DIR`: push a finished run's best checkpoint (with its model card, written if it has none) to
     `model_id`, or to the run's own hub.model_id."""
     records.setup_console_logging()
     try:
-        with StopSignals():  # SIGTERM too becomes an interrupt: the run is released, and the push said stopped
-            config, model_id = read_push_target(run_directory, model_id)
-            runs.hold_run(run_directory, created=False)  # not while a process trains it
-            best = run_directory / config.training_parameters.checkpoints_name_best
-            if not (run_directory / model_card.SUMMARY_FILE).is_file() or not best.is_dir():
-                raise CheckpointError(
-                    f"the run {run_directory} has not finished (no summary.json or best checkpoint); "
-                    f"finish it with --resume --run-name {shlex.quote(run_directory.name)}, then push it."
-                )
-            if not (best / model_card.CARD_FILE).is_file():  # a card the user edited is pushed as it is
-                model_card.write_model_card(run_directory, config)
-            push_checkpoint(best, model_id, push_command(run_directory, model_id))
+        config, model_id = read_push_target(run_directory, model_id)
+        runs.hold_run(run_directory, created=False)  # not while a process trains it
+        best = run_directory / config.training_parameters.checkpoints_name_best
+        if not (run_directory / model_card.SUMMARY_FILE).is_file() or not best.is_dir():
+            raise CheckpointError(
+                f"the run {run_directory} has not finished (no summary.json or best checkpoint); "
+                f"finish it with --resume --run-name {shlex.quote(run_directory.name)}, then push it."
+            )
+        if not (best / model_card.CARD_FILE).is_file():  # a card the user edited is pushed as it is
+            model_card.write_model_card(run_directory, config)
+        push_checkpoint(best, model_id, push_command(run_directory, model_id))
     except (Exception, KeyboardInterrupt) as error:
-        status = ending(error, None)
+        status = ending(error, None, command)
         if status is None and isinstance(error, (OSError, ValueError)):
             # A damaged summary.json or checkpoint, a card the disk refused: the run cannot be pushed as it is.
             status = ending(
@@ -158,8 +216,9 @@ def push_run(run_directory: Path, model_id: str | None) -> int:
             raise
         return status
     finally:
-        records.close_log_handlers()
-        runs.release_runs()
+        with stop_signals.held_back():
+            records.close_log_handlers()
+            runs.release_runs()
     return 0
 
 
@@ -180,32 +239,46 @@ def read_push_target(run_directory: Path, model_id: str | None) -> tuple[Config,
     return config, model_id
 
 
-def ending(error: BaseException, run) -> int | None:
+def ending(error: BaseException, run, command: Command | None = None) -> int | None:
     """The one place where an error becomes an exit code: the error is logged in one sentence and its exit code
-    returned; None for an error that is a bug (raised with its traceback). `run` is the run started, if any."""
+    returned; None for an error that is a bug (raised with its traceback). `run` is the run set up, if any, and
+    `command` the command line that a stop names the next command from."""
     if isinstance(error, UserError):
         logger.error("error: %s", error)
         return EXIT_USER_ERROR
     if isinstance(error, (StoppedBySignal, PushStopped)):
+        stop_signals.ignore_further()
         logger.error("%s", error)
         return EXIT_SIGNAL_BASE + error.signal_number
     if isinstance(error, NonFiniteLoss):
         logger.error("error: %s", error)
         return EXIT_NON_FINITE_LOSS
-    if isinstance(error, KeyboardInterrupt):  # Ctrl-C before the run started, a second signal, or one outside the loop
+    if isinstance(error, KeyboardInterrupt):  # a signal outside the training loop, or a second one
+        stop_signals.ignore_further()
         number = getattr(error, "signal_number", signal.SIGINT)
-        then = (
-            f"every checkpoint written is kept, continue with --resume --run-name {shlex.quote(run.name)}"
-            if run is not None
-            else "the run had not started, run the same command again"
-        )
-        logger.error("stopped by %s; %s", signal.Signals(number).name, then)
+        what = getattr(error, "during", None)
+        stopped = f"stopped by {signal.Signals(number).name}" + (f" while {what}" if what else "")
+        logger.error("%s; %s", stopped, after_a_stop(run, command))
         return EXIT_SIGNAL_BASE + number
     message = file_system_message(error, run) if isinstance(error, Exception) else None
     if message is None:
         return None
     logger.error("error: %s", message)
     return EXIT_USER_ERROR
+
+
+def after_a_stop(run, command: Command | None) -> str:
+    """What a stop at once leaves, and the command that goes on from there."""
+    if command is not None and command.main_run is not None:  # the plain baseline's turn: the run is complete
+        return f"the run {command.main_run} is complete, continue with {command.line(True, command.main_run)}"
+    if run is None:  # nothing was written in a run directory (one created for it is removed again)
+        again = f": {command.again()}" if command is not None else ""
+        return f"nothing was written in the run yet, run the same command again{again}"
+    if runs.is_untrained(run.directory):  # a new run of its name takes the directory over (runs.py)
+        again = f": {command.line(False, run.name)}" if command is not None else f" with --run-name {run.name}"
+        return f"nothing was trained yet, start it again{again}"
+    resume = command.line(True, run.name) if command is not None else f"--resume --run-name {run.name}"
+    return f"every checkpoint written is kept, continue with {resume}"
 
 
 def file_system_message(error: Exception, run) -> str | None:
@@ -251,10 +324,12 @@ def setup(config: Config, run_name: str | None, resume: bool) -> Trainer:
         config, run.directory, records.trackers(config, run), criterion.projects_hidden_states
     )
     teacher_dtype = hardware.teacher_dtype(config)
-    tokenizer, teacher, student = models.build_models(config, criterion, teacher_dtype)
+    with during("loading the tokenizer and the models"):
+        tokenizer, teacher, student = models.build_models(config, criterion, teacher_dtype)
     criterion.run_as(fused=hardware.fused_loss(accelerator), cached_teacher=teacher_cache.is_used(config))
     data_spec = dataset.spec_from_config(config)
-    with accelerator.main_process_first():  # the main process fills the tokenized-data cache, the others read it
+    # The main process fills the tokenized-data cache, the others read it.
+    with during("tokenizing the data (or reading its cache)"), accelerator.main_process_first():
         splits = dataset.prepare_splits(
             data_spec, tokenizer, config.paths.data_folder, config.paths.token_dataset, config.data.num_proc
         )
@@ -262,20 +337,25 @@ def setup(config: Config, run_name: str | None, resume: bool) -> Trainer:
     checkpoints.set_generation_defaults(
         tokenizer, student, dataset.training_chat_template(data_spec, tokenizer, splits), config.data.max_length
     )
-    cached_teacher = teacher_cache.prepare(
-        config, accelerator, tokenizer, student.config.vocab_size, splits, teacher_dtype
-    )
+    with during("building the teacher cache (or reading it)"):
+        cached_teacher = teacher_cache.prepare(
+            config, accelerator, tokenizer, student.config.vocab_size, splits, teacher_dtype
+        )
     trainer = Trainer(config, run, accelerator, tokenizer, teacher, student, splits, criterion, cached_teacher)
     if accelerator.num_processes > 1:
         # Kept until end_processes: freeing DDP's reducer mid-process can wait forever on gloo's threads.
         _KEPT_UNTIL_EXIT.append(trainer)
-    trainer.restore()
+    with during("restoring the last checkpoint"):
+        trainer.restore()
     return trainer
+
+
+DEFAULT_CONFIG = "config.yaml"
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="config.yaml", help="YAML configuration file (default: ./config.yaml)")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="YAML configuration file (default: ./config.yaml)")
     parser.add_argument("--run-name", help="name of the run directory (default: <config name>-<timestamp>)")
     parser.add_argument("--resume", action="store_true", help="continue the named run, or the latest of this config")
     parser.add_argument(

@@ -10,6 +10,10 @@ Two points hold processes together, for the tests of concurrent runs:
 - `hold`: as the step after STEP begins, create the file $HELD and wait until the file $RELEASE exists;
 - `together`: before choosing its run directory, wait until STEP processes have reached that point (files in the
   folder $BARRIER), then until the start of the next second, so that they all take the same timestamp.
+Two points hold a process in its setup, where a test sends it a signal (STEP is not used): create the file $HELD and
+wait until the file $RELEASE exists,
+- `tokenizing`: as the data's first batch is tokenized;
+- `teacher_cache`: once the teacher's cache has written its first split into its staging folder.
 """
 
 from __future__ import annotations
@@ -30,6 +34,27 @@ def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def hold() -> None:
+    Path(os.environ["HELD"]).touch()
+    deadline = time.time() + 300  # a test that never releases it does not leave it behind for ever
+    while not Path(os.environ["RELEASE"]).exists() and time.time() < deadline:
+        time.sleep(0.05)
+
+
+def hold_after_first_call(module, name: str) -> None:
+    """Replace `module.name` by a function that, after its first call, holds the process (`hold`)."""
+    original, calls = getattr(module, name), []
+
+    def call_then_hold(*args, **kwargs):
+        result = original(*args, **kwargs)
+        if not calls:
+            calls.append(1)
+            hold()
+        return result
+
+    setattr(module, name, call_then_hold)
+
+
 def main() -> int:
     point, step, arguments = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     optimizer_step, save = Trainer.step, Trainer.save
@@ -39,9 +64,7 @@ def main() -> int:
             if point == "step":
                 die()
             if point == "hold":
-                Path(os.environ["HELD"]).touch()
-                while not Path(os.environ["RELEASE"]).exists():
-                    time.sleep(0.05)
+                hold()
         return optimizer_step(self, step_batches, step_targets)
 
     def save_noting_step(self, directory):
@@ -84,6 +107,14 @@ def main() -> int:
             return locate_run(*args, **kwargs)
 
         distill.locate_run = locate_run_together
+    if point == "tokenizing":
+        import dataset
+
+        hold_after_first_call(dataset, "_tokenize_with_prompt_lengths")
+    if point == "teacher_cache":
+        from distillation.training import teacher_cache
+
+        hold_after_first_call(teacher_cache, "_build_split")
     return distill.main(arguments)
 
 

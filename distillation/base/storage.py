@@ -8,19 +8,28 @@ the same way.
 
 A full disk shows as different exceptions depending on the writer (OSError, torch's RuntimeError, safetensors'
 SafetensorError): `is_disk_full` recognises them all, so the run can stop with one sentence.
+
+A kill that no handler sees (SIGKILL, the OOM killer, a lost node) leaves its staging behind; `sweep_staging` removes
+it on the next start, but never the staging of a writer that is still alive (see `_owner_gone`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 
 def atomic_directory(destination: Path, replace: bool = False) -> AbstractContextManager[Path]:
@@ -156,11 +165,99 @@ def recover_interrupted_write(destination: Path) -> None:
         os.replace(previous, destination)
 
 
+# In the staging folder of a creating write (below): the file whose lock its writer holds while it writes.
+OWNER_FILE = ".owner"
+# What tempfile.mkdtemp and mkstemp add to the prefix `.<name>-`: 8 characters of this alphabet.
+_STAGING_NAME = re.compile(r"\.(?P<name>.+)-[a-z0-9_]{8}")
+# A staging folder without an owner file was written by a version before it, or its writer died in the instant
+# between creating it and locking the file: an hour later, no live writer is behind it.
+_UNOWNED_AGE_S = 3600
+
+
+def sweep_staging(folder: Path, held: bool = False) -> list[Path]:
+    """Remove the staging that stopped writers left in `folder`, and return what was removed: each creating write's
+    folder whose writer is gone (`_owner_gone`), never one still written, nor a completed entry (those are not
+    hidden). With `held`, the caller is the only writer in `folder` (a run holds its directory's lock), so the
+    staging of replacing writes (`.<name>.staging`) and of single files (`.<name>-<random>` beside `<name>`) go
+    too; the previous version of a replacing write is not staging (`recover_interrupted_write` puts it back)."""
+    try:
+        entries = sorted(Path(folder).iterdir())
+    except OSError:  # no such folder yet: nothing to sweep
+        return []
+    removed = []
+    for path in entries:
+        match = _STAGING_NAME.fullmatch(path.name)
+        if path.is_dir() and not path.is_symlink() and match and _remove_if_abandoned(path, match["name"]):
+            removed.append(path)
+        elif held and path.name.startswith(".") and path.name.endswith(".staging") and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        elif held and match and path.is_file() and not path.is_symlink() and (path.parent / match["name"]).exists():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            removed.append(path)
+    if removed:
+        logger.info("Removed %d staging folder(s) left by a stopped process in %s", len(removed), folder)
+    return removed
+
+
+def _remove_if_abandoned(holder: Path, name: str) -> bool:
+    """Remove a creating write's staging folder if its writer is gone; whether it was removed."""
+    try:
+        descriptor = os.open(holder / OWNER_FILE, os.O_RDWR)
+    except FileNotFoundError:
+        return _remove_if_old_and_unowned(holder, name)
+    except OSError:
+        return False
+    try:
+        if not _owner_gone(descriptor):
+            return False
+        shutil.rmtree(holder, ignore_errors=True)  # while holding the lock: no writer can take it meanwhile
+        return True
+    finally:
+        os.close(descriptor)
+
+
+def _remove_if_old_and_unowned(holder: Path, name: str) -> bool:
+    try:
+        unowned = {path.name for path in holder.iterdir()} <= {name}  # what a creating write puts there
+        old = time.time() - holder.stat().st_mtime > _UNOWNED_AGE_S
+    except OSError:
+        return False
+    if unowned and old:
+        shutil.rmtree(holder, ignore_errors=True)
+    return unowned and old
+
+
+def _owner_gone(descriptor: int) -> bool:
+    """Whether the writer of a staging folder is gone, from its owner file: the writer locks it (`flock`) and then
+    writes its pid, and holds the lock until it has removed the folder, and the operating system releases the lock
+    however the writer ends. So a lock that can be taken over a written pid means that the writer has ended. A lock,
+    not the pid alone: a pid says nothing of a process on another machine sharing the folder (NFS) or in another
+    container, and a dead writer's pid may be reused; an empty file is a writer between creating and locking it."""
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held by a live writer (or locks unsupported here: then nothing is known, and nothing removed)
+        return False
+    return bool(os.read(descriptor, 32).strip())
+
+
+def _own(holder: Path) -> int:
+    """Lock `holder`'s owner file for this writer (see `_owner_gone`); the open file, to close once it is removed."""
+    descriptor = os.open(holder / OWNER_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    with contextlib.suppress(OSError):  # a file system without locks: sweep_staging then leaves the folder alone
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        os.write(descriptor, f"{os.getpid()}\n".encode())
+    return descriptor
+
+
 @contextlib.contextmanager
 def _creating(destination: Path) -> Iterator[Path]:
     destination.parent.mkdir(parents=True, exist_ok=True)
     holder = Path(tempfile.mkdtemp(prefix=f".{destination.name}-", dir=destination.parent))
+    owner = None
     try:
+        owner = _own(holder)
         # mkdtemp's directory is private to its owner; the one put in place gets the usual permissions.
         staging = holder / destination.name
         staging.mkdir()
@@ -176,6 +273,8 @@ def _creating(destination: Path) -> Iterator[Path]:
             _fsync_directory(destination.parent)
     finally:
         shutil.rmtree(holder, ignore_errors=True)
+        if owner is not None:
+            os.close(owner)
 
 
 @contextlib.contextmanager

@@ -4,8 +4,9 @@ An entry is a directory named by a key, a hash of a description of everything th
 written through storage.atomic_directory, so an interrupted build never looks like an entry, with a manifest that
 records what its builder says of it and every file's size (`write`). When it is read (`read`), the manifest is
 checked against the files, then the entry's own reader opens it and checks what it holds; an entry found damaged is
-removed, with a warning, so that the caller builds it again. The tokenized data (dataset.py) and the teacher's
-distributions (teacher_cache.py) are cached this way.
+removed, with a warning, so that the caller builds it again. The staging that a killed build left beside the entries
+is removed when an entry is next looked up (storage.sweep_staging), unless its builder is still alive. The tokenized
+data (dataset.py) and the teacher's distributions (teacher_cache.py) are cached this way.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from distillation.base.errors import UserError, first_line
-from distillation.base.storage import atomic_directory
+from distillation.base.storage import atomic_directory, sweep_staging
 
 # The name these warnings have always been shown under: the caches were the data's first.
 logger = logging.getLogger("dataset")
@@ -67,7 +68,9 @@ def read(
 ) -> Entry | None:
     """The entry `directory` as `open_entry(directory, manifest)` opens it; None when there is none, or when it is
     damaged: its manifest unreadable, a file it lists missing or of another size, or `open_entry` raising Damaged,
-    one of READ_ERRORS or of `errors`. A damaged entry is removed (see `remove_damaged`)."""
+    one of READ_ERRORS or of `errors`. A damaged entry is removed (see `remove_damaged`), and so is the staging of
+    builds whose process is gone, beside it (a folder shared by concurrent builders: see storage.sweep_staging)."""
+    sweep_staging(directory.parent)
     if not directory.exists():
         return None
     try:

@@ -3,6 +3,11 @@
 A new run's directory is created when its name is chosen, so two runs started at once never share one; a run's
 directory is locked (an exclusive lock on its `.lock` file) for as long as a process works on it, so a second
 process is refused with one sentence instead of mixing its checkpoints and records with the first one's.
+
+A run stopped or killed before its first optimizer step leaves a directory in which nothing was trained (its lock,
+perhaps the records its start writes, perhaps staging): a new run of the same name takes it over (`is_untrained`),
+so that the command that started it works again. The staging a kill left in a run's directory is removed when a
+process next holds it.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from distillation.base.storage import make_folder, previous_version, recover_interrupted_write
+from distillation.base.storage import make_folder, previous_version, recover_interrupted_write, sweep_staging
 from distillation.run.checkpoints import TRAINER_STATE_FILE, CheckpointError, step_copies
 from distillation.settings.schema import check_simple_name
 
@@ -45,12 +50,13 @@ def locate_run(
         directory = root / run_name if run_name is not None else _latest_run(root, config_name, last_name)
         hold_run(directory, created=False)
         recover_interrupted_write(directory / last_name)
+        sweep_staging(directory, held=True)
         if not (directory / last_name).is_dir():  # a damaged checkpoint is there, and its loading names the damage
             raise CheckpointError(_no_checkpoint_message(directory, last_name))
         return RunLocation(directory.name, directory, True)
     _check_checkpoints_root(root)
     if run_name is not None:
-        if not _reserve(root / run_name):
+        if not _reserve(root / run_name) and not _take_over(root / run_name):
             raise CheckpointError(
                 f"the run directory {root / run_name} already exists; pass --resume to continue it, "
                 f"or choose another --run-name."
@@ -97,6 +103,11 @@ def _saved_state(checkpoint: Path) -> Path | None:
 
 
 def _no_checkpoint_message(directory: Path, last_name: str) -> str:
+    if is_untrained(directory):
+        return (
+            f"nothing was trained in the run {directory.name} yet (it stopped before its first step), so there is no "
+            f"checkpoint to resume; start it again with the same command without --resume."
+        )
     copies = [path for path in step_copies(directory, excluding=(last_name,)) if _saved_state(path) is not None]
     if copies:
         return (
@@ -129,6 +140,39 @@ def _reserve(directory: Path) -> bool:
             f"this user can write to, or choose a shorter --run-name."
         ) from None
     hold_run(directory, created=True)
+    return True
+
+
+# What a run's start writes in its directory before the first optimizer step (records.start_run_directory and the
+# trackers' first files): a directory holding nothing else but its lock and the staging of these has nothing
+# trained in it. Anything else (a checkpoint, its previous version, metrics.jsonl, a file of the user's) means that
+# it has, or may have.
+_START_RECORDS = frozenset({"config.yaml", "train.log", "tensorboard", LOCK_FILE})
+
+
+def is_untrained(directory: Path) -> bool:
+    """Whether `directory` is a run directory in which nothing was trained (a run stopped during its setup)."""
+    try:
+        names = [path.name for path in directory.iterdir()]
+    except OSError:
+        return False
+    # `.<record>-<random>`: a record's staging file (storage.atomic_write_text), left by a kill.
+    return all(
+        name in _START_RECORDS or (name.startswith(".") and name[1:].rsplit("-", 1)[0] in _START_RECORDS)
+        for name in names
+    )
+
+
+def _take_over(directory: Path) -> bool:
+    """Hold an existing run directory in which nothing was trained, for a new run of its name (the command that
+    started it, run again); False for any other directory. Checked again once held: another process may have
+    started training in it meanwhile."""
+    if not is_untrained(directory):
+        return False
+    hold_run(directory, created=True)  # "in use by another process" while its own setup is still running
+    if not is_untrained(directory):
+        return False
+    sweep_staging(directory, held=True)
     return True
 
 
