@@ -4,6 +4,7 @@ the wrong shape, HTML, an error status). Bound to 127.0.0.1 on a free port; `end
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -40,6 +41,10 @@ class FakeHub:
         return self
 
     def __exit__(self, *_exception) -> None:
+        # close() alone leaves the port listening while the serving thread is blocked in accept() (the kernel keeps
+        # the socket for that call), so a client would still connect; shutdown() wakes accept() and stops listening.
+        with contextlib.suppress(OSError):  # already shut down: a test may end a server before its `with` does
+            self._server.shutdown(socket.SHUT_RDWR)
         self._server.close()
         for connection in self._connections:
             connection.close()
