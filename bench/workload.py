@@ -98,9 +98,18 @@ def training_flops_per_token(model, teacher, context: float) -> float:
     return 6 * matmul_parameters(model) + 3 * attention(model) + 2 * matmul_parameters(teacher) + attention(teacher)
 
 
-def matmul_rate(dtype: torch.dtype = torch.float32, size: int = 4096, repeats: int = 3) -> float:
+def matmul_rate(dtype: torch.dtype = torch.float32, size: int = 4096, repeats: int = 3, budget_s: float = 2.0) -> float:
     """The machine's matmul FLOP/s in `dtype`: the best of three timings, since other work on a shared machine only
-    slows it."""
+    slows it. The products are `size` x `size`, or smaller where one would take over `budget_s` seconds: a CPU
+    without AMX or AVX-512 BF16 emulates bf16 some 40x slower than float32, and a 4096-side product would take
+    minutes there (hours on a busy machine)."""
+    probe = torch.randn(512, 512, dtype=dtype)
+    probe @ probe  # warm-up
+    start = time.perf_counter()
+    probe @ probe
+    seconds_at_512 = time.perf_counter() - start
+    while size > 512 and seconds_at_512 * (size / 512) ** 3 > budget_s:
+        size //= 2
     left, right = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     left @ right  # warm-up
     best = math.inf
