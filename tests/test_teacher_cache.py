@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import struct
 
 import pytest
 import safetensors.torch
@@ -15,7 +17,7 @@ import distill
 import models
 from distillation.settings.config import ConfigError, load_config
 from distillation.training import teacher_cache
-from helpers import base_config, write_config
+from helpers import base_config, save_gpt2, write_config
 from loss import (
     IGNORE_INDEX,
     CachedTeacher,
@@ -165,16 +167,56 @@ def test_the_cache_key_follows_the_teacher_and_k(tmp_path, teacher_dir, data_fil
     root = tmp_path / "cache"
 
     def key(teacher, top_k):
-        return teacher_cache.cache_directory(root, str(teacher), torch.float32, splits, top_k, 400)
+        return teacher_cache.cache_directory(root, str(teacher), torch.float32, "no", splits, top_k, 400)
 
     assert key(teacher_dir, 8) == key(teacher_dir, 8)
     assert key(teacher_dir, 8) != key(teacher_dir, 16)
     other = tmp_path / "other-teacher"
-    import shutil
-
     shutil.copytree(teacher_dir, other)
     assert key(other, 8) == key(teacher_dir, 8)  # the same weights elsewhere
     weights = safetensors.torch.load_file(str(other / "model.safetensors"))
     weights = {name: tensor + 1 for name, tensor in weights.items()}
     safetensors.torch.save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
     assert key(other, 8) != key(teacher_dir, 8)
+
+
+def test_the_cache_key_reads_every_teacher_file_whole(tmp_path, teacher_dir, tokenizer):
+    """A change anywhere in any file that decides the teacher's outputs gives another key: the middle of one large
+    file, a shard of a teacher saved as .bin shards; so does the autocast the cache is built under."""
+
+    def key(teacher, mixed_precision="no"):
+        return teacher_cache.cache_directory(
+            tmp_path / "cache", str(teacher), torch.float32, mixed_precision, {}, 8, 400
+        )
+
+    large = save_gpt2(tmp_path / "large", tokenizer, nb_layers=3, width=128)
+    weights_file = large / "model.safetensors"
+    content = weights_file.read_bytes()
+    assert len(content) > 2.4 * (1 << 20)
+    before = key(large)
+    data_start = 8 + int.from_bytes(content[:8], "little")
+    middle = data_start + (len(content) // 2 - data_start) // 4 * 4  # a float32 of some tensor
+    (value,) = struct.unpack("<f", content[middle : middle + 4])
+    with open(weights_file, "r+b") as handle:
+        handle.seek(middle)
+        handle.write(struct.pack("<f", value + 1.0))
+    changed = weights_file.read_bytes()
+    assert changed[: 1 << 20] == content[: 1 << 20] and changed[-(1 << 20) :] == content[-(1 << 20) :]
+    assert key(large) != before
+
+    sharded_bin = tmp_path / "sharded-bin"
+    sharded_bin.mkdir()
+    shutil.copy(teacher_dir / "config.json", sharded_bin / "config.json")
+    tensors = safetensors.torch.load_file(str(teacher_dir / "model.safetensors"))
+    names = sorted(tensors)
+    shards = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    for shard, shard_names in shards.items():
+        torch.save({name: tensors[name] for name in shard_names}, sharded_bin / shard)
+    weight_map = {name: shard for shard, shard_names in shards.items() for name in shard_names}
+    (sharded_bin / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    before = key(sharded_bin)
+    second = sharded_bin / "pytorch_model-00002-of-00002.bin"
+    torch.save({name: tensors[name] * 2 for name in shards[second.name]}, second)
+    assert key(sharded_bin) != before
+
+    assert key(teacher_dir, "bf16") != key(teacher_dir, "no")
