@@ -12,12 +12,13 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
+from test_damaged_runs import run_digest, the_error
 
 import distill
 import models
 from distillation.settings.config import ConfigError, load_config
 from distillation.training import teacher_cache
-from helpers import base_config, save_gpt2, write_config
+from helpers import base_config, independent_test_figures, save_gpt2, write_config
 from loss import (
     IGNORE_INDEX,
     CachedTeacher,
@@ -178,6 +179,62 @@ def test_the_cache_key_follows_the_teacher_and_k(tmp_path, teacher_dir, data_fil
     weights = {name: tensor + 1 for name, tensor in weights.items()}
     safetensors.torch.save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
     assert key(other, 8) != key(teacher_dir, 8)
+
+
+def sharded_copy(teacher_dir, directory):
+    """The teacher saved again in two shards (transformers' own sharding), tokenizer included."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(teacher_dir).save_pretrained(directory, max_shard_size="100KB")
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(directory)
+    assert len(list(directory.glob("model-*-of-00002.safetensors"))) == 2
+    return directory
+
+
+def scale_in_place(path, factor: float) -> None:
+    """Rewrite a weights file in place with other weights of the same names and shapes (its index stays valid)."""
+    tensors = safetensors.torch.load_file(str(path))
+    safetensors.torch.save_file(
+        {name: tensor * factor for name, tensor in tensors.items()}, str(path), {"format": "pt"}
+    )
+
+
+def test_a_sharded_teacher_rewritten_in_place_builds_a_new_cache_and_refuses_its_resume(
+    tmp_path, teacher_dir, data_file, capsys
+):
+    """The teacher's second shard (its last block and final norm) replaced by other weights, the index untouched:
+    the next run distils against the new teacher, and the run distilled from the old one is not resumed with it."""
+    teacher = sharded_copy(teacher_dir, tmp_path / "teacher")
+    values = cached_config(tmp_path, teacher, data_file)
+    values["training_parameters"]["max_steps"] = 2
+    config_file = write_config(tmp_path / "config.yaml", values)
+    assert distill.main(["--config", str(config_file), "--run-name", "old"]) == 0
+    old = tmp_path / "checkpoints" / "old"
+    before = run_digest(old)
+    capsys.readouterr()
+    # K decides the distillation target too: the run is not resumed against the whole distribution either.
+    assert (
+        distill.main(
+            ["--config", str(config_file), "--run-name", "old", "--resume", "--set", "teacher.cache_top_k=null"]
+        )
+        == 2
+    )
+    assert "teacher.cache_top_k 8" in the_error(capsys.readouterr().err)
+
+    index = (teacher / "model.safetensors.index.json").read_bytes()
+    scale_in_place(teacher / "model-00002-of-00002.safetensors", 4.0)
+    assert (teacher / "model.safetensors.index.json").read_bytes() == index
+    assert distill.main(["--config", str(config_file), "--run-name", "new"]) == 0
+    assert len(list((tmp_path / "data" / "teacher_cache").iterdir())) == 2  # built again, for the new teacher
+    summaries = [json.loads((tmp_path / "checkpoints" / name / "summary.json").read_text()) for name in ("old", "new")]
+    _, new_teacher_perplexity = independent_test_figures(tmp_path / "checkpoints" / "new", teacher)
+    assert summaries[1]["teacher"]["test"]["perplexity"] == pytest.approx(new_teacher_perplexity, rel=2e-3)
+    assert abs(summaries[0]["teacher"]["test"]["perplexity"] / new_teacher_perplexity - 1) > 0.1
+
+    capsys.readouterr()
+    assert distill.main(["--config", str(config_file), "--run-name", "old", "--resume"]) == 2
+    assert "another teacher" in the_error(capsys.readouterr().err)
+    assert run_digest(old) == before  # config.resumed.yaml not written, the checkpoints as they were
 
 
 def test_the_cache_key_reads_every_teacher_file_whole(tmp_path, teacher_dir, tokenizer):
