@@ -206,7 +206,7 @@ def test_a_sharded_teacher_rewritten_in_place_builds_a_new_cache_and_refuses_its
     the next run distils against the new teacher, and the run distilled from the old one is not resumed with it."""
     teacher = sharded_copy(teacher_dir, tmp_path / "teacher")
     values = cached_config(tmp_path, teacher, data_file)
-    values["training_parameters"]["max_steps"] = 2
+    values["training_parameters"].update(max_steps=2, sample_prompts=0)
     config_file = write_config(tmp_path / "config.yaml", values)
     assert distill.main(["--config", str(config_file), "--run-name", "old"]) == 0
     old = tmp_path / "checkpoints" / "old"
