@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
+from distillation.base import file_identity
 from distillation.base.errors import UserError, first_line
 from distillation.settings.schema import is_hub_repo_id, one_block_per_layer_problem
 
@@ -53,6 +54,20 @@ def load_model_config(name: str, key: str = "teacher.name") -> PretrainedConfig:
         return AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as error:
         raise _load_error("a model config", name, key, error) from None
+
+
+def model_identity(name: str, key: str = "teacher.name") -> str:
+    """The digest of the files that decide the outputs of the model `name`, each read whole (file_identity); a Hub
+    name's files are those of its cached snapshot, downloaded when missing, as from_pretrained would."""
+    from transformers.utils import cached_file
+
+    def resolve(filename: str) -> str | None:
+        return cached_file(name, filename, _raise_exceptions_for_missing_entries=False)
+
+    try:
+        return file_identity.content_digest(file_identity.model_files(resolve))
+    except (OSError, ValueError) as error:
+        raise _load_error("the model files", name, key, error) from None
 
 
 def _load_error(what: str, name: str, key: str, error: BaseException) -> ModelError:

@@ -15,10 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from test_bad_inputs import tree_digest
 
 import distill
-from helpers import base_config, trainer_state, write_config
+from helpers import base_config, save_gpt2, trainer_state, write_config
 
 GARBAGE = b"\x00\x93garbage\xff" * 50
 
@@ -30,6 +31,14 @@ def truncate(path: Path) -> None:
 def into_directory(path: Path) -> None:
     path.unlink()
     path.mkdir()
+
+
+def optimizer_state_reshaped(path: Path) -> None:
+    """The first parameter's optimizer state flattened: the file loads, and torch would fail only at the next step."""
+    state = torch.load(path, weights_only=True)
+    values = next(iter(state["optimizer"]["state"].values()))
+    values["exp_avg"] = values["exp_avg"].reshape(-1)
+    torch.save(state, path)
 
 
 def hostile_state(**values):
@@ -56,6 +65,7 @@ REFUSED: list[tuple[str, str, Callable[[Path], None], str]] = [
     ("training state empty", "last/training_state.pt", lambda p: p.write_bytes(b""), "training_state.pt"),
     ("training state garbage", "last/training_state.pt", lambda p: p.write_bytes(GARBAGE), "training_state.pt"),
     ("training state missing", "last/training_state.pt", Path.unlink, "training_state.pt"),
+    ("optimizer state of another shape", "last/training_state.pt", optimizer_state_reshaped, "exp_avg of shape"),
     ("best weights truncated", "best/model.safetensors", truncate, "best"),
     ("best state garbage", "best/trainer_state.json", lambda p: p.write_bytes(GARBAGE), "best"),
     ("lock file a directory", ".lock", into_directory, ".lock"),
@@ -111,6 +121,66 @@ def test_a_damaged_run_file_is_refused_with_one_sentence_and_nothing_changed(
         before = run_digest(run)
         capsys.readouterr()
         assert resume(earlier, "case") == 2
+        message = the_error(capsys.readouterr().err)
+        assert fragment in message and "; " in message, message
+        assert run_digest(run) == before
+    finally:
+        shutil.rmtree(run)
+
+
+def written_before_identities(path: Path) -> None:
+    """The trainer state of a checkpoint written before they recorded the teacher and the training settings."""
+    state = json.loads(path.read_text())
+    for part in ("teacher", "settings"):
+        state["identity"].pop(part, None)
+    path.write_text(json.dumps(state))
+
+
+# (case id, how the run's checkpoint is changed first or None, --set overrides given another teacher, the fragment)
+REFUSED_RESUMES: list[tuple[str, Callable[[Path], None] | None, Callable[[Path], list[str]], str]] = [
+    ("another teacher", None, lambda teacher: [f"teacher.name={teacher}"], "another teacher"),
+    ("adamw to sgd", None, lambda _: ["training_parameters.optimizer=sgd"], "training_parameters.optimizer 'adamw'"),
+    (
+        "adamw to sgd, an older checkpoint",
+        written_before_identities,
+        lambda _: ["training_parameters.optimizer=sgd"],
+        "is not SGD's",
+    ),
+    (
+        "another learning rate",
+        None,
+        lambda _: ["training_parameters.learning_rate=0.01"],
+        "training_parameters.learning_rate 0.003",
+    ),
+    ("another schedule", None, lambda _: ["training_parameters.lr_scheduler=linear"], "lr_scheduler 'cosine'"),
+]
+
+
+@pytest.fixture(scope="module")
+def other_teacher(tmp_path_factory, tokenizer) -> Path:
+    """A teacher of the runs' shape and tokenizer, with other weights."""
+    return save_gpt2(tmp_path_factory.mktemp("other-teacher"), tokenizer, nb_layers=2, seed=1)
+
+
+@pytest.mark.parametrize(
+    "change, overrides, fragment", [case[1:] for case in REFUSED_RESUMES], ids=[c[0] for c in REFUSED_RESUMES]
+)
+def test_a_resume_that_would_compute_another_run_is_refused_and_nothing_changed(
+    earlier, other_teacher, capsys, change, overrides, fragment
+):
+    """What decides the updates after a resume (the teacher's files, the optimizer and its settings) is the
+    checkpoint's, or the resume stops with one sentence before writing anything (config.resumed.yaml included)."""
+    _, config_file = earlier
+    run = copy_of(earlier, "refused")
+    try:
+        if change is not None:
+            change(run / "last" / "trainer_state.json")
+        before = run_digest(run)
+        arguments = ["--config", str(config_file), "--run-name", run.name, "--resume"]
+        for override in ["training_parameters.max_steps=4", *overrides(other_teacher)]:
+            arguments += ["--set", override]
+        capsys.readouterr()
+        assert distill.main(arguments) == 2
         message = the_error(capsys.readouterr().err)
         assert fragment in message and "; " in message, message
         assert run_digest(run) == before

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import struct
 
 import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
+from test_damaged_runs import run_digest, the_error
 
 import distill
 import models
 from distillation.settings.config import ConfigError, load_config
 from distillation.training import teacher_cache
-from helpers import base_config, write_config
+from helpers import base_config, independent_test_figures, save_gpt2, write_config
 from loss import (
     IGNORE_INDEX,
     CachedTeacher,
@@ -165,16 +168,112 @@ def test_the_cache_key_follows_the_teacher_and_k(tmp_path, teacher_dir, data_fil
     root = tmp_path / "cache"
 
     def key(teacher, top_k):
-        return teacher_cache.cache_directory(root, str(teacher), torch.float32, splits, top_k, 400)
+        return teacher_cache.cache_directory(root, str(teacher), torch.float32, "no", splits, top_k, 400)
 
     assert key(teacher_dir, 8) == key(teacher_dir, 8)
     assert key(teacher_dir, 8) != key(teacher_dir, 16)
     other = tmp_path / "other-teacher"
-    import shutil
-
     shutil.copytree(teacher_dir, other)
     assert key(other, 8) == key(teacher_dir, 8)  # the same weights elsewhere
     weights = safetensors.torch.load_file(str(other / "model.safetensors"))
     weights = {name: tensor + 1 for name, tensor in weights.items()}
     safetensors.torch.save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
     assert key(other, 8) != key(teacher_dir, 8)
+
+
+def sharded_copy(teacher_dir, directory):
+    """The teacher saved again in two shards (transformers' own sharding), tokenizer included."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(teacher_dir).save_pretrained(directory, max_shard_size="100KB")
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(directory)
+    assert len(list(directory.glob("model-*-of-00002.safetensors"))) == 2
+    return directory
+
+
+def scale_in_place(path, factor: float) -> None:
+    """Rewrite a weights file in place with other weights of the same names and shapes (its index stays valid)."""
+    tensors = safetensors.torch.load_file(str(path))
+    safetensors.torch.save_file(
+        {name: tensor * factor for name, tensor in tensors.items()}, str(path), {"format": "pt"}
+    )
+
+
+def test_a_sharded_teacher_rewritten_in_place_builds_a_new_cache_and_refuses_its_resume(
+    tmp_path, teacher_dir, data_file, capsys
+):
+    """The teacher's second shard (its last block and final norm) replaced by other weights, the index untouched:
+    the next run distils against the new teacher, and the run distilled from the old one is not resumed with it."""
+    teacher = sharded_copy(teacher_dir, tmp_path / "teacher")
+    values = cached_config(tmp_path, teacher, data_file)
+    values["training_parameters"].update(max_steps=2, sample_prompts=0)
+    config_file = write_config(tmp_path / "config.yaml", values)
+    assert distill.main(["--config", str(config_file), "--run-name", "old"]) == 0
+    old = tmp_path / "checkpoints" / "old"
+    before = run_digest(old)
+    capsys.readouterr()
+    # K decides the distillation target too: the run is not resumed against the whole distribution either.
+    assert (
+        distill.main(
+            ["--config", str(config_file), "--run-name", "old", "--resume", "--set", "teacher.cache_top_k=null"]
+        )
+        == 2
+    )
+    assert "teacher.cache_top_k 8" in the_error(capsys.readouterr().err)
+
+    index = (teacher / "model.safetensors.index.json").read_bytes()
+    scale_in_place(teacher / "model-00002-of-00002.safetensors", 4.0)
+    assert (teacher / "model.safetensors.index.json").read_bytes() == index
+    assert distill.main(["--config", str(config_file), "--run-name", "new"]) == 0
+    assert len(list((tmp_path / "data" / "teacher_cache").iterdir())) == 2  # built again, for the new teacher
+    summaries = [json.loads((tmp_path / "checkpoints" / name / "summary.json").read_text()) for name in ("old", "new")]
+    _, new_teacher_perplexity = independent_test_figures(tmp_path / "checkpoints" / "new", teacher)
+    assert summaries[1]["teacher"]["test"]["perplexity"] == pytest.approx(new_teacher_perplexity, rel=2e-3)
+    assert abs(summaries[0]["teacher"]["test"]["perplexity"] / new_teacher_perplexity - 1) > 0.1
+
+    capsys.readouterr()
+    assert distill.main(["--config", str(config_file), "--run-name", "old", "--resume"]) == 2
+    assert "another teacher" in the_error(capsys.readouterr().err)
+    assert run_digest(old) == before  # config.resumed.yaml not written, the checkpoints as they were
+
+
+def test_the_cache_key_reads_every_teacher_file_whole(tmp_path, teacher_dir, tokenizer):
+    """A change anywhere in any file that decides the teacher's outputs gives another key: the middle of one large
+    file, a shard of a teacher saved as .bin shards; so does the autocast the cache is built under."""
+
+    def key(teacher, mixed_precision="no"):
+        return teacher_cache.cache_directory(
+            tmp_path / "cache", str(teacher), torch.float32, mixed_precision, {}, 8, 400
+        )
+
+    large = save_gpt2(tmp_path / "large", tokenizer, nb_layers=3, width=128)
+    weights_file = large / "model.safetensors"
+    content = weights_file.read_bytes()
+    assert len(content) > 2.4 * (1 << 20)
+    before = key(large)
+    data_start = 8 + int.from_bytes(content[:8], "little")
+    middle = data_start + (len(content) // 2 - data_start) // 4 * 4  # a float32 of some tensor
+    (value,) = struct.unpack("<f", content[middle : middle + 4])
+    with open(weights_file, "r+b") as handle:
+        handle.seek(middle)
+        handle.write(struct.pack("<f", value + 1.0))
+    changed = weights_file.read_bytes()
+    assert changed[: 1 << 20] == content[: 1 << 20] and changed[-(1 << 20) :] == content[-(1 << 20) :]
+    assert key(large) != before
+
+    sharded_bin = tmp_path / "sharded-bin"
+    sharded_bin.mkdir()
+    shutil.copy(teacher_dir / "config.json", sharded_bin / "config.json")
+    tensors = safetensors.torch.load_file(str(teacher_dir / "model.safetensors"))
+    names = sorted(tensors)
+    shards = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    for shard, shard_names in shards.items():
+        torch.save({name: tensors[name] for name in shard_names}, sharded_bin / shard)
+    weight_map = {name: shard for shard, shard_names in shards.items() for name in shard_names}
+    (sharded_bin / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    before = key(sharded_bin)
+    second = sharded_bin / "pytorch_model-00002-of-00002.bin"
+    torch.save({name: tensors[name] * 2 for name in shards[second.name]}, second)
+    assert key(sharded_bin) != before
+
+    assert key(teacher_dir, "bf16") != key(teacher_dir, "no")

@@ -28,9 +28,9 @@ import numpy as np
 import safetensors.torch
 import torch
 
-import dataset
 from distillation.base.errors import UserError, first_line
 from distillation.base.storage import atomic_directory, is_disk_full
+from distillation.run.identity import resume_problem
 
 TRAINER_STATE_FILE = "trainer_state.json"
 TRAINING_STATE_FILE = "training_state.pt"
@@ -133,7 +133,7 @@ def _keyed_by_index(optimizer_state: dict, names: list[str]) -> dict:
 class RunCheckpoints:
     """The last and the best checkpoints of a run's student, its optimizer and its schedule: every process takes
     part in a save (a sharded model's states are gathered from all of them) and the main process writes it; a
-    resume reads the last one back. `identity` (`run_identity`) is what a resume must share with the config."""
+    resume reads the last one back. `identity` (identity.run_identity) is what a resume must share with the config."""
 
     def __init__(
         self, run_directory: Path, training, model, tokenizer, optimizer, scheduler, accelerator, identity: dict
@@ -275,42 +275,6 @@ def step_copies(run_directory: Path, excluding: tuple[str, ...] = ()) -> list[Pa
     )
 
 
-def _check_identity(directory: Path, saved: dict, identity: dict) -> None:
-    """Refuse to resume a checkpoint of other batches, model shape, tokenizer or loss than the config describes."""
-    _check_batches(directory, saved.get("batches", {}), identity["batches"])
-    for part, what in (("model", "model shape"), ("tokenizer", "tokenizer"), ("loss", "loss")):
-        if part in saved and saved[part] != identity[part]:
-            raise CheckpointError(
-                f"the checkpoint in {directory} was trained with another {what} ({_describe(saved[part])}) than the "
-                f"config gives ({_describe(identity[part])}); resume with the config that started this run "
-                f"(saved as config.yaml in the run directory)."
-            )
-
-
-def _check_batches(directory: Path, saved: dict, configured: dict) -> None:
-    """A checkpoint saves how many of the epoch's batches are done: the same count of other batches is not a resume."""
-    for key, value in saved.items():
-        if key in configured and configured[key] != value:
-            what = (
-                "the tokenized data (data.dataset, template, text_column, max_length, split, max_samples or the "
-                "seed's split)"
-                if key == "data"
-                else f"{key} {value!r}"
-            )
-            raise CheckpointError(
-                f"the checkpoint in {directory} was trained on {what}, and the config changes it "
-                f"({'another data set' if key == 'data' else repr(configured[key])}); a resume continues the saved "
-                f"epoch from its position in the same batches, so set it back (the run's config.yaml has it), or "
-                f"start a new run without --resume."
-            )
-
-
-def _describe(value) -> str:
-    if isinstance(value, dict):
-        return ", ".join(f"{key}={item}" for key, item in value.items())
-    return str(value)[:16]
-
-
 def load_trainer_state(directory: Path, identity: dict) -> TrainerState:
     """The trainer state of a checkpoint, once its identity is checked against the configured run's `identity`."""
     try:
@@ -322,7 +286,9 @@ def load_trainer_state(directory: Path, identity: dict) -> TrainerState:
             f"the training state in {directory / TRAINER_STATE_FILE} is unreadable ({first_line(error)}); "
             f"{_damaged_advice(directory)}"
         ) from None
-    _check_identity(directory, saved_identity, identity)
+    problem = resume_problem(directory, saved_identity, identity)
+    if problem is not None:
+        raise CheckpointError(problem)
     return state
 
 
@@ -422,7 +388,31 @@ def load_training_state(directory: Path, model, optimizer, scheduler, scaler=Non
             f"the optimizer state in {directory / TRAINING_STATE_FILE} cannot be used ({first_line(error)}); "
             f"it comes from another configuration, or {_damaged_advice(directory)}"
         ) from None
+    _check_loaded_optimizer(directory, model, optimizer)
     _restore_rng_states(saved.get("rng", {}))
+
+
+def _check_loaded_optimizer(directory: Path, model: torch.nn.Module, optimizer) -> None:
+    """torch loads the state of another optimizer, or of other shapes, without a word (the saved settings replace
+    the configured ones), and fails only at the first step: SGD reads a momentum that AdamW's settings lack. Both
+    are refused here, before the run writes anything."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    missing = sorted({key for group in inner.param_groups for key in inner.defaults if key not in group})
+    if missing:
+        raise CheckpointError(
+            f"the optimizer state in {directory / TRAINING_STATE_FILE} is not {type(inner).__name__}'s, which "
+            f"training_parameters.optimizer gives (its settings lack {', '.join(missing)}); set the optimizer back "
+            f"to the one in the run's config.yaml, or start a new run without --resume."
+        )
+    names = {parameter: name for name, parameter in model.named_parameters()}
+    for parameter, values in inner.state.items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != parameter.shape:
+                raise CheckpointError(
+                    f"the optimizer state in {directory / TRAINING_STATE_FILE} holds {key} of shape "
+                    f"{tuple(value.shape)} for {names.get(parameter, 'a parameter')} {tuple(parameter.shape)}; "
+                    f"{_damaged_advice(directory)}"
+                )
 
 
 def _load_optimizer_state(model: torch.nn.Module, optimizer, optimizer_state: dict) -> None:
@@ -470,21 +460,3 @@ def _restore_rng_states(states: dict) -> None:
         torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def run_identity(model_config, tokenizer, criterion, config, train_split) -> dict:
-    """What a checkpoint must share with the config to be resumed: the model shape, the tokenizer, the loss, and
-    what fixes the batches whose position in the epoch it saved (the tokenized data, the seed, the batching)."""
-    shape_keys = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
-    return {
-        "model": {key: getattr(model_config, key, None) for key in shape_keys},
-        "tokenizer": dataset.tokenizer_fingerprint(tokenizer),
-        "loss": criterion.spec(),
-        "batches": {
-            "data": dataset.tokenized_data_identity(train_split),
-            "seed": config.seed,
-            "training_parameters.batch_size": config.training_parameters.batch_size,
-            "data.group_by_length": config.data.group_by_length,
-            "data.packing": config.data.packing,
-        },
-    }

@@ -10,17 +10,16 @@ Layout: `<data_folder>/teacher_cache/<key>/<split>/` with `ids.npy (rows, K)` (u
 else int32), `log_probs.npy (rows, K)` float16, `rest.npy (rows,)` and `target.npy (rows,)` float16, and
 `offsets.npy (samples + 1,)`: sample i owns rows offsets[i] to offsets[i + 1], one per position 0 .. length - 2 (the
 positions that predict a next token), and `meta.json`: K, the vocabulary, the splits' sizes and every file's size.
-The key hashes the teacher's files, its dtype, the tokenized data (whose own key covers the data, tokenizer and
-max_length), K and the vocabulary; a finished cache is renamed into place, so an interrupted build never looks valid,
-and one damaged later (a file missing, truncated, or not matching the data) is built again, with a warning
-(base/verified_cache.py). The arrays are memory-mapped, never loaded whole.
+The key hashes the teacher's config and every weights file (each shard), read whole (models.model_identity), its
+dtype and autocast, the tokenized data (whose own key covers the data, tokenizer and max_length), K and the
+vocabulary: a teacher rewritten in place builds a new cache. A finished cache is renamed into place, so an
+interrupted build never looks valid, and one damaged later (a file missing, truncated, or not matching the data) is
+built again, with a warning (base/verified_cache.py). The arrays are memory-mapped, never loaded whole.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,36 +65,22 @@ class CachedSplit:
         return cls(**arrays)
 
 
-def teacher_fingerprint(name: str) -> str:
-    """What identifies a teacher's weights without loading them: its config and, for each weights file, the size
-    and a hash of the first and last MiB (a Hub name resolves to its cached snapshot files)."""
-    from transformers.utils import cached_file
-
-    parts = []
-    for filename in ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
-        try:
-            path = cached_file(name, filename, _raise_exceptions_for_missing_entries=False)
-        except OSError:
-            path = None
-        if path is None:
-            continue
-        size = os.path.getsize(path)
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            digest.update(handle.read(1 << 20))
-            handle.seek(max(size - (1 << 20), 0))
-            digest.update(handle.read(1 << 20))
-        parts.append(f"{filename}:{size}:{digest.hexdigest()}")
-    return "|".join(parts) or name
-
-
 def cache_directory(
-    root: Path, teacher_name: str, teacher_dtype: torch.dtype, splits, top_k: int, vocab_size: int
+    root: Path,
+    teacher_name: str,
+    teacher_dtype: torch.dtype,
+    mixed_precision: str,
+    splits,
+    top_k: int,
+    vocab_size: int,
 ) -> Path:
+    """The cache's entry for what decides its contents: the teacher's files (read whole), the precision it runs in
+    (its dtype, and the autocast of `mixed_precision`), the tokenized data, K and the vocabulary."""
     description = {
         "version": CACHE_FORMAT_VERSION,
-        "teacher": teacher_fingerprint(teacher_name),
+        "teacher": models.model_identity(teacher_name),
         "dtype": str(teacher_dtype),
+        "mixed_precision": mixed_precision,
         "data": {name: [dataset.tokenized_data_identity(split), len(split)] for name, split in splits.items()},
         "top_k": top_k,
         "vocab_size": vocab_size,
@@ -278,7 +263,13 @@ def prepare(config, accelerator, tokenizer, vocab_size: int, splits, teacher_dty
         return None
     top_k = config.teacher.cache_top_k
     directory = cache_directory(
-        Path(config.paths.data_folder) / "teacher_cache", config.teacher.name, teacher_dtype, splits, top_k, vocab_size
+        Path(config.paths.data_folder) / "teacher_cache",
+        config.teacher.name,
+        teacher_dtype,
+        accelerator.mixed_precision,
+        splits,
+        top_k,
+        vocab_size,
     )
     splits = {name: splits[name] for name in dataset.SPLIT_NAMES}
     with accelerator.main_process_first():  # the main process builds it, the others then read it

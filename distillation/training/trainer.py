@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from distillation.run import records
-from distillation.run.checkpoints import RunCheckpoints, TrainerState, load_model_weights, run_identity
+from distillation.run.checkpoints import RunCheckpoints, TrainerState, load_model_weights
+from distillation.run.identity import run_identity
 from distillation.run.runs import RunLocation
 from distillation.runtime import hardware
 from distillation.settings.schema import Config
