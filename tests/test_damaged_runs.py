@@ -92,11 +92,12 @@ def copy_of(earlier, name: str) -> Path:
     return run
 
 
-def resume(earlier, name: str) -> int:
+def resume(earlier, name: str, *overrides: str) -> int:
     _, config_file = earlier
-    return distill.main(
-        ["--config", str(config_file), "--run-name", name, "--resume", "--set", "training_parameters.max_steps=4"]
-    )
+    arguments = ["--config", str(config_file), "--run-name", name, "--resume"]
+    for override in ["training_parameters.max_steps=4", *overrides]:
+        arguments += ["--set", override]
+    return distill.main(arguments)
 
 
 def run_digest(run: Path) -> dict:
@@ -147,10 +148,10 @@ REFUSED_RESUMES: list[tuple[str, Callable[[Path], None] | None, Callable[[Path],
         "is not SGD's",
     ),
     (
-        "another learning rate",
+        "another weight decay",
         None,
-        lambda _: ["training_parameters.learning_rate=0.01"],
-        "training_parameters.learning_rate 0.003",
+        lambda _: ["training_parameters.weight_decay=0.5"],
+        "training_parameters.weight_decay",
     ),
     ("another schedule", None, lambda _: ["training_parameters.lr_scheduler=linear"], "lr_scheduler 'cosine'"),
 ]
@@ -186,6 +187,23 @@ def test_a_resume_that_would_compute_another_run_is_refused_and_nothing_changed(
         assert run_digest(run) == before
     finally:
         shutil.rmtree(run)
+
+
+def test_a_resume_at_a_lower_learning_rate_continues_the_schedule_at_that_rate(earlier):
+    """What a NaN loss asks for: the same run resumed at half the rate takes its next steps at half the rate the
+    schedule gives there (not the checkpoint's rate, which loading its states alone would bring back)."""
+    rates = {}
+    every_step = "training_parameters.log_every_steps=1"
+    for name, rate in (("same-rate", []), ("half-rate", ["training_parameters.learning_rate=0.0015"])):
+        run = copy_of(earlier, name)
+        try:
+            assert resume(earlier, name, every_step, *rate) == 0
+            records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            rates[name] = {r["step"]: r["learning_rate"] for r in records if r["split"] == "train" and r["step"] > 2}
+        finally:
+            shutil.rmtree(run)
+    assert sorted(rates["same-rate"]) == [3, 4] and rates["same-rate"][3] > 0
+    assert rates["half-rate"] == pytest.approx({step: rate / 2 for step, rate in rates["same-rate"].items()}, rel=1e-9)
 
 
 def test_a_damaged_last_checkpoint_names_the_step_copy_to_put_back_and_that_works(earlier, capsys):

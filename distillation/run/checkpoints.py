@@ -379,8 +379,10 @@ def load_training_state(directory: Path, model, optimizer, scheduler, scaler=Non
     try:
         # weights_only: tensors and plain containers only; a pickle that would run code is refused.
         saved = torch.load(directory / TRAINING_STATE_FILE, weights_only=True, map_location="cpu")
+        configured_rates = list(scheduler.base_lrs)
         _load_optimizer_state(model, optimizer, saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        _continue_at_rates(scheduler, configured_rates)
         if scaler is not None and "scaler" in saved:
             scaler.load_state_dict(saved["scaler"])
     except Exception as error:  # an unpickling refusal, a truncated file or a mismatched optimizer
@@ -390,6 +392,25 @@ def load_training_state(directory: Path, model, optimizer, scheduler, scaler=Non
         ) from None
     _check_loaded_optimizer(directory, model, optimizer)
     _restore_rng_states(saved.get("rng", {}))
+
+
+def _continue_at_rates(scheduler, configured_rates: list[float]) -> None:
+    """Continue the saved schedule at its step with the configured learning rate as its peak: a resume may lower the
+    rate (what a NaN loss asks for), where loading the states alone would bring back the saved one without a word.
+    The schedules are LambdaLR's (transformers.get_scheduler): a step's rate is the peak times the schedule's factor."""
+    if configured_rates == list(scheduler.base_lrs):
+        return
+    logger.warning(
+        "Resuming with training_parameters.learning_rate %g (the checkpoint's was %g): the schedule goes on from its "
+        "step at the new rate",
+        configured_rates[0],
+        scheduler.base_lrs[0],
+    )
+    scheduler.base_lrs = configured_rates
+    groups = scheduler.optimizer.param_groups
+    for group, factor, peak in zip(groups, scheduler.lr_lambdas, configured_rates, strict=True):
+        group["initial_lr"], group["lr"] = peak, peak * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]
 
 
 def _check_loaded_optimizer(directory: Path, model: torch.nn.Module, optimizer) -> None:

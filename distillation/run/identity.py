@@ -2,12 +2,12 @@
 share with it (`resume_problem`), so that a resumed run computes the run it continues.
 
 It records the student's shape, the tokenizer, the loss, the teacher (the contents of its files, read whole:
-file_identity.py), the settings that decide the updates (optimizer, learning rate and schedule, clipping, the cached
+file_identity.py), the settings that decide the updates (optimizer, weight decay, schedule and warm-up, the cached
 teacher's K) and what fixes the batches whose position in the epoch the checkpoint saved (the tokenized data, the
-seed, the batching). What may change on a resume: nb_epochs, max_steps, the processes (with
-gradient_accumulation_steps), the hardware and precision, and what is only recorded or evaluated (logging,
-validation, checkpoint intervals, the best metric, on_nonfinite_loss). A part that an older checkpoint did not
-record is not checked.
+seed, the batching). What may change on a resume: nb_epochs, max_steps, the learning rate and max_grad_norm (a
+lower rate after a NaN loss), the processes (with gradient_accumulation_steps), the hardware and precision, and what
+is only recorded or evaluated (logging, validation, checkpoint intervals, the best metric, on_nonfinite_loss). A part
+that an older checkpoint did not record is not checked.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import dataset
 import models
 
 SHAPE_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
-UPDATE_KEYS = ("optimizer", "learning_rate", "weight_decay", "lr_scheduler", "warmup_steps", "max_grad_norm")
+# learning_rate and max_grad_norm may change: a resume applies them (checkpoints._continue_at_rates), and lowering
+# them is what a NaN loss asks for.
+UPDATE_KEYS = ("optimizer", "weight_decay", "lr_scheduler", "warmup_steps")
 
 
 def run_identity(model_config, tokenizer, criterion, config, train_split) -> dict:
