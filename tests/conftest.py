@@ -51,12 +51,25 @@ def config_file(tmp_path, config_values) -> Path:
     return write_config(tmp_path / "config.yaml", config_values)
 
 
+def _reset_accelerate_state() -> None:
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """Accelerate keeps one precision per process, and a run in float32 (the tests' configs) may follow one in bf16
     (the demo's config and `mixed_precision: auto` on a CPU with native bf16, the GPU-default tests): each test
     starts with a fresh state, as Accelerate's own tests do between cases. (A user's process runs one config.)"""
-    from accelerate.state import AcceleratorState
+    _reset_accelerate_state()
+    yield
 
-    AcceleratorState._reset_state(reset_partial_state=True)
+
+@pytest.fixture(autouse=True, scope="module")
+def fresh_accelerate_state_per_module():
+    """The same before a module's own fixtures, which train a run once for all its tests: pytest sets up a module's
+    fixtures before any test's, so the reset above would come too late for them (an autouse fixture comes first in
+    its scope)."""
+    _reset_accelerate_state()
     yield
