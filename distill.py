@@ -34,7 +34,7 @@ from distillation.run.runs import PLAIN_BASELINE_SUFFIX, locate_run
 from distillation.runtime import hardware
 from distillation.settings.config import load_config
 from distillation.settings.schema import Config, ConfigError, check_model_id
-from distillation.training import stop_signals, teacher_cache
+from distillation.training import responses, stop_signals, teacher_cache
 from distillation.training.steps import NonFiniteLoss
 from distillation.training.stop_signals import StoppedBySignal, during
 from distillation.training.trainer import Trainer
@@ -44,6 +44,8 @@ logger = logging.getLogger("distill")
 
 _KEPT_UNTIL_EXIT: list = []
 PLAIN_LOSS_OVERRIDE = "training_parameters.loss={'()': loss.ClassicLoss}"
+# Plain training on the data's responses: no teacher, so nothing generated either.
+PLAIN_RESPONSES_OVERRIDES = ["responses.lmbda=0", "responses.seq_kd=false"]
 # The baseline is a comparison, not the student the user shares: `--push RUN-plain --model-id ID` pushes it.
 BASELINE_NOT_PUSHED = "hub.model_id=null"
 # Whether the baseline resumes is decided from its run (below), not from `resume: true` in the file: a run resumed
@@ -90,7 +92,13 @@ def train_runs(command: Command) -> int:
         resume = run.resume and baseline.exists() and not runs.is_untrained(baseline)
         status, _, _ = train(
             arguments.config,
-            [*arguments.set, PLAIN_LOSS_OVERRIDE, BASELINE_NOT_PUSHED, BASELINE_RESUME_DECIDED],
+            [
+                *arguments.set,
+                PLAIN_LOSS_OVERRIDE,
+                *PLAIN_RESPONSES_OVERRIDES,
+                BASELINE_NOT_PUSHED,
+                BASELINE_RESUME_DECIDED,
+            ],
             baseline.name,
             resume,
             command,
@@ -333,6 +341,8 @@ def setup(config: Config, run_name: str | None, resume: bool) -> Trainer:
         splits = dataset.prepare_splits(
             data_spec, tokenizer, config.paths.data_folder, config.paths.token_dataset, config.data.num_proc
         )
+    models_read = [student.config] + ([teacher.config] if teacher is not None else [])
+    responses.check_setup(config, tokenizer, models_read, splits["train"])
     # After the data: the template that rendered it depends on its format, and must not enter its cache key.
     checkpoints.set_generation_defaults(
         tokenizer, student, dataset.training_chat_template(data_spec, tokenizer, splits), config.data.max_length

@@ -14,6 +14,8 @@ Conventions, defined here once for the whole project:
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from typing import NamedTuple
 
@@ -306,6 +308,11 @@ class Criterion(torch.nn.Module):
         """Why it cannot run against the teacher's cached distributions (a phrase to fix it), or None."""
         return None
 
+    def without_cross_entropy(self) -> Criterion:
+        """The same criterion, run the same way, with its CE term weighted 0 (still computed and reported): what the
+        student's own samples are scored with (responses.py)."""
+        return self
+
     def spec(self) -> dict:
         """The configue form that builds this criterion (also part of a run's identity)."""
         return {"()": f"loss.{type(self).__name__}", **self._arguments()}
@@ -385,6 +392,12 @@ class DistillationLoss(Criterion):
                 raise ValueError(refusal)
         self.execution = self.CACHED_TEACHER if cached_teacher else self.FUSED if fused else self.FULL_LOGITS
         return self
+
+    def without_cross_entropy(self) -> DistillationLoss:
+        unweighted = copy.copy(self)  # a shallow copy of a module: the same parameters (it has none) and settings
+        unweighted.beta = 0.0
+        unweighted.terms = dataclasses.replace(self.terms, beta=0.0)
+        return unweighted
 
     def cached_teacher_refusal(self) -> str | None:
         if self.temperature != 1.0:

@@ -222,6 +222,35 @@ def collator(pad_token_id: int, data) -> PaddingCollator:
     return PaddingCollator(pad_token_id, data.mask_instruction)
 
 
+def response_start(sample: dict) -> int:
+    """Where a sample's response starts: the start of its last assistant turn for a conversation (its
+    `target_mask`'s last run of targets; a prompt-only one, with no target, is all prompt), else after its
+    `prompt_length` tokens (the Alpaca prompt, or a prompt-only sample's whole length)."""
+    target_mask = sample.get("target_mask")
+    if target_mask is None:
+        return sample["prompt_length"]
+    targets = [position for position, target in enumerate(target_mask) if target and position > 0]
+    if not targets:  # a prompt-only conversation (it ends with a user turn)
+        return len(target_mask)
+    start = targets[-1]
+    while start > 1 and target_mask[start - 1]:
+        start -= 1
+    return start
+
+
+class PromptsCollator:
+    """A collator that adds each sample's prompt (`prompts`: its ids before `response_start`, a list per sample) to
+    its batch, for steps whose responses are generated."""
+
+    def __init__(self, collate) -> None:
+        self.collate = collate
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch = self.collate(samples)
+        batch["prompts"] = [list(sample["input_ids"][: response_start(sample)]) for sample in samples]
+        return batch
+
+
 def data_loader(
     split,
     collate,

@@ -3,11 +3,12 @@ share with it (`resume_problem`), so that a resumed run computes the run it cont
 
 It records the student's shape, the tokenizer, the loss, the teacher (the contents of its files, read whole:
 file_identity.py), the settings that decide the updates (optimizer, weight decay, schedule and warm-up, the cached
-teacher's K) and what fixes the batches whose position in the epoch the checkpoint saved (the tokenized data, the
-seed, the batching). What may change on a resume: nb_epochs, max_steps, the learning rate and max_grad_norm (a
-lower rate after a NaN loss), the processes (with gradient_accumulation_steps), the hardware and precision, and what
-is only recorded or evaluated (logging, validation, checkpoint intervals, the best metric, on_nonfinite_loss). A part
-that an older checkpoint did not record is not checked.
+teacher's K, where the responses come from and how they are sampled) and what fixes the batches whose position in
+the epoch the checkpoint saved (the tokenized data, the seed, the batching). What may change on a resume: nb_epochs,
+max_steps, the learning rate and max_grad_norm (a lower rate after a NaN loss), the processes (with
+gradient_accumulation_steps), the hardware and precision, and what is only recorded or evaluated (logging,
+validation, checkpoint intervals, the best metric, on_nonfinite_loss). A part that an older checkpoint did not
+record is not checked.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ SHAPE_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_h
 # learning_rate and max_grad_norm may change: a resume applies them (checkpoints._continue_at_rates), and lowering
 # them is what a NaN loss asks for.
 UPDATE_KEYS = ("optimizer", "weight_decay", "lr_scheduler", "warmup_steps")
+RESPONSES_KEYS = ("lmbda", "seq_kd", "ce_on_student_samples", "max_new_tokens", "temperature", "top_k", "top_p")
 
 
 def run_identity(model_config, tokenizer, criterion, config, train_split) -> dict:
@@ -50,6 +52,11 @@ def update_settings(config, criterion) -> dict:
         settings["training_parameters.momentum"] = training.momentum
     if criterion.requires_teacher:
         settings["teacher.cache_top_k"] = config.teacher.cache_top_k
+    # Where the responses come from, and how they are drawn (settings that only a generating run reads).
+    responses = config.responses
+    generated = responses.lmbda > 0 or responses.seq_kd
+    for key in RESPONSES_KEYS if generated else RESPONSES_KEYS[:2]:
+        settings[f"responses.{key}"] = getattr(responses, key)
     return settings
 
 

@@ -156,15 +156,38 @@ class TrainingParameters:
     on_nonfinite_loss: Literal["stop", "skip"] = "stop"
     checkpoints_name_last: str = "last"
     checkpoints_name_best: str = "best"
-    # What makes the best checkpoint: the validation loss (the training objective) or the student's validation
-    # perplexity (its own next-token quality, comparable across losses).
-    best_metric: Literal["loss", "perplexity"] = "loss"
+    # What makes the best checkpoint: the validation loss (the training objective), the student's validation
+    # perplexity (its own next-token quality, comparable across losses), or the ROUGE-L of its greedy answers to the
+    # generation prompts (what it writes; needs generation_prompts > 0).
+    best_metric: Literal["loss", "perplexity", "rouge_l"] = "loss"
+    # At each validation (and on the test split), the student's greedy answers to this many first prompts of the
+    # split, scored: ROUGE-L F1 against the reference response, the teacher's per-token NLL of the answer, the mean
+    # answer length and the share that ends in EOS (responses.max_new_tokens at most); 0: none.
+    generation_prompts: int = field(default=0, metadata=_range(0))
     resume: bool = False
     # Where metrics also go: auto (TensorBoard when it is installed), none, tensorboard, wandb, or tensorboard,wandb.
     report_to: str = "auto"
     # The run's criterion (a loss.Criterion), as configue built it from the `()` entry (or as built here, the same
     # way, for an override or the default); distill.setup chooses how it runs.
     loss: Any = None
+
+
+@dataclass(frozen=True)
+class Responses:
+    # Where each optimizer step's responses come from (GKD's names, docs/on-policy.md). With probability lmbda the
+    # student's own samples of the step's prompts (on-policy distillation); otherwise, with seq_kd, the teacher's
+    # generations (sequence-level KD), or else the data set's responses (supervised KD, the original's).
+    lmbda: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    seq_kd: bool = False
+    # The loss's CE term on the student's own samples: off, as in the papers (a student learns nothing from the
+    # likelihood of what it wrote); the teacher's generations keep it (sequence-level KD is CE on them).
+    ce_on_student_samples: bool = False
+    # Generation: the most new tokens of a response (EOS included), and the sampling distribution (temperature 1
+    # and no truncation: the student's own distribution, which the on-policy objectives are defined on).
+    max_new_tokens: int = field(default=128, metadata=_range(1))
+    temperature: float = field(default=1.0, metadata=_range(0.0, low_open=True))
+    top_k: int | None = field(default=None, metadata=_range(1))
+    top_p: float = field(default=1.0, metadata=_range(0.0, 1.0, low_open=True))
 
 
 @dataclass(frozen=True)
@@ -206,6 +229,7 @@ class Config:
     distilled_model: DistilledModel = field(default_factory=DistilledModel)
     data: Data = field(default_factory=Data)
     training_parameters: TrainingParameters = field(default_factory=TrainingParameters)
+    responses: Responses = field(default_factory=Responses)
     hardware: Hardware = field(default_factory=Hardware)
     hub: Hub = field(default_factory=Hub)
 
@@ -243,6 +267,7 @@ def check(config: Config, source: str) -> None:
             f"set data.text_column to null or mask_instruction to false."
         )
     _check_cached_teacher(config, source)
+    _check_responses(config, source)
     if config.hub.model_id is not None:
         check_model_id(config.hub.model_id, f"{source}: hub.model_id")
 
@@ -296,6 +321,48 @@ def _check_cached_teacher(config: Config, source: str) -> None:
         refusal = "packed rows mix samples, whose cached positions cannot follow them; set data.packing to false"
     if refusal is not None:
         raise ConfigError(f"{source}: teacher.cache_top_k is set, but {refusal}, or teacher.cache_top_k to null.")
+
+
+def generates_responses(config: Config) -> bool:
+    """Whether some steps train on generated responses (the student's samples or the teacher's generations)."""
+    return config.responses.lmbda > 0 or config.responses.seq_kd
+
+
+def _check_responses(config: Config, source: str) -> None:
+    responses, training = config.responses, config.training_parameters
+    criterion = training.loss
+    if training.best_metric == "rouge_l" and training.generation_prompts == 0:
+        raise ConfigError(
+            f"{source}: training_parameters.best_metric is rouge_l but generation_prompts is 0, so no answer is "
+            f"scored; set generation_prompts to a number of prompts (e.g. 32) or best_metric to loss."
+        )
+    if not generates_responses(config):
+        return
+    fix = "or set responses.lmbda to 0 and responses.seq_kd to false"
+    if not criterion.requires_teacher:
+        raise ConfigError(
+            f"{source}: responses.lmbda or responses.seq_kd asks for generated responses, but "
+            f"{type(criterion).__name__} has no teacher to distil them from; use loss.DistillationLoss (alpha 0 and "
+            f"beta 1 is sequence-level KD's plain CE on the teacher's generations) {fix}."
+        )
+    if config.teacher.cache_top_k is not None:
+        raise ConfigError(
+            f"{source}: teacher.cache_top_k caches the teacher on the data's responses, but responses.lmbda or "
+            f"seq_kd trains on generated ones, which the teacher must score as they come; set teacher.cache_top_k "
+            f"to null {fix}."
+        )
+    if config.data.text_column is not None:
+        raise ConfigError(
+            f"{source}: responses.lmbda or seq_kd generates responses to the data's prompts, but "
+            f"data.text_column {config.data.text_column!r} holds whole texts without a prompt part; use data with "
+            f"prompts (Alpaca fields, messages, prompt/completion or a prompt column) {fix}."
+        )
+    on_student_samples = responses.lmbda > 0 and not responses.ce_on_student_samples
+    if on_student_samples and getattr(criterion, "alpha", 1) == 0 and getattr(criterion, "hidden_weight", 0) == 0:
+        raise ConfigError(
+            f"{source}: the loss's alpha is 0 and the CE term is off on the student's samples "
+            f"(responses.ce_on_student_samples), so nothing would be learned on them; make alpha positive."
+        )
 
 
 def report_to_names(training: TrainingParameters) -> list[str]:

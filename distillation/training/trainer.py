@@ -22,7 +22,7 @@ from distillation.run.identity import run_identity
 from distillation.run.runs import RunLocation
 from distillation.runtime import hardware
 from distillation.settings.schema import Config
-from distillation.training import evaluation, networks, samples, steps
+from distillation.training import evaluation, networks, responses, samples, steps
 from distillation.training.stop_signals import StoppedBySignal, StopSignals
 from loss import Criterion, ModelOutput
 
@@ -86,6 +86,7 @@ class Trainer:
         self.steps = steps.OptimizerSteps(
             nets, self.scheduler, training, self._loss, self.batches.stand_in, self.checkpoints
         )
+        self.responses = responses.ResponseSource(config.responses, config.seed, nets, tokenizer, self.batches.stand_in)
         self.evaluator = evaluation.Evaluator(nets, self.batches)
         self.metrics = records.MetricsLog(run.directory / "metrics.jsonl", accelerator)
         self.data_format = records.trained_format(splits, config)
@@ -105,8 +106,9 @@ class Trainer:
         return self.networks.forward(batch)
 
     def _loss(self, batch: dict):
+        criterion = self.responses.criterion(batch)  # the run's, or on the student's samples without CE
         with self.accelerator.autocast():  # the fused loss projects in the autocast dtype
-            return self.criterion(*self.forward(batch), batch["labels"])
+            return criterion(*self.forward(batch), batch["labels"])
 
     # --- training ------------------------------------------------------------------------------------------------
 
@@ -136,7 +138,8 @@ class Trainer:
         total_batches = self.batches.train_loader.batch_sampler.total
         progress = records.progress_bar(self.accelerator, total_batches, state.batches_done_in_epoch, epoch, training)
         self.networks.student.train()
-        for step in epoch_steps:
+        for data_step in epoch_steps:
+            step = self.responses.prepare(data_step, state.global_step + 1)  # generated responses, if it says so
             self.step(step.batches, step.targets)
             step.count(state)
             interval.tokens += step.tokens
@@ -186,6 +189,7 @@ class Trainer:
     def _log_training(self, epoch: int, interval: records.Interval, progress) -> records.Interval:
         """The training record of the steps since the last log step; the next interval starts."""
         tokens_per_second = interval.tokens_per_second()
+        responses_record = self.responses.interval_record(self.state.global_step, self.steps.sums.steps)
         loss, kd, ce = self.steps.interval_means(self.state)
         record = {
             "loss": loss,
@@ -193,7 +197,8 @@ class Trainer:
             "ce": ce,
             "perplexity": evaluation.perplexity(ce),
             "learning_rate": self.scheduler.get_last_lr()[0],
-            "tokens_per_s": round(tokens_per_second, 1),
+            "tokens_per_s": round(tokens_per_second, 1),  # trained tokens (prompts and generated responses)
+            **responses_record,
             "peak_memory_mib": hardware.peak_memory_mib(self.accelerator.device),
         }
         self.metrics.write("train", record, self.state, self.elapsed(), epoch=epoch)
