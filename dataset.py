@@ -202,6 +202,8 @@ def _drop_empty(texts: Dataset, non_empty, spec: DataSpec, kind: str | None) -> 
         if kind is None
         else "an empty or all-whitespace output (or none)"
         if kind == chat_data.ALPACA
+        else "an empty or all-whitespace prompt"
+        if kind == chat_data.PROMPT_ONLY
         else "no assistant turn with text"
     )
     _report_dropped(
@@ -296,11 +298,30 @@ def _tokenize_step_fingerprint(rows: Dataset, tokenizer, spec: DataSpec) -> str:
 
 
 def _keep_samples_with_targets(encoded: Dataset, spec: DataSpec) -> Dataset:
+    """The samples with a target left after the cut at max_length; and the prompt-only ones (a target mask without
+    a target, see chat_data.tokenize_conversations) that fit with room for a response, whole: a cut prompt is not
+    the prompt. (An answered conversation cut before its answer has no target either, but max_length tokens.)"""
+
     def has_target(batch: dict) -> list[bool]:
         first_target = [max(1, p) if spec.mask_instruction else 1 for p in batch["prompt_length"]]
-        return [len(ids) > first for ids, first in zip(batch["input_ids"], first_target)]
+        keep = [len(ids) > first for ids, first in zip(batch["input_ids"], first_target)]
+        if "target_mask" not in batch:
+            return keep
+        return [
+            0 < len(mask) < spec.max_length if not any(mask) else kept for mask, kept in zip(batch["target_mask"], keep)
+        ]
 
     return encoded.filter(has_target, batched=True, load_from_cache_file=False)
+
+
+def prompt_only_samples(split: Dataset) -> int:
+    """How many samples of a tokenized split are prompts only (no response: `batching.response_start` is their
+    length). Only a prompt-only row gives a chat sample without a target (an answered one has one, or was
+    dropped); an Alpaca sample always has its response."""
+    if "target_mask" not in split.column_names or len(split) == 0:
+        return 0
+    columns = split.select_columns(["prompt_length", "length"]).with_format("numpy")[:]
+    return int((columns["prompt_length"] == columns["length"]).sum())
 
 
 def _tokenize_with_prompt_lengths(tokenizer, texts: list[str], prompts: list[str]) -> tuple[list, list[int]]:
