@@ -120,21 +120,35 @@ def prepare_splits(spec: DataSpec, tokenizer, data_folder: str, token_dataset: s
 
 def _check_targets_left(splits: dict[str, Dataset], tokenized: DatasetDict, spec: DataSpec) -> None:
     """Samples with no target token left are dropped (tokenize): with data.mask_instruction, a prompt as long as
-    max_length leaves none of the response. Many of them, or a whole split, say that max_length is too small for
+    max_length leaves none of the response; and prompts that leave no room for an answer. Many of them, or a whole split, say that max_length is too small for
     this data, not that the data is too small."""
     fix = f"raise data.max_length (now {spec.max_length})"
-    if spec.mask_instruction:
+    prompts_only = all(_prompt_only_rows(rows) == len(rows) for rows in splits.values())
+    if spec.mask_instruction and not prompts_only:  # a prompt-only sample has no target to unmask
         fix += ", or set data.mask_instruction: false to score the prompts too"
     for name in SPLIT_NAMES:
         if len(tokenized[name]) == 0:
+            cause = (
+                f"leaves no room for an answer in data.max_length {spec.max_length} tokens"
+                if prompts_only
+                else f"is cut at data.max_length {spec.max_length} tokens before its first target (response) token"
+            )
             raise DataError(
-                f"every sample of the {name} split of {spec.dataset} ({len(splits[name])}) is cut at "
-                f"data.max_length {spec.max_length} tokens before its first target (response) token, so the "
+                f"every sample of the {name} split of {spec.dataset} ({len(splits[name])}) {cause}, so the "
                 f"split is empty; {fix}."
             )
     total = sum(len(rows) for rows in splits.values())
     dropped = total - sum(len(split) for split in tokenized.values())
-    _report_dropped(dropped, total, f"samples cut at data.max_length {spec.max_length} before any response token", fix)
+    what = (
+        f"prompts that do not fit in data.max_length {spec.max_length} with room for an answer"
+        if prompts_only
+        else f"samples cut at data.max_length {spec.max_length} before any response token"
+    )
+    _report_dropped(dropped, total, what, fix)
+
+
+def _prompt_only_rows(rows: Dataset) -> int:
+    return sum(rows["prompt_only"]) if "prompt_only" in rows.column_names else 0
 
 
 def load_text_splits(spec: DataSpec, data_folder: str, num_proc: int = 1) -> dict[str, Dataset]:

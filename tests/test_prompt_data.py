@@ -178,6 +178,8 @@ def test_prompt_only_files_are_prompts_with_the_generation_prompt_and_no_target(
         splits = dataset.prepare_splits(data_spec, tokenizer, str(tmp_path / "data"), "tokenized")
         kept = sorted(sample["length"] for sample in every_sample(splits))
         assert kept == [length for length in lengths if length < limit]
+    with pytest.raises(dataset.DataError, match=r"leaves no room for an answer in data.max_length \d+ tokens.*; raise"):
+        dataset.prepare_splits(spec(path, max_length=lengths[0]), tokenizer, str(tmp_path / "data"), "tokenized")
 
 
 def test_a_mixed_file_keeps_its_answered_samples_as_they_were(tmp_path, tokenizer, rows):

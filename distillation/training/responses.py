@@ -205,8 +205,8 @@ def check_prompt_data(config, splits, plain_baseline: bool = False) -> None:
     prompt_only = sum(dataset.prompt_only_samples(splits[split]) for split in dataset.SPLIT_NAMES)
     total = sum(len(splits[split]) for split in dataset.SPLIT_NAMES)
     which = (
-        f"{prompt_only} of the {total} samples of {name} have no response (a prompt column, or conversations "
-        f"with no assistant turn)"
+        f"{prompt_only} of the {total} samples of {name} {'has' if prompt_only == 1 else 'have'} no response (a "
+        f"prompt column, or conversations with no assistant turn)"
     )
     if prompt_only and plain_baseline:
         raise ConfigError(
