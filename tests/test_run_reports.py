@@ -207,3 +207,7 @@ def test_the_baseline_comparison_of_runs_without_figures_is_their_perplexities(r
     rows, figure = baseline_comparison.report(runs["older"], emptied)
     assert rows == [{"figure": "test perplexity", "older": 4.5, "emptied": None, "teacher": 2.5}]
     assert figure.read_bytes().startswith(PNG_SIGNATURE)
+    # generation_prompts 0: its figures are null, and no row of them is shown (not even the 0 prompts answered).
+    assert baseline_comparison.side_by_side([plots.load_run(runs[name]) for name in ("unscored", "older")]) == [
+        {"figure": "test perplexity", "unscored": 4.5, "older": 4.5, "teacher": 2.5}
+    ]

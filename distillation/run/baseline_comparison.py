@@ -18,8 +18,8 @@ from distillation.run import plots
 logger = logging.getLogger("distill")
 
 TEACHER_COLUMN = "teacher"
-# The table's rows: its name, and the key of summary.json's `test` that holds it. Test perplexity always; each
-# generation figure where one of the runs has it as a number.
+# The table's rows: its name, and the key of summary.json's `test` that holds it. Test perplexity always; the
+# generation figures where one of the runs scored its answers.
 TABLE_ROWS = (
     ("test perplexity", "perplexity"),
     ("test ROUGE-L F1", "rouge_l"),
@@ -58,11 +58,11 @@ def side_by_side(runs: list[plots.Run]) -> list[dict]:
     first run that had a teacher; it has no generation figures."""
     tests = {run.name: _mapping(_mapping(run.summary).get("test")) for run in runs}
     teacher = next((_teacher_test_perplexity(run) for run in runs if _teacher_test_perplexity(run) is not None), None)
+    # Neither run scored answers (made before the figures, or generation_prompts 0): the test perplexity alone.
+    scored = any(_number(test.get(key)) for test in tests.values() for _, key in TABLE_ROWS[1:])
     rows = []
-    for name, key in TABLE_ROWS:
+    for name, key in TABLE_ROWS if scored else TABLE_ROWS[:1]:
         values = {run: _number(test.get(key)) for run, test in tests.items()}
-        if key != "perplexity" and all(value is None for value in values.values()):
-            continue  # neither run scored answers (made before the figures, or generation_prompts 0)
         rows.append({"figure": name, **values, TEACHER_COLUMN: teacher if key == "perplexity" else None})
     return rows
 
