@@ -27,7 +27,7 @@ import dataset
 import models
 from distillation.base import hub_client, storage
 from distillation.base.errors import EXIT_NON_FINITE_LOSS, EXIT_SIGNAL_BASE, EXIT_USER_ERROR, UserError, first_line
-from distillation.run import checkpoints, model_card, records, runs
+from distillation.run import baseline_comparison, checkpoints, model_card, records, runs
 from distillation.run.checkpoints import CheckpointError
 from distillation.run.hub_push import PushStopped, push_checkpoint
 from distillation.run.runs import PLAIN_BASELINE_SUFFIX, locate_run
@@ -103,7 +103,18 @@ def train_runs(command: Command) -> int:
             resume,
             command,
         )
+        if status == 0:  # both complete: their test figures side by side, and their comparison figure
+            show_comparison(run.directory, baseline)
     return status or pushed
+
+
+def show_comparison(run_directory: Path, baseline_directory: Path) -> None:
+    """The run and its plain baseline side by side, said on the console (both runs' own logs are closed)."""
+    records.setup_console_logging()
+    try:
+        baseline_comparison.report(run_directory, baseline_directory)
+    finally:
+        records.close_log_handlers()
 
 
 @dataclass
