@@ -355,8 +355,7 @@ def setup(config: Config, run_name: str | None, resume: bool, plain_baseline: bo
             data_spec, tokenizer, config.paths.data_folder, config.paths.token_dataset, config.data.num_proc
         )
     models_read = [student.config] + ([teacher.config] if teacher is not None else [])
-    responses.check_prompt_data(config, splits, plain_baseline)
-    responses.check_setup(config, tokenizer, models_read, splits["train"])
+    responses.check_setup(config, tokenizer, models_read, splits, plain_baseline)
     # After the data: the template that rendered it depends on its format, and must not enter its cache key.
     checkpoints.set_generation_defaults(
         tokenizer, student, dataset.training_chat_template(data_spec, tokenizer, splits), config.data.max_length

@@ -12,17 +12,23 @@ what a straight one did.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
+from datasets import Dataset, DatasetDict
 
+import dataset
 import models
 from distillation.data import batching
 from distillation.runtime import hardware
+from distillation.settings.schema import ConfigError, generates_responses
 from distillation.training import generation
 from distillation.training.steps import Step
+
+logger = logging.getLogger("distill")
 
 DATA, STUDENT, TEACHER = "data", "student", "teacher"
 SOURCES = (DATA, STUDENT, TEACHER)
@@ -161,11 +167,11 @@ def _generator(device, seed: int) -> torch.Generator:
     return generator
 
 
-def check_setup(config, tokenizer, model_configs, train_split) -> None:
+def check_setup(config, tokenizer, model_configs, splits, plain_baseline: bool = False) -> None:
     """What generating responses needs of the tokenizer, the models and the data, checked before training (a
-    ConfigError naming the fix). `model_configs` are the student's and, when loaded, the teacher's."""
-    from distillation.settings.schema import ConfigError, generates_responses
-
+    ConfigError naming the fix). `model_configs` are the student's and, when loaded, the teacher's;
+    `plain_baseline`: a plain baseline will follow (see `check_prompt_data`)."""
+    check_prompt_data(config, splits, plain_baseline)
     generated, training = generates_responses(config), config.training_parameters
     if not generated and training.generation_prompts == 0:
         return
@@ -183,7 +189,7 @@ def check_setup(config, tokenizer, model_configs, train_split) -> None:
                 f"responses.max_new_tokens is {max_new_tokens}, but the models have {positions} positions and the "
                 f"prompt needs some; set it below {positions} (e.g. {min(128, positions // 2)})."
             )
-    if generated and not _has_prompts(train_split):
+    if generated and not _has_prompts(splits["train"]):
         raise ConfigError(
             f"responses.lmbda or seq_kd generates responses to the data's prompts, but the training samples of "
             f"{config.data.dataset} have no prompt part (no sample's response starts after its first token); use "
@@ -202,9 +208,6 @@ def check_prompt_data(config, splits, plain_baseline: bool = False) -> None:
     response; dataset.prompt_only_samples) only in a run whose every step generates its responses (responses.lmbda
     1, or seq_kd), and never before a plain baseline, which trains on the data's responses; conversations whose
     prompt is generated from only with data.mask_instruction, which keeps where their last answer starts."""
-    import dataset  # here: the lead's imports above stay as they are
-    from distillation.settings.schema import ConfigError, generates_responses
-
     responses, name = config.responses, config.data.dataset
     prompt_only = sum(dataset.prompt_only_samples(splits[split]) for split in dataset.SPLIT_NAMES)
     total = sum(len(splits[split]) for split in dataset.SPLIT_NAMES)
@@ -237,12 +240,6 @@ def with_teacher_references(splits, teacher, student_config, tokenizer, config, 
     prompt followed by the teacher's greedy answer, marked as the response: the loss, perplexity, KL and the
     generation figures then read those answers as the references. Every process computes them all (greedy, the
     same on each; `generation.generate` needs every process in each call), before the models are prepared."""
-    import logging
-
-    from datasets import DatasetDict
-
-    import dataset
-
     names = [name for name in ("validation", "test") if dataset.prompt_only_samples(splits[name])]
     if not names or teacher is None:
         return splits
@@ -256,7 +253,7 @@ def with_teacher_references(splits, teacher, student_config, tokenizer, config, 
         }
     finally:
         teacher.to(home)
-    logging.getLogger(__name__).info(
+    logger.info(
         "The %s prompts have no reference responses: the teacher's greedy answers (at most %d tokens) are their "
         "references, which every validation and test figure reads",
         " and ".join(names),
@@ -268,8 +265,6 @@ def with_teacher_references(splits, teacher, student_config, tokenizer, config, 
 def _teacher_answered(split, teacher, student_config, tokenizer, sampling, config, accelerator):
     """`split` with its prompt-only samples answered by the teacher, in batches of training_parameters.batch_size
     prompts of similar length (longest first: the least padding)."""
-    from datasets import Dataset
-
     rows = split[:]
     prompt_only = [
         index for index, (prompt, length) in enumerate(zip(rows["prompt_length"], rows["length"])) if prompt == length
