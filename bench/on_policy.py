@@ -2,21 +2,22 @@
 each prompt's response, reverse KL on it) against TRL's `DistillationTrainer` (on-policy only; HF generate, no
 vLLM; beta=1: reverse KL), on the same teacher, student, prompts, max_new_tokens and batch size.
 
-    python3 -m bench.on_policy                  # the demo's shape, then GPT-2's (about 10 minutes on 2 CPU cores)
+    python3 -m bench.on_policy                  # the demo's shape, then GPT-2's (15 minutes or more on 2 CPU cores)
     python3 -m bench.on_policy --shape demo     # one shape; --quick: fewer timed steps
     python3 -m bench.on_policy --profile        # the top operators of the project's step at GPT-2's shape
 
 Shapes: `demo` is the embedded demo's (assets/tiny/teacher and its untrained 2-layer truncation, the first prompts
 of its data in its template, batch 16, 64 new tokens); `gpt2` is GPT-2's real shape (a 124M-shaped teacher with
 random weights, a 6-layer student, vocabulary 50257; prompts of 16 to 96 tokens, batch 8, 64 new tokens); `tiny`
-is the same code in seconds (the test suite runs it). Each step counts its generation: both sides sample every
+is the same code in seconds. Each step counts its generation: both sides sample every
 prompt's response from the student (temperature 1, no truncation), score it with the teacher and update the
 student (AdamW, gradients clipped at 1). Both write exactly `max_new_tokens` tokens per prompt: the EOS they are
 given is one that no model can write (an id past the vocabulary), so neither stops early and both train on the
 same number of tokens. Each side runs at its best precision on this machine (bf16 autocast and a bf16 teacher
 where the CPU has native bf16, else float32). The steps alternate, one of TRL's then one of this project's on the
 same prompts, so that other work on the machine slows both alike; the first step of each is a warm-up. The last
-line is one JSON object; `on_policy_ratio_vs_trl` is this project's steps per second over TRL's (> 1: faster).
+line is one JSON object; `on_policy_ratio_vs_trl` is this project's steps per second over TRL's (> 1: faster), the
+smaller of the shapes' when both ran.
 """
 
 from __future__ import annotations
