@@ -86,7 +86,6 @@ def test_real_shape_benchmark_runs_at_toy_size_with_or_without_trl():
     assert (figures["ratio_vs_trl"] is not None and figures["ratio_vs_trl"] > 0) == has_trl
 
 
-
 def test_the_on_policy_benchmark_gives_trl_exactly_the_projects_prompts():
     """TRL's DistillationTrainer takes text prompts: bench/on_policy.py writes each prompt's ids as words that its
     tokenizer reads back to the same ids (ids holding a 0 digit included: a special token "0" was cut out of them),
