@@ -222,6 +222,8 @@ FUSED_CASES = {
     "jsd 0.2 at T 2": {"divergence": "jsd", "jsd_beta": 0.2, "temperature": 2.0},
     "skew_reverse_kl 0.3": {"divergence": "skew_reverse_kl", "skew": 0.3},
     "forward_kl at T 2": {"temperature": 2.0},
+    "reverse_kl at T 2": {"divergence": "reverse_kl", "temperature": 2.0},
+    "jsd 1 (reverse KL) at T 3 without CE": {"divergence": "jsd", "jsd_beta": 1.0, "temperature": 3.0, "beta": 0.0},
     "tv at T 3 with hidden states": {"divergence": "tv", "temperature": 3.0, "hidden_weight": 0.5},
     "forward_kl with hidden states": {"hidden_weight": 2.0},
 }

@@ -37,6 +37,11 @@ class FusedTerms:
         of the chunk: d(T**2 KL)/ds = T (softmax(s / T) - softmax(t / T))."""
         return self.divergence == "forward_kl" or (self.divergence == "jsd" and self.jsd_beta == 0.0)
 
+    @property
+    def is_reverse_kl(self) -> bool:
+        """Reverse KL (jsd with jsd_beta 1 is the same), the on-policy default, has one too (`_reverse_kl_rows`)."""
+        return self.divergence == "reverse_kl" or (self.divergence == "jsd" and self.jsd_beta == 1.0)
+
 
 # Rows of a chunk that the float32 softmaxes handle at a time: their few (16, V) float32 tensors stay in the cache
 # (3 MiB each at V = 50257), where whole-chunk float32 tensors made a dozen passes over memory and spent a fifth of
@@ -92,6 +97,43 @@ def _forward_kl_rows(
         scaled.add_(log_probs.exp_(), alpha=beta / count)
     scaled[rows, targets] -= beta / count
     torch.add(scaled, teacher_probs_t, alpha=-alpha * temperature / count, out=gradient_out)
+    return kd_sum, ce_sum
+
+
+def _reverse_kl_rows(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    terms: FusedTerms,
+    count: int,
+    gradient_out: torch.Tensor | None,
+    scratch: _Scratch,
+):
+    """As `_forward_kl_rows` for the reverse KL(q || p): with q and p the student's and the teacher's distributions
+    at temperature T, d(T**2 KL)/ds = T q (log q - log p - KL), row by row; d CE/ds = softmax(s) - onehot. The
+    log-softmaxes of finite logits are finite, so no term needs masking (as `kl_divergence(finite=True)`)."""
+    temperature, alpha, beta = terms.temperature, terms.alpha, terms.beta
+    log_probs, teacher_log_probs_t, student_probs_t, student_log_probs_t = scratch.take(student_logits.size(0))
+    torch.log_softmax(student_logits, dim=-1, dtype=torch.float32, out=log_probs)
+    if temperature == 1.0:
+        student_log_probs_t = log_probs
+        torch.log_softmax(teacher_logits, dim=-1, dtype=torch.float32, out=teacher_log_probs_t)
+    else:
+        torch.log_softmax(student_log_probs_t.copy_(student_logits).div_(temperature), dim=-1, out=student_log_probs_t)
+        torch.log_softmax(teacher_log_probs_t.copy_(teacher_logits).div_(temperature), dim=-1, out=teacher_log_probs_t)
+    torch.exp(student_log_probs_t, out=student_probs_t)
+    # log q - log p, in the teacher's buffer; each row's KL is its dot product with q (no (R, V) product tensor).
+    gap = torch.sub(student_log_probs_t, teacher_log_probs_t, out=teacher_log_probs_t)
+    kd_rows = torch.bmm(student_probs_t.unsqueeze(1), gap.unsqueeze(2)).view(-1)
+    kd_sum = kd_rows.sum()
+    ce_sum = -log_probs.gather(1, targets[:, None]).sum()
+    if gradient_out is None:
+        return kd_sum, ce_sum
+    scaled = gap.sub_(kd_rows[:, None]).mul_(student_probs_t).mul_(alpha * temperature / count)
+    if beta != 0.0:
+        scaled.add_(student_probs_t if temperature == 1.0 else log_probs.exp_(), alpha=beta / count)
+        scaled[torch.arange(targets.numel(), device=targets.device), targets] -= beta / count
+    gradient_out.copy_(scaled)
     return kd_sum, ce_sum
 
 
@@ -250,7 +292,9 @@ def _chunk_sums(
 ):
     """The KD and CE sums of a chunk's logits `(C, V)`, ROWS_AT_ONCE rows at a time; with `logits_gradient` (the
     chunk's `(C, V)` rows of it), the gradient of the objective with respect to the logits is written there."""
-    row_sums = _forward_kl_rows if terms.has_closed_form else _any_divergence_rows
+    row_sums = (
+        _forward_kl_rows if terms.has_closed_form else _reverse_kl_rows if terms.is_reverse_kl else _any_divergence_rows
+    )
     kd_total = ce_total = 0.0
     for start in range(0, targets.numel(), ROWS_AT_ONCE):
         rows = slice(start, start + ROWS_AT_ONCE)

@@ -61,11 +61,25 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if sampling.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        sorted_probabilities = sorted_logits.softmax(dim=-1)
         # A token is dropped when the tokens before it already reach top_p; the most likely one always stays.
-        dropped = (cumulative - sorted_logits.softmax(dim=-1)) >= sampling.top_p
+        dropped = (sorted_probabilities.cumsum(dim=-1) - sorted_probabilities) >= sampling.top_p
         logits = logits.masked_fill(dropped.scatter(1, order, dropped), float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+    return _inverse_cdf_draw(logits, generator)
+
+
+def _inverse_cdf_draw(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row drawn from softmax(logits) with one uniform number per row: where it falls in
+    the row's cumulative weights. (torch.multinomial draws one exponential number per vocabulary entry, most of a
+    generated token's time at GPT-2's vocabulary on a CPU.) The cumulative sum is in float64, so that no token's
+    share is lost to rounding over 50k entries; a token of weight 0 (cut by top_k or top_p) is never drawn."""
+    weights = (logits - logits.amax(dim=-1, keepdim=True)).exp()
+    cumulative = weights.double().cumsum(dim=-1)
+    total = cumulative[:, -1:]
+    uniform = torch.rand(total.shape, generator=generator, device=total.device, dtype=torch.float64)
+    # Below the total, strictly: the first entry whose cumulative weight exceeds it has a weight above 0.
+    point = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cumulative, point, right=True).squeeze(1)
 
 
 @torch.no_grad()
@@ -83,34 +97,41 @@ def generate(
     wrote one. Only the first `vocab_size` tokens can be chosen (a teacher's extra rows are not the student's); the
     prompts are `fitted_prompts`. With several processes, every process must call this the same number of times
     (each with its own prompts)."""
-    from transformers import DynamicCache
+    from transformers import StaticCache
 
     prompts = fitted_prompts(prompts, model.config, sampling.max_new_tokens)
-    ids, mask = left_padded(prompts, pad_token_id, accelerator.device)
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
-    unfinished = torch.ones(len(prompts), dtype=torch.bool, device=ids.device)
+    ids, prompt_mask = left_padded(prompts, pad_token_id, accelerator.device)
+    rows, prompt_length = ids.shape
+    # The whole batch's mask and cache, allocated once: each new token writes its column in place (a cache that
+    # grows by concatenation copies every layer's keys and values at each token).
+    mask = torch.cat([prompt_mask, prompt_mask.new_ones(rows, sampling.max_new_tokens)], dim=1)
+    cache = StaticCache(config=model.config, max_cache_len=mask.size(1))
+    positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
+    unfinished = torch.ones(rows, dtype=torch.bool, device=ids.device)
     new_tokens = []
     was_training = model.training
     model.eval()
     try:
         step_ids = ids
-        for _ in range(sampling.max_new_tokens):
-            with accelerator.autocast():
+        with accelerator.autocast():
+            for written in range(sampling.max_new_tokens):
                 logits = model(
-                    input_ids=step_ids, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1
+                    input_ids=step_ids,
+                    attention_mask=mask[:, : prompt_length + written],
+                    position_ids=positions,
+                    cache=cache,
+                    logits_to_keep=1,
                 ).logits[:, -1]
-            if vocab_size is not None:
-                logits = logits[:, :vocab_size]
-            token = next_tokens(logits, sampling, generator)
-            token = torch.where(unfinished, token, torch.full_like(token, pad_token_id))
-            new_tokens.append(token)
-            unfinished &= token != eos_token_id
-            if not _any_unfinished(unfinished, accelerator):
-                break
-            step_ids = token[:, None]
-            mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
-            positions = positions[:, -1:] + 1
+                if vocab_size is not None:
+                    logits = logits[:, :vocab_size]
+                token = next_tokens(logits, sampling, generator)
+                token = torch.where(unfinished, token, torch.full_like(token, pad_token_id))
+                new_tokens.append(token)
+                unfinished &= token != eos_token_id
+                if not _any_unfinished(unfinished, accelerator):
+                    break
+                step_ids = token[:, None]
+                positions = positions[:, -1:] + 1
     finally:
         model.train(was_training)
     return _rows(torch.stack(new_tokens, dim=1) if new_tokens else ids[:, :0], eos_token_id)
