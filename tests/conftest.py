@@ -11,6 +11,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # Under pytest-xdist each core has its own worker: one thread per worker (and per child process it starts, which
+    # inherits the variable). Two workers of two threads each on two cores spend most of their time spinning in
+    # OpenMP's waits for a thread that is descheduled (twice the CPU time for the same test).
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import dataset
 from assets import generate_tiny_data
@@ -73,3 +78,26 @@ def fresh_accelerate_state_per_module():
     its scope)."""
     _reset_accelerate_state()
     yield
+
+
+# The modules that take longest (a suite run's durations, slowest first): pytest-xdist hands each worker one module
+# at a time (pytest.ini: --dist loadfile), so these go first and the quick ones fill in after them, and both workers
+# end together rather than one running test_recovery.py alone at the end. A module not named keeps its place.
+SLOWEST_MODULES = (
+    "test_distributed.py",
+    "test_recovery.py",
+    "test_records.py",
+    "test_batching.py",
+    "test_real_shape.py",
+    "test_gpu_defaults.py",
+    "test_benchmarks.py",
+    "test_damaged_inputs.py",
+    "test_distill.py",
+    "test_damaged_runs.py",
+    "test_full_disk.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(SLOWEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module's own order is kept
