@@ -86,6 +86,7 @@ def fresh_accelerate_state_per_module():
 SLOWEST_MODULES = (
     "test_distributed.py",
     "test_recovery.py",
+    "test_on_policy.py",
     "test_records.py",
     "test_batching.py",
     "test_real_shape.py",
