@@ -97,6 +97,9 @@ def runs(tmp_path_factory, no_dropout_teacher, data_file):
     root = tmp_path_factory.mktemp("ddp")
     values = base_config(root, no_dropout_teacher, data_file)
     values["training_parameters"].update(batch_size=9, lr_scheduler="constant", warmup_steps=0, eval_every_steps=3)
+    # Three prompts over two processes: the second repeats a prompt at weight 0, to generate as often as the first.
+    values["training_parameters"]["generation_prompts"] = 3
+    values["responses"] = {"max_new_tokens": 8}
     config_file = write_config(root / "config.yaml", values)
     completed = torchrun(["--config", str(config_file), "--run-name", "two"])
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -126,6 +129,16 @@ def test_two_processes_train_like_one_with_the_same_global_batch(runs):
     assert two["tokens_seen"] == one["tokens_seen"]
     assert two["test"]["loss"] == pytest.approx(one["test"]["loss"], abs=1e-5)  # evaluation reduced over processes
     assert two["teacher"]["test"]["perplexity"] == pytest.approx(one["teacher"]["test"]["perplexity"], rel=1e-6)
+    assert_same_generation_figures(one, two)
+
+
+def assert_same_generation_figures(one: dict, other: dict) -> None:
+    """The test split's generation figures of two runs: each process scored its share of the prompts."""
+    for summary in (one, other):
+        assert summary["test"]["generation_prompts"] == 3 and summary["test"]["teacher_nll"] > 0
+    for key in ("rouge_l", "response_length", "eos_share"):
+        assert other["test"][key] == pytest.approx(one["test"][key], abs=1e-6), key
+    assert other["test"]["teacher_nll"] == pytest.approx(one["test"]["teacher_nll"], rel=1e-4)
 
 
 def test_two_processes_write_one_copy_of_each_record_and_checkpoint(runs):
@@ -135,6 +148,7 @@ def test_two_processes_write_one_copy_of_each_record_and_checkpoint(runs):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     keys = [(record["split"], record["step"]) for record in records]
     assert len(keys) == len(set(keys))
+    assert all(record["generation_prompts"] == 3 for record in records if record["split"] != "train")
     log = (run / "train.log").read_text()
     for step in (3, 6, 9, 12):
         assert log.count(f"Validation at step {step}:") == 1
@@ -251,6 +265,7 @@ def test_fsdp_trains_like_one_process(runs, fsdp_run):
     assert actual["test"]["loss"] == pytest.approx(expected["test"]["loss"], abs=1e-5)
     assert actual["test"]["target_tokens"] == expected["test"]["target_tokens"]  # stand-in batches weigh nothing
     assert actual["teacher"]["test"]["perplexity"] == pytest.approx(expected["teacher"]["test"]["perplexity"], rel=1e-6)
+    assert_same_generation_figures(expected, actual)  # the sharded student generates, the sharded teacher scores
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(fsdp_run / "last")

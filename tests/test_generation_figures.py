@@ -43,8 +43,10 @@ def test_a_student_answering_the_references_scores_rouge_l_one(rows, tokenizer):
         assert cut.prompt + cut.reference + [eos] == sample["input_ids"] and len(cut.prompt) == sample["prompt_length"]
     references = [cut.reference for cut in cuts]
     answers = [reference + [eos] for reference in references]  # what a student that answers the reference writes
-    rouge, length, ends, count = generation_figures.answer_sums(answers, references, [1] * 6, tokenizer, rouge_scorer())
-    assert rouge / count == pytest.approx(1.0)
+    rouge, referenced, length, ends, count = generation_figures.answer_sums(
+        answers, references, [1] * 6, tokenizer, rouge_scorer()
+    )
+    assert rouge / referenced == pytest.approx(1.0) and referenced == 6
     assert (length, ends, count) == (sum(map(len, answers)), 6, 6)
 
 
@@ -52,8 +54,11 @@ def test_length_and_eos_share_of_hand_built_answers(tokenizer):
     eos, scorer = tokenizer.eos_token_id, rouge_scorer()
     words = tokenizer("the cat sat on the mat")["input_ids"]
     answers = [words + [eos], words[:2], [eos], words[:3]]
-    rouge, length, ends, count = generation_figures.answer_sums(answers, [words] * 4, [1, 1, 1, 0], tokenizer, scorer)
-    assert (length, ends, count) == (len(words) + 1 + 2 + 1, 2, 3)  # the weight-0 answer counts for nothing
+    references = [words, words, [], words]  # the third, a prompt-only sample's, has no reference to score against
+    rouge, referenced, length, ends, count = generation_figures.answer_sums(
+        answers, references, [1, 1, 1, 0], tokenizer, scorer
+    )
+    assert (referenced, length, ends, count) == (2, len(words) + 1 + 2 + 1, 2, 3)  # weight 0 counts for nothing
     assert rouge == pytest.approx(
         1.0 + scorer.score("the cat sat on the mat", tokenizer.decode(words[:2]))["rougeL"].fmeasure
     )
@@ -103,6 +108,8 @@ def test_best_metric_rouge_l_keeps_the_highest_rouge_l_whatever_the_loss():
             chosen.append(step)
     assert chosen == [1, 3] and state.best_step == 3
     assert (state.best_validation_rouge_l, state.best_validation_loss) == (0.3, 4.0)
+    unscored = TrainerState()  # prompt-only data: no reference, no ROUGE-L; the latest validation is kept
+    assert all(unscored.record_validation({"loss": 1.0, "perplexity": 2.0, "rouge_l": None}, "rouge_l") for _ in "ab")
 
 
 @pytest.fixture(scope="module")

@@ -69,8 +69,9 @@ class TrainerState:
         self.last_evaluated_step = self.global_step
         if best_metric == "perplexity":
             improved = self.best_validation_perplexity is None or result["perplexity"] < self.best_validation_perplexity
-        elif best_metric == "rouge_l":  # higher is better
-            improved = self.best_validation_rouge_l is None or result["rouge_l"] > self.best_validation_rouge_l
+        elif best_metric == "rouge_l":  # higher is better; None (no prompt with a reference): the latest is kept
+            rouge_l, best = result["rouge_l"], self.best_validation_rouge_l
+            improved = best is None or (rouge_l is not None and rouge_l > best)
         else:
             improved = self.best_validation_loss is None or result["loss"] < self.best_validation_loss
         if improved:

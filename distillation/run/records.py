@@ -263,7 +263,7 @@ def log_test(best_step: int | None, result: dict, teacher: dict | None) -> None:
 
 def _rouge_l(result: dict) -> str:
     """The ROUGE-L of the student's answers, for a run that scores them (training_parameters.generation_prompts)."""
-    return f", ROUGE-L {result['rouge_l']:.4f}" if "rouge_l" in result else ""
+    return f", ROUGE-L {_format(result['rouge_l'])}" if "rouge_l" in result else ""
 
 
 def _format(value: float | None) -> str:

@@ -58,15 +58,18 @@ def answer_sums(
     answers: list[list[int]], references: list[list[int]], weights: list[int], tokenizer, scorer
 ) -> list[float]:
     """Summed over the weighted answers (each its new tokens, up to and including its EOS when it wrote one): the
-    ROUGE-L F1 of the decoded answer (without its EOS) against the decoded reference, the new tokens, the answers
-    that end in EOS, and the answers."""
+    ROUGE-L F1 of the decoded answer (without its EOS) against the decoded reference and the answers that have a
+    reference (a prompt-only sample has none to score against), the new tokens, the answers that end in EOS, and
+    the answers."""
     eos_token_id = tokenizer.eos_token_id
-    sums = [0.0, 0.0, 0.0, 0.0]
+    sums = [0.0] * 5
     for answer, reference, weight in zip(answers, references, weights, strict=True):
         ends = bool(answer) and answer[-1] == eos_token_id
-        text = tokenizer.decode(answer[:-1] if ends else answer)
-        f1 = scorer.score(tokenizer.decode(reference), text)["rougeL"].fmeasure
-        for position, value in enumerate((f1, len(answer), float(ends), 1.0)):
+        f1 = 0.0
+        if reference:
+            text = tokenizer.decode(answer[:-1] if ends else answer)
+            f1 = scorer.score(tokenizer.decode(reference), text)["rougeL"].fmeasure
+        for position, value in enumerate((f1, float(bool(reference)), len(answer), float(ends), 1.0)):
             sums[position] += value * weight
     return sums
 
@@ -128,7 +131,7 @@ class GenerationFigures:
         accelerator = networks.accelerator
         scores_teacher = networks.teacher_model is not None and not networks.cached_teacher
         share = process_share(self.prompts[split], accelerator.num_processes, accelerator.process_index)
-        answer_totals = [0.0] * 4
+        answer_totals = [0.0] * 5
         nll_totals = torch.zeros(2, device=accelerator.device)
         for first in range(0, len(share), self.batch_size):
             items = [item for item, _ in share[first : first + self.batch_size]]
@@ -155,9 +158,9 @@ class GenerationFigures:
         totals = torch.cat([torch.tensor(answer_totals, device=accelerator.device), nll_totals])
         if accelerator.num_processes > 1:
             totals = accelerator.reduce(totals, reduction="sum")
-        rouge, length, ends, answers_count, nll, nll_tokens = totals.tolist()
+        rouge, referenced, length, ends, answers_count, nll, nll_tokens = totals.tolist()
         return {
-            "rouge_l": rouge / answers_count,
+            "rouge_l": rouge / referenced if referenced else None,
             "teacher_nll": nll / nll_tokens if scores_teacher else None,
             "response_length": length / answers_count,
             "eos_share": ends / answers_count,
