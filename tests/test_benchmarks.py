@@ -50,7 +50,7 @@ def test_gpu_benchmark_says_it_needs_a_gpu_without_one():
 def test_quality_benchmark_runs_every_method_and_ends_with_its_json():
     """A few steps per method: the table and the JSON line hold every method; the distilled runs see the teacher."""
     completed = subprocess.run(
-        [sys.executable, "-m", "bench.quality", "--quick", "--steps", "3", "--samples", "300"],
+        [sys.executable, "-m", "bench.quality", "--compare", "losses", "--quick", "--steps", "3", "--samples", "300"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -84,3 +84,33 @@ def test_real_shape_benchmark_runs_at_toy_size_with_or_without_trl():
     assert figures["real_shape_tokens_per_s"] > 0 and 0 < figures["real_shape_matmul_share"]
     has_trl = importlib.util.find_spec("trl") is not None
     assert (figures["ratio_vs_trl"] is not None and figures["ratio_vs_trl"] > 0) == has_trl
+
+
+def test_quality_benchmark_methods_change_only_what_they_name():
+    """Each method of python3 -m bench.quality is a valid config that differs from supervised KD (forward_kl) only in
+    what its name says, with the settings of every run shared, so the comparison is at equal steps and data."""
+    import argparse
+
+    from bench import quality
+    from distillation.settings.config import load_config
+
+    settings = argparse.Namespace(samples=None, steps=150, prompts=64, max_new_tokens=64, student_init="random")
+    configs = {
+        method: load_config(ROOT / "configs" / "tiny.yaml", quality.overrides(method, 1, settings, Path("/runs")))
+        for method in quality.METHODS
+    }
+    supervised = configs["forward_kl"]
+    for config in configs.values():
+        training = config.training_parameters
+        assert (config.seed, training.max_steps, training.batch_size, config.data) == (1, 150, 16, supervised.data)
+        assert (training.generation_prompts, config.responses.max_new_tokens) == (64, 64)
+        assert training.best_metric == "perplexity"
+    on_policy, mixed, seq_kd = (configs[name] for name in ("on_policy", "mixed", "seq_kd"))
+    assert (on_policy.responses.lmbda, on_policy.responses.seq_kd) == (1.0, False)
+    assert (mixed.responses.lmbda, mixed.responses.seq_kd) == (0.5, False)
+    assert on_policy.training_parameters.loss.divergence == mixed.training_parameters.loss.divergence == "reverse_kl"
+    assert repr(on_policy.training_parameters.loss) == repr(configs["reverse_kl"].training_parameters.loss)
+    assert (seq_kd.responses.lmbda, seq_kd.responses.seq_kd) == (0.0, True)
+    assert repr(seq_kd.training_parameters.loss) == repr(supervised.training_parameters.loss)
+    assert supervised.responses.lmbda == 0.0 and not supervised.responses.seq_kd
+    assert configs["plain"].student == supervised.student and configs["teacher_layers"].student.init == "uniform"
