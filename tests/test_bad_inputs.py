@@ -90,6 +90,15 @@ def hidden_states_of_other_widths(context: Context) -> list[str]:
     ]
 
 
+def on_policy_teacher_without_eos(context: Context) -> list[str]:
+    """A teacher whose tokenizer has a padding token but no EOS, for an on-policy run."""
+    tokenizer = copy.deepcopy(context.tokenizer)
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.eos_token = None
+    teacher = save_gpt2(context.root / "teacher-without-eos", tokenizer, nb_layers=1)
+    return ["--config", context.config(**{"teacher.name": str(teacher), "responses.lmbda": 1.0})]
+
+
 def empty_after_filtering(context: Context) -> list[str]:
     rows = [{"instruction": f"Say nothing {i}.", "input": "", "output": "   "} for i in range(30)]
     return ["--config", context.config(**{"data.dataset": context.data("empty.jsonl", alpaca_lines(rows))})]
@@ -303,6 +312,50 @@ CASES: list[tuple[str, str, Callable[[Context], list[str]]]] = [
         "cached teacher at another temperature",
         "cache_top_k",
         lambda c: ["--config", c.config(**{"teacher.cache_top_k": 4})],
+    ),
+    ("lmbda above 1", "responses.lmbda", lambda c: ["--config", c.config(**{"responses.lmbda": 1.5})]),
+    ("lmbda below 0", "responses.lmbda", lambda c: ["--config", c.config(**{"responses.lmbda": -0.1})]),
+    (
+        "generation setting of the wrong type",
+        "responses.temperature",
+        lambda c: ["--config", c.config(**{"responses.lmbda": 1.0, "responses.temperature": "hot"})],
+    ),
+    (
+        "top_k not a whole number",
+        "responses.top_k",
+        lambda c: ["--config", c.config(**{"responses.lmbda": 1.0, "responses.top_k": 2.5})],
+    ),
+    (
+        "max_new_tokens past the model's positions",
+        "responses.max_new_tokens is 128",
+        lambda c: ["--config", c.config(**{"responses.lmbda": 1.0, "responses.max_new_tokens": 128})],
+    ),
+    ("tokenizer without EOS for an on-policy run", "no EOS token", on_policy_teacher_without_eos),
+    (
+        "on-policy without a teacher",
+        "has no teacher",
+        lambda c: [
+            "--config",
+            c.config(**{"responses.lmbda": 0.5, "training_parameters.loss": {"()": "loss.ClassicLoss"}}),
+        ],
+    ),
+    (
+        "on-policy on whole texts without prompts",
+        "without a prompt part",
+        lambda c: ["--config", c.config(**{"responses.seq_kd": True, "data.text_column": "instruction"})],
+    ),
+    (
+        "on-policy with the cached teacher",
+        "teacher.cache_top_k caches",
+        lambda c: [
+            "--config",
+            c.config(**{"responses.lmbda": 1.0, "teacher.cache_top_k": 4, "training_parameters.loss.temperature": 1.0}),
+        ],
+    ),
+    (
+        "best checkpoint by ROUGE-L without generation prompts",
+        "generation_prompts is 0",
+        lambda c: ["--config", c.config(**{"training_parameters.best_metric": "rouge_l"})],
     ),
 ]
 

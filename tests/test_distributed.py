@@ -16,7 +16,7 @@ import torch
 
 import distill
 from distillation.data import batching
-from helpers import REPO, base_config, save_gpt2, weights, write_config
+from helpers import REPO, base_config, read_metrics, save_gpt2, weights, write_config
 
 
 @pytest.mark.parametrize("processes", [1, 2, 3])
@@ -361,3 +361,50 @@ def test_fsdp_refuses_what_it_cannot_shard(runs, setting, sentence):
     assert completed.stderr.count(sentence) == 2
     assert "[rank0]: Traceback" not in completed.stderr and "[rank1]: Traceback" not in completed.stderr
     assert not (root / "checkpoints" / "fsdp-refused").exists()
+
+
+@pytest.fixture(scope="module")
+def on_policy_runs(tmp_path_factory, no_dropout_teacher, data_file):
+    """On-policy (lmbda 1) for one epoch: two processes x 1 micro-batch of 9 (DDP, then FSDP) and one process x 2
+    micro-batches of 9. The epoch's last step has one batch: the second process generates from a stand-in's prompts
+    with the first (a sharded model needs both at each forward pass) and drops them."""
+    root = tmp_path_factory.mktemp("ddp-on-policy")
+    values = base_config(root, no_dropout_teacher, data_file)
+    # Plain SGD at a large rate: a weight moves by the rate times its gradient, so a gradient that differs shows
+    # (Adam's normalised steps make a rounding difference in a near-zero gradient as large as a real one).
+    values["training_parameters"].update(
+        batch_size=9, nb_epochs=1, optimizer="sgd", learning_rate=1.0, lr_scheduler="constant", warmup_steps=0
+    )
+    values["training_parameters"]["eval_every_steps"] = 3
+    values["responses"] = {"lmbda": 1.0, "max_new_tokens": 5}
+    config_file = write_config(root / "config.yaml", values)
+    for name, distributed in (("ddp", "ddp"), ("fsdp", "fsdp")):
+        arguments = ["--config", str(config_file), "--run-name", name, "--set", f"hardware.distributed={distributed}"]
+        completed = torchrun(arguments)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+    one = [
+        "--config",
+        str(config_file),
+        "--run-name",
+        "one",
+        "--set",
+        "training_parameters.gradient_accumulation_steps=2",
+    ]
+    assert distill.main(one) == 0
+    return root / "checkpoints"
+
+
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_on_policy_over_two_processes_trains_like_two_accumulation_steps(on_policy_runs, distributed):
+    """Each process samples its own rows, drawn from the step and the batch's place in it: the same responses, the
+    same loss per generated token over the whole step, and the same weights as one process."""
+    one, two = on_policy_runs / "one", on_policy_runs / distributed
+    assert_same_weights(one / "last", two / "last")
+    expected, actual = read_metrics(one), read_metrics(two)
+    assert [(r["split"], r["step"], r["tokens_seen"]) for r in actual] == [
+        (r["split"], r["step"], r["tokens_seen"]) for r in expected
+    ]
+    for expected_record, actual_record in zip(expected, actual, strict=True):
+        assert actual_record["loss"] == pytest.approx(expected_record["loss"], abs=1e-5), actual_record["step"]
+    train = [record for record in actual if record["split"] == "train"]
+    assert sum(record["student_steps"] for record in train) == 6 and train[-1]["step"] == 6
