@@ -120,21 +120,35 @@ def prepare_splits(spec: DataSpec, tokenizer, data_folder: str, token_dataset: s
 
 def _check_targets_left(splits: dict[str, Dataset], tokenized: DatasetDict, spec: DataSpec) -> None:
     """Samples with no target token left are dropped (tokenize): with data.mask_instruction, a prompt as long as
-    max_length leaves none of the response. Many of them, or a whole split, say that max_length is too small for
+    max_length leaves none of the response; and prompts that leave no room for an answer. Many of them, or a whole split, say that max_length is too small for
     this data, not that the data is too small."""
     fix = f"raise data.max_length (now {spec.max_length})"
-    if spec.mask_instruction:
+    prompts_only = all(_prompt_only_rows(rows) == len(rows) for rows in splits.values())
+    if spec.mask_instruction and not prompts_only:  # a prompt-only sample has no target to unmask
         fix += ", or set data.mask_instruction: false to score the prompts too"
     for name in SPLIT_NAMES:
         if len(tokenized[name]) == 0:
+            cause = (
+                f"leaves no room for an answer in data.max_length {spec.max_length} tokens"
+                if prompts_only
+                else f"is cut at data.max_length {spec.max_length} tokens before its first target (response) token"
+            )
             raise DataError(
-                f"every sample of the {name} split of {spec.dataset} ({len(splits[name])}) is cut at "
-                f"data.max_length {spec.max_length} tokens before its first target (response) token, so the "
+                f"every sample of the {name} split of {spec.dataset} ({len(splits[name])}) {cause}, so the "
                 f"split is empty; {fix}."
             )
     total = sum(len(rows) for rows in splits.values())
     dropped = total - sum(len(split) for split in tokenized.values())
-    _report_dropped(dropped, total, f"samples cut at data.max_length {spec.max_length} before any response token", fix)
+    what = (
+        f"prompts that do not fit in data.max_length {spec.max_length} with room for an answer"
+        if prompts_only
+        else f"samples cut at data.max_length {spec.max_length} before any response token"
+    )
+    _report_dropped(dropped, total, what, fix)
+
+
+def _prompt_only_rows(rows: Dataset) -> int:
+    return sum(rows["prompt_only"]) if "prompt_only" in rows.column_names else 0
 
 
 def load_text_splits(spec: DataSpec, data_folder: str, num_proc: int = 1) -> dict[str, Dataset]:
@@ -202,6 +216,8 @@ def _drop_empty(texts: Dataset, non_empty, spec: DataSpec, kind: str | None) -> 
         if kind is None
         else "an empty or all-whitespace output (or none)"
         if kind == chat_data.ALPACA
+        else "an empty or all-whitespace prompt"
+        if kind == chat_data.PROMPT_ONLY
         else "no assistant turn with text"
     )
     _report_dropped(
@@ -296,11 +312,30 @@ def _tokenize_step_fingerprint(rows: Dataset, tokenizer, spec: DataSpec) -> str:
 
 
 def _keep_samples_with_targets(encoded: Dataset, spec: DataSpec) -> Dataset:
+    """The samples with a target left after the cut at max_length; and the prompt-only ones (a target mask without
+    a target, see chat_data.tokenize_conversations) that fit with room for a response, whole: a cut prompt is not
+    the prompt. (An answered conversation cut before its answer has no target either, but max_length tokens.)"""
+
     def has_target(batch: dict) -> list[bool]:
         first_target = [max(1, p) if spec.mask_instruction else 1 for p in batch["prompt_length"]]
-        return [len(ids) > first for ids, first in zip(batch["input_ids"], first_target)]
+        keep = [len(ids) > first for ids, first in zip(batch["input_ids"], first_target)]
+        if "target_mask" not in batch:
+            return keep
+        return [
+            0 < len(mask) < spec.max_length if not any(mask) else kept for mask, kept in zip(batch["target_mask"], keep)
+        ]
 
     return encoded.filter(has_target, batched=True, load_from_cache_file=False)
+
+
+def prompt_only_samples(split: Dataset) -> int:
+    """How many samples of a tokenized split are prompts only (no response: `batching.response_start` is their
+    length). Only a prompt-only row gives a chat sample without a target (an answered one has one, or was
+    dropped); an Alpaca sample always has its response."""
+    if "target_mask" not in split.column_names or len(split) == 0:
+        return 0
+    columns = split.select_columns(["prompt_length", "length"]).with_format("numpy")[:]
+    return int((columns["prompt_length"] == columns["length"]).sum())
 
 
 def _tokenize_with_prompt_lengths(tokenizer, texts: list[str], prompts: list[str]) -> tuple[list, list[int]]:

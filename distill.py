@@ -27,7 +27,7 @@ import dataset
 import models
 from distillation.base import hub_client, storage
 from distillation.base.errors import EXIT_NON_FINITE_LOSS, EXIT_SIGNAL_BASE, EXIT_USER_ERROR, UserError, first_line
-from distillation.run import checkpoints, model_card, records, runs
+from distillation.run import baseline_comparison, checkpoints, model_card, records, runs
 from distillation.run.checkpoints import CheckpointError
 from distillation.run.hub_push import PushStopped, push_checkpoint
 from distillation.run.runs import PLAIN_BASELINE_SUFFIX, locate_run
@@ -103,7 +103,18 @@ def train_runs(command: Command) -> int:
             resume,
             command,
         )
+        if status == 0:  # both complete: their test figures side by side, and their comparison figure
+            show_comparison(run.directory, baseline)
     return status or pushed
+
+
+def show_comparison(run_directory: Path, baseline_directory: Path) -> None:
+    """The run and its plain baseline side by side, said on the console (both runs' own logs are closed)."""
+    records.setup_console_logging()
+    try:
+        baseline_comparison.report(run_directory, baseline_directory)
+    finally:
+        records.close_log_handlers()
 
 
 @dataclass
@@ -141,7 +152,8 @@ def train(config_file: str, overrides: list[str], run_name: str | None, resume: 
         with during("reading the config"):
             config = load_config(config_file, overrides)
         with during("setting up the run"):
-            trainer = setup(config, run_name, resume)
+            # The first run of a --plain-baseline command: the data must have the responses its baseline trains on.
+            trainer = setup(config, run_name, resume, command.arguments.plain_baseline and command.main_run is None)
         run = command.run = trainer.run
         accelerator = trainer.accelerator
         with trainer.stop_signals:  # from the first file written in the run directory to the last
@@ -311,10 +323,11 @@ def file_system_message(error: Exception, run) -> str | None:
     return None
 
 
-def setup(config: Config, run_name: str | None, resume: bool) -> Trainer:
+def setup(config: Config, run_name: str | None, resume: bool, plain_baseline: bool = False) -> Trainer:
     """Everything a run needs, checked: its directory (created for a new run and locked, nothing written in it yet;
     `runs.release_runs` removes it again if a check fails), the processes and the device, the criterion, the models,
-    the data and the teacher's cache; on a resume, the trainer is restored from the last checkpoint."""
+    the data (with responses for the plain baseline that follows, when `plain_baseline`) and the teacher's cache;
+    on a resume, the trainer is restored from the last checkpoint."""
     criterion = config.training_parameters.loss  # the one configue built from the file: the run's criterion
     processes = hardware.start_processes(config)
     run = decided_by_main_process(
@@ -342,11 +355,13 @@ def setup(config: Config, run_name: str | None, resume: bool) -> Trainer:
             data_spec, tokenizer, config.paths.data_folder, config.paths.token_dataset, config.data.num_proc
         )
     models_read = [student.config] + ([teacher.config] if teacher is not None else [])
-    responses.check_setup(config, tokenizer, models_read, splits["train"])
+    responses.check_setup(config, tokenizer, models_read, splits, plain_baseline)
     # After the data: the template that rendered it depends on its format, and must not enter its cache key.
     checkpoints.set_generation_defaults(
         tokenizer, student, dataset.training_chat_template(data_spec, tokenizer, splits), config.data.max_length
     )
+    with during("answering the validation and test prompts with the teacher"):
+        splits = responses.with_teacher_references(splits, teacher, student.config, tokenizer, config, accelerator)
     with during("building the teacher cache (or reading it)"):
         cached_teacher = teacher_cache.prepare(
             config, accelerator, tokenizer, student.config.vocab_size, splits, teacher_dtype

@@ -37,6 +37,17 @@ def test_run_directory_holds_config_log_metrics_summary_and_checkpoints(finished
     assert "Validation at step" in (finished_run / "train.log").read_text()
 
 
+def test_without_generation_prompts_the_records_have_no_generation_figures(finished_run):
+    """generation_prompts 0 (the default): the validation and test records and summary.json keep their keys."""
+    figures = ["loss", "kd", "ce", "perplexity", "kl_teacher", "top1_agreement", "target_tokens"]
+    counters = ["split", "step", "epoch", "samples_seen", "tokens_seen"]
+    for record in read_metrics(finished_run):
+        if record["split"] != "train":
+            assert list(record) == [*counters, *figures, "wall_time_s"]
+    assert list(json.loads((finished_run / "summary.json").read_text())["test"]) == figures
+    assert "ROUGE-L" not in (finished_run / "train.log").read_text()
+
+
 def test_best_and_last_checkpoints_load_with_from_pretrained(finished_run, tokenizer):
     for name in ("best", "last"):
         model = AutoModelForCausalLM.from_pretrained(finished_run / name)

@@ -264,3 +264,47 @@ def test_a_killed_on_policy_run_resumes_to_the_straight_runs_samples_and_weights
     assert killed == straight  # tokens_seen counts the generated tokens: other samples would change it
     losses = [[record["loss"] for record in read_metrics(checkpoints / name)] for name in ("straight", "killed")]
     assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+
+
+def test_the_gpu_defaults_generate_and_distil_at_gpt2s_vocabulary(tmp_path):
+    """bf16 teacher and autocast, GPT-2's tokenizer and a 50260-row teacher (the original's) over a 50257-row
+    student, narrow so that emulated bf16 stays quick: the student's samples and the teacher's generations. The
+    teacher's 3 extra rows are made its most likely tokens everywhere: a generation that could choose them would
+    give the student ids past its vocabulary, so the run ending whole shows they are never chosen."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from assets import hub_standins
+    from helpers import base_config
+
+    teacher_dir = tmp_path / "teacher"
+    hub_standins.save_gpt2_tokenizer(teacher_dir)
+    config = GPT2Config(
+        vocab_size=50260, n_positions=256, n_embd=32, n_layer=2, n_head=2, bos_token_id=50256, eos_token_id=50256
+    )
+    torch.manual_seed(0)
+    teacher = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        direction = torch.randn(32)
+        teacher.transformer.ln_f.bias.copy_(direction)
+        teacher.transformer.wte.weight[50257:] = 20 * direction  # tied head: logits of 20 |direction|^2 and more
+    teacher.save_pretrained(teacher_dir)
+    rows = hub_standins.alpaca_gpt4_rows(30, seed=2, mean_words=6.0, max_words=12)
+    data = hub_standins.write_rows(tmp_path / "rows.jsonl", rows)
+    values = base_config(tmp_path, teacher_dir, data)
+    values["teacher"]["dtype"] = "bfloat16"
+    values["hardware"]["mixed_precision"] = "bf16"
+    values["training_parameters"].update(max_steps=2, batch_size=4, eval_every_steps=None, report_to="none")
+    values["training_parameters"]["sample_prompts"] = 1
+    values["data"]["max_length"] = 96
+    values["responses"] = {"lmbda": 0.5, "seq_kd": True, "max_new_tokens": 5}
+    config_file = write_config(tmp_path / "config.yaml", values)
+    assert distill.main(["--config", str(config_file), "--run-name", "vocabulary"]) == 0
+    run = tmp_path / "checkpoints" / "vocabulary"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["mixed_precision"] == "bf16" and summary["steps"] == 2
+    train = [record for record in read_metrics(run) if record["split"] == "train"]
+    assert [sum(record[f"{source}_steps"] for record in train) for source in ("student", "teacher")] == [1, 1]
+    assert all(record["data_steps"] == 0 for record in train)
+    student = weights(run / "best")
+    assert student["transformer.wte.weight"].shape == (50257, 32)
+    assert all(torch.isfinite(tensor).all() for tensor in student.values())

@@ -188,6 +188,9 @@ def test_distill_draws_the_run_curves(compared_runs):
     _, _, distilled, plain = compared_runs
     for run in (distilled, plain):
         assert (run / plots.CURVES_FILE).read_bytes().startswith(PNG_SIGNATURE)
+    # --plain-baseline, once both runs are complete: their comparison, in the distilled run's directory.
+    assert (distilled / plots.COMPARISON_FILE).read_bytes().startswith(PNG_SIGNATURE)
+    assert not (plain / plots.COMPARISON_FILE).exists()
 
 
 def test_plots_command_writes_each_run_and_a_comparison(compared_runs, tmp_path):
@@ -304,19 +307,23 @@ def test_data_exploration_notebook_runs_and_draws_every_figure(compared_runs):
 def test_experiments_notebook_compares_the_runs_and_generates(compared_runs, tmp_path):
     """With a third run, damaged by hand (records without their split, a summary.json that is a list, no best
     checkpoint), and a directory that is not a run, which before ended the notebook in a KeyError and a
-    FileNotFoundError: what they cannot give is left out and named."""
+    FileNotFoundError: what they cannot give is left out and named. A fourth run has generation figures (ROUGE-L
+    of greedy answers...) in its validation and test records: the summary table shows them."""
     _, _, distilled, plain = compared_runs
     damaged = damaged_copy(distilled, tmp_path / "damaged", "[]", b"seed: [1\n")
+    scored = scored_copy(distilled, tmp_path / "scored")
     notebook = execute_notebook(
         "experiments_exploration.ipynb",
-        f"RUNS = [{str(distilled)!r}, {str(plain)!r}, {str(damaged)!r}, {str(tmp_path)!r}]\n"
+        f"RUNS = [{str(distilled)!r}, {str(plain)!r}, {str(damaged)!r}, {str(scored)!r}, {str(tmp_path)!r}]\n"
         "CHECKPOINTS, DEMO_PREFIX = 'checkpoints', 'tiny'\n"
         "PROMPTS = [{'instruction': 'Add the two numbers.', 'input': '3 and 4'}]\nMAX_NEW_TOKENS = 8",
     )
     # One figure per run, the comparison, then kl_teacher and top1_agreement (the distilled runs have them).
-    assert figures_by_cell(notebook) == [3, 1, 1]
+    assert figures_by_cell(notebook) == [4, 1, 1]
     printed, tables = notebook_outputs(notebook)
     assert any("demo-plain" in table and "ClassicLoss" in table for table in tables)
+    summary_table = next(table for table in tables if "test perplexity" in table)
+    assert "test ROUGE-L F1" in summary_table and "test teacher NLL per token" in summary_table
     assert "--- demo:" in printed and "--- demo-plain:" in printed
     assert f"note: {damaged / 'summary.json'} holds a list" in printed and "4 of its records left out" in printed
     assert f"note: damaged has no best checkpoint in {damaged / 'best'}" in printed
@@ -433,6 +440,23 @@ def damaged_copy(run: Path, destination: Path, summary: str, config: bytes) -> P
         metrics.write("".join(json.dumps(record) + "\n" for record in damaged))
     (destination / "summary.json").write_text(summary)
     (destination / "config.yaml").write_bytes(config)
+    return destination
+
+
+def scored_copy(run: Path, destination: Path) -> Path:
+    """A copy of a finished run (without its checkpoints and samples) whose validation and test records, and
+    summary.json's test, hold generation figures, as a run with generation_prompts > 0 writes them."""
+    shutil.copytree(
+        run, destination, ignore=shutil.ignore_patterns("last", "best", "step-*", "tensorboard", "samples*")
+    )
+    figures = {"rouge_l": 0.25, "teacher_nll": 2.5, "response_length": 12.0, "eos_share": 0.75, "generation_prompts": 4}
+    scored = [
+        {**record, **figures} if record["split"] in ("validation", "test") else record for record in read_metrics(run)
+    ]
+    (destination / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in scored))
+    summary = json.loads((run / "summary.json").read_text())
+    summary["test"].update(figures)
+    (destination / "summary.json").write_text(json.dumps(summary, indent=2))
     return destination
 
 

@@ -2,6 +2,10 @@
 read into one `messages` column of role/content turns, rendered with a chat template and tokenized with a mask of
 the assistant turns' tokens.
 
+Prompt-only rows (a `prompt` column without completions, or a conversation with no assistant turn that ends with a
+user turn) are read as conversations to be continued: rendered with the template's generation prompt, without a
+target; only runs that generate every step's responses train on them (responses.check_prompt_data).
+
 formats.py decides the format (from the columns, FORMAT_COLUMNS, then the first row); dataset.py calls `to_messages`
 when formatting the rows and `tokenize_conversations` when tokenizing them; the template that renders them (`rendering_template`) is part of the
 tokenized-data cache key. Any malformed conversation is a DataError naming its row (counted from 1).
@@ -24,6 +28,9 @@ ALPACA = "alpaca"
 MESSAGES = "messages"
 SHAREGPT = "conversations"
 PROMPT_COMPLETION = "prompt/completion"
+# Prompts without answers: a `prompt` column (texts, or lists of turns as TRL's prompt-only data), read when no
+# format's columns are there (a `completion` column makes it prompt/completion data).
+PROMPT_ONLY = "prompt"
 # In order of precedence: the first whose columns a data set has (and its first row fills) is its format.
 FORMAT_COLUMNS = {
     ALPACA: ("instruction", "output"),
@@ -34,7 +41,8 @@ FORMAT_COLUMNS = {
 ACCEPTED = (
     "Alpaca columns instruction/output (and input), a messages column of "
     '{"role": ..., "content": ...} turns, a ShareGPT conversations column of '
-    '{"from": ..., "value": ...} turns, or prompt/completion columns'
+    '{"from": ..., "value": ...} turns, or prompt/completion columns (or a prompt column alone, for runs that '
+    "generate every response)"
 )
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {
@@ -71,8 +79,9 @@ def check_columns(raw: Dataset, kind: str, dataset: str) -> None:
 
 
 def to_messages(batch: dict, indices: list[int], kind: str, dataset: str) -> dict:
-    """A batch of rows in format `kind` -> `messages`: lists of {"role", "content"} turns, each checked; and the
-    `row` each comes from."""
+    """A batch of rows in format `kind` -> `messages`: lists of {"role", "content"} turns, each checked; the `row`
+    each comes from; and whether it is `prompt_only` (to be continued by a model: a prompt-only data set's row, or
+    a conversation with no assistant turn)."""
     if kind == MESSAGES:
         turns = [
             [_turn(turn, "role", "content", index, dataset) for turn in row or []]
@@ -83,19 +92,33 @@ def to_messages(batch: dict, indices: list[int], kind: str, dataset: str) -> dic
             [_sharegpt_turn(turn, index, dataset) for turn in row or []]
             for row, index in zip(batch["conversations"], indices)
         ]
+    elif kind == PROMPT_ONLY:
+        turns = [_prompt(prompt, index, dataset) for prompt, index in zip(batch["prompt"], indices)]
     else:
         turns = [
             _prompt_completion(prompt, completion, index, dataset)
             for prompt, completion, index in zip(batch["prompt"], batch["completion"], indices)
         ]
+    prompt_only = [kind == PROMPT_ONLY or not _answered(conversation) for conversation in turns]
     for conversation, index in zip(turns, indices):
         _check_conversation(conversation, index, dataset)
-    return {"messages": turns, "row": [index + 1 for index in indices]}  # counted from 1, for the refusals
+    # `row`: counted from 1, for the refusals.
+    return {"messages": turns, "row": [index + 1 for index in indices], "prompt_only": prompt_only}
 
 
 def has_response(batch: dict) -> list[bool]:
-    """Conversations whose assistant turns hold some text: the others are empty samples, dropped as Alpaca's are."""
-    return [any(turn["role"] == "assistant" and turn["content"].strip() for turn in row) for row in batch["messages"]]
+    """Conversations whose assistant turns hold some text, and prompt-only ones with some text: the others are
+    empty samples, dropped as Alpaca's are."""
+    return [
+        any(turn["content"].strip() for turn in row)
+        if prompt_only
+        else any(turn["role"] == "assistant" and turn["content"].strip() for turn in row)
+        for row, prompt_only in zip(batch["messages"], batch["prompt_only"])
+    ]
+
+
+def _answered(conversation: list[dict]) -> bool:
+    return any(turn["role"] == "assistant" for turn in conversation)
 
 
 def _turn(turn: Any, role_key: str, content_key: str, index: int, dataset: str) -> dict:
@@ -133,13 +156,27 @@ def _prompt_completion(prompt: Any, completion: Any, index: int, dataset: str) -
     ]
 
 
+def _prompt(prompt: Any, index: int, dataset: str) -> list[dict]:
+    """A prompt-only row: a text (the user's turn) or a list of turns, which ends with the user's turn that the
+    generated answer replies to."""
+    if not isinstance(prompt, list):
+        return [{"role": "user", "content": "" if prompt is None else str(prompt)}]
+    turns = [_turn(turn, "role", "content", index, dataset) for turn in prompt]
+    if turns and turns[-1]["role"] != "user":
+        raise DataError(
+            f"the prompt of row {index + 1} of {dataset} ends with a turn of the {turns[-1]['role']}, where the "
+            f"generated answer needs the user's turn it replies to; end each prompt with a user turn."
+        )
+    return turns
+
+
 def _check_conversation(conversation: list[dict], index: int, dataset: str) -> None:
     if not conversation:
         raise DataError(f"row {index + 1} of {dataset} is an empty conversation; give it turns, or remove it.")
-    if not any(turn["role"] == "assistant" for turn in conversation):
+    if not _answered(conversation) and conversation[-1]["role"] != "user":
         raise DataError(
-            f"row {index + 1} of {dataset} has no assistant turn, so nothing to learn; add the answer, "
-            f"or remove the row."
+            f"row {index + 1} of {dataset} has no assistant turn, so nothing to learn, and does not end with a "
+            f"user turn, so it is no prompt either; add the answer, or remove the row."
         )
 
 
@@ -195,26 +232,39 @@ def tokenize_conversations(rows: Dataset, tokenizer, chat_template: str, spec, n
 
     `prompt_length` counts the tokens that are not targets when the instruction is masked (position 0 always, as
     nothing predicts it): for an Alpaca sample that is its prompt, here every token outside the assistant turns.
-    `fingerprint` names the output for `datasets`, which would otherwise hash the tokenizer to name it."""
+    A prompt-only row is rendered with the template's generation prompt, so that a model continues it with the
+    assistant's turn; it has no target (its prompt_length is its length), and is not cut: dataset.py drops one
+    that does not fit. `fingerprint` names the output for `datasets`, which would otherwise hash the tokenizer to
+    name it."""
     tagged = bool(GENERATION_TAG.search(chat_template))
+
+    def encode_answered(batch: dict) -> tuple[list, list]:
+        if not spec.mask_instruction:
+            texts = [_render(tokenizer, messages, chat_template) for messages in batch["messages"]]
+            ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+            masks = [[True] * len(sample) for sample in ids]
+        elif tagged:
+            encoded = tokenizer.apply_chat_template(
+                batch["messages"], chat_template=chat_template, return_dict=True, return_assistant_tokens_mask=True
+            )
+            ids, masks = encoded["input_ids"], encoded["assistant_masks"]
+        else:
+            ids, masks = _tokenize_by_prefixes(tokenizer, batch, chat_template, spec.dataset)
+        ids = [sample[: spec.max_length] for sample in ids]
+        return ids, [[bool(marked) for marked in mask[: len(sample)]] for mask, sample in zip(masks, ids)]
+
+    def encode_prompts(batch: dict) -> tuple[list, list]:
+        texts = [
+            _render(tokenizer, messages, chat_template, add_generation_prompt=True) for messages in batch["messages"]
+        ]
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return ids, [[False] * len(sample) for sample in ids]
 
     def encode(batch: dict) -> dict:
         try:
-            if not spec.mask_instruction:
-                texts = [_render(tokenizer, messages, chat_template) for messages in batch["messages"]]
-                ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-                masks = [[True] * len(sample) for sample in ids]
-            elif tagged:
-                encoded = tokenizer.apply_chat_template(
-                    batch["messages"], chat_template=chat_template, return_dict=True, return_assistant_tokens_mask=True
-                )
-                ids, masks = encoded["input_ids"], encoded["assistant_masks"]
-            else:
-                ids, masks = _tokenize_by_prefixes(tokenizer, batch, chat_template, spec.dataset)
+            ids, masks = _by_kind(batch, encode_answered, encode_prompts)
         except TemplateError as error:
             raise _unrenderable(tokenizer, batch, chat_template, spec.dataset, error) from None
-        ids = [sample[: spec.max_length] for sample in ids]
-        masks = [[bool(marked) for marked in mask[: len(sample)]] for mask, sample in zip(masks, ids)]
         return {
             "input_ids": ids,
             "prompt_length": [1 + mask[1:].count(False) for mask in masks],
@@ -230,6 +280,23 @@ def tokenize_conversations(rows: Dataset, tokenizer, chat_template: str, spec, n
         load_from_cache_file=False,
         new_fingerprint=fingerprint,
     )
+
+
+def _by_kind(batch: dict, encode_answered, encode_prompts) -> tuple[list, list]:
+    """(ids, masks) of a batch's rows, each encoded by the function of its kind (answered or prompt-only), in the
+    batch's order; a batch of one kind is passed whole."""
+    prompt_only = batch.get("prompt_only") or [False] * len(batch["messages"])
+    if not any(prompt_only):
+        return encode_answered(batch)
+    if all(prompt_only):
+        return encode_prompts(batch)
+    ids, masks = [None] * len(prompt_only), [None] * len(prompt_only)
+    for kind, encode in ((False, encode_answered), (True, encode_prompts)):
+        rows = [index for index, flag in enumerate(prompt_only) if flag == kind]
+        part = {key: [values[index] for index in rows] for key, values in batch.items()}
+        for index, sample, mask in zip(rows, *encode(part), strict=True):
+            ids[index], masks[index] = sample, mask
+    return ids, masks
 
 
 def _tokenize_by_prefixes(tokenizer, batch: dict, chat_template: str, dataset: str) -> tuple[list, list]:

@@ -21,6 +21,7 @@ LABELS = {
     chat_data.MESSAGES: "messages",
     chat_data.SHAREGPT: "ShareGPT conversations",
     chat_data.PROMPT_COMPLETION: "prompt/completion",
+    chat_data.PROMPT_ONLY: "prompt-only",
 }
 
 
@@ -35,6 +36,8 @@ def decide_format(raw: Dataset, dataset: str, text_column: str | None) -> str | 
         _check_texts(raw, dataset, [text_column])
         return None
     kind = _first_row_format(table, columns)
+    if kind is None and "prompt" in columns:
+        return _prompt_only(raw, dataset)
     if kind is None:
         raise _no_format(raw, dataset, columns)
     _check_one_format(table, dataset, chat_data.FORMAT_COLUMNS[kind], LABELS[kind], kind)
@@ -43,6 +46,13 @@ def decide_format(raw: Dataset, dataset: str, text_column: str | None) -> str | 
     else:
         chat_data.check_columns(raw, kind, dataset)
     return kind
+
+
+def _prompt_only(raw: Dataset, dataset: str) -> str:
+    """Prompt-only data (a `prompt` column, and none of a format with answers): texts, or lists of turns."""
+    if not isinstance(raw.features["prompt"], List):
+        _check_texts(raw, dataset, ["prompt"])
+    return chat_data.PROMPT_ONLY
 
 
 def _candidates(columns: set[str]) -> list[str]:

@@ -55,6 +55,8 @@ class TrainerState:
     best_validation_loss: float | None = None
     best_validation_perplexity: float | None = None
     best_step: int | None = None
+    # The best checkpoint's ROUGE-L (training_parameters.generation_prompts > 0; absent from older checkpoints).
+    best_validation_rouge_l: float | None = None
     last_evaluated_step: int | None = None
     skipped_batches: int = 0
     # Loss, kd and ce summed over the micro-batches since the last log step, and their count.
@@ -67,11 +69,14 @@ class TrainerState:
         self.last_evaluated_step = self.global_step
         if best_metric == "perplexity":
             improved = self.best_validation_perplexity is None or result["perplexity"] < self.best_validation_perplexity
+        elif best_metric == "rouge_l":  # higher is better
+            improved = self.best_validation_rouge_l is None or result["rouge_l"] > self.best_validation_rouge_l
         else:
             improved = self.best_validation_loss is None or result["loss"] < self.best_validation_loss
         if improved:
             self.best_validation_loss, self.best_step = result["loss"], self.global_step
             self.best_validation_perplexity = result["perplexity"]
+            self.best_validation_rouge_l = result.get("rouge_l")
         return improved
 
 
@@ -175,6 +180,7 @@ class RunCheckpoints:
                 "The best checkpoint %s is missing: the best validation from now on will be kept there", self.best
             )
             state.best_validation_loss = state.best_validation_perplexity = state.best_step = None
+            state.best_validation_rouge_l = None
             state.last_evaluated_step = None  # a complete run validates once more, to have a best to test
         self.last_saved_step = state.global_step
         load_model_weights(self.last, self.model)

@@ -26,6 +26,13 @@ CURVES_FILE = "loss_curves.png"  # what plots.write_run_curves draws in the run 
 # The figures of summary.json that the card shows: counts (whole numbers), and other figures (a number or null).
 SUMMARY_COUNTS = ("steps", "samples_seen", "tokens_seen", "best_step")
 SUMMARY_FIGURES = ("run", "best_validation_loss")
+# The generation figures of summary.json's test, where the run scored answers (generation_prompts > 0): their rows.
+GENERATION_ROWS = {
+    "rouge_l": "ROUGE-L F1 of the answers",
+    "teacher_nll": "teacher NLL per answer token",
+    "response_length": "answer length (new tokens)",
+    "eos_share": "share of answers ending in EOS",
+}
 
 
 def write_model_card(run_directory: Path, config: Config) -> Path:
@@ -144,6 +151,8 @@ def _eval_results(config: Config, summary: dict) -> list:
     if test.get("kl_teacher") is not None:
         figures.append(("kl_divergence", "KL(teacher || student) at T=1", test["kl_teacher"]))
         figures.append(("accuracy", "Top-1 agreement with the teacher", test["top1_agreement"]))
+    if _figure(test, "rouge_l") is not None:
+        figures.append(("rouge", "Test ROUGE-L F1 of greedy answers", test["rouge_l"]))
     dataset = config.data.dataset
     return [
         EvalResult(
@@ -249,12 +258,32 @@ def _results_section(summary: dict) -> str:
     if test.get("kl_teacher") is not None:
         rows.append(("KL(teacher ‖ student) per token, T = 1", _number(test["kl_teacher"]), "-"))
         rows.append(("top-1 agreement with the teacher", _number(test["top1_agreement"]), "-"))
+    answered = _figure(test, "generation_prompts")
+    # Runs made before the generation figures, or with generation_prompts 0, have none: no rows.
+    scored = bool(answered) or any(_figure(test, key) is not None for key in GENERATION_ROWS)
+    if scored:
+        rows += [(name, _number(_figure(test, key)), "-") for key, name in GENERATION_ROWS.items()]
     table = "\n".join(f"| {name} | {student} | {reference} |" for name, student, reference in rows)
-    return (
+    section = (
         f"## Results\n\nOn the test split ({test['target_tokens']:,} target tokens), the best checkpoint (step "
         f"{summary['best_step']}, validation loss {_number(summary['best_validation_loss'])}):\n\n"
         f"| | student | teacher |\n|---|---|---|\n{table}"
     )
+    if scored:
+        prompts = f"{answered:g} " if answered else ""
+        section += (
+            f"\n\nThe answer figures are the student's greedy answers to the first {prompts}test prompts: ROUGE-L "
+            "F1 against the reference response (the `rouge-score` package), the teacher's negative log-likelihood "
+            "per token of the answers (EOS included; lower: answers the teacher finds likelier; `-` without a "
+            "teacher), the mean answer length in new tokens and the share of answers that end in EOS."
+        )
+    return section
+
+
+def _figure(test: dict, key: str) -> float | None:
+    """A generation figure of the test split: a number, or None where the run has none (null, absent, damaged)."""
+    value = test.get(key)
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def _number(value: float | None) -> str:

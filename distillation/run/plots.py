@@ -4,7 +4,8 @@
 
 writes `loss_curves.png` into each run directory and, for several runs, one comparison figure (validation
 perplexity and the CE term against samples seen, one line per run; by default `comparison.png` beside the first
-run, and `--output`'s folder is created). Works without a display (matplotlib's Agg backend). What a damaged run
+run, and `--output`'s folder is created). Runs whose validation records hold generation figures (ROUGE-L F1 of
+greedy answers, the teacher's NLL of them) get a second row of panels with them, in both figures. Works without a display (matplotlib's Agg backend). What a damaged run
 cannot give (a record without its split, step or samples_seen; a summary.json or config.yaml that cannot be read)
 is left out and named in a `note:` line; a directory without metrics.jsonl, or a figure that cannot be written, is
 one sentence and exit 2.
@@ -24,6 +25,18 @@ from distillation.base import storage
 from distillation.base.errors import UserError, first_line
 
 CURVES_FILE = "loss_curves.png"
+COMPARISON_FILE = "comparison.png"
+# The generation figures of validation and test records and summary.json's test (greedy answers to the first
+# generation_prompts prompts of the split): older runs, and runs with generation_prompts 0, have none of them, and
+# a figure that could not be computed (teacher_nll without a teacher) is null.
+GENERATION_FIGURES = {
+    "rouge_l": "ROUGE-L F1",
+    "teacher_nll": "teacher NLL per token",
+    "response_length": "answer length",
+    "eos_share": "answers ending in EOS",
+    "generation_prompts": "prompts answered",
+}
+GENERATION_CURVES = ("rouge_l", "teacher_nll")  # the ones drawn over the run, each on its own axes
 
 
 class NotARun(UserError):
@@ -155,22 +168,40 @@ def series(records: list[dict], key: str, along: str = "samples_seen") -> tuple[
     return [x for x, _ in points], [y for _, y in points]
 
 
+def generation_curves(runs: list[Run]) -> list[str]:
+    """The generation figures (of GENERATION_CURVES) that a validation record of one of `runs` holds as a number."""
+    return [key for key in GENERATION_CURVES if any(series(run.split("validation"), key)[0] for run in runs)]
+
+
 def plot_run(run: Run, figure=None):
     """The training and validation curves of one run against samples seen: total loss, and each term on its own
-    axes (the KD and CE terms of a distilled run have different scales)."""
+    axes (the KD and CE terms of a distilled run have different scales); below them, the validation generation
+    figures, where the run has them."""
     import matplotlib.pyplot as plt
 
     keys = ["loss", "kd", "ce"] if run.is_distilled else ["ce"]
     titles = {"loss": "total loss", "kd": "KD term", "ce": "CE term (student next-token loss)"}
+    generated = generation_curves([run])
+    columns, rows = max(len(keys), len(generated)), 2 if generated else 1
     if figure is None:
-        figure = plt.figure(figsize=(5 * len(keys), 3.8))
-    axes = figure.subplots(1, len(keys), squeeze=False)[0]
-    for axis, key in zip(axes, keys):
+        figure = plt.figure(figsize=(5 * columns, 3.8 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False)
+    drawn = []
+    for axis, key in zip(axes[0], keys):
         for split, style in (("train", "-"), ("validation", "o-")):
             xs, ys = series(run.split(split), key)
             if xs:
                 axis.plot(xs, ys, style, label=split, markersize=4)
         axis.set_title(titles[key])
+        drawn.append(axis)
+    for axis, key in zip(axes[1] if generated else [], generated):
+        axis.plot(*series(run.split("validation"), key), "o-", label="validation", markersize=4)
+        axis.set_title(f"{GENERATION_FIGURES[key]} of greedy answers")
+        drawn.append(axis)
+    for axis in axes.flat:
+        if axis not in drawn:  # a row with fewer panels than the other
+            axis.set_visible(False)
+            continue
         axis.set_xlabel("samples seen")
         axis.grid(alpha=0.3)
         if axis.get_legend_handles_labels()[0]:  # a run stopped before its first record of this term has none
@@ -182,12 +213,15 @@ def plot_run(run: Run, figure=None):
 
 def plot_comparison(runs: list[Run], figure=None):
     """Several runs on shared axes: validation perplexity and training CE against samples seen. The CE term is the
-    quantity every run shares (a plain run has no KD term), so distilled and plain students compare on it."""
+    quantity every run shares (a plain run has no KD term), so distilled and plain students compare on it. Where a
+    run has generation figures, a second row compares their validation ROUGE-L and teacher NLL."""
     import matplotlib.pyplot as plt
 
+    generated = generation_curves(runs)
     if figure is None:
-        figure = plt.figure(figsize=(11, 4))
-    perplexity_axis, ce_axis = figure.subplots(1, 2)
+        figure = plt.figure(figsize=(11, 8 if generated else 4))
+    axes = figure.subplots(2 if generated else 1, 2, squeeze=False)
+    perplexity_axis, ce_axis = axes[0]
     for run in runs:
         xs, ys = series(run.split("validation"), "perplexity")
         perplexity_axis.plot(xs, ys, "o-", label=run.label, markersize=4)
@@ -203,10 +237,19 @@ def plot_comparison(runs: list[Run], figure=None):
     for formatter in (perplexity_axis.yaxis.set_major_formatter, perplexity_axis.yaxis.set_minor_formatter):
         formatter(FormatStrFormatter("%g"))  # 4, 6, 10 rather than 4x10^0
     ce_axis.set_title("training CE")
-    for axis in (perplexity_axis, ce_axis):
+    for axis, key in zip(axes[1] if generated else [], generated):
+        for run in runs:
+            xs, ys = series(run.split("validation"), key)
+            if xs:  # a plain run has no teacher_nll: no line, and no entry in the legend
+                axis.plot(xs, ys, "o-", label=run.label, markersize=4)
+        axis.set_title(f"validation {GENERATION_FIGURES[key]} of greedy answers")
+    if len(generated) == 1:
+        axes[1][1].set_visible(False)
+    for axis in axes.flat:
         axis.set_xlabel("samples seen")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
     figure.tight_layout()
     return figure
 
@@ -223,21 +266,22 @@ def summary_rows(runs: list[Run]) -> list[dict]:
         summary = _mapping(run.summary)
         test, teacher = _mapping(summary.get("test")), _mapping(summary.get("teacher"))
         speeds = [speed for speed in (_number(r.get("tokens_per_s")) for r in run.split("train")) if speed]
-        rows.append(
-            {
-                "run": run.name,
-                "loss": run.loss_name,
-                "steps": summary.get("steps"),
-                "best step": summary.get("best_step"),
-                "best validation perplexity": summary.get("best_validation_perplexity"),
-                "test perplexity": test.get("perplexity"),
-                "teacher test perplexity": _mapping(teacher.get("test")).get("perplexity"),
-                "test KL to teacher": test.get("kl_teacher"),
-                "test top-1 agreement": test.get("top1_agreement"),
-                "tokens/s": round(sum(speeds) / len(speeds)) if speeds else None,
-                "wall time (s)": summary.get("wall_time_s"),
-            }
-        )
+        row = {
+            "run": run.name,
+            "loss": run.loss_name,
+            "steps": summary.get("steps"),
+            "best step": summary.get("best_step"),
+            "best validation perplexity": summary.get("best_validation_perplexity"),
+            "test perplexity": test.get("perplexity"),
+            "teacher test perplexity": _mapping(teacher.get("test")).get("perplexity"),
+            "test KL to teacher": test.get("kl_teacher"),
+            "test top-1 agreement": test.get("top1_agreement"),
+        }
+        if any(key in test for key in GENERATION_FIGURES):  # a run made before them has no such columns
+            row.update({f"test {label}": test.get(key) for key, label in GENERATION_FIGURES.items()})
+        row["tokens/s"] = round(sum(speeds) / len(speeds)) if speeds else None
+        row["wall time (s)"] = summary.get("wall_time_s")
+        rows.append(row)
     return rows
 
 
@@ -247,6 +291,12 @@ def save(figure, path: Path) -> Path:
 
     plt.close(figure)
     return path
+
+
+def write_comparison(runs: list[Run], path: Path) -> Path:
+    """Draw the comparison of `runs` into `path` (its folder made first); UnwritableFigure where it cannot be."""
+    _use_file_backend()
+    return _write(plot_comparison(runs), path)
 
 
 def write_run_curves(directory) -> Path:
@@ -276,8 +326,8 @@ def main(argv=None) -> int:
         _use_file_backend()
         drawn = [run for run in runs if _draw_curves(run)]
         if len(drawn) > 1:
-            output = Path(arguments.output) if arguments.output else drawn[0].directory.parent / "comparison.png"
-            print(_write(plot_comparison(drawn), output))
+            output = Path(arguments.output) if arguments.output else drawn[0].directory.parent / COMPARISON_FILE
+            print(write_comparison(drawn, output))
         elif arguments.output:
             print(
                 f"note: fewer than two runs to compare, so no comparison is written to {arguments.output}",

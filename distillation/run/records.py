@@ -231,12 +231,13 @@ def log_setup(
 
 def log_validation(step: int, result: dict, improved: bool) -> None:
     logger.info(
-        "Validation at step %d: loss %.4f, kd %s, ce %.4f, perplexity %.2f%s",
+        "Validation at step %d: loss %.4f, kd %s, ce %.4f, perplexity %.2f%s%s",
         step,
         result["loss"],
         _format(result["kd"]),
         result["ce"],
         result["perplexity"],
+        _rouge_l(result),
         " (best so far)" if improved else "",
     )
 
@@ -244,12 +245,13 @@ def log_validation(step: int, result: dict, improved: bool) -> None:
 def log_test(best_step: int | None, result: dict, teacher: dict | None) -> None:
     """The best checkpoint's test figures, and the teacher's perplexities (None: no teacher)."""
     logger.info(
-        "Test (best checkpoint, step %s): loss %.4f, kd %s, ce %.4f, perplexity %.2f",
+        "Test (best checkpoint, step %s): loss %.4f, kd %s, ce %.4f, perplexity %.2f%s",
         best_step,
         result["loss"],
         _format(result["kd"]),
         result["ce"],
         result["perplexity"],
+        _rouge_l(result),
     )
     if teacher is not None:
         logger.info(
@@ -257,6 +259,11 @@ def log_test(best_step: int | None, result: dict, teacher: dict | None) -> None:
             teacher["validation"]["perplexity"],
             teacher["test"]["perplexity"],
         )
+
+
+def _rouge_l(result: dict) -> str:
+    """The ROUGE-L of the student's answers, for a run that scores them (training_parameters.generation_prompts)."""
+    return f", ROUGE-L {result['rouge_l']:.4f}" if "rouge_l" in result else ""
 
 
 def _format(value: float | None) -> str:

@@ -40,18 +40,20 @@ def padded_batches(loader, stand_in: dict, num_processes: int, place: Callable[[
 
 class Evaluator:
     """A run's figures on its splits: the student's, as training computes its loss, and the frozen teacher's, once
-    per split. `networks` (networks.Networks) calls the models; `batches` (steps.StepBatches) gives each split."""
+    per split. `networks` (networks.Networks) calls the models; `batches` (steps.StepBatches) gives each split;
+    `generation` (generation_figures.GenerationFigures), when given, adds the figures of the student's answers."""
 
-    def __init__(self, networks, batches) -> None:
-        self.networks, self.batches = networks, batches
+    def __init__(self, networks, batches, generation=None) -> None:
+        self.networks, self.batches, self.generation = networks, batches, generation
         self.teacher_results: dict[str, dict] = {}
 
     def student(self, split: str) -> dict:
-        """The student's figures (see `evaluate`), in eval mode."""
+        """The student's figures (see `evaluate`) and its generation figures, if any, in eval mode."""
         networks = self.networks
         networks.student.eval()
         batches = self.batches.evaluation_batches(split)
-        return evaluate(networks.criterion, networks.forward, batches, networks.accelerator, networks.has_teacher)
+        result = evaluate(networks.criterion, networks.forward, batches, networks.accelerator, networks.has_teacher)
+        return result if self.generation is None else {**result, **self.generation.figures(split)}
 
     def teacher(self, split: str) -> dict:
         """The frozen teacher's figures (see `teacher_figures`), computed once per run."""

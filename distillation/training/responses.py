@@ -12,17 +12,23 @@ what a straight one did.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
+from datasets import Dataset, DatasetDict
 
+import dataset
 import models
 from distillation.data import batching
 from distillation.runtime import hardware
+from distillation.settings.schema import ConfigError, generates_responses
 from distillation.training import generation
 from distillation.training.steps import Step
+
+logger = logging.getLogger("distill")
 
 DATA, STUDENT, TEACHER = "data", "student", "teacher"
 SOURCES = (DATA, STUDENT, TEACHER)
@@ -161,11 +167,11 @@ def _generator(device, seed: int) -> torch.Generator:
     return generator
 
 
-def check_setup(config, tokenizer, model_configs, train_split) -> None:
+def check_setup(config, tokenizer, model_configs, splits, plain_baseline: bool = False) -> None:
     """What generating responses needs of the tokenizer, the models and the data, checked before training (a
-    ConfigError naming the fix). `model_configs` are the student's and, when loaded, the teacher's."""
-    from distillation.settings.schema import ConfigError, generates_responses
-
+    ConfigError naming the fix). `model_configs` are the student's and, when loaded, the teacher's;
+    `plain_baseline`: a plain baseline will follow (see `check_prompt_data`)."""
+    check_prompt_data(config, splits, plain_baseline)
     generated, training = generates_responses(config), config.training_parameters
     if not generated and training.generation_prompts == 0:
         return
@@ -183,7 +189,7 @@ def check_setup(config, tokenizer, model_configs, train_split) -> None:
                 f"responses.max_new_tokens is {max_new_tokens}, but the models have {positions} positions and the "
                 f"prompt needs some; set it below {positions} (e.g. {min(128, positions // 2)})."
             )
-    if generated and not _has_prompts(train_split):
+    if generated and not _has_prompts(splits["train"]):
         raise ConfigError(
             f"responses.lmbda or seq_kd generates responses to the data's prompts, but the training samples of "
             f"{config.data.dataset} have no prompt part (no sample's response starts after its first token); use "
@@ -195,3 +201,93 @@ def _has_prompts(split) -> bool:
     columns = [name for name in ("input_ids", "prompt_length", "target_mask") if name in split.column_names]
     sample_rows = split.select_columns(columns).select(range(min(len(split), 64)))
     return any(batching.response_start(row) > 1 for row in sample_rows)
+
+
+def check_prompt_data(config, splits, plain_baseline: bool = False) -> None:
+    """What the data's prompts and responses allow (a ConfigError naming the fix): prompt-only samples (no
+    response; dataset.prompt_only_samples) only in a run whose every step generates its responses (responses.lmbda
+    1, or seq_kd), and never before a plain baseline, which trains on the data's responses; conversations whose
+    prompt is generated from only with data.mask_instruction, which keeps where their last answer starts."""
+    responses, name = config.responses, config.data.dataset
+    prompt_only = sum(dataset.prompt_only_samples(splits[split]) for split in dataset.SPLIT_NAMES)
+    total = sum(len(splits[split]) for split in dataset.SPLIT_NAMES)
+    which = (
+        f"{prompt_only} of the {total} samples of {name} {'has' if prompt_only == 1 else 'have'} no response (a "
+        f"prompt column, or conversations with no assistant turn)"
+    )
+    if prompt_only and plain_baseline:
+        raise ConfigError(
+            f"--plain-baseline trains the student on the data's responses, but {which}; drop --plain-baseline, "
+            f"or use data with responses."
+        )
+    if prompt_only and responses.lmbda < 1 and not responses.seq_kd:
+        raise ConfigError(
+            f"{which}, and a step that trains on the data's responses (responses.lmbda is {responses.lmbda} and "
+            f"seq_kd false) has nothing to learn from them; set responses.lmbda: 1 or responses.seq_kd: true so "
+            f"that every step generates its responses, or use data with responses."
+        )
+    answered_conversations = "target_mask" in splits["train"].column_names and prompt_only < total
+    if generates_responses(config) and answered_conversations and not config.data.mask_instruction:
+        raise ConfigError(
+            f"responses.lmbda or seq_kd generates answers to the prompts of the conversations of {name}, but with "
+            f"data.mask_instruction false their samples do not keep where the last answer starts (every token is "
+            f"a target); set data.mask_instruction: true."
+        )
+
+
+def with_teacher_references(splits, teacher, student_config, tokenizer, config, accelerator):
+    """The splits with each prompt-only sample of validation and test (no reference response) replaced by its
+    prompt followed by the teacher's greedy answer, marked as the response: the loss, perplexity, KL and the
+    generation figures then read those answers as the references. Every process computes them all (greedy, the
+    same on each; `generation.generate` needs every process in each call), before the models are prepared."""
+    names = [name for name in ("validation", "test") if dataset.prompt_only_samples(splits[name])]
+    if not names or teacher is None:
+        return splits
+    sampling = generation.Sampling(config.responses.max_new_tokens, greedy=True)
+    home = next(teacher.parameters()).device
+    teacher.to(accelerator.device)
+    try:
+        answered = {
+            name: _teacher_answered(splits[name], teacher, student_config, tokenizer, sampling, config, accelerator)
+            for name in names
+        }
+    finally:
+        teacher.to(home)
+    logger.info(
+        "The %s prompts have no reference responses: the teacher's greedy answers (at most %d tokens) are their "
+        "references, which every validation and test figure reads",
+        " and ".join(names),
+        sampling.max_new_tokens,
+    )
+    return DatasetDict({**splits, **answered})
+
+
+def _teacher_answered(split, teacher, student_config, tokenizer, sampling, config, accelerator):
+    """`split` with its prompt-only samples answered by the teacher, in batches of training_parameters.batch_size
+    prompts of similar length (longest first: the least padding)."""
+    rows = split[:]
+    prompt_only = [
+        index for index, (prompt, length) in enumerate(zip(rows["prompt_length"], rows["length"])) if prompt == length
+    ]
+    prompt_only.sort(key=lambda index: -rows["length"][index])
+    batch_size, max_new_tokens = config.training_parameters.batch_size, sampling.max_new_tokens
+    for start in range(0, len(prompt_only), batch_size):
+        indices = prompt_only[start : start + batch_size]
+        prompts = [rows["input_ids"][index] for index in indices]
+        prompts = generation.fitted_prompts(prompts, student_config, max_new_tokens)
+        prompts = generation.fitted_prompts(prompts, teacher.config, max_new_tokens)
+        answers = generation.generate(
+            teacher,
+            prompts,
+            sampling,
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+            accelerator,
+            vocab_size=student_config.vocab_size,
+        )
+        for index, prompt, answer in zip(indices, prompts, answers, strict=True):
+            rows["input_ids"][index] = list(prompt) + answer
+            rows["target_mask"][index] = [False] * len(prompt) + [True] * len(answer)
+            rows["prompt_length"][index] = len(prompt)
+            rows["length"][index] = len(prompt) + len(answer)
+    return Dataset.from_dict(rows, features=split.features)

@@ -22,7 +22,7 @@ from distillation.run.identity import run_identity
 from distillation.run.runs import RunLocation
 from distillation.runtime import hardware
 from distillation.settings.schema import Config
-from distillation.training import evaluation, networks, responses, samples, steps
+from distillation.training import evaluation, generation_figures, networks, responses, samples, steps
 from distillation.training.stop_signals import StoppedBySignal, StopSignals
 from loss import Criterion, ModelOutput
 
@@ -87,7 +87,8 @@ class Trainer:
             nets, self.scheduler, training, self._loss, self.batches.stand_in, self.checkpoints
         )
         self.responses = responses.ResponseSource(config.responses, config.seed, nets, tokenizer, self.batches.stand_in)
-        self.evaluator = evaluation.Evaluator(nets, self.batches)
+        figures = generation_figures.GenerationFigures(nets, splits, tokenizer, config)
+        self.evaluator = evaluation.Evaluator(nets, self.batches, figures)
         self.metrics = records.MetricsLog(run.directory / "metrics.jsonl", accelerator)
         self.data_format = records.trained_format(splits, config)
         prompts = samples.validation_prompts(splits["validation"], tokenizer, training.sample_prompts)
