@@ -42,7 +42,10 @@ from itertools import repeat
 from multiprocessing import get_context
 from pathlib import Path
 
+import yaml
+
 import distill
+from distillation.settings.config import load_config, to_plain_dict
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE_TOP_K = 16
@@ -95,14 +98,16 @@ def overrides(method: str, seed: int, settings: argparse.Namespace, checkpoints:
 
 def run_method(method: str, seed: int, settings: argparse.Namespace, checkpoints: Path) -> dict:
     name = f"{method}-seed{seed}"
-    arguments = ["--config", str(REPO / "configs" / "tiny.yaml"), "--run-name", name]
-    for override in overrides(method, seed, settings, checkpoints):
-        arguments += ["--set", override]
-    started = time.time()
-    status = distill.main(arguments)
-    if status != 0:
-        raise SystemExit(f"the {method} run (seed {seed}) failed with exit code {status}")
     run = checkpoints / name
+    if settings.reuse and (run / "summary.json").is_file():
+        check_reused(run, method, seed, settings, checkpoints)
+    else:
+        arguments = ["--config", str(REPO / "configs" / "tiny.yaml"), "--run-name", name]
+        for override in overrides(method, seed, settings, checkpoints):
+            arguments += ["--set", override]
+        status = distill.main(arguments)
+        if status != 0:
+            raise SystemExit(f"the {method} run (seed {seed}) failed with exit code {status}")
     summary = json.loads((run / "summary.json").read_text())
     training = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     training = [record for record in training if record["split"] == "train"]
@@ -117,8 +122,18 @@ def run_method(method: str, seed: int, settings: argparse.Namespace, checkpoints
         "teacher_test_perplexity": teacher.get("test", {}).get("perplexity"),
         "tokens_per_s": statistics.median(speeds) if speeds else None,
         "generation_s": sum(record.get("generation_s", 0.0) for record in training),
-        "seconds": time.time() - started,
+        "seconds": summary["wall_time_s"],
     }
+
+
+def check_reused(run: Path, method: str, seed: int, settings: argparse.Namespace, checkpoints: Path) -> None:
+    """A finished run that --reuse reads instead of training it again must be the run this command would train."""
+    wanted = to_plain_dict(load_config(REPO / "configs" / "tiny.yaml", overrides(method, seed, settings, checkpoints)))
+    if yaml.safe_load((run / "config.yaml").read_text()) != wanted:
+        raise SystemExit(
+            f"{run} was trained with other settings than this command's {method} run (seed {seed}); pass another "
+            f"--runs folder, or the settings it was trained with."
+        )
 
 
 def run_seed(seed: int, methods: tuple[str, ...], settings: argparse.Namespace, checkpoints: Path) -> dict:
@@ -239,6 +254,12 @@ def parse_arguments() -> argparse.Namespace:
         "--jobs", type=int, default=1, help="seeds trained at a time, each in its own process (default 1)"
     )
     parser.add_argument("--runs", type=Path, default=None, help="keep the runs in this folder (default: deleted)")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="with --runs: read the runs already finished there (checked to be this command's) instead of training "
+        "them again, e.g. to finish an interrupted comparison",
+    )
     settings = parser.parse_args()
     quick = settings.quick
     settings.seeds = settings.seeds or (1 if quick else 3)

@@ -64,6 +64,13 @@ def test_quality_benchmark_runs_every_method_and_ends_with_its_json():
     assert 1.0 < figures["teacher"] < figures["plain"]  # the trained teacher is far ahead of 3 steps of training
     assert figures["teacher_layers"] < figures["forward_kl"]  # starting from the teacher's blocks is far ahead
     assert figures["cached_speedup"] > 0
+    # The generation figures are each run's own, from its summary.json: greedy answers of at most 16 tokens (--quick).
+    answers = figures["test"]
+    for method in methods:
+        assert 0 <= answers[method]["rouge_l"] <= 1 and 0 <= answers[method]["eos_share"] <= 1
+        assert 1 <= answers[method]["response_length"] <= 16
+    assert answers["forward_kl"]["teacher_nll"] > 0 and answers["teacher_layers"]["teacher_nll"] > 0
+    assert answers["plain"]["teacher_nll"] is None  # plain training loads no teacher to score its answers
 
 
 def test_real_shape_benchmark_runs_at_toy_size_with_or_without_trl():
@@ -114,3 +121,23 @@ def test_quality_benchmark_methods_change_only_what_they_name():
     assert repr(seq_kd.training_parameters.loss) == repr(supervised.training_parameters.loss)
     assert supervised.responses.lmbda == 0.0 and not supervised.responses.seq_kd
     assert configs["plain"].student == supervised.student and configs["teacher_layers"].student.init == "uniform"
+
+
+def test_quality_benchmark_reuses_only_the_runs_it_would_train(tmp_path):
+    """--reuse reads a finished run in place of training it only where that run had this command's settings."""
+    import argparse
+
+    from bench import quality
+    from distillation.settings.config import dump_config, load_config
+
+    settings = argparse.Namespace(samples=300, steps=3, prompts=8, max_new_tokens=16, student_init="random")
+    run = tmp_path / "plain-seed0"
+    run.mkdir()
+    overrides = quality.overrides("plain", 0, settings, tmp_path)
+    dump_config(load_config(ROOT / "configs" / "tiny.yaml", overrides), run / "config.yaml")
+    quality.check_reused(run, "plain", 0, settings, tmp_path)  # this command's own run
+    with pytest.raises(SystemExit, match="other settings"):
+        quality.check_reused(run, "forward_kl", 0, settings, tmp_path)
+    settings.steps = 4
+    with pytest.raises(SystemExit, match="other settings"):
+        quality.check_reused(run, "plain", 0, settings, tmp_path)
