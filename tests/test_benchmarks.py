@@ -50,7 +50,7 @@ def test_gpu_benchmark_says_it_needs_a_gpu_without_one():
 def test_quality_benchmark_runs_every_method_and_ends_with_its_json():
     """A few steps per method: the table and the JSON line hold every method; the distilled runs see the teacher."""
     completed = subprocess.run(
-        [sys.executable, "-m", "bench.quality", "--quick", "--steps", "3", "--samples", "300"],
+        [sys.executable, "-m", "bench.quality", "--compare", "losses", "--quick", "--steps", "3", "--samples", "300"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -64,6 +64,13 @@ def test_quality_benchmark_runs_every_method_and_ends_with_its_json():
     assert 1.0 < figures["teacher"] < figures["plain"]  # the trained teacher is far ahead of 3 steps of training
     assert figures["teacher_layers"] < figures["forward_kl"]  # starting from the teacher's blocks is far ahead
     assert figures["cached_speedup"] > 0
+    # The generation figures are each run's own, from its summary.json: greedy answers of at most 16 tokens (--quick).
+    answers = figures["test"]
+    for method in methods:
+        assert 0 <= answers[method]["rouge_l"] <= 1 and 0 <= answers[method]["eos_share"] <= 1
+        assert 1 <= answers[method]["response_length"] <= 16
+    assert answers["forward_kl"]["teacher_nll"] > 0 and answers["teacher_layers"]["teacher_nll"] > 0
+    assert answers["plain"]["teacher_nll"] is None  # plain training loads no teacher to score its answers
 
 
 def test_real_shape_benchmark_runs_at_toy_size_with_or_without_trl():
@@ -97,3 +104,53 @@ def test_the_on_policy_benchmark_gives_trl_exactly_the_projects_prompts():
     tokenizer = on_policy.word_tokenizer(2048, eos_token_id=2048)
     assert [tokenizer(text=on_policy.as_text(prompt))["input_ids"] for prompt in prompts] == prompts
     assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.padding_side) == (0, 2048, "left")
+
+
+def test_quality_benchmark_methods_change_only_what_they_name():
+    """Each method of python3 -m bench.quality is a valid config that differs from supervised KD (forward_kl) only in
+    what its name says, with the settings of every run shared, so the comparison is at equal steps and data."""
+    import argparse
+
+    from bench import quality
+    from distillation.settings.config import load_config
+
+    settings = argparse.Namespace(samples=None, steps=150, prompts=64, max_new_tokens=64, student_init="random")
+    configs = {
+        method: load_config(ROOT / "configs" / "tiny.yaml", quality.overrides(method, 1, settings, Path("/runs")))
+        for method in quality.METHODS
+    }
+    supervised = configs["forward_kl"]
+    for config in configs.values():
+        training = config.training_parameters
+        assert (config.seed, training.max_steps, training.batch_size, config.data) == (1, 150, 16, supervised.data)
+        assert (training.generation_prompts, config.responses.max_new_tokens) == (64, 64)
+        assert training.best_metric == "perplexity"
+    on_policy, mixed, seq_kd = (configs[name] for name in ("on_policy", "mixed", "seq_kd"))
+    assert (on_policy.responses.lmbda, on_policy.responses.seq_kd) == (1.0, False)
+    assert (mixed.responses.lmbda, mixed.responses.seq_kd) == (0.5, False)
+    assert on_policy.training_parameters.loss.divergence == mixed.training_parameters.loss.divergence == "reverse_kl"
+    assert repr(on_policy.training_parameters.loss) == repr(configs["reverse_kl"].training_parameters.loss)
+    assert (seq_kd.responses.lmbda, seq_kd.responses.seq_kd) == (0.0, True)
+    assert repr(seq_kd.training_parameters.loss) == repr(supervised.training_parameters.loss)
+    assert supervised.responses.lmbda == 0.0 and not supervised.responses.seq_kd
+    assert configs["plain"].student == supervised.student and configs["teacher_layers"].student.init == "uniform"
+
+
+def test_quality_benchmark_reuses_only_the_runs_it_would_train(tmp_path):
+    """--reuse reads a finished run in place of training it only where that run had this command's settings."""
+    import argparse
+
+    from bench import quality
+    from distillation.settings.config import dump_config, load_config
+
+    settings = argparse.Namespace(samples=300, steps=3, prompts=8, max_new_tokens=16, student_init="random")
+    run = tmp_path / "plain-seed0"
+    run.mkdir()
+    overrides = quality.overrides("plain", 0, settings, tmp_path)
+    dump_config(load_config(ROOT / "configs" / "tiny.yaml", overrides), run / "config.yaml")
+    quality.check_reused(run, "plain", 0, settings, tmp_path)  # this command's own run
+    with pytest.raises(SystemExit, match="other settings"):
+        quality.check_reused(run, "forward_kl", 0, settings, tmp_path)
+    settings.steps = 4
+    with pytest.raises(SystemExit, match="other settings"):
+        quality.check_reused(run, "plain", 0, settings, tmp_path)

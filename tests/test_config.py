@@ -30,6 +30,8 @@ def test_shipped_configs_are_valid():
     assert type(main.training_parameters.loss) is DistillationLoss
     tiny = load_config(REPO / "configs" / "tiny.yaml")
     assert tiny.name == "tiny" and tiny.teacher.name == "assets/tiny/teacher"
+    on_policy = load_config(REPO / "configs" / "tiny_on_policy.yaml")  # the demo's teacher and data, on-policy
+    assert (on_policy.teacher, on_policy.data) == (tiny.teacher, tiny.data) and on_policy.responses.lmbda == 1
     assert type(load_config(REPO / "configs" / "tiny_teacher.yaml").training_parameters.loss) is ClassicLoss
     ddp, fsdp = (load_config(REPO / "configs" / f"gpt2_8gpu_{name}.yaml") for name in ("ddp", "fsdp"))
     assert (ddp.hardware.distributed, fsdp.hardware.distributed) == ("ddp", "fsdp")
