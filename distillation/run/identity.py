@@ -54,8 +54,7 @@ def update_settings(config, criterion) -> dict:
         settings["teacher.cache_top_k"] = config.teacher.cache_top_k
     # Where the responses come from, and how they are drawn (settings that only a generating run reads).
     responses = config.responses
-    generated = responses.lmbda > 0 or responses.seq_kd
-    for key in RESPONSES_KEYS if generated else RESPONSES_KEYS[:2]:
+    for key in RESPONSES_KEYS if responses.generates else RESPONSES_KEYS[:2]:
         settings[f"responses.{key}"] = getattr(responses, key)
     return settings
 

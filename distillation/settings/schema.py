@@ -189,6 +189,11 @@ class Responses:
     top_k: int | None = field(default=None, metadata=_range(1))
     top_p: float = field(default=1.0, metadata=_range(0.0, 1.0, low_open=True))
 
+    @property
+    def generates(self) -> bool:
+        """Whether some steps train on generated responses (the student's samples or the teacher's generations)."""
+        return self.lmbda > 0 or self.seq_kd
+
 
 @dataclass(frozen=True)
 class Hardware:
@@ -323,11 +328,6 @@ def _check_cached_teacher(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: teacher.cache_top_k is set, but {refusal}, or teacher.cache_top_k to null.")
 
 
-def generates_responses(config: Config) -> bool:
-    """Whether some steps train on generated responses (the student's samples or the teacher's generations)."""
-    return config.responses.lmbda > 0 or config.responses.seq_kd
-
-
 def _check_responses(config: Config, source: str) -> None:
     responses, training = config.responses, config.training_parameters
     criterion = training.loss
@@ -336,7 +336,7 @@ def _check_responses(config: Config, source: str) -> None:
             f"{source}: training_parameters.best_metric is rouge_l but generation_prompts is 0, so no answer is "
             f"scored; set generation_prompts to a number of prompts (e.g. 32) or best_metric to loss."
         )
-    if not generates_responses(config):
+    if not config.responses.generates:
         return
     fix = "or set responses.lmbda to 0 and responses.seq_kd to false"
     if not criterion.requires_teacher:

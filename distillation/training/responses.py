@@ -24,7 +24,7 @@ import dataset
 import models
 from distillation.data import batching
 from distillation.runtime import hardware
-from distillation.settings.schema import ConfigError, generates_responses
+from distillation.settings.schema import ConfigError
 from distillation.training import generation
 from distillation.training.steps import Step
 
@@ -36,13 +36,6 @@ SOURCES = (DATA, STUDENT, TEACHER)
 SOURCE_KEY = "responses"
 # Streams of draws, kept apart so that one never shifts another.
 _CHOICE_STREAM, _SAMPLING_STREAM = 0, 1
-
-
-def sampling(responses, greedy: bool = False) -> generation.Sampling:
-    """The generation settings of the config's `responses` section."""
-    return generation.Sampling(
-        responses.max_new_tokens, responses.temperature, responses.top_k, responses.top_p, greedy=greedy
-    )
 
 
 def draw_seed(seed: int, stream: int, step: int, batch: int = 0) -> int:
@@ -70,21 +63,21 @@ class ResponseSource:
         self.accelerator = networks.accelerator
         self.eos_token_id, self.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
         self.collate = batching.PaddingCollator(tokenizer.pad_token_id, mask_instruction=True)
-        self.sampling = sampling(responses)
+        self.sampling = generation.Sampling(
+            responses.max_new_tokens, responses.temperature, responses.top_k, responses.top_p
+        )
         criterion = networks.criterion
         # On the student's samples the CE term is off unless asked for; built once, after the criterion's `run_as`.
         self.student_sample_criterion = (
-            criterion if responses.ce_on_student_samples or not self.generates else criterion.without_cross_entropy()
+            criterion
+            if responses.ce_on_student_samples or not responses.generates
+            else criterion.without_cross_entropy()
         )
         self.generation_seconds = 0.0  # since the last log step
 
     def criterion(self, batch: dict):
         """The criterion that scores `batch`: the run's, or on the student's samples the one without CE."""
         return self.student_sample_criterion if batch.get(SOURCE_KEY) == STUDENT else self.networks.criterion
-
-    @property
-    def generates(self) -> bool:
-        return self.responses.lmbda > 0 or self.responses.seq_kd
 
     def source(self, step_number: int) -> str:
         return step_source(self.responses, self.seed, step_number)
@@ -121,6 +114,7 @@ class ResponseSource:
         for round_index in range(rounds):
             real = round_index < len(step.batches)
             prompts = (step.batches[round_index] if real else self.stand_in())["prompts"]
+            prompts = generation.fitted_prompts(prompts, model.config, self.sampling.max_new_tokens)
             global_batch = round_index * processes + index  # its place in the step, whatever the processes
             seed = draw_seed(self.seed, _SAMPLING_STREAM, step_number, global_batch)
             answers = generation.generate(
@@ -133,7 +127,6 @@ class ResponseSource:
                 _generator(self.accelerator.device, seed),
                 vocab_size,
             )
-            prompts = generation.fitted_prompts(prompts, model.config, self.sampling.max_new_tokens)
             samples = [
                 {"input_ids": prompt + answer, "prompt_length": len(prompt)}
                 for prompt, answer in zip(prompts, answers, strict=True)
@@ -147,7 +140,7 @@ class ResponseSource:
         """What a training record says of the responses of the `steps` steps up to `last_step` (nothing for a run
         that generates none): how many steps each source gave (a function of the step numbers, so a resumed run
         says what a straight one does), and the seconds spent generating since the last record."""
-        if not self.generates:
+        if not self.responses.generates:
             return {}
         record = {f"{name}_steps": 0 for name in SOURCES}
         for step_number in range(last_step - steps + 1, last_step + 1):
@@ -172,7 +165,7 @@ def check_setup(config, tokenizer, model_configs, splits, plain_baseline: bool =
     ConfigError naming the fix). `model_configs` are the student's and, when loaded, the teacher's;
     `plain_baseline`: a plain baseline will follow (see `check_prompt_data`)."""
     check_prompt_data(config, splits, plain_baseline)
-    generated, training = generates_responses(config), config.training_parameters
+    generated, training = config.responses.generates, config.training_parameters
     if not generated and training.generation_prompts == 0:
         return
     if tokenizer.eos_token_id is None:
@@ -227,7 +220,7 @@ def check_prompt_data(config, splits, plain_baseline: bool = False) -> None:
             f"that every step generates its responses, or use data with responses."
         )
     answered_conversations = "target_mask" in splits["train"].column_names and prompt_only < total
-    if generates_responses(config) and answered_conversations and not config.data.mask_instruction:
+    if config.responses.generates and answered_conversations and not config.data.mask_instruction:
         raise ConfigError(
             f"responses.lmbda or seq_kd generates answers to the prompts of the conversations of {name}, but with "
             f"data.mask_instruction false their samples do not keep where the last answer starts (every token is "

@@ -21,7 +21,6 @@ from distillation.data import batching
 from distillation.run import records
 from distillation.run.checkpoints import RunCheckpoints, TrainerState
 from distillation.runtime import hardware
-from distillation.settings import schema
 from distillation.training import evaluation, teacher_cache
 
 logger = logging.getLogger("distill")
@@ -65,7 +64,7 @@ class StepBatches:
     def __init__(self, splits, tokenizer, config, accelerator, cached_teacher: dict | None) -> None:
         self.accelerator = accelerator
         collate = batching.collator(tokenizer.pad_token_id, config.data)
-        if schema.generates_responses(config):  # the training batches carry their prompts, to generate from
+        if config.responses.generates:  # the training batches carry their prompts, to generate from
             collate = batching.PromptsCollator(collate)
         collators = {name: collate for name in dataset.SPLIT_NAMES}
         if cached_teacher is not None:
