@@ -59,6 +59,26 @@ class _Scratch:
         return [tensor[:rows] for tensor in self.tensors]
 
 
+def _log_softmaxes_into(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    log_probs: torch.Tensor,
+    student_log_probs_t: torch.Tensor,
+    teacher_log_probs_t: torch.Tensor,
+) -> torch.Tensor:
+    """Into float32 scratch rows `(R, V)`: the student's log-probabilities at temperature 1 (`log_probs`, for the
+    CE) and the teacher's at `temperature` (`teacher_log_probs_t`); returns the student's at `temperature`, which is
+    `log_probs` itself at temperature 1 (one log-softmax serves both terms), else `student_log_probs_t`."""
+    torch.log_softmax(student_logits, dim=-1, dtype=torch.float32, out=log_probs)
+    if temperature == 1.0:
+        torch.log_softmax(teacher_logits, dim=-1, dtype=torch.float32, out=teacher_log_probs_t)
+        return log_probs
+    torch.log_softmax(student_log_probs_t.copy_(student_logits).div_(temperature), dim=-1, out=student_log_probs_t)
+    torch.log_softmax(teacher_log_probs_t.copy_(teacher_logits).div_(temperature), dim=-1, out=teacher_log_probs_t)
+    return student_log_probs_t
+
+
 def _forward_kl_rows(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -72,13 +92,9 @@ def _forward_kl_rows(
     objective with respect to those logits written into `gradient_out` `(R, V)` when given."""
     temperature, alpha, beta = terms.temperature, terms.alpha, terms.beta
     log_probs, teacher_log_probs_t, teacher_probs_t, student_log_probs_t = scratch.take(student_logits.size(0))
-    torch.log_softmax(student_logits, dim=-1, dtype=torch.float32, out=log_probs)
-    if temperature == 1.0:  # one log-softmax serves both terms
-        student_log_probs_t = log_probs
-        torch.log_softmax(teacher_logits, dim=-1, dtype=torch.float32, out=teacher_log_probs_t)
-    else:
-        torch.log_softmax(student_log_probs_t.copy_(student_logits).div_(temperature), dim=-1, out=student_log_probs_t)
-        torch.log_softmax(teacher_log_probs_t.copy_(teacher_logits).div_(temperature), dim=-1, out=teacher_log_probs_t)
+    student_log_probs_t = _log_softmaxes_into(
+        student_logits, teacher_logits, temperature, log_probs, student_log_probs_t, teacher_log_probs_t
+    )
     torch.exp(teacher_log_probs_t, out=teacher_probs_t)
     # Computed in the teacher's log-probabilities, which the gradient does not read: no (R, V) tensor to allocate.
     kd_sum = kl_divergence(
@@ -114,13 +130,9 @@ def _reverse_kl_rows(
     log-softmaxes of finite logits are finite, so no term needs masking (as `kl_divergence(finite=True)`)."""
     temperature, alpha, beta = terms.temperature, terms.alpha, terms.beta
     log_probs, teacher_log_probs_t, student_probs_t, student_log_probs_t = scratch.take(student_logits.size(0))
-    torch.log_softmax(student_logits, dim=-1, dtype=torch.float32, out=log_probs)
-    if temperature == 1.0:
-        student_log_probs_t = log_probs
-        torch.log_softmax(teacher_logits, dim=-1, dtype=torch.float32, out=teacher_log_probs_t)
-    else:
-        torch.log_softmax(student_log_probs_t.copy_(student_logits).div_(temperature), dim=-1, out=student_log_probs_t)
-        torch.log_softmax(teacher_log_probs_t.copy_(teacher_logits).div_(temperature), dim=-1, out=teacher_log_probs_t)
+    student_log_probs_t = _log_softmaxes_into(
+        student_logits, teacher_logits, temperature, log_probs, student_log_probs_t, teacher_log_probs_t
+    )
     torch.exp(student_log_probs_t, out=student_probs_t)
     # log q - log p, in the teacher's buffer; each row's KL is its dot product with q (no (R, V) product tensor).
     gap = torch.sub(student_log_probs_t, teacher_log_probs_t, out=teacher_log_probs_t)
