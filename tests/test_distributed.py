@@ -103,20 +103,21 @@ def runs(tmp_path_factory, no_dropout_teacher, data_file):
     config_file = write_config(root / "config.yaml", values)
     completed = torchrun(["--config", str(config_file), "--run-name", "two"])
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert (
-        distill.main(
-            [
-                "--config",
-                str(config_file),
-                "--run-name",
-                "one",
-                "--set",
-                "training_parameters.gradient_accumulation_steps=2",
-            ]
-        )
-        == 0
-    )
+    train_as_one_process_with_two_micro_batches(config_file)
     return root, config_file, completed
+
+
+def train_as_one_process_with_two_micro_batches(config_file: Path) -> None:
+    """The run `one`: the two processes' global batch, as two accumulation steps of one process."""
+    one = [
+        "--config",
+        str(config_file),
+        "--run-name",
+        "one",
+        "--set",
+        "training_parameters.gradient_accumulation_steps=2",
+    ]
+    assert distill.main(one) == 0
 
 
 def test_two_processes_train_like_one_with_the_same_global_batch(runs):
@@ -397,15 +398,7 @@ def on_policy_runs(tmp_path_factory, no_dropout_teacher, data_file):
         arguments = ["--config", str(config_file), "--run-name", name, "--set", f"hardware.distributed={distributed}"]
         completed = torchrun(arguments)
         assert completed.returncode == 0, completed.stderr[-3000:]
-    one = [
-        "--config",
-        str(config_file),
-        "--run-name",
-        "one",
-        "--set",
-        "training_parameters.gradient_accumulation_steps=2",
-    ]
-    assert distill.main(one) == 0
+    train_as_one_process_with_two_micro_batches(config_file)
     return root / "checkpoints"
 
 
