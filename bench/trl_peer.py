@@ -88,6 +88,26 @@ def unpatched_afterwards(*networks):
             vars(network).update(attributes)
 
 
+def steps_on_the_cpu(batch_size: int, bf16: bool) -> dict:
+    """The TRL trainer arguments that every peer row shares: one micro-batch of `batch_size` a step on the CPU, in
+    bf16 or not, nothing saved, logged or reported, and no gradient checkpointing (TRL turns it on by default, as
+    `gradient_checkpointing`; the project's step recomputes nothing, so neither does the peer. Set by its new name,
+    which also silences the deprecation warning of the old one)."""
+    return {
+        "per_device_train_batch_size": batch_size,
+        "gradient_accumulation_steps": 1,
+        "bf16": bf16,
+        "use_cpu": True,
+        "report_to": [],
+        "save_strategy": "no",
+        "logging_strategy": "no",
+        "dataloader_num_workers": 0,
+        "dataloader_pin_memory": False,
+        "activation_checkpointing": False,
+        "disable_tqdm": True,
+    }
+
+
 def trl_gkd_seconds(teacher, student, batches: list[dict], bf16: bool, warmup: int = 1) -> float | None:
     """Seconds of GKDTrainer's training steps (forward of both models, loss, backward, clipping, AdamW step) over
     `batches[warmup:]`, after `warmup` untimed steps; None when TRL is not installed."""
@@ -110,24 +130,12 @@ def trl_gkd_seconds(teacher, student, batches: list[dict], bf16: bool, warmup: i
             beta=0.0,
             temperature=1.0,
             seq_kd=False,
-            per_device_train_batch_size=batch_size,
-            gradient_accumulation_steps=1,
             max_steps=len(batches),
             learning_rate=1e-4,
-            bf16=bf16,
-            use_cpu=True,
-            report_to=[],
-            save_strategy="no",
-            logging_strategy="no",
-            dataloader_num_workers=0,
             output_dir=output_dir,
             remove_unused_columns=False,
             train_sampling_strategy="sequential",
-            dataloader_pin_memory=False,
-            # TRL turns it on by default (as `gradient_checkpointing`); the project's step recomputes nothing, so
-            # neither does the peer. Set by its new name, which also silences the deprecation warning of the old one.
-            activation_checkpointing=False,
-            disable_tqdm=True,
+            **steps_on_the_cpu(batch_size, bf16),
         )
         trainer = GKDTrainer(
             model=student,
