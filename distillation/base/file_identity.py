@@ -55,12 +55,18 @@ def content_digest(files: dict[str, Path]) -> str:
     """A SHA-256 of every file's name and whole contents."""
     digest = hashlib.sha256()
     for name, path in sorted(files.items()):
-        contents = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(BLOCK), b""):
-                contents.update(block)
+        contents = hash_contents(hashlib.sha256(), path)
         digest.update(f"{name}\0{contents.hexdigest()}\0".encode())
     return digest.hexdigest()
+
+
+def hash_contents(digest, path: Path):
+    """`digest` (a hashlib object) updated with the whole contents of the file `path`, read a block at a time so
+    that a file of several gigabytes never sits in memory; returns it."""
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(BLOCK), b""):
+            digest.update(block)
+    return digest
 
 
 def _required(resolve: Callable[[str], str | Path | None], name: str) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from datasets import Dataset, load_dataset
 
-from distillation.base import storage, verified_cache
+from distillation.base import file_identity, storage, verified_cache
 from distillation.base.errors import UserError, first_line
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -155,7 +155,5 @@ def hash_files(files: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode())
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        file_identity.hash_contents(digest, path)
     return digest.hexdigest()
